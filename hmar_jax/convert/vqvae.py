@@ -1,0 +1,142 @@
+"""VAR VQ-VAE state_dict (``vae_ch160v4096z32.pth``) -> ``hmar_jax.vqvae.VQVAE`` params.
+
+The NNX module tree mirrors the PyTorch module tree, so a key converts by
+splitting on dots and renaming the leaf:
+
+| PyTorch leaf                        | NNX leaf    | layout change            |
+|-------------------------------------|-------------|--------------------------|
+| conv ``weight`` [O, I, kh, kw]      | ``kernel``  | -> [kh, kw, I, O]        |
+| GroupNorm ``weight`` [C]            | ``scale``   | none                     |
+| ``quantize.embedding.weight`` [V,Cv]| ``embedding`` | none                   |
+| any ``bias``                        | ``bias``    | none                     |
+
+The config is inferred from the shapes (width, multipliers, blocks, vocab, phi count);
+``patch_nums``, ``norm_groups`` and ``quant_resi`` are not stored upstream and come
+from arguments. Every key and shape is then checked against the layout the inferred
+config expects before anything is written.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import numpy as np
+from flax import nnx
+
+from hmar_jax.vqvae import VQVAE, VQVAEConfig
+
+# Buffers upstream saves; checked for presence/shape only and regenerated, never loaded.
+BUFFERS = ("quantize.ema_vocab_hit_SV",)
+_TRANSFORMER_MARKERS = ("class_emb.weight", "pos_1LC", "blocks.0.attn.mat_qkv.weight",
+                        "base_blocks.0.attn.mat_qkv.weight")
+
+
+class ConversionError(ValueError):
+    """A state_dict does not match the layout the converter expects."""
+
+
+def _nnx_path(key: str, ndim: int) -> tuple[Any, ...]:
+    parts: list[Any] = [int(p) if p.isdigit() else p for p in key.split(".")]
+    leaf = parts[-1]
+    if key == "quantize.embedding.weight":
+        parts[-1] = "embedding"
+    elif leaf == "weight":
+        parts[-1] = "kernel" if ndim == 4 else "scale"
+    return tuple(parts)
+
+
+def _torch_key(path: tuple[Any, ...]) -> str:
+    names = [str(p) for p in path]
+    if names[-1] in ("kernel", "scale", "embedding"):
+        names[-1] = "weight"
+    return ".".join(names)
+
+
+def _torch_shape(path: tuple[Any, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
+    if path[-1] == "kernel":  # HWIO -> OIHW
+        return (shape[3], shape[2], shape[0], shape[1])
+    return tuple(shape)
+
+
+def infer_config(state_dict: dict[str, np.ndarray], patch_nums, norm_groups: int = 32,
+                 quant_resi: float = 0.5) -> VQVAEConfig:
+    """Reads the architecture of a VAR VQ-VAE from its state_dict shapes."""
+    _reject_foreign(state_dict)
+    ch, in_channels = state_dict["encoder.conv_in.weight"].shape[:2]
+    levels = sorted({int(m.group(1)) for k in state_dict
+                     if (m := re.match(r"encoder\.down\.(\d+)\.", k))})
+    if not levels:
+        raise ConversionError("No 'encoder.down.<i>.' keys found: this state_dict has no encoder levels.")
+    ch_mult = tuple(int(state_dict[f"encoder.down.{i}.block.0.conv1.weight"].shape[0]) // ch
+                    for i in levels)
+    num_res_blocks = len({k.split(".")[4] for k in state_dict if k.startswith("encoder.down.0.block.")})
+    num_phi = len({k.split(".")[3] for k in state_dict if k.startswith("quantize.quant_resi.qresi_ls.")})
+    if num_phi < 2:
+        raise ConversionError(
+            "Only the partially shared phi layout ('quantize.quant_resi.qresi_ls.<j>', "
+            f"share_quant_resi >= 2) is supported; found {num_phi} such convs.")
+    vocab, z_channels = state_dict["quantize.embedding.weight"].shape
+    return VQVAEConfig(
+        vocab_size=int(vocab), z_channels=int(z_channels), ch=int(ch), ch_mult=ch_mult,
+        num_res_blocks=num_res_blocks, in_channels=int(in_channels),
+        using_sa=f"encoder.down.{levels[-1]}.attn.0.norm.weight" in state_dict,
+        using_mid_sa="encoder.mid.attn_1.norm.weight" in state_dict,
+        norm_groups=norm_groups, quant_resi=quant_resi, share_quant_resi=num_phi,
+        patch_nums=patch_nums)
+
+
+def _reject_foreign(state_dict: dict[str, np.ndarray]) -> None:
+    found = [m for m in _TRANSFORMER_MARKERS if m in state_dict]
+    if found:
+        raise ConversionError(
+            f"This is a VAR/HMAR transformer checkpoint (it has '{found[0]}'), not a VQ-VAE; "
+            "convert it with `python -m hmar_jax.convert hmar` or `... var`.")
+    for key in ("encoder.conv_in.weight", "quantize.embedding.weight"):
+        if key not in state_dict:
+            sample = ", ".join(sorted(state_dict)[:5]) or "(none)"
+            raise ConversionError(
+                f"Not a VAR VQ-VAE state_dict: key '{key}' is missing (first keys: {sample}). "
+                "If this is a training checkpoint, select the nested state_dict with --subtree.")
+
+
+def expected_layout(cfg: VQVAEConfig) -> dict[str, tuple[tuple[Any, ...], tuple[int, ...]]]:
+    """``{torch key: (nnx path, torch-layout shape)}`` for every parameter of ``cfg``."""
+    abstract = nnx.eval_shape(lambda: VQVAE(cfg, rngs=nnx.Rngs(0)))
+    layout = {}
+    for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+        layout[_torch_key(path)] = (path, _torch_shape(path, tuple(var.shape)))
+    return layout
+
+
+def convert_state_dict(state_dict: dict[str, np.ndarray], cfg: VQVAEConfig) -> dict:
+    """Validates a VQ-VAE state_dict against ``cfg`` and returns the NNX params pure dict.
+
+    Raises:
+      ConversionError: naming the first missing key, unexpected key or wrong shape.
+    """
+    layout = expected_layout(cfg)
+    problems = []
+    for key in sorted(layout):
+        if key not in state_dict:
+            problems.append(f"missing key '{key}'")
+        elif tuple(state_dict[key].shape) != layout[key][1]:
+            problems.append(f"key '{key}' has shape {tuple(state_dict[key].shape)}, "
+                            f"expected {layout[key][1]}")
+    extra = sorted(set(state_dict) - set(layout) - set(BUFFERS))
+    problems += [f"unexpected key '{k}'" for k in extra]
+    if problems:
+        raise ConversionError(
+            f"VQ-VAE state_dict does not match the expected layout ({len(problems)} problem(s)); "
+            f"first: {problems[0]}. The file may be truncated, from a different model, or "
+            "need other --patch-nums/--norm-groups.")
+    params: dict = {}
+    for key, (path, _) in layout.items():
+        value = np.asarray(state_dict[key], dtype=np.float32)
+        if path[-1] == "kernel":
+            value = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+        node = params
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return params

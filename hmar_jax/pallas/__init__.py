@@ -1,0 +1,1 @@
+"""Block-sparse attention for next-scale prediction (reference and Pallas kernels)."""
