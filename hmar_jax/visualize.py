@@ -1,0 +1,45 @@
+"""Image grids as PNG files.
+
+Dimension letters: N images, H/W image side.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+from PIL import Image
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """float [N, H, W, 3] in [-1, 1] -> uint8, rounding like torchvision's save_image."""
+    unit = (np.asarray(images, np.float32) + 1.0) / 2.0
+    return np.clip(np.floor(unit * 255.0 + 0.5), 0, 255).astype(np.uint8)
+
+
+def save_grid(path: str | pathlib.Path, rows: list[np.ndarray], upscale: int = 1,
+              padding: int = 1) -> pathlib.Path:
+    """Writes a grid with one row per entry of ``rows``.
+
+    Args:
+      path: destination PNG.
+      rows: each ``[N, H, W, 3]`` in [-1, 1]; all rows share N, H and W.
+      upscale: nearest-neighbour magnification (small images stay readable).
+      padding: white pixels between cells (before magnification).
+
+    Returns:
+      The written path.
+    """
+    cells = [to_uint8(r) for r in rows]
+    n, h, w, _ = cells[0].shape
+    grid = np.full((len(cells) * (h + padding) + padding, n * (w + padding) + padding, 3), 255,
+                   np.uint8)
+    for i, row in enumerate(cells):
+        for j, image in enumerate(row):
+            top, left = padding + i * (h + padding), padding + j * (w + padding)
+            grid[top:top + h, left:left + w] = image
+    grid = grid.repeat(upscale, axis=0).repeat(upscale, axis=1)
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid).save(path)
+    return path

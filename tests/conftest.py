@@ -1,0 +1,37 @@
+"""Test setup: 8 forced CPU devices (set before jax is imported) and parsed absl flags."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pathlib  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from absl import flags  # noqa: E402
+
+if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()  # grain workers read absl flags
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def vqvae_fixture() -> dict[str, np.ndarray]:
+    """Upstream VAR VQ-VAE outputs (see tests/fixtures/README.md)."""
+    with np.load(FIXTURES / "vqvae_small.npz") as z:
+        return {k: z[k] for k in z.files}
+
+
+@pytest.fixture(scope="session")
+def vqvae_state_dict(vqvae_fixture) -> dict[str, np.ndarray]:
+    return {k[len("sd/"):]: v for k, v in vqvae_fixture.items() if k.startswith("sd/")}
+
+
+@pytest.fixture(scope="session")
+def hmar_fixture() -> dict[str, np.ndarray]:
+    """Upstream HMAR outputs (see tests/fixtures/README.md)."""
+    with np.load(FIXTURES / "hmar_small.npz") as z:
+        return {k: z[k] for k in z.files}

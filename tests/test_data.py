@@ -1,0 +1,43 @@
+"""Embedded digits and the grain pipeline."""
+
+import numpy as np
+import pytest
+
+from hmar_jax import data
+
+
+def test_digits_are_real_and_balanced():
+    images, labels = data.load_digits(16)
+    assert images.shape == (1797, 16, 16, 3) and images.dtype == np.uint8
+    assert labels.shape == (1797,) and set(labels.tolist()) == set(range(10))
+    assert np.all(np.bincount(labels) >= 170)
+    assert images.max() > 200 and images.min() == 0
+    np.testing.assert_array_equal(images[..., 0], images[..., 2])  # grey replicated to RGB
+    train, _ = data.digits_split(16, "train")
+    held_out, _ = data.digits_split(16, "eval")
+    assert len(train) + len(held_out) == 1797
+    with pytest.raises(ValueError, match="Unknown digits split"):
+        data.digits_split(16, "test")
+
+
+def test_iterator_batches_reshuffles_and_resumes():
+    images, labels = data.digits_split(16, "eval")
+    iterator = data.batched_iterator(images, labels, batch_size=50, seed=3)
+    first = next(iterator)
+    assert first["image"].shape == (50, 16, 16, 3) and first["image"].dtype == np.float32
+    assert -1.0 <= first["image"].min() and first["image"].max() <= 1.0
+    state = iterator.get_state()
+    expected = [next(iterator)["label"] for _ in range(5)]  # crosses an epoch boundary
+    iterator.set_state(state)
+    np.testing.assert_array_equal(np.stack(expected), np.stack([next(iterator)["label"] for _ in range(5)]))
+    by_epoch = data.batched_iterator(images, labels, batch_size=197, seed=3)
+    first_epoch, second_epoch = next(by_epoch)["label"], next(by_epoch)["label"]
+    assert sorted(first_epoch) == sorted(second_epoch) == sorted(labels)
+    assert not np.array_equal(first_epoch, second_epoch)  # a new permutation each epoch
+
+
+def test_bad_datasets_are_clear_errors():
+    with pytest.raises(ValueError, match="empty"):
+        data.batched_iterator(np.zeros((0, 4, 4, 3), np.uint8), np.zeros((0,), np.int32), 2, 0)
+    with pytest.raises(ValueError, match="exceeds the dataset size"):
+        data.batched_iterator(np.zeros((3, 4, 4, 3), np.uint8), np.zeros((3,), np.int32), 4, 0)

@@ -1,0 +1,141 @@
+"""Tokenizer parity with upstream VAR (fixture converted through the .pth -> Orbax path)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from hmar_jax import checkpointing
+from hmar_jax.convert import torch_pickle
+from hmar_jax.convert.__main__ import main as convert_main
+from hmar_jax.scales import ScaleLayout
+from hmar_jax.vqvae import VQVAE, VQVAEConfig
+
+
+def nhwc(x):
+    return jnp.asarray(np.asarray(x).transpose(0, 2, 3, 1))
+
+
+@pytest.fixture(scope="module")
+def upstream_vae(vqvae_state_dict, tmp_path_factory):
+    """The fixture's state_dict saved as a .pth, converted by the CLI, loaded back."""
+    root = tmp_path_factory.mktemp("vae")
+    torch_pickle.save_state_dict(root / "vae.pth", vqvae_state_dict)
+    assert convert_main(["vqvae", "--src", str(root / "vae.pth"), "--out", str(root / "export")]) == 0
+    return checkpointing.load_tokenizer(root / "export")
+
+
+@pytest.fixture(scope="module")
+def gt_indices(vqvae_fixture):
+    return [jnp.asarray(i) for i in ScaleLayout.create(256).split_tokens(vqvae_fixture["idx_BL"])]
+
+
+def test_config_inferred_from_state_dict(upstream_vae):
+    cfg = upstream_vae.config
+    assert (cfg.ch, cfg.ch_mult, cfg.vocab_size, cfg.z_channels) == (32, (1, 1, 2, 2, 4), 256, 32)
+    assert (cfg.num_res_blocks, cfg.share_quant_resi, cfg.image_size) == (2, 4, 256)
+
+
+def test_encoder_latent(upstream_vae, vqvae_fixture):
+    with jax.default_matmul_precision("highest"):
+        f = upstream_vae.encode_latent(nhwc(vqvae_fixture["img_B3HW"]))
+    np.testing.assert_allclose(np.asarray(f), nhwc(vqvae_fixture["f_BCvhw"]), atol=1e-4, rtol=1e-4)
+
+
+def test_indices_and_fhat_from_latent(upstream_vae, vqvae_fixture):
+    indices, f_hats = upstream_vae.quantize_latent(nhwc(vqvae_fixture["f_BCvhw"]))
+    flat = np.concatenate([np.asarray(i).reshape(2, -1) for i in indices], axis=1)
+    np.testing.assert_array_equal(flat, vqvae_fixture["idx_BL"])
+    for k, p in enumerate(ScaleLayout.create(256).patch_nums):
+        np.testing.assert_array_equal(np.asarray(indices[k]).reshape(2, -1),
+                                      vqvae_fixture[f"idx_s{k}_Bl"])
+        np.testing.assert_allclose(np.asarray(f_hats[k]), nhwc(vqvae_fixture["f_hat_SBCvhw"][k]),
+                                   atol=2e-5)
+
+
+def test_end_to_end_indices(upstream_vae, vqvae_fixture):
+    with jax.default_matmul_precision("highest"):
+        indices = upstream_vae.encode_to_indices(nhwc(vqvae_fixture["img_B3HW"]))
+    flat = np.concatenate([np.asarray(i).reshape(2, -1) for i in indices], axis=1)
+    np.testing.assert_array_equal(flat, vqvae_fixture["idx_BL"])
+
+
+def test_teacher_forcing_and_mask_inputs(upstream_vae, vqvae_fixture, hmar_fixture, gt_indices):
+    x = upstream_vae.teacher_forcing_inputs(gt_indices)
+    assert x.shape == (2, 679, 32)
+    np.testing.assert_allclose(np.asarray(x), vqvae_fixture["x_BLCv"], atol=2e-5)
+    x_mask = upstream_vae.mask_branch_inputs(gt_indices)
+    np.testing.assert_allclose(np.asarray(x_mask), hmar_fixture["x_mask_BLCv"], atol=2e-5)
+    # x_k + y_k = area(F_k, p_k): the reconstruction including scale k.
+    layout = ScaleLayout.create(256)
+    f_hat_3 = nhwc(vqvae_fixture["f_hat_SBCvhw"][3])
+    both = np.asarray(upstream_vae.scale_input(3, f_hat_3)).reshape(2, -1, 32)
+    rows = layout.input_slice(3)
+    np.testing.assert_allclose(np.asarray(x[:, rows] + x_mask[:, rows]), both, atol=2e-5)
+
+
+def test_decode(upstream_vae, vqvae_fixture, gt_indices):
+    with jax.default_matmul_precision("highest"):
+        image = upstream_vae.decode_latent(nhwc(vqvae_fixture["f_hat_SBCvhw"][-1]))
+        from_indices = upstream_vae.decode_from_indices(gt_indices)
+    expected = nhwc(vqvae_fixture["rec_B3HW"])
+    np.testing.assert_allclose(np.asarray(image), expected, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(from_indices), expected, atol=1e-4)
+
+
+def test_parameters_without_numeric_effect_are_converted_exactly(upstream_vae, vqvae_state_dict):
+    """Biases that cancel in GroupNorm cannot be checked through outputs; compare directly."""
+    params = nnx.to_pure_dict(nnx.state(upstream_vae, nnx.Param))
+    for key in ("encoder.down.0.block.0.conv1.bias", "decoder.up.1.upsample.conv.bias",
+                "decoder.up.0.block.2.conv2.bias"):
+        node = params
+        for part in key.split("."):
+            node = node[int(part) if part.isdigit() else part]
+        np.testing.assert_array_equal(np.asarray(node), vqvae_state_dict[key])
+    kernel = params["encoder"]["conv_in"]["kernel"]
+    np.testing.assert_array_equal(np.asarray(kernel),
+                                  vqvae_state_dict["encoder.conv_in.weight"].transpose(2, 3, 1, 0))
+
+
+SMALL = VQVAEConfig(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2), num_res_blocks=1,
+                    patch_nums=(1, 2, 4))
+
+
+@pytest.fixture(scope="module")
+def small_vae():
+    return VQVAE(SMALL, rngs=nnx.Rngs(0))
+
+
+def test_round_trip_shapes(small_vae):
+    images = jax.random.uniform(jax.random.key(1), (3, 8, 8, 3), minval=-1, maxval=1)
+    indices = small_vae.encode_to_indices(images)
+    assert [i.shape for i in indices] == [(3, 1, 1), (3, 2, 2), (3, 4, 4)]
+    assert all(i.dtype == jnp.int32 and int(i.min()) >= 0 and int(i.max()) < 64 for i in indices)
+    assert small_vae.decode_from_indices(indices).shape == (3, 8, 8, 3)
+    assert small_vae.teacher_forcing_inputs(indices).shape == (3, 20, 8)
+    assert small_vae.mask_branch_inputs(indices).shape == (3, 20, 8)
+    reconstruction, vq_loss, train_indices, scale_inputs = small_vae(images)
+    assert reconstruction.shape == images.shape and np.isfinite(float(vq_loss))
+    assert [z.shape for z in scale_inputs] == [(3, 1, 1, 8), (3, 2, 2, 8), (3, 4, 4, 8)]
+    for a, b in zip(train_indices, indices):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_wrong_image_shape_is_one_clear_error(small_vae):
+    with pytest.raises(ValueError, match=r"\[B, 8, 8, 3\].*NCHW"):
+        small_vae.encode_to_indices(jnp.zeros((2, 3, 8, 8)))
+    with pytest.raises(ValueError, match="patch_nums"):
+        small_vae.encode_to_indices(jnp.zeros((2, 16, 16, 3)))
+
+
+def test_wrong_index_maps_are_rejected(small_vae):
+    with pytest.raises(ValueError, match="split_tokens"):
+        small_vae.decode_from_indices([jnp.zeros((1, 1, 1), jnp.int32), jnp.zeros((1, 2, 2), jnp.int32)])
+
+
+def test_config_rejects_unknown_keys_and_bad_widths():
+    with pytest.raises(ValueError, match="Unknown VQVAEConfig keys"):
+        VQVAEConfig.from_dict({"chanels": 3})
+    with pytest.raises(ValueError, match="norm_groups"):
+        VQVAEConfig(ch=48)
