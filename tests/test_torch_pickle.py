@@ -17,8 +17,18 @@ import pytest
 from hmar_jax.convert import torch_pickle as tp
 
 SAVABLE_DTYPES = [
-    np.float32, np.float64, np.float16, ml_dtypes.bfloat16, np.complex64, np.complex128,
-    np.int64, np.int32, np.int16, np.int8, np.uint8, np.bool_,
+    np.float32,
+    np.float64,
+    np.float16,
+    ml_dtypes.bfloat16,
+    np.complex64,
+    np.complex128,
+    np.int64,
+    np.int32,
+    np.int16,
+    np.int8,
+    np.uint8,
+    np.bool_,
 ]
 
 
@@ -60,11 +70,12 @@ def global_(module, name):
 
 def tensor(storage_type, key, numel, offset, size, stride, dtype=None):
     """Opcodes for a torch tensor; with ``dtype`` (a torch dtype name) it uses _rebuild_tensor_v3."""
-    storage = b"(" + text("storage") + global_(*storage_type) + text(key) + text("cpu") + integer(numel) + b"tQ"
-    layout = integer(offset) + b"(" + b"".join(map(integer, size)) + b"t(" + b"".join(map(integer, stride)) + b"t"
+    storage_id = text("storage") + global_(*storage_type) + text(key) + text("cpu") + integer(numel)
+    size_and_stride = b"(" + b"".join(map(integer, size)) + b"t(" + b"".join(map(integer, stride)) + b"t"
     hooks = global_("collections", "OrderedDict") + b")R"
     rebuild = global_("torch._utils", "_rebuild_tensor_v3" if dtype else "_rebuild_tensor_v2")
-    return rebuild + b"(" + storage + layout + b"\x89" + hooks + (global_("torch", dtype) if dtype else b"") + b"tR"
+    args = b"((" + storage_id + b"tQ" + integer(offset) + size_and_stride + b"\x89" + hooks
+    return rebuild + args + (global_("torch", dtype) if dtype else b"") + b"tR"
 
 
 def write_archive(path, items, records):
@@ -122,13 +133,12 @@ def test_nested_checkpoint_with_placeholder(tmp_path):
 
     state_dict = tp.load_state_dict(tmp_path / "ckpt.pth", subtree="trainer/transformer_wo_ddp")
     assert type(state_dict) is dict and list(state_dict) == ["w", "step"]
-    with pytest.raises(
-        tp.CheckpointFormatError, match=r"keys \['epoch', 'trainer', 'args', 'meters'\].*'trainer/transformer_wo_ddp'"
-    ):
+    keys = r"keys \['epoch', 'trainer', 'args', 'meters'\]"
+    with pytest.raises(tp.CheckpointFormatError, match=keys + r".*'trainer/transformer_wo_ddp'"):
         tp.load_state_dict(tmp_path / "ckpt.pth")
-    with pytest.raises(tp.CheckpointFormatError, match="subtree 'trainer/model' not found.*'history'"):
+    with pytest.raises(tp.CheckpointFormatError, match=r"subtree 'trainer/model' not found.*'history'"):
         tp.load_state_dict(tmp_path / "ckpt.pth", subtree="trainer/model")
-    with pytest.raises(tp.CheckpointFormatError, match="cannot save a Placeholder for argparse.Namespace"):
+    with pytest.raises(tp.CheckpointFormatError, match=r"cannot save a Placeholder for argparse\.Namespace"):
         tp.save(tmp_path / "again.pth", loaded)
 
 
@@ -162,7 +172,7 @@ def test_views_sharing_one_storage(tmp_path):
 
     too_far = {"w": tensor(float_storage, "0", 24, 20, (2, 3), (3, 1))}
     write_archive(tmp_path / "too_far.pth", too_far, {"0": base.tobytes()})
-    with pytest.raises(tp.CheckpointFormatError, match="'ckpt/data/0' has 96 bytes; a float32 tensor of shape"):
+    with pytest.raises(tp.CheckpointFormatError, match="'ckpt/data/0' has 96 bytes; a float32 tensor"):
         tp.load(tmp_path / "too_far.pth")
 
 
@@ -190,7 +200,11 @@ def test_archive_layout_and_array_likes(tmp_path):
 
 
 def test_big_endian_records_and_any_archive_name(tmp_path):
-    state = {"f": np.linspace(-1, 1, 6).astype(np.float32), "c": np.array([1 + 2j]), "bf": np.ones(2, ml_dtypes.bfloat16)}
+    state = {
+        "f": np.linspace(-1, 1, 6).astype(np.float32),
+        "c": np.array([1 + 2j]),
+        "bf": np.ones(2, ml_dtypes.bfloat16),
+    }
     tp.save_state_dict(tmp_path / "little.pth", state)
     widths = {"0": 4, "1": 8, "2": 2}  # bytes per (real) component of f, c, bf
 
@@ -220,9 +234,10 @@ def test_restricted_unpickler_imports_nothing(tmp_path):
     }
     write_archive(tmp_path / "evil.pth", items, {})
     loaded = tp.load(tmp_path / "evil.pth")
-    assert isinstance(loaded["cmd"], tp.Placeholder)
-    assert (loaded["cmd"].module, loaded["cmd"].name, loaded["cmd"].args) == ("os", "system", ("exit 1 # pwn",))
-    assert (loaded["thing"].module, loaded["thing"].name) == ("no_such_module_xyz", "Thing")
+    assert isinstance(loaded["cmd"], tp.Placeholder)  # and the command did not run
+    command, thing = loaded["cmd"], loaded["thing"]
+    assert (command.module, command.name, command.args) == ("os", "system", ("exit 1 # pwn",))
+    assert (thing.module, thing.name) == ("no_such_module_xyz", "Thing")
     assert "no_such_module_xyz" not in sys.modules
 
 
@@ -320,5 +335,5 @@ def test_crc_error_is_reported(tmp_path, saved):
     data[info.header_offset + 30 + len(info.filename) + len(info.extra) + 4] ^= 0xFF
     corrupt = tmp_path / "corrupt.pth"
     corrupt.write_bytes(bytes(data))
-    with pytest.raises(tp.CheckpointFormatError, match="zip record 'archive/data/0' is corrupt.*CRC"):
+    with pytest.raises(tp.CheckpointFormatError, match=r"zip record 'archive/data/0' is corrupt.*CRC"):
         tp.load(corrupt)

@@ -41,15 +41,23 @@ PathLike = str | os.PathLike[str]
 _DTYPES: dict[str, tuple[str | None, np.dtype]] = {
     name: (storage, np.dtype(dtype))
     for name, storage, dtype in [
-        ("float32", "FloatStorage", np.float32), ("float64", "DoubleStorage", np.float64),
-        ("float16", "HalfStorage", np.float16), ("bfloat16", "BFloat16Storage", ml_dtypes.bfloat16),
+        ("float32", "FloatStorage", np.float32),
+        ("float64", "DoubleStorage", np.float64),
+        ("float16", "HalfStorage", np.float16),
+        ("bfloat16", "BFloat16Storage", ml_dtypes.bfloat16),
         ("complex64", "ComplexFloatStorage", np.complex64),
         ("complex128", "ComplexDoubleStorage", np.complex128),
-        ("int64", "LongStorage", np.int64), ("int32", "IntStorage", np.int32),
-        ("int16", "ShortStorage", np.int16), ("int8", "CharStorage", np.int8),
-        ("uint8", "ByteStorage", np.uint8), ("bool", "BoolStorage", np.bool_),
-        ("uint16", None, np.uint16), ("uint32", None, np.uint32), ("uint64", None, np.uint64),
-        ("float8_e4m3fn", None, ml_dtypes.float8_e4m3fn), ("float8_e5m2", None, ml_dtypes.float8_e5m2),
+        ("int64", "LongStorage", np.int64),
+        ("int32", "IntStorage", np.int32),
+        ("int16", "ShortStorage", np.int16),
+        ("int8", "CharStorage", np.int8),
+        ("uint8", "ByteStorage", np.uint8),
+        ("bool", "BoolStorage", np.bool_),
+        ("uint16", None, np.uint16),
+        ("uint32", None, np.uint32),
+        ("uint64", None, np.uint64),
+        ("float8_e4m3fn", None, ml_dtypes.float8_e4m3fn),
+        ("float8_e5m2", None, ml_dtypes.float8_e5m2),
         ("float8_e4m3fnuz", None, ml_dtypes.float8_e4m3fnuz),
         ("float8_e5m2fnuz", None, ml_dtypes.float8_e5m2fnuz),
     ]
@@ -76,8 +84,12 @@ class Placeholder:
     ``items``/``list_items`` (entries pickle added to dict/list subclasses).
     """
 
-    module = ""
-    name = ""
+    module: str = ""
+    name: str = ""
+    args: tuple[Any, ...]
+    state: Any
+    items: dict[Any, Any]
+    list_items: list[Any]
 
     def __new__(cls, *args: Any) -> Placeholder:
         obj = super().__new__(cls)
@@ -124,8 +136,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
         super().__init__(io.BytesIO(_read_record(archive, f"{prefix}/data.pkl", path)))
         self._archive, self._prefix, self._path = archive, prefix, path
         has_byteorder = f"{prefix}/byteorder" in archive.namelist()
-        byteorder = _read_record(archive, f"{prefix}/byteorder", path) if has_byteorder else b"little"
-        byteorder = byteorder.decode("ascii", "replace")
+        record = _read_record(archive, f"{prefix}/byteorder", path) if has_byteorder else b"little"
+        byteorder = record.decode("ascii", "replace")
         if byteorder not in ("little", "big"):
             raise _error(path, f"record '{prefix}/byteorder' names an unknown byte order {byteorder!r}")
         self._swap = byteorder != sys.byteorder
@@ -190,7 +202,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
             raise _error(self._path, f"invalid tensor layout size={size} stride={stride} offset={offset}")
         if 0 in size:
             return np.zeros(size, dtype)
-        needed = (offset + 1 + sum((n - 1) * s for n, s in zip(size, stride))) * dtype.itemsize
+        needed = (offset + 1 + sum((n - 1) * s for n, s in zip(size, stride, strict=True))) * dtype.itemsize
         if needed > storage.nbytes:
             tensor = f"a {dtype} tensor of shape {size}, offset {offset} and strides {stride}"
             problem = f"storage record {name!r} has {storage.nbytes} bytes; {tensor} needs {needed}"
@@ -377,7 +389,7 @@ class _TorchPickler(pickle.Pickler):
         self.storages.append((key, stored))
         ref = _StorageRef(getattr(_TORCH, storage_name), key, stored.size)
         strides = tuple(int(np.prod(array.shape[i + 1 :])) for i in range(array.ndim))
-        hooks = collections.OrderedDict()
+        hooks: collections.OrderedDict[str, Any] = collections.OrderedDict()
         return _TORCH_UTILS._rebuild_tensor_v2, (ref, 0, array.shape, strides, False, hooks)
 
 
@@ -402,7 +414,8 @@ def save(path: PathLike, obj: Any) -> None:
     pickler = _TorchPickler(buffer, path)
     with _torch_stand_ins():
         pickler.dump(obj)
-    records = [("data.pkl", buffer.getvalue()), ("byteorder", sys.byteorder.encode())]
+    records: list[tuple[str, bytes | np.ndarray]] = [("data.pkl", buffer.getvalue())]
+    records.append(("byteorder", sys.byteorder.encode()))
     records += [(f"data/{key}", stored.reshape(-1).view(np.uint8)) for key, stored in pickler.storages]
     records.append(("version", b"3\n"))
     directory, filename = os.path.split(os.path.abspath(path))

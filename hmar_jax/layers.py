@@ -1,0 +1,158 @@
+"""Transformer layers of VAR/HMAR: AdaLN self-attention block and AdaLN head.
+
+Parameter names follow the upstream state_dict (``attn.mat_qkv``, ``ffn.fc1``,
+``ada_lin`` ...) so conversion stays a rename plus transposes.
+
+Dimension letters: B batch, L tokens, C width, D conditioning width, N heads,
+K head dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from hmar_jax.pallas import ops
+
+LOG_MAX_ATTN_SCALE = math.log(100.0)  # clamp of the learnable per-head temperature
+
+
+def layer_norm(x: jax.Array, eps: float) -> jax.Array:
+    """LayerNorm without affine parameters, computed in float32. ``[..., C]``."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    return (x32 - mean) * jax.lax.rsqrt(var + eps)
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+    """``x / max(|x|, eps)`` over the last axis (PyTorch ``F.normalize``), in float32."""
+    x32 = x.astype(jnp.float32)
+    norm = jnp.sqrt(jnp.sum(jnp.square(x32), axis=-1, keepdims=True))
+    return x32 / jnp.maximum(norm, eps)
+
+
+def drop_path(x: jax.Array, rate: jax.Array | float, rng: jax.Array | None) -> jax.Array:
+    """Per-sample stochastic depth on ``[B, ...]``, scaled by 1/keep. No-op without rng."""
+    if rng is None:
+        return x
+    keep = 1.0 - rate
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    mask = jax.random.bernoulli(rng, keep, shape)
+    return jnp.where(mask, x / jnp.maximum(keep, 1e-6), 0.0).astype(x.dtype)
+
+
+class SelfAttention(nnx.Module):
+    """L2-normalised multi-head attention: logits ``exp(min(s_h, ln 100)) cos(q, k)``.
+
+    ``mat_qkv`` has no bias; the effective bias is ``[q_bias | 0 | v_bias]``.
+    """
+
+    def __init__(self, width: int, num_heads: int, dtype, rngs: nnx.Rngs):
+        self.num_heads = num_heads
+        self.head_dim = width // num_heads
+        self.mat_qkv = nnx.Linear(width, 3 * width, use_bias=False, dtype=dtype, rngs=rngs)
+        self.q_bias = nnx.Param(jnp.zeros((width,), jnp.float32))
+        self.v_bias = nnx.Param(jnp.zeros((width,), jnp.float32))
+        self.scale_mul = nnx.Param(jnp.full((num_heads,), math.log(4.0), jnp.float32))
+        self.proj = nnx.Linear(width, width, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, spec: ops.AttentionSpec,
+                 kv_cache: tuple[jax.Array, jax.Array] | None = None, cache_start: int = 0
+                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """Attention over ``x [B, L, C]``.
+
+        With ``kv_cache = (k [B, Lmax, N, K], v [B, Lmax, N, K])`` this call's keys and
+        values are written at ``cache_start`` and the queries attend to every cached
+        position up to the end of this call's tokens (VAR-mode sampling).
+
+        Returns:
+          ``(out [B, L, C], updated kv_cache or None)``.
+        """
+        b, length, width = x.shape
+        zeros = jnp.zeros_like(self.k_bias_shape(width))
+        bias = jnp.concatenate([self.q_bias[...], zeros, self.v_bias[...]])
+        qkv = (self.mat_qkv(x) + bias.astype(x.dtype)).reshape(b, length, 3, self.num_heads,
+                                                                self.head_dim)  # [B, L, 3, N, K]
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, L, N, K]
+        temperature = jnp.exp(jnp.minimum(self.scale_mul[...], LOG_MAX_ATTN_SCALE))  # [N]
+        q = (l2_normalize(q) * temperature[:, None]).astype(v.dtype)
+        k = l2_normalize(k).astype(v.dtype)
+        if kv_cache is not None:
+            cache_k = jax.lax.dynamic_update_slice_in_dim(kv_cache[0], k.astype(kv_cache[0].dtype),
+                                                          cache_start, axis=1)
+            cache_v = jax.lax.dynamic_update_slice_in_dim(kv_cache[1], v.astype(kv_cache[1].dtype),
+                                                          cache_start, axis=1)
+            end = cache_start + length
+            out = ops.attention(q, cache_k[:, :end].astype(v.dtype), cache_v[:, :end].astype(v.dtype),
+                                spec)
+            kv_cache = (cache_k, cache_v)
+        else:
+            out = ops.attention(q, k, v, spec)
+        return self.proj(out.reshape(b, length, width)), kv_cache
+
+    @staticmethod
+    def k_bias_shape(width: int) -> jax.Array:
+        return jnp.zeros((width,), jnp.float32)
+
+
+class FeedForward(nnx.Module):
+    """``fc2(gelu_tanh(fc1(x)))``, ``[B, L, C] -> [B, L, C]``."""
+
+    def __init__(self, width: int, hidden: int, dtype, rngs: nnx.Rngs):
+        self.fc1 = nnx.Linear(width, hidden, dtype=dtype, rngs=rngs)
+        self.fc2 = nnx.Linear(hidden, width, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
+
+
+class AdaLNSelfAttnBlock(nnx.Module):
+    """One VAR block with per-block AdaLN.
+
+    ``ada_lin(silu(cond))`` gives six ``[B, C]`` vectors in the order
+    gamma1, gamma2, scale1, scale2, shift1, shift2::
+
+        x = x + drop_path(attn(LN(x) (1 + scale1) + shift1) gamma1)
+        x = x + drop_path(ffn(LN(x) (1 + scale2) + shift2) gamma2)
+    """
+
+    def __init__(self, width: int, num_heads: int, mlp_ratio: float, cond_width: int,
+                 norm_eps: float, dtype, rngs: nnx.Rngs):
+        self.norm_eps = norm_eps
+        self.attn = SelfAttention(width, num_heads, dtype, rngs)
+        self.ffn = FeedForward(width, round(width * mlp_ratio), dtype, rngs)
+        self.ada_lin = nnx.Linear(cond_width, 6 * width, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, cond: jax.Array, spec: ops.AttentionSpec, *,
+                 drop_rate: jax.Array | float = 0.0, rng: jax.Array | None = None,
+                 kv_cache=None, cache_start: int = 0):
+        """``x [B, L, C]``, ``cond [B, D]`` -> ``(x [B, L, C], kv_cache)``."""
+        b, _, width = x.shape
+        modulation = self.ada_lin(jax.nn.silu(cond)).astype(jnp.float32).reshape(b, 1, 6, width)
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = [modulation[:, :, i] for i in range(6)]
+        rng_attn, rng_ffn = (None, None) if rng is None else tuple(jax.random.split(rng))
+        h = (layer_norm(x, self.norm_eps) * (1 + scale1) + shift1).astype(x.dtype)
+        h, kv_cache = self.attn(h, spec, kv_cache, cache_start)
+        x = x + drop_path((h * gamma1).astype(x.dtype), drop_rate, rng_attn)
+        h = (layer_norm(x, self.norm_eps) * (1 + scale2) + shift2).astype(x.dtype)
+        x = x + drop_path((self.ffn(h) * gamma2).astype(x.dtype), drop_rate, rng_ffn)
+        return x, kv_cache
+
+
+class AdaLNBeforeHead(nnx.Module):
+    """``LN(x) (1 + scale) + shift`` with ``[scale, shift] = ada_lin(silu(cond))``, in float32."""
+
+    def __init__(self, width: int, cond_width: int, norm_eps: float, rngs: nnx.Rngs):
+        self.norm_eps = norm_eps
+        self.ada_lin = nnx.Linear(cond_width, 2 * width, rngs=rngs)
+
+    def __call__(self, x: jax.Array, cond: jax.Array) -> jax.Array:
+        """``x [B, L, C]``, ``cond [B, D]`` -> float32 ``[B, L, C]``."""
+        b, _, width = x.shape
+        scale, shift = jnp.split(
+            self.ada_lin(jax.nn.silu(cond.astype(jnp.float32))).reshape(b, 1, 2 * width), 2, axis=-1)
+        return layer_norm(x, self.norm_eps) * (1 + scale) + shift
