@@ -8,6 +8,7 @@ crash never leaves a directory that looks finished.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import shutil
@@ -129,15 +130,28 @@ def _check_same_layout(target: Any, stored: Any, directory: pathlib.Path) -> Non
                          f"({len(extra)} extra); the export was made for a different model config.")
 
 
+
 TOKENIZER = "tokenizer"
+HMAR = "hmar"
 
 
-def save_tokenizer(directory: str | pathlib.Path, model, *, extra_metadata: dict | None = None,
-                   overwrite: bool = False) -> pathlib.Path:
-    """Exports a ``VQVAE``'s params and config (see ``save_params``)."""
+def save_module(directory: str | pathlib.Path, model: nnx.Module, kind: str, *,
+                extra_metadata: dict | None = None, overwrite: bool = False) -> pathlib.Path:
+    """Exports a module with a dataclass ``config`` (``VQVAE``, ``HMARTransformer``)."""
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    return save_params(directory, params, TOKENIZER, model.config.to_json(),
-                       extra_metadata=extra_metadata, overwrite=overwrite)
+    config_json = json.dumps(dataclasses.asdict(model.config), indent=2)
+    return save_params(directory, params, kind, config_json, extra_metadata=extra_metadata,
+                       overwrite=overwrite)
+
+
+def save_tokenizer(directory: str | pathlib.Path, model, **kwargs) -> pathlib.Path:
+    """Exports a ``VQVAE`` (see ``save_params`` for the layout)."""
+    return save_module(directory, model, TOKENIZER, **kwargs)
+
+
+def save_hmar(directory: str | pathlib.Path, model, **kwargs) -> pathlib.Path:
+    """Exports an ``HMARTransformer`` (see ``save_params`` for the layout)."""
+    return save_module(directory, model, HMAR, **kwargs)
 
 
 def load_tokenizer(directory: str | pathlib.Path):
@@ -151,3 +165,18 @@ def load_tokenizer(directory: str | pathlib.Path):
 
     cfg = VQVAEConfig.from_dict(read_config(directory, TOKENIZER))
     return restore_into(directory, lambda: VQVAE(cfg, rngs=nnx.Rngs(0)))
+
+
+def load_hmar(directory: str | pathlib.Path, **config_overrides):
+    """Loads an ``HMARTransformer`` export; ``config_overrides`` may change runtime-only
+    fields such as ``dtype``, ``attention_backend``, ``scan_blocks`` or ``remat``.
+
+    Example:
+      >>> model = load_hmar("checkpoints/hmar-d16", dtype="bfloat16")
+    """
+    from hmar_jax.model import HMARConfig, HMARTransformer
+
+    values = read_config(directory, HMAR)
+    values["patch_nums"] = tuple(values["patch_nums"])
+    cfg = HMARConfig.from_dict(values | config_overrides)
+    return restore_into(directory, lambda: HMARTransformer(cfg, rngs=nnx.Rngs(0)))

@@ -9,6 +9,7 @@ K head dim, V vocabulary.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -18,6 +19,32 @@ from flax import nnx
 from hmar_jax.pallas import ops
 
 LOG_MAX_ATTN_SCALE = math.log(100.0)  # clamp of the learnable per-head temperature
+
+
+@dataclasses.dataclass(frozen=True)
+class InitScales:
+    """Upstream initialisation (VAR ``init_weights``).
+
+    Attributes:
+      std: std of every weight matrix and embedding (``sqrt(1 / (3 C))`` upstream),
+        drawn from an untruncated normal (PyTorch's trunc_normal_ cuts at +-2 absolute,
+        which never binds at these stds).
+      depth: number of blocks; attention and MLP output projections are divided by
+        ``sqrt(2 depth)``.
+      adaln: multiplier on the AdaLN scale/shift rows (and the head's AdaLN).
+      adaln_gamma: multiplier on the AdaLN gamma rows.
+      head: multiplier on the output head.
+    """
+
+    std: float
+    depth: int
+    adaln: float = 0.5
+    adaln_gamma: float = 1e-5
+    head: float = 0.02
+
+    @property
+    def kernel_init(self):
+        return nnx.initializers.normal(self.std)
 
 
 def layer_norm(x: jax.Array, eps: float) -> jax.Array:
@@ -51,14 +78,16 @@ class SelfAttention(nnx.Module):
     ``mat_qkv`` has no bias; the effective bias is ``[q_bias | 0 | v_bias]``.
     """
 
-    def __init__(self, width: int, num_heads: int, dtype, rngs: nnx.Rngs):
+    def __init__(self, width: int, num_heads: int, dtype, init: InitScales, rngs: nnx.Rngs):
         self.num_heads = num_heads
         self.head_dim = width // num_heads
-        self.mat_qkv = nnx.Linear(width, 3 * width, use_bias=False, dtype=dtype, rngs=rngs)
+        self.mat_qkv = nnx.Linear(width, 3 * width, use_bias=False, dtype=dtype,
+                                  kernel_init=init.kernel_init, rngs=rngs)
         self.q_bias = nnx.Param(jnp.zeros((width,), jnp.float32))
         self.v_bias = nnx.Param(jnp.zeros((width,), jnp.float32))
         self.scale_mul = nnx.Param(jnp.full((num_heads,), math.log(4.0), jnp.float32))
-        self.proj = nnx.Linear(width, width, dtype=dtype, rngs=rngs)
+        self.proj = nnx.Linear(width, width, dtype=dtype, kernel_init=init.kernel_init, rngs=rngs)
+        self.proj.kernel[...] = self.proj.kernel[...] / math.sqrt(2 * init.depth)
 
     def __call__(self, x: jax.Array, spec: ops.AttentionSpec,
                  kv_cache: tuple[jax.Array, jax.Array] | None = None, cache_start: int = 0
@@ -73,8 +102,8 @@ class SelfAttention(nnx.Module):
           ``(out [B, L, C], updated kv_cache or None)``.
         """
         b, length, width = x.shape
-        zeros = jnp.zeros_like(self.k_bias_shape(width))
-        bias = jnp.concatenate([self.q_bias[...], zeros, self.v_bias[...]])
+        q_bias = self.q_bias[...]
+        bias = jnp.concatenate([q_bias, jnp.zeros_like(q_bias), self.v_bias[...]])  # k has no bias
         qkv = (self.mat_qkv(x) + bias.astype(x.dtype)).reshape(b, length, 3, self.num_heads,
                                                                 self.head_dim)  # [B, L, 3, N, K]
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, L, N, K]
@@ -94,17 +123,14 @@ class SelfAttention(nnx.Module):
             out = ops.attention(q, k, v, spec)
         return self.proj(out.reshape(b, length, width)), kv_cache
 
-    @staticmethod
-    def k_bias_shape(width: int) -> jax.Array:
-        return jnp.zeros((width,), jnp.float32)
-
 
 class FeedForward(nnx.Module):
     """``fc2(gelu_tanh(fc1(x)))``, ``[B, L, C] -> [B, L, C]``."""
 
-    def __init__(self, width: int, hidden: int, dtype, rngs: nnx.Rngs):
-        self.fc1 = nnx.Linear(width, hidden, dtype=dtype, rngs=rngs)
-        self.fc2 = nnx.Linear(hidden, width, dtype=dtype, rngs=rngs)
+    def __init__(self, width: int, hidden: int, dtype, init: InitScales, rngs: nnx.Rngs):
+        self.fc1 = nnx.Linear(width, hidden, dtype=dtype, kernel_init=init.kernel_init, rngs=rngs)
+        self.fc2 = nnx.Linear(hidden, width, dtype=dtype, kernel_init=init.kernel_init, rngs=rngs)
+        self.fc2.kernel[...] = self.fc2.kernel[...] / math.sqrt(2 * init.depth)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
@@ -121,11 +147,15 @@ class AdaLNSelfAttnBlock(nnx.Module):
     """
 
     def __init__(self, width: int, num_heads: int, mlp_ratio: float, cond_width: int,
-                 norm_eps: float, dtype, rngs: nnx.Rngs):
+                 norm_eps: float, dtype, init: InitScales, rngs: nnx.Rngs):
         self.norm_eps = norm_eps
-        self.attn = SelfAttention(width, num_heads, dtype, rngs)
-        self.ffn = FeedForward(width, round(width * mlp_ratio), dtype, rngs)
-        self.ada_lin = nnx.Linear(cond_width, 6 * width, dtype=dtype, rngs=rngs)
+        self.attn = SelfAttention(width, num_heads, dtype, init, rngs)
+        self.ffn = FeedForward(width, round(width * mlp_ratio), dtype, init, rngs)
+        self.ada_lin = nnx.Linear(cond_width, 6 * width, dtype=dtype, kernel_init=init.kernel_init,
+                                  rngs=rngs)
+        row_scale = jnp.concatenate([jnp.full((2 * width,), init.adaln_gamma),
+                                     jnp.full((4 * width,), init.adaln)])  # gammas, then s/beta
+        self.ada_lin.kernel[...] = self.ada_lin.kernel[...] * row_scale
 
     def __call__(self, x: jax.Array, cond: jax.Array, spec: ops.AttentionSpec, *,
                  drop_rate: jax.Array | float = 0.0, rng: jax.Array | None = None,
@@ -146,9 +176,11 @@ class AdaLNSelfAttnBlock(nnx.Module):
 class AdaLNBeforeHead(nnx.Module):
     """``LN(x) (1 + scale) + shift`` with ``[scale, shift] = ada_lin(silu(cond))``, in float32."""
 
-    def __init__(self, width: int, cond_width: int, norm_eps: float, rngs: nnx.Rngs):
+    def __init__(self, width: int, cond_width: int, norm_eps: float, init: InitScales,
+                 rngs: nnx.Rngs):
         self.norm_eps = norm_eps
-        self.ada_lin = nnx.Linear(cond_width, 2 * width, rngs=rngs)
+        self.ada_lin = nnx.Linear(cond_width, 2 * width, kernel_init=init.kernel_init, rngs=rngs)
+        self.ada_lin.kernel[...] = self.ada_lin.kernel[...] * init.adaln
 
     def __call__(self, x: jax.Array, cond: jax.Array) -> jax.Array:
         """``x [B, L, C]``, ``cond [B, D]`` -> float32 ``[B, L, C]``."""

@@ -1,0 +1,410 @@
+"""The HMAR transformer: a Markovian next-scale branch and a masked-refinement branch.
+
+One module holds both branches of the released combined model:
+
+* ``blocks`` (depth d, stacked on a leading layer axis) with ``head_nm``/``head``: the
+  next-scale predictor (stage 1, "NSP"). Upstream splits these into ``base_blocks``
+  (the first d - n) and ``ns_blocks`` (the last n).
+* ``mask_blocks`` (n) with ``mask_head_nm``/``mask_head`` and ``mask_embed``: the
+  masked-prediction tail (stage 2). The mask branch runs ``blocks[:d - n]`` (shared,
+  not copied) followed by ``mask_blocks``.
+
+Three forwards share the weights: ``__call__`` (stage-1 training over all L tokens),
+``forward_masked`` (stage-2 training) and ``forward_scale`` (one scale alone, as the
+sampler runs it; with a KV cache for VAR mode). ``attention_pattern='block_causal'``
+turns the model into VAR (no mask branch needed).
+
+Dimension letters: B batch, L tokens, S scales, p side of one scale, C width,
+D conditioning width (= C), N heads, K head dim, V vocabulary, Cv latent channels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from hmar_jax.layers import AdaLNBeforeHead, AdaLNSelfAttnBlock, InitScales
+from hmar_jax.pallas import ops
+from hmar_jax.scales import ScaleLayout, resolve_patch_nums
+
+RematPolicy = Literal["none", "block", "dots_saveable"]
+
+
+@dataclasses.dataclass(frozen=True)
+class HMARConfig:
+    """Frozen hyper-parameters of the transformer.
+
+    Attributes:
+      depth: number of blocks d.
+      width: C; defaults to 64 d (upstream ties width to depth).
+      num_heads: N; defaults to d (head dim 64).
+      mlp_ratio: MLP hidden width / C.
+      num_classes: class labels 0..num_classes-1; label ``num_classes`` is the null
+        (unconditional) class.
+      vocab_size: V, tokenizer codebook size.
+      latent_channels: Cv, tokenizer latent channels.
+      patch_nums: scale sides, coarse to fine.
+      num_mask_layers: n, blocks of the masked-refinement tail (0: next-scale only).
+      attention_pattern: ``block_diagonal`` (HMAR) or ``block_causal`` (VAR).
+      attention_backend: see ``hmar_jax.pallas.ops``.
+      drop_path_rate: maximum stochastic-depth rate (linear over blocks); defaults to
+        ``0.1 d / 24``.
+      norm_eps: LayerNorm epsilon.
+      dtype: compute dtype of the matmuls (params, norms, softmax, logits stay float32).
+      scan_blocks: run the blocks with ``lax.scan`` (fast compile) instead of unrolled.
+      remat: rematerialisation per block: ``none``, ``block`` (save nothing) or
+        ``dots_saveable`` (keep matmul outputs).
+      init_adaln, init_adaln_gamma, init_head: upstream init multipliers.
+    """
+
+    depth: int = 16
+    width: int | None = None
+    num_heads: int | None = None
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000
+    vocab_size: int = 4096
+    latent_channels: int = 32
+    patch_nums: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+    num_mask_layers: int = 8
+    attention_pattern: str = "block_diagonal"
+    attention_backend: str = "reference"
+    drop_path_rate: float | None = None
+    norm_eps: float = 1e-6
+    dtype: str = "float32"
+    scan_blocks: bool = True
+    remat: RematPolicy = "none"
+    init_adaln: float = 0.5
+    init_adaln_gamma: float = 1e-5
+    init_head: float = 0.02
+
+    def __post_init__(self):
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
+        set_("patch_nums", resolve_patch_nums(self.patch_nums))
+        if self.width is None:
+            set_("width", 64 * self.depth)
+        if self.num_heads is None:
+            set_("num_heads", self.depth)
+        if self.drop_path_rate is None:
+            set_("drop_path_rate", 0.1 * self.depth / 24)
+        if self.width % self.num_heads:
+            raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}.")
+        if not 0 <= self.num_mask_layers <= self.depth:
+            raise ValueError(f"num_mask_layers must be in [0, depth={self.depth}], "
+                             f"got {self.num_mask_layers}.")
+        if self.remat not in ("none", "block", "dots_saveable"):
+            raise ValueError(f"Unknown remat policy {self.remat!r}; use 'none', 'block' or "
+                             "'dots_saveable'.")
+        ops.AttentionSpec(self.attention_pattern, self.patch_nums, self.attention_backend)  # validates
+
+    @property
+    def layout(self) -> ScaleLayout:
+        return ScaleLayout(self.patch_nums)
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.num_heads
+
+    @property
+    def null_class(self) -> int:
+        return self.num_classes
+
+    @property
+    def num_base_layers(self) -> int:
+        return self.depth - self.num_mask_layers
+
+    @property
+    def init_std(self) -> float:
+        return math.sqrt(1.0 / self.width / 3)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    # Fields that change how the model runs but not its parameters or outputs' meaning.
+    RUNTIME_FIELDS = ("attention_backend", "dtype", "scan_blocks", "remat", "drop_path_rate")
+
+    def architecture(self, ignore: tuple[str, ...] = ()) -> dict[str, Any]:
+        """The fields that define the parameters and the function (runtime fields dropped)."""
+        return {k: v for k, v in self.to_dict().items()
+                if k not in self.RUNTIME_FIELDS and k not in ignore}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "HMARConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"Unknown HMARConfig keys {unknown}; known keys: {sorted(known)}.")
+        return cls(**values)
+
+    def replace(self, **changes) -> "HMARConfig":
+        return dataclasses.replace(self, **changes)
+
+
+# Upstream sizes (width 64 d, heads d) and the gamma init per depth from the HMAR configs.
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "d16": dict(depth=16, init_adaln_gamma=1e-3),
+    "d20": dict(depth=20, init_adaln_gamma=1e-3),
+    "d24": dict(depth=24, init_adaln_gamma=1e-4),
+    "d30": dict(depth=30, init_adaln_gamma=1e-5),
+    # CPU-sized variant for tests and notebooks.
+    "tiny": dict(depth=2, width=64, num_heads=2, num_classes=10, vocab_size=64,
+                 latent_channels=8, patch_nums=(1, 2, 3, 4), num_mask_layers=1),
+}
+
+
+def preset(name: str, **overrides) -> HMARConfig:
+    """``HMARConfig`` of a named size (``d16``/``d20``/``d24``/``d30``/``tiny``)."""
+    if name not in MODEL_PRESETS:
+        raise ValueError(f"Unknown model preset {name!r}; available: {sorted(MODEL_PRESETS)}.")
+    return HMARConfig(**(MODEL_PRESETS[name] | overrides))
+
+
+def _stacked_blocks(cfg: HMARConfig, count: int, init: InitScales, rngs: nnx.Rngs):
+    """``count`` blocks with every parameter stacked on a leading layer axis."""
+
+    @nnx.split_rngs(splits=count)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def create(rngs: nnx.Rngs) -> AdaLNSelfAttnBlock:
+        return AdaLNSelfAttnBlock(cfg.width, cfg.num_heads, cfg.mlp_ratio, cfg.width, cfg.norm_eps,
+                                  jnp.dtype(cfg.dtype), init, rngs)
+
+    return create(rngs)
+
+
+class HMARTransformer(nnx.Module):
+    """Class-conditional next-scale predictor with a masked-refinement branch.
+
+    Example:
+      >>> model = HMARTransformer(preset("tiny"), rngs=nnx.Rngs(0))
+      >>> x = jnp.zeros((2, model.config.layout.seq_len - 1, 8))   # teacher forcing [B, L-1, Cv]
+      >>> model(x, jnp.array([3, 10])).shape                       # label 10 = null class
+      (2, 30, 64)
+    """
+
+    def __init__(self, cfg: HMARConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        c, layout = cfg.width, cfg.layout
+        init = InitScales(cfg.init_std, cfg.depth, cfg.init_adaln, cfg.init_adaln_gamma, cfg.init_head)
+        normal = nnx.initializers.normal(cfg.init_std)
+        self.class_emb = nnx.Embed(cfg.num_classes + 1, c, embedding_init=normal, rngs=rngs)
+        self.pos_start = nnx.Param(normal(rngs.params(), (c,)))
+        self.pos_embed = nnx.Param(normal(rngs.params(), (layout.seq_len, c)))
+        self.lvl_embed = nnx.Embed(layout.num_scales, c, embedding_init=normal, rngs=rngs)
+        self.word_embed = nnx.Linear(cfg.latent_channels, c, use_bias=False, kernel_init=normal,
+                                     rngs=rngs)
+        self.word_embed_bias = nnx.Param(jnp.zeros((c,), jnp.float32))
+        self.blocks = _stacked_blocks(cfg, cfg.depth, init, rngs)
+        self.head_nm, self.head = self._make_head(cfg, init, rngs)
+        if cfg.num_mask_layers:
+            self.mask_blocks = _stacked_blocks(cfg, cfg.num_mask_layers, init, rngs)
+            self.mask_head_nm, self.mask_head = self._make_head(cfg, init, rngs)
+            self.mask_embed = nnx.Param(normal(rngs.params(), (c,)))
+        else:
+            self.mask_blocks = self.mask_head_nm = self.mask_head = self.mask_embed = None
+
+    @staticmethod
+    def _make_head(cfg: HMARConfig, init: InitScales, rngs: nnx.Rngs):
+        norm = AdaLNBeforeHead(cfg.width, cfg.width, cfg.norm_eps, init, rngs)
+        head = nnx.Linear(cfg.width, cfg.vocab_size, kernel_init=init.kernel_init, rngs=rngs)
+        head.kernel[...] = head.kernel[...] * init.head
+        return norm, head
+
+    # ----- embeddings -------------------------------------------------------------------
+    def condition(self, labels: jax.Array) -> jax.Array:
+        """Class vectors ``[B, D]`` (AdaLN conditioning and start-token content)."""
+        return self.class_emb(labels)
+
+    def _level_position(self, token_slice: slice) -> jax.Array:
+        level_ids = jnp.asarray(self.config.layout.level_ids[token_slice])
+        return self.lvl_embed(level_ids) + self.pos_embed[token_slice]  # [l, C]
+
+    def _word_embedding(self, x_ns: jax.Array, x_mask: jax.Array | None,
+                        masked: jax.Array | None) -> jax.Array:
+        """Token inputs ``[B, l, Cv]`` -> ``[B, l, C]``.
+
+        Next-scale branch: ``W x_ns + b``. Mask branch: ``W x_ns + (mask_embed if masked
+        else W x_mask) + b`` with ``masked`` bool ``[B or 1, l]``.
+        """
+        words = self.word_embed(x_ns.astype(jnp.float32))
+        if x_mask is not None:
+            if self.mask_embed is None:
+                raise ValueError("This model has no mask branch (num_mask_layers=0).")
+            own = self.word_embed(x_mask.astype(jnp.float32))
+            words = words + jnp.where(masked[..., None], self.mask_embed[...], own)
+        return words + self.word_embed_bias[...]
+
+    def embed_sequence(self, cond: jax.Array, x_ns: jax.Array, x_mask: jax.Array | None = None,
+                       masked: jax.Array | None = None) -> jax.Array:
+        """Full sequence ``[B, L, C]``: start token, then the L - 1 token inputs."""
+        start = (cond + self.pos_start[...])[:, None]  # [B, 1, C]
+        words = self._word_embedding(x_ns, x_mask, masked)  # [B, L-1, C]
+        return jnp.concatenate([start, words], axis=1) + self._level_position(slice(None))
+
+    def embed_scale(self, k: int, cond: jax.Array, x_ns: jax.Array | None,
+                    x_mask: jax.Array | None = None, masked: jax.Array | None = None) -> jax.Array:
+        """Scale k alone ``[B, p_k^2, C]``; for k = 0 only ``cond`` is used."""
+        position = self._level_position(self.config.layout.token_slice(k))
+        if k == 0:
+            return (cond + self.pos_start[...])[:, None] + position
+        return self._word_embedding(x_ns, x_mask, masked) + position
+
+    # ----- block stacks -------------------------------------------------------------------
+    def _drop_rates(self) -> np.ndarray:
+        return np.linspace(0.0, self.config.drop_path_rate, self.config.depth, dtype=np.float32)
+
+    def _run(self, stack: nnx.Module, layers: slice, rate_offset: int, x: jax.Array,
+             cond: jax.Array, spec: ops.AttentionSpec, rng: jax.Array | None,
+             kv_cache=None, cache_start: int = 0):
+        """Runs ``stack[layers]`` on ``x [B, l, C]``; returns ``(x, kv_cache)``."""
+        cfg = self.config
+        graphdef, params = nnx.split(stack)
+        params = jax.tree.map(lambda a: a[layers], params)
+        count = jax.tree.leaves(params)[0].shape[0]
+        if count == 0:
+            return x, kv_cache
+        rates = jnp.asarray(self._drop_rates()[rate_offset:rate_offset + count])
+        keys = jax.random.split(rng, count) if rng is not None else None
+
+        def body(h, layer):
+            layer_params, rate, key, cache = layer
+            block = nnx.merge(graphdef, layer_params)
+            return block(h, cond, spec, drop_rate=rate, rng=key, kv_cache=cache,
+                         cache_start=cache_start)
+
+        if cfg.remat == "block":
+            body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+        elif cfg.remat == "dots_saveable":
+            body = jax.checkpoint(body, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+        x = x.astype(jnp.float32)
+        if cfg.scan_blocks:
+            return jax.lax.scan(body, x, (params, rates, keys, kv_cache))
+        caches = []
+        for i in range(count):
+            take = lambda tree: None if tree is None else jax.tree.map(lambda a: a[i], tree)  # noqa: E731
+            x, cache = body(x, (take(params), rates[i], take(keys), take(kv_cache)))
+            caches.append(cache)
+        stacked = None if kv_cache is None else jax.tree.map(lambda *a: jnp.stack(a), *caches)
+        return x, stacked
+
+    def _next_scale_trunk(self, h, cond, spec, rng, kv_cache=None, cache_start=0):
+        h, kv_cache = self._run(self.blocks, slice(None), 0, h, cond, spec, rng, kv_cache, cache_start)
+        return self.head(self.head_nm(h, cond)), kv_cache
+
+    def _mask_trunk(self, h, cond, spec, rng):
+        if self.mask_blocks is None:
+            raise ValueError("This model has no mask branch (num_mask_layers=0).")
+        base = self.config.num_base_layers
+        rng_base, rng_tail = (None, None) if rng is None else tuple(jax.random.split(rng))
+        h, _ = self._run(self.blocks, slice(0, base), 0, h, cond, spec, rng_base)
+        h, _ = self._run(self.mask_blocks, slice(None), base, h, cond, spec, rng_tail)
+        return self.mask_head(self.mask_head_nm(h, cond))
+
+    def _sequence_spec(self) -> ops.AttentionSpec:
+        cfg = self.config
+        return ops.AttentionSpec(cfg.attention_pattern, cfg.patch_nums, cfg.attention_backend)
+
+    def _check_sequence(self, x: jax.Array, labels: jax.Array) -> None:
+        cfg = self.config
+        want = (cfg.layout.seq_len - 1, cfg.latent_channels)
+        if x.ndim != 3 or tuple(x.shape[1:]) != want or labels.shape != (x.shape[0],):
+            raise ValueError(f"Expected token inputs [B, {want[0]}, {want[1]}] and labels [B], "
+                             f"got {tuple(x.shape)} and {tuple(labels.shape)}.")
+
+    # ----- forwards -------------------------------------------------------------------------
+    def __call__(self, x_ns: jax.Array, labels: jax.Array, *, rng: jax.Array | None = None
+                 ) -> jax.Array:
+        """Stage-1 (next-scale) training forward.
+
+        Args:
+          x_ns: teacher-forcing inputs ``[B, L - 1, Cv]`` (``VQVAE.teacher_forcing_inputs``).
+          labels: int ``[B]``; ``num_classes`` is the null class (label dropout is the
+            caller's job, see ``losses.drop_labels``).
+          rng: enables stochastic depth when given.
+
+        Returns:
+          float32 logits ``[B, L, V]``.
+        """
+        self._check_sequence(x_ns, labels)
+        cond = self.condition(labels)
+        logits, _ = self._next_scale_trunk(self.embed_sequence(cond, x_ns), cond,
+                                           self._sequence_spec(), rng)
+        return logits
+
+    def forward_masked(self, x_ns: jax.Array, x_mask: jax.Array, masked: jax.Array,
+                       labels: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
+        """Stage-2 (masked prediction) training forward.
+
+        Args:
+          x_ns: ``[B, L - 1, Cv]`` next-scale inputs.
+          x_mask: ``[B, L - 1, Cv]`` mask-branch inputs (``VQVAE.mask_branch_inputs``).
+          masked: bool ``[B or 1, L - 1]``; True rows get ``mask_embed`` instead of
+            ``W x_mask``. Scale 0 has no row and is never masked.
+          labels: int ``[B]``.
+          rng: enables stochastic depth when given (frozen blocks included, as upstream).
+
+        Returns:
+          float32 logits ``[B, L, V]`` of the mask head.
+        """
+        self._check_sequence(x_ns, labels)
+        cond = self.condition(labels)
+        h = self.embed_sequence(cond, x_ns, x_mask, masked)
+        return self._mask_trunk(h, cond, self._sequence_spec(), rng)
+
+    def forward_scale(self, k: int, labels: jax.Array, x_ns: jax.Array | None = None, *,
+                      x_mask: jax.Array | None = None, masked: jax.Array | None = None,
+                      kv_cache=None):
+        """One scale alone, as at sampling time (no mask; no cache needed for HMAR).
+
+        Args:
+          k: scale index (static).
+          labels: int ``[B]``.
+          x_ns: ``[B, p_k^2, Cv]`` = ``area(f_hat, p_k)`` flattened; None for k = 0.
+          x_mask, masked: mask-branch inputs ``[B, p_k^2, Cv]`` and bool ``[B, p_k^2]``;
+            when given the mask branch runs instead of the next-scale branch.
+          kv_cache: VAR mode only: ``(k, v)`` each ``[depth, B, L, N, K]`` from
+            ``init_kv_cache``; this scale's keys are appended and attention covers all
+            earlier scales (block-causal).
+
+        Returns:
+          float32 logits ``[B, p_k^2, V]``, or ``(logits, kv_cache)`` when a cache is given.
+        """
+        cond = self.condition(labels)
+        h = self.embed_scale(k, cond, x_ns, x_mask, masked)
+        spec = ops.AttentionSpec("full", self.config.patch_nums, self.config.attention_backend)
+        if x_mask is not None:
+            if kv_cache is not None:
+                raise ValueError("The mask branch runs without a KV cache.")
+            return self._mask_trunk(h, cond, spec, None)
+        start = int(self.config.layout.starts[k])
+        logits, kv_cache_out = self._next_scale_trunk(h, cond, spec, None, kv_cache, start)
+        return logits if kv_cache is None else (logits, kv_cache_out)
+
+    def init_kv_cache(self, batch: int, dtype=jnp.float32):
+        """Empty VAR-mode cache: ``(k, v)``, each ``[depth, B, L, N, K]``."""
+        cfg = self.config
+        shape = (cfg.depth, batch, cfg.layout.seq_len, cfg.num_heads, cfg.head_dim)
+        return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+
+
+# ----- parameter groups -----------------------------------------------------------------------
+MASK_BRANCH = ("mask_blocks", "mask_head_nm", "mask_head", "mask_embed")
+
+
+def is_mask_branch(path: tuple, _value=None) -> bool:
+    """nnx filter: parameters trained in stage 2 (the mask tail, its head and mask_embed)."""
+    return bool(path) and path[0] in MASK_BRANCH
+
+
+STAGE2_TRAINABLE = nnx.All(nnx.Param, is_mask_branch)
+STAGE1_TRAINABLE = nnx.All(nnx.Param, nnx.Not(is_mask_branch))
+
+
+def count_params(cfg: HMARConfig, which=nnx.Param) -> int:
+    """Number of parameters matching ``which``, from abstract shapes (nothing allocated)."""
+    abstract = nnx.eval_shape(lambda: HMARTransformer(cfg, rngs=nnx.Rngs(0)))
+    return sum(math.prod(v.shape) for _, v in nnx.to_flat_state(nnx.state(abstract, which)))
