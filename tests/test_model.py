@@ -1,0 +1,211 @@
+"""HMAR transformer: upstream parity, the Markov property, VAR mode, sizes, stage-2 freeze."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from hmar_jax import checkpointing, losses
+from hmar_jax.convert import torch_pickle
+from hmar_jax.convert.__main__ import main as convert_main
+from hmar_jax.model import (HMARConfig, HMARTransformer, STAGE2_TRAINABLE, count_params,
+                            is_mask_branch, preset)
+
+TOL = dict(atol=1e-4, rtol=1e-4)
+CFG_LABELS = jnp.asarray([7, 10, 10, 10])  # generate(): [cond labels; null class]
+
+
+@pytest.fixture(scope="module")
+def hmar_sd(hmar_fixture):
+    return {k[3:]: v for k, v in hmar_fixture.items() if k.startswith("sd/")}
+
+
+@pytest.fixture(scope="module")
+def upstream_hmar(hmar_sd, tmp_path_factory):
+    root = tmp_path_factory.mktemp("hmar")
+    torch_pickle.save_state_dict(root / "hmar-d2.pth", hmar_sd)
+    assert convert_main(["hmar", "--src", str(root / "hmar-d2.pth"), "--out", str(root / "export")]) == 0
+    return checkpointing.load_hmar(root / "export")
+
+
+@pytest.fixture(scope="module")
+def upstream_var(hmar_fixture, hmar_sd, tmp_path_factory):
+    """The same next-scale weights in VAR key format, converted as VAR mode."""
+    key_map = json.loads(str(hmar_fixture["config"]))["nsp_key_to_hmar_key"]
+    var_sd = {var_key: hmar_sd[hmar_key] for var_key, hmar_key in key_map.items()}
+    root = tmp_path_factory.mktemp("var")
+    torch_pickle.save_state_dict(root / "var_d2.pth", var_sd)
+    assert convert_main(["var", "--src", str(root / "var_d2.pth"), "--out", str(root / "export")]) == 0
+    return checkpointing.load_hmar(root / "export")
+
+
+@pytest.fixture(scope="module")
+def inputs(hmar_fixture):
+    x = jnp.asarray(hmar_fixture["x_BLCv"])
+    return {"x": x, "x_mask": jnp.asarray(hmar_fixture["x_mask_BLCv"]),
+            "labels": jnp.asarray(hmar_fixture["labels_B"]),
+            "x_cfg": jnp.concatenate([x, x]),
+            "x_mask_cfg": jnp.concatenate([jnp.asarray(hmar_fixture["x_mask_BLCv"])] * 2)}
+
+
+def test_converted_config(upstream_hmar, upstream_var):
+    cfg = upstream_hmar.config
+    assert (cfg.depth, cfg.num_mask_layers, cfg.width, cfg.num_heads) == (2, 1, 128, 2)
+    assert (cfg.vocab_size, cfg.num_classes, cfg.attention_pattern) == (256, 10, "block_diagonal")
+    assert upstream_var.config.attention_pattern == "block_causal"
+    assert upstream_var.config.num_mask_layers == 0 and upstream_var.mask_blocks is None
+
+
+def test_stage1_logits_match_upstream(upstream_hmar, hmar_fixture, inputs):
+    with jax.default_matmul_precision("highest"):
+        logits = upstream_hmar(inputs["x"], inputs["labels"])
+    assert logits.shape == (2, 680, 256) and logits.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(logits), hmar_fixture["ns_logits_BLV"], **TOL)
+
+
+def test_masked_branch_logits_match_upstream(upstream_hmar, hmar_fixture, inputs):
+    masked = np.zeros((1, 679), bool)
+    masked[0, hmar_fixture["mp_idx_to_mask"]] = True
+    with jax.default_matmul_precision("highest"):
+        logits = upstream_hmar.forward_masked(inputs["x"], inputs["x_mask"], jnp.asarray(masked),
+                                              inputs["labels"])
+    np.testing.assert_allclose(np.asarray(logits), hmar_fixture["mp_logits_BLV"], **TOL)
+
+
+def test_per_scale_logits_match_upstream_generate(upstream_hmar, hmar_fixture, inputs):
+    layout = upstream_hmar.config.layout
+    with jax.default_matmul_precision("highest"):
+        for k in range(6):
+            x_k = None if k == 0 else inputs["x_cfg"][:, layout.input_slice(k)]
+            logits = upstream_hmar.forward_scale(k, CFG_LABELS, x_k)
+            np.testing.assert_allclose(np.asarray(logits), hmar_fixture[f"gen_ns_logits_s{k}_2BlV"],
+                                       **TOL)
+
+
+@pytest.mark.parametrize("k, step", [(1, 1), (2, 1), (2, 2), (2, 3), (5, 1), (5, 2)])
+def test_mask_step_logits_match_upstream_generate(upstream_hmar, hmar_fixture, inputs, k, step):
+    layout = upstream_hmar.config.layout
+    positions = hmar_fixture[f"gen_mask_idx_s{k}_step{step}_Bn"]
+    masked = np.zeros((2, layout.tokens_per_scale[k]), bool)
+    np.put_along_axis(masked, positions, True, axis=1)
+    rows = layout.input_slice(k)
+    with jax.default_matmul_precision("highest"):
+        logits = upstream_hmar.forward_scale(k, CFG_LABELS, inputs["x_cfg"][:, rows],
+                                             x_mask=inputs["x_mask_cfg"][:, rows],
+                                             masked=jnp.asarray(np.concatenate([masked, masked])))
+    np.testing.assert_allclose(np.asarray(logits),
+                               hmar_fixture[f"gen_mask_logits_s{k}_step{step}_2BlV"], **TOL)
+
+
+def test_var_mode_matches_upstream_and_its_kv_cache(upstream_var, hmar_fixture, inputs):
+    layout = upstream_var.config.layout
+    with jax.default_matmul_precision("highest"):
+        full = upstream_var(inputs["x"], inputs["labels"])
+        np.testing.assert_allclose(np.asarray(full), hmar_fixture["var_logits_BLV"], **TOL)
+        cache = upstream_var.init_kv_cache(4)
+        full_cfg = upstream_var(inputs["x_cfg"], CFG_LABELS)
+        for k in range(layout.num_scales):
+            x_k = None if k == 0 else inputs["x_cfg"][:, layout.input_slice(k)]
+            logits, cache = upstream_var.forward_scale(k, CFG_LABELS, x_k, kv_cache=cache)
+            np.testing.assert_allclose(np.asarray(logits), np.asarray(full_cfg[:, layout.token_slice(k)]),
+                                       atol=2e-5)
+            if k < 6:
+                np.testing.assert_allclose(np.asarray(logits),
+                                           hmar_fixture[f"genkv_ns_logits_s{k}_2BlV"], **TOL)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return HMARTransformer(preset("tiny", init_adaln_gamma=0.5, init_head=1.0), rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("scan_blocks", [True, False])
+def test_markov_property_full_sequence_equals_each_scale_alone(tiny_model, scan_blocks):
+    model = tiny_model
+    if not scan_blocks:  # same weights, blocks unrolled
+        model = HMARTransformer(tiny_model.config.replace(scan_blocks=False), rngs=nnx.Rngs(1))
+        nnx.update(model, nnx.state(tiny_model))
+    layout = model.config.layout
+    x = jax.random.normal(jax.random.key(1), (3, layout.seq_len - 1, 8))
+    labels = jnp.asarray([0, 5, 10])
+    full = model(x, labels)
+    assert float(jnp.std(full)) > 0.1  # non-trivial outputs
+    for k in range(layout.num_scales):
+        x_k = None if k == 0 else x[:, layout.input_slice(k)]
+        np.testing.assert_allclose(np.asarray(model.forward_scale(k, labels, x_k)),
+                                   np.asarray(full[:, layout.token_slice(k)]), atol=1e-5)
+    # Changing scale 1's inputs changes scale 1's logits and no other scale's.
+    changed = model(x.at[:, layout.input_slice(1)].add(1.0), labels)
+    assert float(jnp.abs(changed - full)[:, layout.token_slice(1)].max()) > 1e-3
+    for k in (0, 2, 3):
+        np.testing.assert_array_equal(np.asarray(changed[:, layout.token_slice(k)]),
+                                      np.asarray(full[:, layout.token_slice(k)]))
+
+
+def test_parameter_counts_match_the_spec_table():
+    expected = {16: (310_283_520, 467_691_904, 157_408_384),
+                20: (600_917_136, 845_517_872, 244_600_736),
+                24: (1_033_399_360, 1_384_328_960, 350_929_600),
+                30: (2_010_020_356, 2_556_324_212, 546_303_856)}
+    for depth, (nsp, combined, stage2) in expected.items():
+        cfg = preset(f"d{depth}")
+        assert (cfg.width, cfg.num_heads, cfg.head_dim) == (64 * depth, depth, 64)
+        assert count_params(cfg.replace(num_mask_layers=0)) == nsp
+        assert count_params(cfg) == combined
+        assert count_params(cfg, STAGE2_TRAINABLE) == stage2
+
+
+def test_upstream_initialisation_statistics():
+    cfg = preset("tiny", width=256, num_heads=4, depth=4)
+    model = HMARTransformer(cfg, rngs=nnx.Rngs(0))
+    std = cfg.init_std
+    assert float(jnp.std(model.class_emb.embedding[...])) == pytest.approx(std, rel=0.05)
+    assert float(jnp.std(model.blocks.attn.mat_qkv.kernel[...])) == pytest.approx(std, rel=0.05)
+    assert float(jnp.std(model.blocks.attn.proj.kernel[...])) == pytest.approx(std / np.sqrt(8), rel=0.05)
+    ada = model.blocks.ada_lin.kernel[...]  # [depth, D, 6C]: gamma rows first
+    assert float(jnp.std(ada[..., :2 * 256])) == pytest.approx(std * cfg.init_adaln_gamma, rel=0.05)
+    assert float(jnp.std(ada[..., 2 * 256:])) == pytest.approx(std * 0.5, rel=0.05)
+    assert float(jnp.std(model.head.kernel[...])) == pytest.approx(std * 0.02, rel=0.05)
+    np.testing.assert_allclose(np.asarray(model.blocks.attn.scale_mul[...]), np.log(4.0), rtol=1e-6)
+    assert float(jnp.abs(model.blocks.ada_lin.bias[...]).max()) == 0.0
+
+
+def test_stage2_freeze_updates_only_the_mask_branch(tiny_model):
+    graphdef, state = nnx.split(tiny_model)
+    model = nnx.merge(graphdef, jax.tree.map(jnp.array, state))
+    layout = model.config.layout
+    before = nnx.to_flat_state(nnx.clone(nnx.state(model, nnx.Param)))
+    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=STAGE2_TRAINABLE)
+    x = jax.random.normal(jax.random.key(2), (2, layout.seq_len - 1, 8))
+    targets = jax.random.randint(jax.random.key(3), (2, layout.seq_len), 0, 64)
+    masked = losses.sample_stage2_mask(jax.random.key(4), layout, ratio=jnp.asarray(0.5))[None]
+
+    def loss_fn(model):
+        logits = model.forward_masked(x, x * 0.5, masked, jnp.asarray([1, 2]), rng=jax.random.key(5))
+        return losses.masked_cross_entropy(logits, targets, masked)[0]
+
+    grads = nnx.grad(loss_fn, argnums=nnx.DiffState(0, STAGE2_TRAINABLE))(model)
+    grad_paths = [p for p, _ in nnx.to_flat_state(grads)]
+    assert grad_paths and all(is_mask_branch(p) for p in grad_paths)
+    optimizer.update(model, grads)
+    changed = {path for (path, old), (_, new) in zip(before, nnx.to_flat_state(nnx.state(model, nnx.Param)))
+               if not np.array_equal(np.asarray(old[...]), np.asarray(new[...]))}
+    assert changed and all(is_mask_branch(p) for p in changed)
+    assert any(p[0] == "mask_blocks" for p in changed) and ("mask_embed",) in changed
+
+
+def test_bad_inputs_are_clear_errors(tiny_model):
+    with pytest.raises(ValueError, match=r"\[B, 29, 8\]"):
+        tiny_model(jnp.zeros((2, 30, 8)), jnp.zeros((2,), jnp.int32))
+    with pytest.raises(ValueError, match="Unknown HMARConfig keys"):
+        HMARConfig.from_dict({"detph": 3})
+    with pytest.raises(ValueError, match="num_mask_layers"):
+        HMARConfig(depth=2, num_mask_layers=3)
+    with pytest.raises(ValueError, match="Unknown attention pattern"):
+        HMARConfig(depth=2, num_mask_layers=1, attention_pattern="causal")
+    with pytest.raises(ValueError, match="Unknown model preset"):
+        preset("d17")
