@@ -56,7 +56,9 @@ class HMARConfig:
       drop_path_rate: maximum stochastic-depth rate (linear over blocks); defaults to
         ``0.1 d / 24``.
       norm_eps: LayerNorm epsilon.
-      dtype: compute dtype of the matmuls (params, norms, softmax, logits stay float32).
+      dtype: compute dtype of the block matmuls: ``float32``, ``bfloat16`` or ``auto``
+        (bfloat16 on GPU/TPU, float32 on CPU). Params, norms, softmax, embeddings, the
+        head and its logits stay float32.
       scan_blocks: run the blocks with ``lax.scan`` (fast compile) instead of unrolled.
       remat: rematerialisation per block: ``none``, ``block`` (save nothing) or
         ``dots_saveable`` (keep matmul outputs).
@@ -76,7 +78,7 @@ class HMARConfig:
     attention_backend: str = "reference"
     drop_path_rate: float | None = None
     norm_eps: float = 1e-6
-    dtype: str = "float32"
+    dtype: str = "auto"
     scan_blocks: bool = True
     remat: RematPolicy = "none"
     init_adaln: float = 0.5
@@ -101,6 +103,15 @@ class HMARConfig:
             raise ValueError(f"Unknown remat policy {self.remat!r}; use 'none', 'block' or "
                              "'dots_saveable'.")
         ops.AttentionSpec(self.attention_pattern, self.patch_nums, self.attention_backend)  # validates
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"Unknown dtype {self.dtype!r}; use 'auto', 'float32' or 'bfloat16'.")
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        """The matmul dtype, resolving ``auto`` for the default backend."""
+        if self.dtype == "auto":
+            return jnp.dtype(jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32)
+        return jnp.dtype(self.dtype)
 
     @property
     def layout(self) -> ScaleLayout:
@@ -171,7 +182,7 @@ def _stacked_blocks(cfg: HMARConfig, count: int, init: InitScales, rngs: nnx.Rng
     @nnx.vmap(in_axes=(0,), out_axes=0)
     def create(rngs: nnx.Rngs) -> AdaLNSelfAttnBlock:
         return AdaLNSelfAttnBlock(cfg.width, cfg.num_heads, cfg.mlp_ratio, cfg.width, cfg.norm_eps,
-                                  jnp.dtype(cfg.dtype), init, rngs)
+                                  cfg.compute_dtype, init, rngs)
 
     return create(rngs)
 

@@ -209,3 +209,36 @@ def test_bad_inputs_are_clear_errors(tiny_model):
         HMARConfig(depth=2, num_mask_layers=1, attention_pattern="causal")
     with pytest.raises(ValueError, match="Unknown model preset"):
         preset("d17")
+
+
+def test_bfloat16_compute_keeps_float32_logits_and_stays_close(tiny_model):
+    fast = HMARTransformer(tiny_model.config.replace(dtype="bfloat16"), rngs=nnx.Rngs(1))
+    nnx.update(fast, nnx.state(tiny_model))
+    assert fast.blocks.attn.mat_qkv.kernel[...].dtype == jnp.float32  # params stay float32
+    layout = tiny_model.config.layout
+    x = jax.random.normal(jax.random.key(1), (2, layout.seq_len - 1, 8))
+    labels = jnp.asarray([1, 10])
+    reference, logits = tiny_model(x, labels), fast(x, labels)
+    assert logits.dtype == jnp.float32
+    rel = float(jnp.linalg.norm(logits - reference) / jnp.linalg.norm(reference))
+    assert 0 < rel < 2e-2
+
+
+@pytest.mark.parametrize("remat, scan_blocks", [("block", True), ("dots_saveable", True), ("none", False)])
+def test_remat_and_scan_do_not_change_gradients(tiny_model, remat, scan_blocks):
+    layout = tiny_model.config.layout
+    x = jax.random.normal(jax.random.key(1), (2, layout.seq_len - 1, 8))
+    targets = jax.random.randint(jax.random.key(2), (2, layout.seq_len), 0, 64)
+    weights = jnp.asarray(layout.token_loss_weights("lognorm"))
+
+    def grads_of(model):
+        def loss_fn(model):
+            logits = model(x, jnp.asarray([1, 10]), rng=jax.random.key(3))
+            return losses.scale_weighted_cross_entropy(logits, targets, weights, layout)[0]
+        return nnx.to_flat_state(nnx.grad(loss_fn)(model))
+
+    variant = HMARTransformer(tiny_model.config.replace(remat=remat, scan_blocks=scan_blocks),
+                              rngs=nnx.Rngs(1))
+    nnx.update(variant, nnx.state(tiny_model))
+    for (path, a), (_, b) in zip(grads_of(tiny_model), grads_of(variant)):
+        np.testing.assert_allclose(np.asarray(b[...]), np.asarray(a[...]), atol=1e-6, err_msg=str(path))
