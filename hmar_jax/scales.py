@@ -180,6 +180,18 @@ class ScaleLayout:
             return np.zeros_like(ends), ends
         raise ValueError(f"Unknown mask kind {kind!r}; use 'block_diagonal' or 'block_causal'.")
 
+    def query_ranges(self, kind: MaskKind) -> tuple[np.ndarray, np.ndarray]:
+        """Per-key range ``[col_start, col_end)`` of the queries that attend key j, int32 [L].
+
+        The transpose of ``key_ranges``: the mask is ``col_start[j] <= i < col_end[j]``.
+        """
+        starts = self.starts[:-1][self.level_ids].astype(np.int32)
+        if kind == "block_diagonal":
+            return starts, self.starts[1:][self.level_ids].astype(np.int32)
+        if kind == "block_causal":
+            return starts, np.full_like(starts, self.seq_len)
+        raise ValueError(f"Unknown mask kind {kind!r}; use 'block_diagonal' or 'block_causal'.")
+
     def scale_weights(self, weighting: LossWeighting) -> np.ndarray:
         """float64 [S]: total loss weight of each scale (see ``token_loss_weights``)."""
         tokens = np.asarray(self.tokens_per_scale, dtype=np.float64)

@@ -51,6 +51,9 @@ def test_masks_and_key_ranges_agree(kind, density):
     start, end = layout.key_ranges(kind)
     j = np.arange(680)[None, :]
     np.testing.assert_array_equal(mask, (j >= start[:, None]) & (j < end[:, None]))
+    col_start, col_end = layout.query_ranges(kind)
+    i = np.arange(680)[:, None]
+    np.testing.assert_array_equal(mask, (i >= col_start[None, :]) & (i < col_end[None, :]))
     assert mask[100, 91] and not mask[100, 90] == (kind == "block_diagonal")
 
 
