@@ -75,7 +75,7 @@ class HMARConfig:
     patch_nums: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
     num_mask_layers: int = 8
     attention_pattern: str = "block_diagonal"
-    attention_backend: str = "reference"
+    attention_backend: str = "auto"
     drop_path_rate: float | None = None
     norm_eps: float = 1e-6
     dtype: str = "auto"

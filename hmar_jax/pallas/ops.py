@@ -8,8 +8,17 @@ sequence. ``spec`` says which scales the sequence holds and which pattern applie
 * ``full``: no mask (one scale alone at sampling time, or a query block against a
   KV cache that holds exactly the legal keys).
 
-Backends: ``reference`` (plain jnp with a dense [L, L] mask, the oracle). The
-block-sparse Pallas kernels plug in here; the model never imports a kernel directly.
+Backends (``spec.backend``):
+
+* ``auto`` (default): the Pallas kernel of the platform on GPU and TPU, the reference
+  on CPU;
+* ``reference``: plain jnp with a dense mask (the oracle; XLA fuses it);
+* ``pallas``: the platform's kernel; on CPU the GPU kernel runs in Pallas interpret
+  mode (slow; for tests).
+
+This module owns the ``custom_vjp`` around the kernels' forward and backward. A head
+dim the kernels cannot take (not a power of two >= 16) falls back to the reference
+with a one-time warning.
 
 Dimension letters: B batch, L tokens, N heads, K head dim.
 """
@@ -17,17 +26,37 @@ Dimension letters: B batch, L tokens, N heads, K head dim.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from absl import logging
 
+from hmar_jax.pallas import kernel_gpu
 from hmar_jax.pallas.reference import reference_attention
 from hmar_jax.scales import ScaleLayout
 
 Pattern = Literal["block_diagonal", "block_causal", "full"]
-Backend = Literal["reference"]
-BACKENDS: tuple[str, ...] = ("reference",)
+Backend = Literal["auto", "reference", "pallas"]
+BACKENDS: tuple[str, ...] = ("auto", "reference", "pallas")
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelTiles:
+    """Tile sizes and launch parameters of the Pallas kernels (powers of two >= 16).
+
+    ``block_q``/``block_k`` tile the forward and dQ passes; ``bwd_block_q``/``bwd_block_k``
+    the dK/dV pass.
+    """
+
+    block_q: int = 64
+    block_k: int = 64
+    bwd_block_q: int = 64
+    bwd_block_k: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,12 +66,14 @@ class AttentionSpec:
     Attributes:
       pattern: mask pattern, see the module docstring.
       patch_nums: scales the sequence holds (ignored for ``full``).
-      backend: implementation to use.
+      backend: implementation choice, see the module docstring.
+      tiles: kernel tile sizes.
     """
 
     pattern: Pattern = "block_diagonal"
     patch_nums: tuple[int, ...] = ()
-    backend: Backend = "reference"
+    backend: Backend = "auto"
+    tiles: KernelTiles = KernelTiles()
 
     def __post_init__(self):
         if self.pattern not in ("block_diagonal", "block_causal", "full"):
@@ -58,18 +89,100 @@ class AttentionSpec:
         return jnp.asarray(ScaleLayout(self.patch_nums).attention_mask(self.pattern))
 
 
+def resolve_backend(backend: Backend, platform: str | None = None) -> str:
+    """Maps a configured backend to ``reference``, ``gpu``, ``tpu`` or ``interpret``."""
+    platform = platform or jax.default_backend()
+    if backend == "reference" or (backend == "auto" and platform not in ("gpu", "tpu")):
+        return "reference"
+    if platform in ("gpu", "tpu"):
+        return platform
+    return "interpret"
+
+
+@functools.lru_cache(maxsize=64)
+def _ranges(pattern: str, patch_nums: tuple[int, ...], len_q: int, len_k: int):
+    """Row ranges ``[Lq]`` and column ranges ``[Lk]`` (int32 numpy) for a pattern."""
+    if pattern == "full":
+        return (np.zeros(len_q, np.int32), np.full(len_q, len_k, np.int32),
+                np.zeros(len_k, np.int32), np.full(len_k, len_q, np.int32))
+    layout = ScaleLayout(patch_nums)
+    return (*layout.key_ranges(pattern), *layout.query_ranges(pattern))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    kernel: str  # gpu | tpu | interpret
+    pattern: str
+    patch_nums: tuple[int, ...]
+    tiles: KernelTiles
+    sm_scale: float
+
+
+def _kernel_forward(plan: _Plan, q, k, v):
+    row_start, row_end, _, _ = _ranges(plan.pattern, plan.patch_nums, q.shape[1], k.shape[1])
+    t = plan.tiles
+    if plan.kernel == "tpu":
+        from hmar_jax.pallas import kernel_tpu  # local: Mosaic TPU lowering only needed there
+
+        return kernel_tpu.forward(q, k, v, row_start=row_start, row_end=row_end,
+                                  sm_scale=plan.sm_scale)
+    return kernel_gpu.forward(q, k, v, jnp.asarray(row_start), jnp.asarray(row_end),
+                              sm_scale=plan.sm_scale, block_q=t.block_q, block_k=t.block_k,
+                              num_warps=t.num_warps, num_stages=t.num_stages,
+                              interpret=plan.kernel == "interpret")
+
+
+def _kernel_backward(plan: _Plan, q, k, v, o, lse, do):
+    row_start, row_end, col_start, col_end = _ranges(plan.pattern, plan.patch_nums, q.shape[1],
+                                                     k.shape[1])
+    t = plan.tiles
+    if plan.kernel == "tpu":
+        from hmar_jax.pallas import kernel_tpu
+
+        return kernel_tpu.backward(q, k, v, o, lse, do, row_start=row_start, row_end=row_end,
+                                   col_start=col_start, col_end=col_end, sm_scale=plan.sm_scale)
+    return kernel_gpu.backward(q, k, v, o, lse, do, *(jnp.asarray(a) for a in
+                                                     (row_start, row_end, col_start, col_end)),
+                               sm_scale=plan.sm_scale, block_q=t.bwd_block_q,
+                               block_k=t.bwd_block_k, num_warps=t.num_warps,
+                               num_stages=t.num_stages, interpret=plan.kernel == "interpret")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _kernel_attention(plan: _Plan, q, k, v):
+    return _kernel_forward(plan, q, k, v)[0]
+
+
+def _kernel_attention_fwd(plan: _Plan, q, k, v):
+    o, lse = _kernel_forward(plan, q, k, v)
+    return o, (q, k, v, o, lse)
+
+
+def _kernel_attention_bwd(plan: _Plan, residuals, do):
+    return _kernel_backward(plan, *residuals, do.astype(residuals[3].dtype))
+
+
+_kernel_attention.defvjp(_kernel_attention_fwd, _kernel_attention_bwd)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_fallback(reason: str) -> None:
+    logging.warning("Block-sparse attention kernel not used (%s); using the reference.", reason)
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec,
               *, sm_scale: float = 1.0) -> jax.Array:
-    """Multi-head attention under ``spec``.
+    """Multi-head attention under ``spec``, differentiable in q, k and v.
 
     Args:
       q: ``[B, Lq, N, K]``.
-      k, v: ``[B, Lk, N, K]``; for the masked patterns Lq = Lk = L of ``spec.patch_nums``.
-      spec: pattern and backend.
-      sm_scale: logit multiplier.
+      k, v: ``[B, Lk, N, K]`` (same dtype as q); for the masked patterns
+        Lq = Lk = L of ``spec.patch_nums``.
+      spec: pattern, scales and backend.
+      sm_scale: logit multiplier (HMAR uses 1 with L2-normalised q and k).
 
     Returns:
-      ``[B, Lq, N, K]``.
+      ``[B, Lq, N, K]`` in q's dtype.
 
     Example:
       >>> spec = AttentionSpec("block_diagonal", (1, 2, 3))
@@ -80,4 +193,12 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec,
         if q.shape[1] != length or k.shape[1] != length:
             raise ValueError(f"{spec.pattern} attention over patch_nums {spec.patch_nums} needs "
                              f"{length} tokens, got q {q.shape[1]} and k {k.shape[1]}.")
-    return reference_attention(q, k, v, spec.dense_mask(), sm_scale=sm_scale)
+    kernel = resolve_backend(spec.backend)
+    head_dim = q.shape[-1]
+    if kernel != "reference" and (head_dim < 16 or head_dim & (head_dim - 1)):
+        _warn_fallback(f"head dim {head_dim} is not a power of two >= 16")
+        kernel = "reference"
+    if kernel == "reference":
+        return reference_attention(q, k, v, spec.dense_mask(), sm_scale=sm_scale)
+    plan = _Plan(kernel, spec.pattern, tuple(spec.patch_nums), spec.tiles, float(sm_scale))
+    return _kernel_attention(plan, q, k, v)
