@@ -5,8 +5,10 @@ each against a float32 reference, and states the memory-traffic floor of every s
 (each input read once, each output written once, at the GPU's HBM bandwidth).
 
   python benchmarks/attention.py --out benchmarks/results/attention_h200.json
-  python benchmarks/attention.py --shapes 32x30x680 --patterns block_diagonal \
-      --tiles 64,64,64,64,4,2 --tiles 128,64,64,64,8,3      # tile sweep
+  python benchmarks/attention.py --shapes 32x30x680 --patterns block_diagonal --dtypes bfloat16
+
+Tile sizes are the defaults of ``hmar_jax.pallas.ops.KernelTiles`` (tuned with
+``benchmarks/tune_attention.py``).
 
 Shapes are ``BxHxL`` with head dim 64; L = 680 / 2240 / 9451 select the 256 / 512 / 1024 px
 scale lists.
@@ -73,14 +75,10 @@ def relative_error(x, ref) -> float:
     return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
-def make_impls(pattern: str, patch_nums, mask, tiles_list):
-    impls = {"reference_xla": lambda q, k, v: reference_attention(q, k, v, mask, sm_scale=SM_SCALE)}
-    for tiles in tiles_list:
-        spec = ops.AttentionSpec(pattern, patch_nums, "pallas", tiles)
-        name = "pallas" if len(tiles_list) == 1 else "pallas[{}]".format(
-            ",".join(str(x) for x in (tiles.block_q, tiles.block_k, tiles.bwd_block_q,
-                                      tiles.bwd_block_k, tiles.num_warps, tiles.num_stages)))
-        impls[name] = (lambda s: lambda q, k, v: ops.attention(q, k, v, s, sm_scale=SM_SCALE))(spec)
+def make_impls(pattern: str, patch_nums, mask):
+    spec = ops.AttentionSpec(pattern, patch_nums, "pallas")
+    impls = {"reference_xla": lambda q, k, v: reference_attention(q, k, v, mask, sm_scale=SM_SCALE),
+             "pallas": lambda q, k, v: ops.attention(q, k, v, spec, sm_scale=SM_SCALE)}
     if jax.default_backend() == "gpu":
         impls["cudnn_dense_mask"] = lambda q, k, v: jax.nn.dot_product_attention(
             q, k, v, mask=mask[None, None], scale=SM_SCALE, implementation="cudnn")
@@ -91,7 +89,7 @@ def run(args) -> list[dict]:
     device = jax.devices()[0]
     kind = device.device_kind
     bandwidth = next((bw for name, bw in HBM_BYTES_PER_S.items() if name in kind), 4.8e12)
-    tiles_list = [ops.KernelTiles(*map(int, t.split(","))) for t in args.tiles] or [ops.KernelTiles()]
+    tiles = ops.KernelTiles().forward
     rows = []
     for shape in args.shapes:
         b, h, length = map(int, shape.split("x"))
@@ -100,9 +98,8 @@ def run(args) -> list[dict]:
             layout = ScaleLayout(patch_nums)
             mask = jnp.asarray(layout.attention_mask(pattern))
             row_start, row_end = layout.key_ranges(pattern)
-            tiles0 = tiles_list[0]
-            visited = kernel_gpu.visited_tiles(row_start, row_end, tiles0.block_q, tiles0.block_k)
-            all_tiles = -(-length // tiles0.block_q) * -(-length // tiles0.block_k)
+            visited = kernel_gpu.visited_tiles(row_start, row_end, tiles.block_q, tiles.block_k)
+            all_tiles = -(-length // tiles.block_q) * -(-length // tiles.block_k)
             for dtype_name in args.dtypes:
                 dtype = jnp.dtype(dtype_name)
                 keys = jax.random.split(jax.random.key(b * 1000 + h + length), 4)
@@ -115,7 +112,7 @@ def run(args) -> list[dict]:
                                               v.astype(jnp.float32), mask, sm_scale=SM_SCALE)
                 ref_grads = ref_fn(q, k, v, do)
                 fwd_floor, fb_floor = traffic_floor_ms(b, h, length, dtype.itemsize, bandwidth)
-                for name, impl in make_impls(pattern, patch_nums, mask, tiles_list).items():
+                for name, impl in make_impls(pattern, patch_nums, mask).items():
                     fwd = jax.jit(impl)
                     fwd_bwd = jax.jit(lambda q, k, v, do, impl=impl: jax.vjp(impl, q, k, v)[1](do))
                     record = {"shape": shape, "B": b, "H": h, "L": length, "pattern": pattern,
@@ -155,8 +152,6 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES))
     parser.add_argument("--patterns", nargs="+", default=["block_diagonal", "block_causal"])
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float16"])
-    parser.add_argument("--tiles", action="append", default=[],
-                        help="block_q,block_k,bwd_block_q,bwd_block_k,num_warps,num_stages")
     parser.add_argument("--out", default=None, help="JSON file for the results")
     args = parser.parse_args()
     rows = run(args)

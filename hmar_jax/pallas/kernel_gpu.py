@@ -40,6 +40,22 @@ def _rows(ref, start, size, valid):
     return plgpu.load(ref.at[pl.ds(start, size), :], mask=valid[:, None], other=0.0)
 
 
+def _tile_loop(row_start, row_end, block: int, body, init):
+    """Runs ``body(start, masked, carry)`` over the tiles of ``[min row_start, max row_end)``.
+
+    Tiles that every row may attend entirely (all rows share one start and the tile ends
+    before the smallest row end) run first with ``masked=False`` and skip the element
+    mask; the rest run with ``masked=True``.
+    """
+    lo, hi = jnp.min(row_start), jnp.max(row_end)
+    uniform = jnp.max(row_start) == lo
+    num_full = jnp.where(uniform, jnp.maximum(jnp.min(row_end) - lo, 0) // block, 0)
+    carry = jax.lax.fori_loop(0, num_full, lambda j, c: body(lo + j * block, False, c), init)
+    rest = lo + num_full * block
+    return jax.lax.fori_loop(0, (hi - rest + block - 1) // block,
+                             lambda j, c: body(rest + j * block, True, c), carry)
+
+
 def _forward_kernel(row_start_ref, row_end_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
                     len_q: int, block_q: int, block_k: int, scale: float):
     first = pl.program_id(0) * block_q
@@ -47,20 +63,20 @@ def _forward_kernel(row_start_ref, row_end_ref, q_ref, k_ref, v_ref, o_ref, lse_
     q_valid = q_idx < len_q
     row_start = _ranges_slice(row_start_ref, first, block_q, q_valid, 2 ** 30)
     row_end = _ranges_slice(row_end_ref, first, block_q, q_valid, 0)
-    lo, hi = jnp.min(row_start), jnp.max(row_end)
     q = _rows(q_ref, first, block_q, q_valid)
     head_dim = q.shape[-1]
+    hi = jnp.max(row_end)
 
-    def body(j, carry):
+    def body(start, masked, carry):
         acc, m, l = carry
-        start = lo + j * block_k
         k_idx = start + jnp.arange(block_k)
         k_valid = k_idx < hi
         k = _rows(k_ref, start, block_k, k_valid)
         v = _rows(v_ref, start, block_k, k_valid)
         s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale  # [bq, bk], base 2
-        allowed = (k_idx[None, :] >= row_start[:, None]) & (k_idx[None, :] < row_end[:, None])
-        s = jnp.where(allowed, s, -jnp.inf)
+        if masked:
+            allowed = (k_idx[None, :] >= row_start[:, None]) & (k_idx[None, :] < row_end[:, None])
+            s = jnp.where(allowed, s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows with no key yet
         p = jnp.exp2(s - m_safe[:, None])
@@ -71,7 +87,7 @@ def _forward_kernel(row_start_ref, row_end_ref, q_ref, k_ref, v_ref, o_ref, lse_
 
     init = (jnp.zeros((block_q, head_dim), jnp.float32),
             jnp.full((block_q,), -jnp.inf, jnp.float32), jnp.zeros((block_q,), jnp.float32))
-    acc, m, l = jax.lax.fori_loop(0, (hi - lo + block_k - 1) // block_k, body, init)
+    acc, m, l = _tile_loop(row_start, row_end, block_k, body, init)
     l_safe = jnp.where(l == 0.0, 1.0, l)
     m_safe = jnp.where(m == -jnp.inf, 0.0, m)
     plgpu.store(o_ref.at[pl.ds(first, block_q), :], (acc / l_safe[:, None]).astype(o_ref.dtype),
@@ -87,13 +103,12 @@ def _dkdv_kernel(col_start_ref, col_end_ref, q_ref, k_ref, v_ref, do_ref, lse_re
     k_valid = k_idx < len_k
     col_start = _ranges_slice(col_start_ref, first, block_k, k_valid, 2 ** 30)
     col_end = _ranges_slice(col_end_ref, first, block_k, k_valid, 0)
-    lo, hi = jnp.min(col_start), jnp.max(col_end)
+    hi = jnp.max(col_end)
     k = _rows(k_ref, first, block_k, k_valid)
     v = _rows(v_ref, first, block_k, k_valid)
 
-    def body(i, carry):
+    def body(start, masked, carry):
         dk, dv = carry
-        start = lo + i * block_q
         q_idx = start + jnp.arange(block_q)
         q_valid = q_idx < hi
         q = _rows(q_ref, start, block_q, q_valid)
@@ -101,8 +116,10 @@ def _dkdv_kernel(col_start_ref, col_end_ref, q_ref, k_ref, v_ref, do_ref, lse_re
         lse = _ranges_slice(lse_ref, start, block_q, q_valid, 0.0) * LOG2_E
         delta = _ranges_slice(delta_ref, start, block_q, q_valid, 0.0)
         s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale  # [bq, bk]
-        allowed = (q_idx[:, None] >= col_start[None, :]) & (q_idx[:, None] < col_end[None, :])
-        p = jnp.where(allowed, jnp.exp2(s - lse[:, None]), 0.0)
+        p = jnp.exp2(s - lse[:, None])
+        if masked:
+            allowed = (q_idx[:, None] >= col_start[None, :]) & (q_idx[:, None] < col_end[None, :])
+            p = jnp.where(allowed, p, 0.0)
         dv = dv + jnp.dot(p.astype(do.dtype).T, do, preferred_element_type=jnp.float32)
         dp = jnp.dot(do, v.T, preferred_element_type=jnp.float32)
         ds = p * (dp - delta[:, None])
@@ -110,7 +127,7 @@ def _dkdv_kernel(col_start_ref, col_end_ref, q_ref, k_ref, v_ref, do_ref, lse_re
         return dk, dv
 
     zeros = jnp.zeros((block_k, k.shape[-1]), jnp.float32)
-    dk, dv = jax.lax.fori_loop(0, (hi - lo + block_q - 1) // block_q, body, (zeros, zeros))
+    dk, dv = _tile_loop(col_start, col_end, block_q, body, (zeros, zeros))
     plgpu.store(dk_ref.at[pl.ds(first, block_k), :], (dk * sm_scale).astype(dk_ref.dtype),
                 mask=k_valid[:, None])
     plgpu.store(dv_ref.at[pl.ds(first, block_k), :], dv.astype(dv_ref.dtype), mask=k_valid[:, None])
@@ -123,27 +140,27 @@ def _dq_kernel(row_start_ref, row_end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
     q_valid = q_idx < len_q
     row_start = _ranges_slice(row_start_ref, first, block_q, q_valid, 2 ** 30)
     row_end = _ranges_slice(row_end_ref, first, block_q, q_valid, 0)
-    lo, hi = jnp.min(row_start), jnp.max(row_end)
+    hi = jnp.max(row_end)
     q = _rows(q_ref, first, block_q, q_valid)
     do = _rows(do_ref, first, block_q, q_valid)
     lse = _ranges_slice(lse_ref, first, block_q, q_valid, 0.0) * LOG2_E
     delta = _ranges_slice(delta_ref, first, block_q, q_valid, 0.0)
 
-    def body(j, dq):
-        start = lo + j * block_k
+    def body(start, masked, dq):
         k_idx = start + jnp.arange(block_k)
         k_valid = k_idx < hi
         k = _rows(k_ref, start, block_k, k_valid)
         v = _rows(v_ref, start, block_k, k_valid)
         s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale
-        allowed = (k_idx[None, :] >= row_start[:, None]) & (k_idx[None, :] < row_end[:, None])
-        p = jnp.where(allowed, jnp.exp2(s - lse[:, None]), 0.0)
+        p = jnp.exp2(s - lse[:, None])
+        if masked:
+            allowed = (k_idx[None, :] >= row_start[:, None]) & (k_idx[None, :] < row_end[:, None])
+            p = jnp.where(allowed, p, 0.0)
         dp = jnp.dot(do, v.T, preferred_element_type=jnp.float32)
         ds = p * (dp - delta[:, None])
         return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
-    dq = jax.lax.fori_loop(0, (hi - lo + block_k - 1) // block_k, body,
-                           jnp.zeros((block_q, q.shape[-1]), jnp.float32))
+    dq = _tile_loop(row_start, row_end, block_k, body, jnp.zeros((block_q, q.shape[-1]), jnp.float32))
     plgpu.store(dq_ref.at[pl.ds(first, block_q), :], (dq * sm_scale).astype(dq_ref.dtype),
                 mask=q_valid[:, None])
 
@@ -198,23 +215,19 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, row_start: jax.Array, row_
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "block_q", "block_k", "num_warps",
                                              "num_stages", "interpret"))
-def backward(q, k, v, o, lse, do, row_start, row_end, col_start, col_end, *, sm_scale: float = 1.0,
-             block_q: int = 64, block_k: int = 64, num_warps: int = 4, num_stages: int = 2,
-             interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Gradients of ``forward``'s ``o`` for the cotangent ``do [B, Lq, N, K]``.
+def backward_dkdv(q, k, v, do, lse, delta, col_start, col_end, *, sm_scale: float = 1.0,
+                  block_q: int = 64, block_k: int = 64, num_warps: int = 4, num_stages: int = 2,
+                  interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+    """dK, dV: one program per key tile, looping over the query tiles that attend it.
 
-    ``col_start``/``col_end`` (int32 ``[Lk]``) give, per key j, the queries
-    ``[col_start[j], col_end[j])`` that attend it (the transpose of the row ranges).
-
-    Returns:
-      ``(dq, dk, dv)`` in the dtypes of q, k, v.
+    ``delta [B, N, Lq]`` is ``sum(o * do, -1)``; ``col_start``/``col_end`` (int32 ``[Lk]``)
+    give, per key j, the queries ``[col_start[j], col_end[j])`` that attend it.
     """
     b, len_q, heads, head_dim = q.shape
     len_k = k.shape[1]
-    delta = jnp.einsum("blnk,blnk->bnl", o.astype(jnp.float32), do.astype(jnp.float32))
-    common = dict(block_q=block_q, block_k=block_k, scale=sm_scale * LOG2_E, sm_scale=sm_scale)
-    dk, dv = pl.pallas_call(
-        functools.partial(_dkdv_kernel, len_k=len_k, **common),
+    return pl.pallas_call(
+        functools.partial(_dkdv_kernel, len_k=len_k, block_q=block_q, block_k=block_k,
+                          scale=sm_scale * LOG2_E, sm_scale=sm_scale),
         grid=(pl.cdiv(len_k, block_k), b, heads),
         in_specs=[_vector_spec(len_k), _vector_spec(len_k), _head_spec(len_q, head_dim),
                   _head_spec(len_k, head_dim), _head_spec(len_k, head_dim),
@@ -224,8 +237,19 @@ def backward(q, k, v, o, lse, do, row_start, row_end, col_start, col_end, *, sm_
         compiler_params=_params(num_warps, num_stages), interpret=interpret,
         name="hmar_block_sparse_attention_dkdv",
     )(col_start, col_end, q, k, v, do, lse, delta)
-    dq = pl.pallas_call(
-        functools.partial(_dq_kernel, len_q=len_q, **common),
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "block_q", "block_k", "num_warps",
+                                             "num_stages", "interpret"))
+def backward_dq(q, k, v, do, lse, delta, row_start, row_end, *, sm_scale: float = 1.0,
+                block_q: int = 64, block_k: int = 64, num_warps: int = 4, num_stages: int = 2,
+                interpret: bool = False) -> jax.Array:
+    """dQ: one program per query tile, looping over its key tiles like the forward."""
+    b, len_q, heads, head_dim = q.shape
+    len_k = k.shape[1]
+    return pl.pallas_call(
+        functools.partial(_dq_kernel, len_q=len_q, block_q=block_q, block_k=block_k,
+                          scale=sm_scale * LOG2_E, sm_scale=sm_scale),
         grid=(pl.cdiv(len_q, block_q), b, heads),
         in_specs=[_vector_spec(len_q), _vector_spec(len_q), _head_spec(len_q, head_dim),
                   _head_spec(len_k, head_dim), _head_spec(len_k, head_dim),
@@ -235,7 +259,11 @@ def backward(q, k, v, o, lse, do, row_start, row_end, col_start, col_end, *, sm_
         compiler_params=_params(num_warps, num_stages), interpret=interpret,
         name="hmar_block_sparse_attention_dq",
     )(row_start, row_end, q, k, v, do, lse, delta)
-    return dq, dk, dv
+
+
+def softmax_delta(o: jax.Array, do: jax.Array) -> jax.Array:
+    """``sum(o * do, -1)`` as ``[B, N, Lq]`` float32 (the backward's row correction)."""
+    return jnp.einsum("blnk,blnk->bnl", o.astype(jnp.float32), do.astype(jnp.float32))
 
 
 def visited_tiles(row_start: np.ndarray, row_end: np.ndarray, block_q: int, block_k: int) -> int:

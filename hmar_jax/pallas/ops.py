@@ -44,19 +44,25 @@ BACKENDS: tuple[str, ...] = ("auto", "reference", "pallas")
 
 
 @dataclasses.dataclass(frozen=True)
-class KernelTiles:
-    """Tile sizes and launch parameters of the Pallas kernels (powers of two >= 16).
-
-    ``block_q``/``block_k`` tile the forward and dQ passes; ``bwd_block_q``/``bwd_block_k``
-    the dK/dV pass.
-    """
+class KernelLaunch:
+    """Tile sizes (powers of two >= 16) and Triton launch parameters of one kernel."""
 
     block_q: int = 64
     block_k: int = 64
-    bwd_block_q: int = 64
-    bwd_block_k: int = 64
     num_warps: int = 4
     num_stages: int = 2
+
+    def kwargs(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelTiles:
+    """Launch parameters of the forward, dK/dV and dQ kernels (GPU)."""
+
+    forward: KernelLaunch = KernelLaunch()
+    dkdv: KernelLaunch = KernelLaunch()
+    dq: KernelLaunch = KernelLaunch()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,9 +133,8 @@ def _kernel_forward(plan: _Plan, q, k, v):
         return kernel_tpu.forward(q, k, v, row_start=row_start, row_end=row_end,
                                   sm_scale=plan.sm_scale)
     return kernel_gpu.forward(q, k, v, jnp.asarray(row_start), jnp.asarray(row_end),
-                              sm_scale=plan.sm_scale, block_q=t.block_q, block_k=t.block_k,
-                              num_warps=t.num_warps, num_stages=t.num_stages,
-                              interpret=plan.kernel == "interpret")
+                              sm_scale=plan.sm_scale, interpret=plan.kernel == "interpret",
+                              **t.forward.kwargs())
 
 
 def _kernel_backward(plan: _Plan, q, k, v, o, lse, do):
@@ -141,11 +146,15 @@ def _kernel_backward(plan: _Plan, q, k, v, o, lse, do):
 
         return kernel_tpu.backward(q, k, v, o, lse, do, row_start=row_start, row_end=row_end,
                                    col_start=col_start, col_end=col_end, sm_scale=plan.sm_scale)
-    return kernel_gpu.backward(q, k, v, o, lse, do, *(jnp.asarray(a) for a in
-                                                     (row_start, row_end, col_start, col_end)),
-                               sm_scale=plan.sm_scale, block_q=t.bwd_block_q,
-                               block_k=t.bwd_block_k, num_warps=t.num_warps,
-                               num_stages=t.num_stages, interpret=plan.kernel == "interpret")
+    interpret = plan.kernel == "interpret"
+    delta = kernel_gpu.softmax_delta(o, do)
+    dk, dv = kernel_gpu.backward_dkdv(q, k, v, do, lse, delta, jnp.asarray(col_start),
+                                      jnp.asarray(col_end), sm_scale=plan.sm_scale,
+                                      interpret=interpret, **t.dkdv.kwargs())
+    dq = kernel_gpu.backward_dq(q, k, v, do, lse, delta, jnp.asarray(row_start),
+                                jnp.asarray(row_end), sm_scale=plan.sm_scale, interpret=interpret,
+                                **t.dq.kwargs())
+    return dq, dk, dv
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
