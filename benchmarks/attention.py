@@ -131,7 +131,17 @@ def run(args) -> list[dict]:
                         record["error"] = f"{type(err).__name__}: {str(err)[:300]}"
                     rows.append(record)
                     print_row(record, flush=True)
+                    if args.out:  # rewritten after every row: a cut-off run keeps its numbers
+                        write_json(args.out, rows)
     return rows
+
+
+def write_json(path: str, rows: list[dict]) -> None:
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+                                "head_dim": HEAD_DIM, "sm_scale": SM_SCALE, "results": rows},
+                               indent=1))
 
 
 def print_row(r: dict, flush: bool = False) -> None:
@@ -155,12 +165,11 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="JSON file for the results")
     args = parser.parse_args()
     rows = run(args)
-    if args.out:
-        path = pathlib.Path(args.out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"device": jax.devices()[0].device_kind,
-                                    "jax": jax.__version__, "results": rows}, indent=1))
-        print(f"wrote {path}")
+    print("\nsummary (ms): shape pattern dtype impl fwd fwd+bwd")
+    for r in rows:
+        if "fwd_ms" in r:
+            print(f"{r['shape']} {r['pattern']} {r['dtype']} {r['impl']} {r['fwd_ms']:.3f} "
+                  f"{r['fwd_bwd_ms']:.3f}")
 
 
 if __name__ == "__main__":

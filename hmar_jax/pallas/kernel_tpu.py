@@ -19,9 +19,10 @@ Layout: the wrappers transpose to ``[B, N, L, K]`` and zero-pad the query and ke
 to whole tiles. Padded query rows get the empty range ``[0, 0)`` and padded keys are
 never inside a real row's range, so padding never contributes; padded rows produce
 finite values that are sliced off before returning. Matmuls take the input dtype (fp16
-is widened to fp32) and accumulate in fp32; the softmax statistics are fp32 (kept lane-replicated,
-``[rows, 128]``, the vreg-friendly shape) and the saved log-sum-exp is natural-log
-``[B, N, Lq]`` float32. The backward's ``delta = rowsum(o * dO)`` is plain jnp.
+is widened to fp32) and accumulate in fp32; the softmax statistics are fp32, kept
+lane-replicated as ``[rows, 128]`` (the vreg-friendly shape), and the saved log-sum-exp
+is natural-log ``[B, N, Lq]`` float32. The backward's ``delta = rowsum(o * dO)`` is
+plain jnp.
 
 On a real TPU the tiles must be multiples of 128 (checked); interpret mode (CPU tests)
 accepts any multiple of 8.
