@@ -33,7 +33,10 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
-    cfg = preset(args.depth, dtype=args.dtype, attention_backend="reference", remat="block")
+    # Larger gamma and head init than upstream's so that attention visibly shapes the loss
+    # and every gradient (with the upstream init the head starts near zero).
+    cfg = preset(args.depth, dtype=args.dtype, attention_backend="reference", remat="block",
+                 init_adaln_gamma=0.3, init_head=1.0)
     layout = cfg.layout
     model = HMARTransformer(cfg, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
