@@ -37,8 +37,8 @@ def sweep(shape: str, pattern: str, dtype) -> list[dict]:
     b, h, length = map(int, shape.split("x"))
     layout = ScaleLayout(patch_nums_for(length))
     mask = jnp.asarray(layout.attention_mask(pattern))
-    row_start, row_end = (jnp.asarray(a) for a in layout.key_ranges(pattern))
-    col_start, col_end = (jnp.asarray(a) for a in layout.query_ranges(pattern))
+    row_start, row_end = layout.key_ranges(pattern)
+    col_start, col_end = layout.query_ranges(pattern)
     keys = jax.random.split(jax.random.key(length + h), 4)
     q, k, v, do = [(0.5 * jax.random.normal(key, (b, length, h, 64))).astype(dtype) for key in keys]
     f32 = [a.astype(jnp.float32) for a in (q, k, v)]

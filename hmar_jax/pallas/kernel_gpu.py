@@ -1,11 +1,14 @@
 """Block-sparse flash attention for GPUs: Pallas with the Triton lowering.
 
 Every query row i may attend the keys ``[row_start[i], row_end[i])`` (block-diagonal:
-its own scale; block-causal: everything up to the end of its scale). A query tile of
-``block_q`` rows therefore only visits the keys ``[min row_start, max row_end)`` of its
-rows, in tiles of ``block_k``; every other key tile is never loaded. Scale boundaries
-need not align with tiles: tile starts follow the ranges and a per-element mask handles
-partial tiles. The backward pass mirrors this with per-key query ranges
+its own scale; block-causal: everything up to the end of its scale). Tiles are planned
+on the host (``plan_tiles``): query rows with identical ranges (one scale) are cut into
+tiles of at most ``block_q`` rows, and consecutive small scales share one tile. A tile
+visits only the keys ``[min row_start, max row_end)`` of its rows, in steps of
+``block_k`` starting at that range's first key, so no key tile outside the allowed
+blocks is ever loaded. Steps that every row of the tile may attend entirely run without
+the element mask; only the rest (a scale's last partial step, tiles that mix scales)
+apply it. The backward pass mirrors this with per-key query ranges
 ``[col_start[j], col_end[j])`` for dK/dV and the row ranges for dQ.
 
 Arrays stay in the model's ``[B, L, N, K]`` layout (no transposes, no padding): the
@@ -40,32 +43,66 @@ def _rows(ref, start, size, valid):
     return plgpu.load(ref.at[pl.ds(start, size), :], mask=valid[:, None], other=0.0)
 
 
-def _tile_loop(row_start, row_end, block: int, body, init):
-    """Runs ``body(start, masked, carry)`` over the tiles of ``[min row_start, max row_end)``.
+PLAN_WIDTH = 8  # int32 fields per planned tile (padded for a power-of-two block)
 
-    Tiles that every row may attend entirely (all rows share one start and the tile ends
-    before the smallest row end) run first with ``masked=False`` and skip the element
-    mask; the rest run with ``masked=True``.
+
+def plan_tiles(range_start: np.ndarray, range_end: np.ndarray, block_rows: int,
+               block_cols: int) -> np.ndarray:
+    """Host-side tile plan for one side of an attention call.
+
+    Args:
+      range_start, range_end: int ``[R]``; row r attends columns ``[start[r], end[r])``.
+      block_rows: most rows per tile.
+      block_cols: column step.
+
+    Returns:
+      int32 ``[T, PLAN_WIDTH]``, per tile: first row, end row, first column, number of
+      unmasked column steps, total column steps, end column (then zeros).
     """
-    lo, hi = jnp.min(row_start), jnp.max(row_end)
-    uniform = jnp.max(row_start) == lo
-    num_full = jnp.where(uniform, jnp.maximum(jnp.min(row_end) - lo, 0) // block, 0)
+    range_start, range_end = np.asarray(range_start), np.asarray(range_end)
+    rows = len(range_start)
+    changes = np.flatnonzero((np.diff(range_start) != 0) | (np.diff(range_end) != 0)) + 1
+    bounds = [0, *changes.tolist(), rows]
+    spans, current = [], None
+    for g0, g1 in zip(bounds[:-1], bounds[1:]):  # groups of rows with identical ranges
+        if current is not None and g1 - current[0] <= block_rows:
+            current = (current[0], g1)  # pack small consecutive groups
+            continue
+        if current is not None:
+            spans.append(current)
+        while g1 - g0 > block_rows:
+            spans.append((g0, g0 + block_rows))
+            g0 += block_rows
+        current = (g0, g1)
+    if current is not None:
+        spans.append(current)
+    plan = np.zeros((len(spans), PLAN_WIDTH), np.int32)
+    for i, (r0, r1) in enumerate(spans):
+        lo, hi = int(range_start[r0:r1].min()), int(range_end[r0:r1].max())
+        total = max(0, -(-(hi - lo) // block_cols))
+        full = 0
+        if int(range_start[r0:r1].max()) == lo:
+            full = max(0, int(range_end[r0:r1].min()) - lo) // block_cols
+        plan[i, :6] = (r0, r1, lo, min(full, total), total, hi)
+    return plan
+
+
+def _tile_loop(plan_ref, block: int, body, init):
+    """Runs ``body(start, masked, carry)`` over a planned tile's column steps."""
+    lo, num_full, num_total = plan_ref[2], plan_ref[3], plan_ref[4]
     carry = jax.lax.fori_loop(0, num_full, lambda j, c: body(lo + j * block, False, c), init)
-    rest = lo + num_full * block
-    return jax.lax.fori_loop(0, (hi - rest + block - 1) // block,
-                             lambda j, c: body(rest + j * block, True, c), carry)
+    return jax.lax.fori_loop(num_full, num_total, lambda j, c: body(lo + j * block, True, c), carry)
 
 
-def _forward_kernel(row_start_ref, row_end_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
-                    len_q: int, block_q: int, block_k: int, scale: float):
-    first = pl.program_id(0) * block_q
+def _forward_kernel(plan_ref, row_start_ref, row_end_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
+                    *, block_q: int, block_k: int, scale: float):
+    first, hi = plan_ref[0], plan_ref[5]
     q_idx = first + jnp.arange(block_q)
-    q_valid = q_idx < len_q
+    q_valid = q_idx < plan_ref[1]
     row_start = _ranges_slice(row_start_ref, first, block_q, q_valid, 2 ** 30)
     row_end = _ranges_slice(row_end_ref, first, block_q, q_valid, 0)
     q = _rows(q_ref, first, block_q, q_valid)
     head_dim = q.shape[-1]
-    hi = jnp.max(row_end)
 
     def body(start, masked, carry):
         acc, m, l = carry
@@ -87,7 +124,7 @@ def _forward_kernel(row_start_ref, row_end_ref, q_ref, k_ref, v_ref, o_ref, lse_
 
     init = (jnp.zeros((block_q, head_dim), jnp.float32),
             jnp.full((block_q,), -jnp.inf, jnp.float32), jnp.zeros((block_q,), jnp.float32))
-    acc, m, l = _tile_loop(row_start, row_end, block_k, body, init)
+    acc, m, l = _tile_loop(plan_ref, block_k, body, init)
     l_safe = jnp.where(l == 0.0, 1.0, l)
     m_safe = jnp.where(m == -jnp.inf, 0.0, m)
     plgpu.store(o_ref.at[pl.ds(first, block_q), :], (acc / l_safe[:, None]).astype(o_ref.dtype),
@@ -95,15 +132,14 @@ def _forward_kernel(row_start_ref, row_end_ref, q_ref, k_ref, v_ref, o_ref, lse_
     plgpu.store(lse_ref.at[pl.ds(first, block_q)], (m_safe + jnp.log2(l_safe)) * LN_2, mask=q_valid)
 
 
-def _dkdv_kernel(col_start_ref, col_end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-                 dk_ref, dv_ref, *, len_k: int, block_q: int, block_k: int, scale: float,
+def _dkdv_kernel(plan_ref, col_start_ref, col_end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
+                 delta_ref, dk_ref, dv_ref, *, block_q: int, block_k: int, scale: float,
                  sm_scale: float):
-    first = pl.program_id(0) * block_k
+    first, hi = plan_ref[0], plan_ref[5]
     k_idx = first + jnp.arange(block_k)
-    k_valid = k_idx < len_k
+    k_valid = k_idx < plan_ref[1]
     col_start = _ranges_slice(col_start_ref, first, block_k, k_valid, 2 ** 30)
     col_end = _ranges_slice(col_end_ref, first, block_k, k_valid, 0)
-    hi = jnp.max(col_end)
     k = _rows(k_ref, first, block_k, k_valid)
     v = _rows(v_ref, first, block_k, k_valid)
 
@@ -127,20 +163,19 @@ def _dkdv_kernel(col_start_ref, col_end_ref, q_ref, k_ref, v_ref, do_ref, lse_re
         return dk, dv
 
     zeros = jnp.zeros((block_k, k.shape[-1]), jnp.float32)
-    dk, dv = _tile_loop(col_start, col_end, block_q, body, (zeros, zeros))
+    dk, dv = _tile_loop(plan_ref, block_q, body, (zeros, zeros))
     plgpu.store(dk_ref.at[pl.ds(first, block_k), :], (dk * sm_scale).astype(dk_ref.dtype),
                 mask=k_valid[:, None])
     plgpu.store(dv_ref.at[pl.ds(first, block_k), :], dv.astype(dv_ref.dtype), mask=k_valid[:, None])
 
 
-def _dq_kernel(row_start_ref, row_end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
-               *, len_q: int, block_q: int, block_k: int, scale: float, sm_scale: float):
-    first = pl.program_id(0) * block_q
+def _dq_kernel(plan_ref, row_start_ref, row_end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
+               delta_ref, dq_ref, *, block_q: int, block_k: int, scale: float, sm_scale: float):
+    first, hi = plan_ref[0], plan_ref[5]
     q_idx = first + jnp.arange(block_q)
-    q_valid = q_idx < len_q
+    q_valid = q_idx < plan_ref[1]
     row_start = _ranges_slice(row_start_ref, first, block_q, q_valid, 2 ** 30)
     row_end = _ranges_slice(row_end_ref, first, block_q, q_valid, 0)
-    hi = jnp.max(row_end)
     q = _rows(q_ref, first, block_q, q_valid)
     do = _rows(do_ref, first, block_q, q_valid)
     lse = _ranges_slice(lse_ref, first, block_q, q_valid, 0.0) * LOG2_E
@@ -160,7 +195,7 @@ def _dq_kernel(row_start_ref, row_end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
         ds = p * (dp - delta[:, None])
         return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
-    dq = _tile_loop(row_start, row_end, block_k, body, jnp.zeros((block_q, q.shape[-1]), jnp.float32))
+    dq = _tile_loop(plan_ref, block_k, body, jnp.zeros((block_q, q.shape[-1]), jnp.float32))
     plgpu.store(dq_ref.at[pl.ds(first, block_q), :], (dq * sm_scale).astype(dq_ref.dtype),
                 mask=q_valid[:, None])
 
@@ -173,6 +208,10 @@ def _vector_spec(length: int) -> pl.BlockSpec:
     return pl.BlockSpec((length,), lambda t, b, h: (0,))
 
 
+def _plan_spec() -> pl.BlockSpec:
+    return pl.BlockSpec((None, PLAN_WIDTH), lambda t, b, h: (t, 0))
+
+
 def _stats_spec(length: int) -> pl.BlockSpec:
     return pl.BlockSpec((None, None, length), lambda t, b, h: (b, h, 0))
 
@@ -181,16 +220,14 @@ def _params(num_warps: int, num_stages: int):
     return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "block_q", "block_k", "num_warps",
-                                             "num_stages", "interpret"))
-def forward(q: jax.Array, k: jax.Array, v: jax.Array, row_start: jax.Array, row_end: jax.Array, *,
-            sm_scale: float = 1.0, block_q: int = 64, block_k: int = 64, num_warps: int = 4,
+def forward(q: jax.Array, k: jax.Array, v: jax.Array, row_start: np.ndarray, row_end: np.ndarray,
+            *, sm_scale: float = 1.0, block_q: int = 64, block_k: int = 64, num_warps: int = 4,
             num_stages: int = 2, interpret: bool = False) -> tuple[jax.Array, jax.Array]:
     """Block-sparse attention forward.
 
     Args:
       q: ``[B, Lq, N, K]``; k, v: ``[B, Lk, N, K]`` (same dtype).
-      row_start, row_end: int32 ``[Lq]``; query i attends keys ``[row_start[i], row_end[i])``.
+      row_start, row_end: host int ``[Lq]``; query i attends keys ``[row_start[i], row_end[i])``.
       sm_scale: logit multiplier.
       block_q, block_k: tile sizes (powers of two, >= 16).
 
@@ -199,66 +236,72 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, row_start: jax.Array, row_
     """
     b, len_q, heads, head_dim = q.shape
     len_k = k.shape[1]
-    kernel = functools.partial(_forward_kernel, len_q=len_q, block_q=block_q, block_k=block_k,
+    plan = plan_tiles(row_start, row_end, block_q, block_k)
+    kernel = functools.partial(_forward_kernel, block_q=block_q, block_k=block_k,
                                scale=sm_scale * LOG2_E)
     return pl.pallas_call(
-        kernel, grid=(pl.cdiv(len_q, block_q), b, heads),
-        in_specs=[_vector_spec(len_q), _vector_spec(len_q), _head_spec(len_q, head_dim),
-                  _head_spec(len_k, head_dim), _head_spec(len_k, head_dim)],
+        kernel, grid=(len(plan), b, heads),
+        in_specs=[_plan_spec(), _vector_spec(len_q), _vector_spec(len_q),
+                  _head_spec(len_q, head_dim), _head_spec(len_k, head_dim),
+                  _head_spec(len_k, head_dim)],
         out_specs=[_head_spec(len_q, head_dim), _stats_spec(len_q)],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                    jax.ShapeDtypeStruct((b, heads, len_q), jnp.float32)],
         compiler_params=_params(num_warps, num_stages), interpret=interpret,
         name="hmar_block_sparse_attention_fwd",
-    )(row_start, row_end, q, k, v)
+    )(jnp.asarray(plan), *_int32(row_start, row_end), q, k, v)
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "block_q", "block_k", "num_warps",
-                                             "num_stages", "interpret"))
-def backward_dkdv(q, k, v, do, lse, delta, col_start, col_end, *, sm_scale: float = 1.0,
-                  block_q: int = 64, block_k: int = 64, num_warps: int = 4, num_stages: int = 2,
-                  interpret: bool = False) -> tuple[jax.Array, jax.Array]:
-    """dK, dV: one program per key tile, looping over the query tiles that attend it.
+def backward_dkdv(q, k, v, do, lse, delta, col_start: np.ndarray, col_end: np.ndarray, *,
+                  sm_scale: float = 1.0, block_q: int = 64, block_k: int = 64, num_warps: int = 4,
+                  num_stages: int = 2, interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+    """dK, dV: one program per planned key tile, looping over the queries that attend it.
 
-    ``delta [B, N, Lq]`` is ``sum(o * do, -1)``; ``col_start``/``col_end`` (int32 ``[Lk]``)
+    ``delta [B, N, Lq]`` is ``sum(o * do, -1)``; ``col_start``/``col_end`` (host int ``[Lk]``)
     give, per key j, the queries ``[col_start[j], col_end[j])`` that attend it.
     """
     b, len_q, heads, head_dim = q.shape
     len_k = k.shape[1]
+    plan = plan_tiles(col_start, col_end, block_k, block_q)
     return pl.pallas_call(
-        functools.partial(_dkdv_kernel, len_k=len_k, block_q=block_q, block_k=block_k,
+        functools.partial(_dkdv_kernel, block_q=block_q, block_k=block_k,
                           scale=sm_scale * LOG2_E, sm_scale=sm_scale),
-        grid=(pl.cdiv(len_k, block_k), b, heads),
-        in_specs=[_vector_spec(len_k), _vector_spec(len_k), _head_spec(len_q, head_dim),
-                  _head_spec(len_k, head_dim), _head_spec(len_k, head_dim),
-                  _head_spec(len_q, head_dim), _stats_spec(len_q), _stats_spec(len_q)],
+        grid=(len(plan), b, heads),
+        in_specs=[_plan_spec(), _vector_spec(len_k), _vector_spec(len_k),
+                  _head_spec(len_q, head_dim), _head_spec(len_k, head_dim),
+                  _head_spec(len_k, head_dim), _head_spec(len_q, head_dim), _stats_spec(len_q),
+                  _stats_spec(len_q)],
         out_specs=[_head_spec(len_k, head_dim), _head_spec(len_k, head_dim)],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         compiler_params=_params(num_warps, num_stages), interpret=interpret,
         name="hmar_block_sparse_attention_dkdv",
-    )(col_start, col_end, q, k, v, do, lse, delta)
+    )(jnp.asarray(plan), *_int32(col_start, col_end), q, k, v, do, lse, delta)
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "block_q", "block_k", "num_warps",
-                                             "num_stages", "interpret"))
-def backward_dq(q, k, v, do, lse, delta, row_start, row_end, *, sm_scale: float = 1.0,
-                block_q: int = 64, block_k: int = 64, num_warps: int = 4, num_stages: int = 2,
-                interpret: bool = False) -> jax.Array:
-    """dQ: one program per query tile, looping over its key tiles like the forward."""
+def backward_dq(q, k, v, do, lse, delta, row_start: np.ndarray, row_end: np.ndarray, *,
+                sm_scale: float = 1.0, block_q: int = 64, block_k: int = 64, num_warps: int = 4,
+                num_stages: int = 2, interpret: bool = False) -> jax.Array:
+    """dQ: one program per planned query tile, looping over its key steps like the forward."""
     b, len_q, heads, head_dim = q.shape
     len_k = k.shape[1]
+    plan = plan_tiles(row_start, row_end, block_q, block_k)
     return pl.pallas_call(
-        functools.partial(_dq_kernel, len_q=len_q, block_q=block_q, block_k=block_k,
+        functools.partial(_dq_kernel, block_q=block_q, block_k=block_k,
                           scale=sm_scale * LOG2_E, sm_scale=sm_scale),
-        grid=(pl.cdiv(len_q, block_q), b, heads),
-        in_specs=[_vector_spec(len_q), _vector_spec(len_q), _head_spec(len_q, head_dim),
-                  _head_spec(len_k, head_dim), _head_spec(len_k, head_dim),
-                  _head_spec(len_q, head_dim), _stats_spec(len_q), _stats_spec(len_q)],
+        grid=(len(plan), b, heads),
+        in_specs=[_plan_spec(), _vector_spec(len_q), _vector_spec(len_q),
+                  _head_spec(len_q, head_dim), _head_spec(len_k, head_dim),
+                  _head_spec(len_k, head_dim), _head_spec(len_q, head_dim), _stats_spec(len_q),
+                  _stats_spec(len_q)],
         out_specs=_head_spec(len_q, head_dim),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=_params(num_warps, num_stages), interpret=interpret,
         name="hmar_block_sparse_attention_dq",
-    )(row_start, row_end, q, k, v, do, lse, delta)
+    )(jnp.asarray(plan), *_int32(row_start, row_end), q, k, v, do, lse, delta)
+
+
+def _int32(*arrays) -> list[jax.Array]:
+    return [jnp.asarray(np.asarray(a, np.int32)) for a in arrays]
 
 
 def softmax_delta(o: jax.Array, do: jax.Array) -> jax.Array:
@@ -267,9 +310,5 @@ def softmax_delta(o: jax.Array, do: jax.Array) -> jax.Array:
 
 
 def visited_tiles(row_start: np.ndarray, row_end: np.ndarray, block_q: int, block_k: int) -> int:
-    """Number of (query tile, key tile) pairs the forward visits (for benchmarks/tests)."""
-    total = 0
-    for first in range(0, len(row_start), block_q):
-        lo, hi = row_start[first:first + block_q].min(), row_end[first:first + block_q].max()
-        total += max(0, -(-(hi - lo) // block_k))
-    return int(total)
+    """Number of (query tile, key step) pairs the forward visits (for benchmarks/tests)."""
+    return int(plan_tiles(row_start, row_end, block_q, block_k)[:, 4].sum())

@@ -132,8 +132,7 @@ def _kernel_forward(plan: _Plan, q, k, v):
 
         return kernel_tpu.forward(q, k, v, row_start=row_start, row_end=row_end,
                                   sm_scale=plan.sm_scale)
-    return kernel_gpu.forward(q, k, v, jnp.asarray(row_start), jnp.asarray(row_end),
-                              sm_scale=plan.sm_scale, interpret=plan.kernel == "interpret",
+    return kernel_gpu.forward(q, k, v, row_start, row_end, sm_scale=plan.sm_scale, interpret=plan.kernel == "interpret",
                               **t.forward.kwargs())
 
 
@@ -148,11 +147,11 @@ def _kernel_backward(plan: _Plan, q, k, v, o, lse, do):
                                    col_start=col_start, col_end=col_end, sm_scale=plan.sm_scale)
     interpret = plan.kernel == "interpret"
     delta = kernel_gpu.softmax_delta(o, do)
-    dk, dv = kernel_gpu.backward_dkdv(q, k, v, do, lse, delta, jnp.asarray(col_start),
-                                      jnp.asarray(col_end), sm_scale=plan.sm_scale,
+    dk, dv = kernel_gpu.backward_dkdv(q, k, v, do, lse, delta, col_start, col_end,
+                                      sm_scale=plan.sm_scale,
                                       interpret=interpret, **t.dkdv.kwargs())
-    dq = kernel_gpu.backward_dq(q, k, v, do, lse, delta, jnp.asarray(row_start),
-                                jnp.asarray(row_end), sm_scale=plan.sm_scale, interpret=interpret,
+    dq = kernel_gpu.backward_dq(q, k, v, do, lse, delta, row_start, row_end,
+                                sm_scale=plan.sm_scale, interpret=interpret,
                                 **t.dq.kwargs())
     return dq, dk, dv
 
