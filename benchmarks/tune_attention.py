@@ -31,9 +31,10 @@ DKDV = [(64, 64, 4, 2), (32, 64, 4, 2), (16, 64, 4, 2), (64, 128, 8, 2), (32, 12
         (32, 128, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2), (64, 64, 8, 2),
         (64, 64, 4, 3), (128, 64, 8, 2)]
 DQ = FORWARD
+QUICK = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 2), (128, 64, 8, 2), (32, 64, 4, 2)]
 
 
-def sweep(shape: str, pattern: str, dtype) -> list[dict]:
+def sweep(shape: str, pattern: str, dtype, quick: bool = False) -> list[dict]:
     b, h, length = map(int, shape.split("x"))
     layout = ScaleLayout(patch_nums_for(length))
     mask = jnp.asarray(layout.attention_mask(pattern))
@@ -62,16 +63,16 @@ def sweep(shape: str, pattern: str, dtype) -> list[dict]:
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    for launch in FORWARD:
+    for launch in QUICK if quick else FORWARD:
         kw = dict(zip(("block_q", "block_k", "num_warps", "num_stages"), launch))
         fn = jax.jit(lambda: kernel_gpu.forward(q, k, v, row_start, row_end, sm_scale=0.5, **kw))
         record("forward", launch, fn, lambda out: out[:1], [ref_o])
-    for launch in DKDV:
+    for launch in QUICK if quick else DKDV:
         kw = dict(zip(("block_q", "block_k", "num_warps", "num_stages"), launch))
         fn = jax.jit(lambda: kernel_gpu.backward_dkdv(q, k, v, do, lse, delta, col_start, col_end,
                                                       sm_scale=0.5, **kw))
         record("dkdv", launch, fn, lambda out: out, [ref_dk, ref_dv])
-    for launch in DQ:
+    for launch in QUICK if quick else DQ:
         kw = dict(zip(("block_q", "block_k", "num_warps", "num_stages"), launch))
         fn = jax.jit(lambda: kernel_gpu.backward_dq(q, k, v, do, lse, delta, row_start, row_end,
                                                     sm_scale=0.5, **kw))
@@ -84,12 +85,13 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=["32x30x680", "16x24x2240"])
     parser.add_argument("--patterns", nargs="+", default=["block_diagonal", "block_causal"])
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--quick", action="store_true", help="five launches per kernel")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     rows = []
     for shape in args.shapes:
         for pattern in args.patterns:
-            rows += sweep(shape, pattern, jnp.dtype(args.dtype))
+            rows += sweep(shape, pattern, jnp.dtype(args.dtype), args.quick)
     print("\nbest per kernel:")
     for key in sorted({(r["shape"], r["pattern"], r["kernel"]) for r in rows}):
         ok = [r for r in rows if (r["shape"], r["pattern"], r["kernel"]) == key and "ms" in r
