@@ -1,0 +1,84 @@
+"""HMAR on the embedded 8x8 digits (CPU-sized): tokenizer, stage 1 and stage 2.
+
+Stage 1 (next-scale prediction, Markov mask):
+  python -m hmar_jax.train --config configs/demo.py --workdir workdirs/demo
+Stage 2 (masked refinement from the stage-1 export):
+  python -m hmar_jax.train --config configs/demo.py:stage=2 --workdir workdirs/demo_stage2 \\
+      --config.stage2.parent=workdirs/demo/export
+Quick smoke run:
+  python -m hmar_jax.train --config configs/demo.py:runlocal --workdir /tmp/demo
+
+The tokenizer is trained into the workdir first if it is not there (configs/tokenizer_digits.py).
+"""
+
+import importlib.util
+import pathlib
+
+import ml_collections
+
+
+def _tokenizer_config(arg):
+    path = pathlib.Path(__file__).with_name("tokenizer_digits.py")
+    spec = importlib.util.spec_from_file_location("tokenizer_digits", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    args = dict(a.split("=", 1) if "=" in a else (a, "1") for a in (arg or "").split(",") if a)
+    unknown = set(args) - {"stage", "runlocal"}
+    if unknown:
+        raise ValueError(f"Unknown config arguments {sorted(unknown)}; use stage=1|2 and/or runlocal.")
+    runlocal = "runlocal" in args
+
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.stage = int(args.get("stage", 1))
+    config.mesh = (("data", -1), ("fsdp", 1))
+
+    config.data = ml_collections.ConfigDict()
+    config.data.name = "digits"
+    config.data.split = "all"
+    config.data.image_size = 16
+
+    config.tokenizer = ml_collections.ConfigDict()
+    config.tokenizer.export = ""  # empty: workdir/tokenizer, trained there if missing
+    config.tokenizer.training = _tokenizer_config("runlocal" if runlocal else None)
+
+    config.model = ml_collections.ConfigDict()
+    config.model.preset = "tiny"
+    config.model.overrides = ml_collections.ConfigDict(dict(
+        depth=4, width=128, num_heads=2, num_classes=10, num_mask_layers=2,
+        drop_path_rate=0.0, init_adaln_gamma=1e-3))
+
+    config.loss = ml_collections.ConfigDict()
+    config.loss.weighting = "lognorm"      # stage 1; stage 2 uses the masked loss
+    config.loss.label_dropout = 0.1
+
+    config.optimizer = ml_collections.ConfigDict()
+    config.optimizer.peak_lr = 1e-3
+    config.optimizer.warmup_steps = 100
+    config.optimizer.end_fraction = 0.1
+    config.optimizer.weight_decay = 0.05
+    config.optimizer.grad_clip = 2.0
+    config.optimizer.b1 = 0.9
+    config.optimizer.b2 = 0.95
+
+    config.stage2 = ml_collections.ConfigDict()
+    config.stage2.parent = ""              # stage-1 export directory (required for stage 2)
+
+    config.batch_size = 64
+    config.num_train_steps = 2000 if config.stage == 1 else 600
+    config.ema_decay = 0.999
+    config.log_every_steps = 50
+    config.checkpoint_every_steps = 500
+    config.max_checkpoints_to_keep = 2
+
+    if runlocal:
+        config.num_train_steps = 6
+        config.optimizer.warmup_steps = 2
+        config.log_every_steps = 2
+        config.checkpoint_every_steps = 2
+        config.batch_size = 16
+    return config

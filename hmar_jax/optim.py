@@ -1,0 +1,56 @@
+"""Optimizer recipe of the upstream runs: AdamW, weight-decay groups, ``lin0`` schedule.
+
+* AdamW with betas (0.9, 0.95), eps 1e-8, global-norm clipping (2.0 upstream).
+* No weight decay for biases, position/level embeddings, the attention temperatures
+  and the word-embedding bias; full decay for every matrix, ``class_emb`` and
+  ``mask_embed`` (upstream's name rules, mapped onto our parameter names).
+* ``lin0``: linear warm-up from ``warmup_start`` x peak, the peak held for the first 5% of
+  the remaining steps, then linear decay to ``end_fraction`` x peak.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+NO_DECAY_LEAVES = ("bias", "q_bias", "v_bias", "scale_mul", "word_embed_bias", "pos_start",
+                   "pos_embed")
+NO_DECAY_MODULES = ("lvl_embed",)
+
+
+def decay_mask(params: Any) -> Any:
+    """True for parameters that get weight decay (same tree structure as ``params``)."""
+
+    def leaf(path, _):
+        names = [str(getattr(p, "key", getattr(p, "name", p))) for p in path]
+        names = [n for n in names if n != "value"]
+        return not (names[-1] in NO_DECAY_LEAVES or any(n in NO_DECAY_MODULES for n in names))
+
+    return jax.tree_util.tree_map_with_path(leaf, params)
+
+
+def lin0_schedule(peak: float, total_steps: int, warmup_steps: int, warmup_start: float = 0.005,
+                  end_fraction: float = 0.1, hold_fraction: float = 0.05) -> optax.Schedule:
+    """The upstream ``lin0`` learning-rate schedule as a function of the step."""
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        warm = peak * (warmup_start + (1 - warmup_start) * step / max(warmup_steps, 1))
+        progress = (step - warmup_steps) / max(total_steps - 1 - warmup_steps, 1)
+        decay = peak * (end_fraction + (1 - end_fraction) * (1 - progress) / (1 - hold_fraction))
+        after = jnp.where(progress < hold_fraction, peak, jnp.minimum(decay, peak))
+        return jnp.where(step < warmup_steps, warm, after)
+
+    return schedule
+
+
+def adamw(schedule: optax.Schedule, params: Any, *, weight_decay: float, grad_clip: float,
+          b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8) -> optax.GradientTransformation:
+    """Clipped AdamW with the upstream decay groups for ``params``' tree."""
+    return optax.chain(
+        optax.clip_by_global_norm(grad_clip),
+        optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+                    mask=decay_mask(params)))

@@ -1,0 +1,77 @@
+"""Device meshes and parameter shardings, written as data.
+
+The mesh comes from config as ``(("data", -1), ("fsdp", 1))``: axis names and sizes, one
+of which may be -1 (all remaining devices). Batches are split over every mesh axis.
+Parameters are sharded fully-sharded-data-parallel style: each array is split along
+its largest dimension that the ``fsdp`` axis divides (skipping the stacked layer axis of
+scanned blocks), and small arrays stay replicated. Optimizer states follow their
+parameters because they share shapes and tree paths.
+
+Dimension letters: B batch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MeshSpec = Sequence[tuple[str, int]]
+FSDP_AXIS = "fsdp"
+STACKED = ("blocks", "mask_blocks")  # subtrees whose leading axis is the layer index
+
+
+def make_mesh(spec: MeshSpec, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh over ``devices`` (default: all) from ``((name, size), ...)``; one size may be -1."""
+    devices = list(jax.devices() if devices is None else devices)
+    names = tuple(name for name, _ in spec)
+    sizes = [int(size) for _, size in spec]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"At most one mesh axis may be -1, got {tuple(spec)}.")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"{len(devices)} devices cannot fill mesh {tuple(spec)}.")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ValueError(f"Mesh {tuple(spec)} needs {math.prod(sizes)} devices but "
+                         f"{len(devices)} are available; adjust config.mesh.")
+    return Mesh(np.asarray(devices).reshape(sizes), names,
+                axis_types=(jax.sharding.AxisType.Auto,) * len(names))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) axis split over every mesh axis."""
+    return NamedSharding(mesh, PartitionSpec(mesh.axis_names))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def param_spec(path: tuple, shape: tuple[int, ...], fsdp_size: int,
+               min_size: int = 2 ** 14) -> PartitionSpec:
+    """FSDP spec for one array: its largest ``fsdp``-divisible dim, or replicated."""
+    if fsdp_size <= 1 or math.prod(shape) < min_size:
+        return PartitionSpec()
+    names = [str(getattr(p, "key", getattr(p, "name", p))) for p in path]
+    first = 1 if any(n in STACKED for n in names) else 0  # keep the layer axis whole
+    candidates = [d for d in range(first, len(shape)) if shape[d] % fsdp_size == 0]
+    if not candidates:
+        return PartitionSpec()
+    dim = max(candidates, key=lambda d: shape[d])
+    return PartitionSpec(*([None] * dim + [FSDP_AXIS]))
+
+
+def tree_shardings(tree: Any, mesh: Mesh) -> Any:
+    """NamedShardings for every array of ``tree`` (params or optimizer state)."""
+    fsdp_size = mesh.shape.get(FSDP_AXIS, 1)
+
+    def leaf(path, value):
+        shape = tuple(getattr(value, "shape", ()))
+        return NamedSharding(mesh, param_spec(path, shape, fsdp_size))
+
+    return jax.tree_util.tree_map_with_path(leaf, tree)

@@ -1,0 +1,38 @@
+"""Command line for HMAR training.
+
+  python -m hmar_jax.train --config configs/demo.py --workdir DIR [--config.a.b=value ...]
+
+The config is locked, so a mistyped key fails at launch. On multi-process launches
+(TPU pods, SLURM) ``jax.distributed.initialize()`` runs first.
+"""
+
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from hmar_jax import metric_writers, trainer
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and exports.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+_MULTI_PROCESS_ENV = ("SLURM_NTASKS", "JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    metric_writers.quiet_library_logs()
+    if any(int(os.environ.get(k, "1") if k == "SLURM_NTASKS" else bool(os.environ.get(k))) > 1
+           if k == "SLURM_NTASKS" else os.environ.get(k) for k in _MULTI_PROCESS_ENV):
+        import jax
+
+        jax.distributed.initialize()
+    metrics = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    logging.info("Final metrics: %s", metrics)
+
+
+if __name__ == "__main__":
+    app.run(main)

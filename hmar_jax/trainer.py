@@ -1,0 +1,285 @@
+"""HMAR training loop: stage 1 (next-scale) and stage 2 (masked refinement).
+
+One pure, jitted ``train_step(state, vae_state, batch) -> (state, metrics)`` tokenizes the
+images with the frozen tokenizer, builds the teacher-forcing inputs, runs the model and
+applies AdamW to the trainable parameters. The state is created already sharded
+(``eval_shape`` first, then ``jit`` with output shardings), checkpointed with Orbax
+together with the data-iterator state, and resumed automatically from ``workdir``.
+
+Stage 1 trains everything but the mask branch. Stage 2 starts from a stage-1 export
+(``config.stage2.parent``), copies the last n blocks and the head into the mask branch,
+and trains only that branch (``model.STAGE2_TRAINABLE``); the other parameters are not
+even differentiated.
+
+Dimension letters: B batch, H/W image side, L tokens, Cv latent channels.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from flax import nnx
+
+from hmar_jax import (checkpointing, data, losses, metric_writers, optim, sharding,
+                      tokenizer_trainer)
+from hmar_jax.model import (MASK_BRANCH, STAGE1_TRAINABLE, STAGE2_TRAINABLE, HMARConfig,
+                            HMARTransformer, preset)
+from clu import periodic_actions  # after metric_writers (TF-free shim)
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step changes. ``trainable``/``frozen`` are ``nnx.State`` trees."""
+
+    step: jax.Array
+    trainable: Any
+    frozen: Any
+    opt_state: Any
+    ema: Any
+
+
+def model_config(config: ml_collections.ConfigDict, vae_config) -> HMARConfig:
+    overrides = dict(config.model.overrides.to_dict())
+    overrides.update(vocab_size=vae_config.vocab_size, latent_channels=vae_config.z_channels,
+                     patch_nums=vae_config.patch_nums)
+    return preset(config.model.preset, **overrides)
+
+
+def trainable_filter(stage: int):
+    if stage not in (1, 2):
+        raise ValueError(f"config.stage must be 1 or 2, got {stage}.")
+    return STAGE1_TRAINABLE if stage == 1 else STAGE2_TRAINABLE
+
+
+def load_or_train_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.Path):
+    """The frozen tokenizer: ``config.tokenizer.export`` if set, else ``workdir/tokenizer``,
+    trained there first (embedded digits only) when it does not exist yet."""
+    path = pathlib.Path(config.tokenizer.export) if config.tokenizer.export else workdir / "tokenizer"
+    if not (path / "tokenizer_config.json").exists():
+        if config.tokenizer.export:
+            raise FileNotFoundError(f"config.tokenizer.export={path} is not a tokenizer export; "
+                                    "convert one with `python -m hmar_jax.convert vqvae`.")
+        if config.data.name != "digits":
+            raise FileNotFoundError(f"No tokenizer at {path}; set config.tokenizer.export.")
+        logging.info("No tokenizer in %s yet: training one on the embedded digits.", workdir)
+        tokenizer_trainer.train_and_evaluate(config.tokenizer.training, str(workdir))
+    return checkpointing.load_tokenizer(path)
+
+
+def make_step(graphdef, vae_graphdef, cfg: HMARConfig, config: ml_collections.ConfigDict,
+              tx: optax.GradientTransformation, schedule):
+    layout = cfg.layout
+    weights = jnp.asarray(layout.token_loss_weights(config.loss.weighting))
+    stage, ema_decay = config.stage, config.ema_decay
+
+    def train_step(state: TrainState, vae_state, images: jax.Array, labels: jax.Array):
+        rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
+        drop_rng, path_rng, mask_rng = jax.random.split(rng, 3)
+        vae = nnx.merge(vae_graphdef, vae_state)
+        indices = [jax.lax.stop_gradient(i) for i in vae.encode_to_indices(images)]
+        targets = jnp.concatenate([i.reshape(i.shape[0], -1) for i in indices], axis=1)  # [B, L]
+        x_ns = jax.lax.stop_gradient(vae.teacher_forcing_inputs(indices))  # [B, L-1, Cv]
+        labels = losses.drop_labels(drop_rng, labels, config.loss.label_dropout, cfg.null_class)
+        if stage == 2:
+            x_mask = jax.lax.stop_gradient(vae.mask_branch_inputs(indices))
+            masked = losses.sample_stage2_mask(mask_rng, layout)[None]  # [1, L-1]
+
+        def loss_fn(trainable):
+            model = nnx.merge(graphdef, trainable, state.frozen)
+            if stage == 1:
+                logits = model(x_ns, labels, rng=path_rng)
+                return losses.scale_weighted_cross_entropy(logits, targets, weights, layout)
+            logits = model.forward_masked(x_ns, x_mask, masked, labels, rng=path_rng)
+            return losses.masked_cross_entropy(logits, targets, masked)
+
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
+        updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+        ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, state.ema, trainable)
+        metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
+                       param_norm=optax.tree.norm(trainable), learning_rate=schedule(state.step))
+        new_state = TrainState(state.step + 1, trainable, state.frozen, opt_state, ema)
+        return new_state, metrics
+
+    return train_step
+
+
+def _copy_into_mask_branch(params: dict, cfg: HMARConfig) -> dict:
+    """Stage-2 start: the mask tail begins as the last n next-scale blocks and head."""
+    n = cfg.num_mask_layers
+    params = dict(params)
+    params["mask_blocks"] = jax.tree.map(lambda a: a[cfg.depth - n:], params["blocks"])
+    params["mask_head_nm"], params["mask_head"] = params["head_nm"], params["head"]
+    return params
+
+
+class Trainer:
+    """Builds the mesh, tokenizer, state and step from a config; ``run()`` trains."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+        self.config = config
+        self.workdir = pathlib.Path(workdir).absolute()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.mesh = sharding.make_mesh(tuple(tuple(a) for a in config.mesh))
+        self.vae = load_or_train_tokenizer(config, self.workdir)
+        if self.vae.config.image_size != config.data.image_size:
+            raise ValueError(f"The tokenizer takes {self.vae.config.image_size} px images but "
+                             f"data.image_size={config.data.image_size}.")
+        self.cfg = model_config(config, self.vae.config)
+        self._check_workdir_config()
+        abstract_model = nnx.eval_shape(lambda: HMARTransformer(self.cfg, rngs=nnx.Rngs(0)))
+        self.filter = trainable_filter(config.stage)
+        self.graphdef, abstract_trainable, _ = nnx.split(abstract_model, self.filter, ...)
+        self.schedule = optim.lin0_schedule(
+            config.optimizer.peak_lr, config.num_train_steps, config.optimizer.warmup_steps,
+            end_fraction=config.optimizer.end_fraction)
+        self.tx = optim.adamw(self.schedule, abstract_trainable,
+                              weight_decay=config.optimizer.weight_decay,
+                              grad_clip=config.optimizer.grad_clip,
+                              b1=config.optimizer.b1, b2=config.optimizer.b2)
+        self.vae_graphdef, vae_state = nnx.split(self.vae)
+        self.vae_state = jax.device_put(vae_state, sharding.replicated(self.mesh))
+        self.state_shardings = sharding.tree_shardings(jax.eval_shape(self._init_state), self.mesh)
+        self.batch_sharding = sharding.batch_sharding(self.mesh)
+        step = make_step(self.graphdef, self.vae_graphdef, self.cfg, config, self.tx, self.schedule)
+        self.train_step = jax.jit(
+            step, in_shardings=(self.state_shardings, None, self.batch_sharding, self.batch_sharding),
+            out_shardings=(self.state_shardings, None), donate_argnums=0)
+        self.manager = ocp.CheckpointManager(
+            self.workdir / "checkpoints",
+            options=ocp.CheckpointManagerOptions(max_to_keep=config.max_checkpoints_to_keep,
+                                                 save_interval_steps=config.checkpoint_every_steps))
+
+    # ----- state ---------------------------------------------------------------------------
+    def _init_state(self) -> TrainState:
+        model = HMARTransformer(self.cfg, rngs=nnx.Rngs(self.config.seed))
+        _, trainable, frozen = nnx.split(model, self.filter, ...)
+        return TrainState(jnp.zeros((), jnp.int32), trainable, frozen, self.tx.init(trainable),
+                          jax.tree.map(jnp.copy, trainable))
+
+    def _parent_params(self) -> dict:
+        parent = checkpointing.load_hmar(self.config.stage2.parent)
+        if parent.config.architecture(ignore=("num_mask_layers",)) != self.cfg.architecture(
+                ignore=("num_mask_layers",)):
+            raise ValueError(f"The stage-1 parent {self.config.stage2.parent} has a different "
+                             "architecture than config.model.")
+        params = nnx.to_pure_dict(nnx.state(parent, nnx.Param))
+        return {k: v for k, v in params.items() if k not in MASK_BRANCH}
+
+    def initial_state(self) -> TrainState:
+        state = jax.jit(self._init_state, out_shardings=self.state_shardings)()
+        if self.config.stage == 2:
+            if not self.config.stage2.parent:
+                raise ValueError("Stage 2 needs config.stage2.parent (a stage-1 export directory).")
+            model = nnx.merge(self.graphdef, state.trainable, state.frozen)
+            params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+            fresh_mask_embed = params["mask_embed"]
+            params = _copy_into_mask_branch(params | self._parent_params(), self.cfg)
+            params["mask_embed"] = fresh_mask_embed
+            full = nnx.state(model, nnx.Param)
+            nnx.replace_by_pure_dict(full, params)
+            nnx.update(model, full)
+            _, trainable, frozen = nnx.split(model, self.filter, ...)
+            state = TrainState(state.step, trainable, frozen, self.tx.init(trainable),
+                               jax.tree.map(jnp.copy, trainable))
+            state = jax.device_put(state, self.state_shardings)
+        return state
+
+    def _check_workdir_config(self) -> None:
+        path = self.workdir / "hmar_train_config.json"
+        current = {"stage": self.config.stage, "model": self.cfg.architecture()}
+        current["model"]["patch_nums"] = list(current["model"]["patch_nums"])
+        if path.exists():
+            stored = json.loads(path.read_text())
+            if stored != current:
+                raise ValueError(
+                    f"{self.workdir} holds a run of a different model or stage ({stored}); "
+                    "use a new --workdir or restore the matching config.")
+        else:
+            path.write_text(json.dumps(current, indent=2))
+
+    # ----- data ------------------------------------------------------------------------------
+    def make_iterator(self):
+        if self.config.data.name != "digits":
+            raise ValueError(f"Unknown data.name {self.config.data.name!r}; available: 'digits'.")
+        images, labels = data.digits_split(self.config.data.image_size, self.config.data.split)
+        return data.batched_iterator(images, labels, self.config.batch_size, self.config.seed)
+
+    def _global_batch(self, batch: dict) -> tuple[jax.Array, jax.Array]:
+        make = lambda x: jax.make_array_from_process_local_data(self.batch_sharding, x)  # noqa: E731
+        return make(batch["image"]), make(batch["label"].astype(np.int32))
+
+    # ----- loop ------------------------------------------------------------------------------
+    def run(self) -> dict[str, float]:
+        """Trains to ``config.num_train_steps`` (resuming from the newest checkpoint) and
+        exports the EMA model to ``workdir/export``; returns the last logged metrics."""
+        config = self.config
+        iterator = self.make_iterator()
+        state = self.initial_state()
+        if self.manager.latest_step() is not None:
+            restored = self.manager.restore(self.manager.latest_step(), args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(jax.tree.map(
+                    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                    state, self.state_shardings)),
+                data=ocp.args.JsonRestore()))
+            state = restored["state"]
+            iterator.set_state(restored["data"])
+            logging.info("Resumed from step %d.", int(state.step))
+        is_main = jax.process_index() == 0
+        writer = metric_writers.create_writer(str(self.workdir / "tb"), just_logging=not is_main)
+        report = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
+                                                 writer=writer, every_steps=config.log_every_steps)
+        last: dict[str, float] = {}
+        first_step = int(state.step)
+        with self.mesh:
+            for step in range(first_step + 1, config.num_train_steps + 1):
+                images, labels = self._global_batch(next(iterator))
+                state, metrics = self.train_step(state, self.vae_state, images, labels)
+                if step % config.log_every_steps == 0 or step == config.num_train_steps:
+                    last = _scalar_metrics(jax.device_get(metrics))
+                    if not np.isfinite(last["loss"]):
+                        raise FloatingPointError(
+                            f"Non-finite loss at step {step} (finite up to step "
+                            f"{step - config.log_every_steps}); lower optimizer.peak_lr.")
+                    writer.write_scalars(step, last)
+                report(step)
+                self.manager.save(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(iterator.get_state())),
+                    force=step == config.num_train_steps)
+        self.manager.wait_until_finished()
+        writer.flush()
+        self.export(state)
+        return last
+
+    def export(self, state: TrainState) -> pathlib.Path:
+        """EMA weights (trainable part) plus the frozen part, as an ``hmar`` export."""
+        model = nnx.merge(self.graphdef, jax.device_get(state.ema), jax.device_get(state.frozen))
+        return checkpointing.save_hmar(self.workdir / "export", model, overwrite=True,
+                                       extra_metadata={"stage": self.config.stage,
+                                                       "step": int(state.step), "weights": "ema"})
+
+
+def _scalar_metrics(metrics: dict) -> dict[str, float]:
+    out = {}
+    for key, value in metrics.items():
+        value = np.asarray(value)
+        if value.ndim == 0:
+            out[key] = float(value)
+        else:
+            out.update({f"{key}/{i}": float(v) for i, v in enumerate(value)})
+    return out
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Entry point used by ``python -m hmar_jax.train``."""
+    return Trainer(config, workdir).run()
