@@ -241,7 +241,7 @@ class Trainer:
                                                  writer=writer, every_steps=config.log_every_steps)
         last: dict[str, float] = {}
         first_step = int(state.step)
-        with self.mesh:
+        with jax.set_mesh(self.mesh):
             for step in range(first_step + 1, config.num_train_steps + 1):
                 images, labels = self._global_batch(next(iterator))
                 state, metrics = self.train_step(state, self.vae_state, images, labels)

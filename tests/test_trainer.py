@@ -1,0 +1,142 @@
+"""Trainer: exact resume, stage-2 freeze, sharded == single-device, config guards."""
+
+import importlib.util
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from hmar_jax import checkpointing, optim, sharding, trainer
+from hmar_jax.model import is_mask_branch
+from hmar_jax.vqvae import VQVAE, VQVAEConfig
+
+
+def demo_config(**changes):
+    path = pathlib.Path(__file__).parents[1] / "configs" / "demo.py"
+    spec = importlib.util.spec_from_file_location("demo_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("runlocal")
+    config.model.overrides.depth = 2
+    config.model.overrides.width = 64
+    config.model.overrides.num_heads = 2
+    config.model.overrides.num_mask_layers = 1
+    config.batch_size = 8
+    for key, value in changes.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config
+
+
+@pytest.fixture(scope="module")
+def tokenizer_export(tmp_path_factory):
+    """A small random tokenizer for 16 px digits (training it is tested elsewhere)."""
+    cfg = VQVAEConfig(vocab_size=32, z_channels=8, ch=16, ch_mult=(1, 2), num_res_blocks=1,
+                      using_sa=False, norm_groups=4, patch_nums=(1, 2, 3, 4, 6, 8))
+    path = tmp_path_factory.mktemp("tok") / "tokenizer"
+    checkpointing.save_tokenizer(path, VQVAE(cfg, rngs=nnx.Rngs(0)))
+    return str(path)
+
+
+def params_of(workdir) -> dict:
+    model = checkpointing.load_hmar(pathlib.Path(workdir) / "export")
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def test_resume_is_exact(tmp_path, tokenizer_export):
+    straight = demo_config(**{"tokenizer.export": tokenizer_export, "num_train_steps": 4})
+    metrics = trainer.Trainer(straight, str(tmp_path / "a")).run()
+    assert np.isfinite(metrics["loss"]) and "ce_per_scale/5" in metrics
+    interrupted = demo_config(**{"tokenizer.export": tokenizer_export, "num_train_steps": 2})
+    trainer.Trainer(interrupted, str(tmp_path / "b")).run()
+    resumed = trainer.Trainer(straight, str(tmp_path / "b"))
+    assert resumed.manager.latest_step() == 2
+    resumed.run()
+    for a, b in zip(jax.tree.leaves(params_of(tmp_path / "a")), jax.tree.leaves(params_of(tmp_path / "b"))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_stage2_trains_only_the_mask_branch(tmp_path, tokenizer_export):
+    stage1 = demo_config(**{"tokenizer.export": tokenizer_export, "num_train_steps": 2})
+    trainer.Trainer(stage1, str(tmp_path / "s1")).run()
+    stage2 = demo_config(**{"tokenizer.export": tokenizer_export, "num_train_steps": 3, "stage": 2,
+                            "stage2.parent": str(tmp_path / "s1" / "export"),
+                            "ema_decay": 0.0})
+    run = trainer.Trainer(stage2, str(tmp_path / "s2"))
+    start = run.initial_state()
+    start_model = nnx.merge(run.graphdef, jax.device_get(start.trainable), jax.device_get(start.frozen))
+    start_params = nnx.to_pure_dict(nnx.state(start_model, nnx.Param))
+    parent = params_of(tmp_path / "s1")
+    # The mask tail starts as the last n next-scale blocks and the next-scale head.
+    np.testing.assert_array_equal(np.asarray(start_params["mask_blocks"]["ffn"]["fc1"]["kernel"][0]),
+                                  np.asarray(parent["blocks"]["ffn"]["fc1"]["kernel"][-1]))
+    run.run()
+    final = params_of(tmp_path / "s2")
+    changed = set()
+    for (path, old), (_, new) in zip(jax.tree_util.tree_flatten_with_path(start_params)[0],
+                                     jax.tree_util.tree_flatten_with_path(final)[0]):
+        if not np.array_equal(np.asarray(old), np.asarray(new)):
+            changed.add(tuple(p.key for p in path))
+    assert changed and all(is_mask_branch(p) for p in changed)
+    for key in ("blocks", "head", "class_emb", "pos_embed"):
+        for a, b in zip(jax.tree.leaves(parent[key]), jax.tree.leaves(final[key])):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("mesh", [(("data", 8), ("fsdp", 1)), (("data", 4), ("fsdp", 2)),
+                                  (("data", 2), ("fsdp", 4))])
+def test_sharded_step_matches_single_device(tmp_path, tokenizer_export, mesh):
+    config = demo_config(**{"tokenizer.export": tokenizer_export, "mesh": mesh})
+    run = trainer.Trainer(config, str(tmp_path))
+    assert run.mesh.devices.size == 8
+    batch = next(run.make_iterator())
+    state = run.initial_state()
+    images, labels = run._global_batch(batch)
+    with jax.set_mesh(run.mesh):
+        state, metrics = run.train_step(state, run.vae_state, images, labels)
+    if dict(mesh)["fsdp"] > 1:
+        spec = state.trainable["blocks"]["ffn"]["fc1"]["kernel"][...].sharding.spec
+        assert "fsdp" in tuple(spec)  # the big matrices are sharded, not replicated
+    # The same pure step on one device, unsharded inputs.
+    step = trainer.make_step(run.graphdef, run.vae_graphdef, run.cfg, run.config, run.tx, run.schedule)
+    with jax.default_device(jax.devices()[0]):
+        _, single = jax.jit(step)(jax.device_get(run.initial_state()), jax.device_get(run.vae_state),
+                                  np.asarray(batch["image"]), np.asarray(batch["label"]))
+    assert float(metrics["loss"]) == pytest.approx(float(single["loss"]), rel=1e-5)
+    assert float(metrics["grad_norm"]) == pytest.approx(float(single["grad_norm"]), rel=1e-4)
+
+
+def test_workdir_of_another_model_is_refused(tmp_path, tokenizer_export):
+    trainer.Trainer(demo_config(**{"tokenizer.export": tokenizer_export}), str(tmp_path))
+    other = demo_config(**{"tokenizer.export": tokenizer_export, "model.overrides.width": 128})
+    with pytest.raises(ValueError, match="different model or stage"):
+        trainer.Trainer(other, str(tmp_path))
+
+
+def test_weight_decay_groups_and_schedule():
+    params = {"blocks": {"attn": {"q_bias": 0, "mat_qkv": {"kernel": 0}}, "ffn": {"fc1": {"bias": 0}}},
+              "lvl_embed": {"embedding": 0}, "class_emb": {"embedding": 0}, "mask_embed": 0,
+              "pos_embed": 0}
+    mask = optim.decay_mask(params)
+    assert mask["blocks"]["attn"]["mat_qkv"]["kernel"] and mask["class_emb"]["embedding"]
+    assert mask["mask_embed"]
+    assert not (mask["blocks"]["attn"]["q_bias"] or mask["blocks"]["ffn"]["fc1"]["bias"]
+                or mask["lvl_embed"]["embedding"] or mask["pos_embed"])
+    schedule = optim.lin0_schedule(1.0, total_steps=1001, warmup_steps=100)
+    assert float(schedule(0)) == pytest.approx(0.005)
+    assert float(schedule(100)) == pytest.approx(1.0)
+    assert float(schedule(140)) == pytest.approx(1.0)  # held for 5% after warm-up
+    assert float(schedule(1000)) == pytest.approx(0.1, abs=1e-3)
+
+
+def test_mesh_errors():
+    with pytest.raises(ValueError, match="needs 16 devices"):
+        sharding.make_mesh((("data", 16), ("fsdp", 1)))
+    with pytest.raises(ValueError, match="At most one"):
+        sharding.make_mesh((("data", -1), ("fsdp", -1)))
+    assert sharding.make_mesh((("data", -1), ("fsdp", 2))).shape == {"data": 4, "fsdp": 2}
