@@ -1,4 +1,4 @@
-# Quick start:  make demo   (train on the embedded digits)   |   make test   (the test suite)
+# Quick start:  make demo   (HMAR on the embedded digits)   |   make test   (the test suite)
 # Both create or reuse the virtual environment in .venv (Python >= 3.12).
 
 VENV    ?= .venv
@@ -16,8 +16,12 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	@touch $@
 
+# Tokenizer (trained into stage1/ when missing), stage 1, then stage 2 from stage 1's export.
 demo: env
-	$(PY) -m hmar_jax.train_tokenizer --config configs/tokenizer_digits.py --workdir $(WORKDIR)
+	$(PY) -m hmar_jax.train --config configs/demo.py --workdir $(WORKDIR)/stage1
+	$(PY) -m hmar_jax.train --config configs/demo.py:stage=2 --workdir $(WORKDIR)/stage2 \
+	    --config.tokenizer.export=$(abspath $(WORKDIR))/stage1/tokenizer \
+	    --config.stage2.parent=$(abspath $(WORKDIR))/stage1/export
 
 test: env
 	$(PY) -m pytest -q $(PYTEST_ARGS)
