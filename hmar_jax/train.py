@@ -18,18 +18,23 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and exports.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-_MULTI_PROCESS_ENV = ("SLURM_NTASKS", "JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES")
+
+
+def is_multi_process_launch() -> bool:
+    """True under SLURM with several tasks, an explicit JAX coordinator, or a TPU pod."""
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        return True
+    return any(os.environ.get(k) for k in ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES"))
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     metric_writers.quiet_library_logs()
-    if any(int(os.environ.get(k, "1") if k == "SLURM_NTASKS" else bool(os.environ.get(k))) > 1
-           if k == "SLURM_NTASKS" else os.environ.get(k) for k in _MULTI_PROCESS_ENV):
+    if is_multi_process_launch():
         import jax
 
-        jax.distributed.initialize()
+        jax.distributed.initialize()  # reads the SLURM / TPU / coordinator environment
     metrics = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     logging.info("Final metrics: %s", metrics)
 
