@@ -216,6 +216,13 @@ def _stats_spec(length: int) -> pl.BlockSpec:
     return pl.BlockSpec((None, None, length), lambda t, b, h: (b, h, 0))
 
 
+def _backward_in_specs(range_len: int, len_q: int, len_k: int, head_dim: int) -> list:
+    """plan, two range vectors, q, k, v, do, lse, delta (both backward kernels)."""
+    return [_plan_spec(), _vector_spec(range_len), _vector_spec(range_len),
+            _head_spec(len_q, head_dim), _head_spec(len_k, head_dim), _head_spec(len_k, head_dim),
+            _head_spec(len_q, head_dim), _stats_spec(len_q), _stats_spec(len_q)]
+
+
 def _params(num_warps: int, num_stages: int):
     return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
@@ -267,10 +274,7 @@ def backward_dkdv(q, k, v, do, lse, delta, col_start: np.ndarray, col_end: np.nd
         functools.partial(_dkdv_kernel, block_q=block_q, block_k=block_k,
                           scale=sm_scale * LOG2_E, sm_scale=sm_scale),
         grid=(len(plan), b, heads),
-        in_specs=[_plan_spec(), _vector_spec(len_k), _vector_spec(len_k),
-                  _head_spec(len_q, head_dim), _head_spec(len_k, head_dim),
-                  _head_spec(len_k, head_dim), _head_spec(len_q, head_dim), _stats_spec(len_q),
-                  _stats_spec(len_q)],
+        in_specs=_backward_in_specs(len_k, len_q, len_k, head_dim),
         out_specs=[_head_spec(len_k, head_dim), _head_spec(len_k, head_dim)],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         compiler_params=_params(num_warps, num_stages), interpret=interpret,
@@ -289,10 +293,7 @@ def backward_dq(q, k, v, do, lse, delta, row_start: np.ndarray, row_end: np.ndar
         functools.partial(_dq_kernel, block_q=block_q, block_k=block_k,
                           scale=sm_scale * LOG2_E, sm_scale=sm_scale),
         grid=(len(plan), b, heads),
-        in_specs=[_plan_spec(), _vector_spec(len_q), _vector_spec(len_q),
-                  _head_spec(len_q, head_dim), _head_spec(len_k, head_dim),
-                  _head_spec(len_k, head_dim), _head_spec(len_q, head_dim), _stats_spec(len_q),
-                  _stats_spec(len_q)],
+        in_specs=_backward_in_specs(len_q, len_q, len_k, head_dim),
         out_specs=_head_spec(len_q, head_dim),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=_params(num_warps, num_stages), interpret=interpret,
