@@ -74,6 +74,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.log_every_steps = 50
     config.checkpoint_every_steps = 500
     config.max_checkpoints_to_keep = 2
+    config.log_batch_fingerprints = False  # workdir/batch_fingerprints.txt: data seen per step
 
     if runlocal:
         config.num_train_steps = 6

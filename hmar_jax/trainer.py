@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import zlib
 from typing import Any
 
 import flax
@@ -243,7 +244,10 @@ class Trainer:
         first_step = int(state.step)
         with jax.set_mesh(self.mesh):
             for step in range(first_step + 1, config.num_train_steps + 1):
-                images, labels = self._global_batch(next(iterator))
+                batch = next(iterator)
+                if config.log_batch_fingerprints and is_main:
+                    self._log_fingerprint(step, batch)
+                images, labels = self._global_batch(batch)
                 state, metrics = self.train_step(state, self.vae_state, images, labels)
                 if step % config.log_every_steps == 0 or step == config.num_train_steps:
                     last = _scalar_metrics(jax.device_get(metrics))
@@ -260,6 +264,14 @@ class Trainer:
         writer.flush()
         self.export(state)
         return last
+
+    def _log_fingerprint(self, step: int, batch: dict) -> None:
+        """Appends ``step crc32(images, labels)`` to ``batch_fingerprints.txt`` (an audit of
+        which data each step saw; a resumed run re-logs the steps it repeats)."""
+        digest = zlib.crc32(np.ascontiguousarray(batch["image"]).tobytes())
+        digest = zlib.crc32(np.ascontiguousarray(batch["label"]).tobytes(), digest)
+        with open(self.workdir / "batch_fingerprints.txt", "a") as f:
+            f.write(f"{step} {digest:08x}\n")
 
     def export(self, state: TrainState) -> pathlib.Path:
         """EMA weights (trainable part) plus the frozen part, as an ``hmar`` export."""
