@@ -38,9 +38,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.mesh = (("data", -1), ("fsdp", 1))
 
     config.data = ml_collections.ConfigDict()
-    config.data.name = "digits"
-    config.data.split = "all"
+    config.data.name = "digits"         # digits | image_folder | tfds
+    config.data.split = "all"            # digits: train/eval/all; tfds: a TFDS split
     config.data.image_size = 16
+    config.data.root = ""                # image_folder: root/<class>/<images>
+    config.data.tfds_name = ""           # tfds: e.g. imagenet2012 (array_record files)
+    config.data.data_dir = ""            # tfds: data_dir ("" = TFDS default)
+    config.data.num_workers = 0          # grain worker processes for decoding
+    config.data.skip_corrupt = True      # skip unreadable images with a warning
 
     config.tokenizer = ml_collections.ConfigDict()
     config.tokenizer.export = ""  # empty: workdir/tokenizer, trained there if missing

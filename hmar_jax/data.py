@@ -16,6 +16,7 @@ from typing import Iterator
 
 import grain
 import numpy as np
+from absl import logging
 from PIL import Image
 
 DIGITS_NUM_CLASSES = 10
@@ -90,3 +91,135 @@ def batched_iterator(images: np.ndarray, labels: np.ndarray, batch_size: int, se
 def iterate_once(images: np.ndarray, labels: np.ndarray, batch_size: int) -> Iterator[dict]:
     """One ordered pass (last batch may be smaller), for evaluation."""
     return batched_iterator(images, labels, batch_size, seed=0, shuffle=False, repeat=False)
+
+
+# ----- real image datasets ----------------------------------------------------------------
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageFolderSource:
+    """``root/<class name>/<image file>``: one sub-folder per class, labels by sorted name.
+
+    Items are ``{"path": str, "label": int32}``; decoding happens in the pipeline so that
+    unreadable files can be skipped there.
+    """
+
+    root: str
+    classes: tuple[str, ...]
+    paths: tuple[str, ...]
+    labels: tuple[int, ...]
+
+    @classmethod
+    def scan(cls, root: str) -> "ImageFolderSource":
+        import pathlib
+
+        base = pathlib.Path(root)
+        if not base.is_dir():
+            raise ValueError(f"Image folder {root} does not exist or is not a directory.")
+        classes = tuple(sorted(p.name for p in base.iterdir() if p.is_dir()))
+        if not classes:
+            raise ValueError(f"Image folder {root} has no class sub-folders; expected "
+                             "root/<class name>/<image files>.")
+        paths, labels = [], []
+        for label, name in enumerate(classes):
+            for path in sorted((base / name).rglob("*")):
+                if path.suffix.lower() in IMAGE_SUFFIXES:
+                    paths.append(str(path))
+                    labels.append(label)
+        if not paths:
+            raise ValueError(f"Image folder {root} has class folders but no images "
+                             f"(looked for {', '.join(IMAGE_SUFFIXES)}).")
+        return cls(root, classes, tuple(paths), tuple(labels))
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"path": self.paths[index], "label": np.int32(self.labels[index])}
+
+
+def resize_and_crop(image: np.ndarray, size: int, rng: np.random.Generator | None) -> np.ndarray:
+    """Upstream preprocessing: shorter side to ``round(1.125 size)`` with LANCZOS, then a
+    random crop (``rng`` given, training) or the centre crop (evaluation). uint8 [S, S, 3]."""
+    picture = Image.fromarray(image).convert("RGB")
+    short = round(1.125 * size)
+    w, h = picture.size
+    scale = short / min(w, h)
+    picture = picture.resize((max(short, round(w * scale)), max(short, round(h * scale))),
+                             Image.LANCZOS)
+    w, h = picture.size
+    if rng is None:
+        left, top = (w - size) // 2, (h - size) // 2
+    else:
+        left, top = int(rng.integers(0, w - size + 1)), int(rng.integers(0, h - size + 1))
+    return np.asarray(picture.crop((left, top, left + size, top + size)), np.uint8)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_unreadable(where: str, error: str) -> None:
+    logging.warning("Skipping unreadable image %s (%s).", where, error)  # once per file
+
+
+class DecodeAndCrop(grain.transforms.RandomMap):
+    """Decodes ``path`` or an ``image`` array and crops it; unreadable images become None
+    (skipped, with a warning) unless ``skip_corrupt`` is False, which raises instead."""
+
+    def __init__(self, size: int, train: bool, skip_corrupt: bool = True):
+        self.size, self.train, self.skip_corrupt = size, train, skip_corrupt
+
+    def random_map(self, element: dict, rng: np.random.Generator):
+        try:
+            if "path" in element:
+                with Image.open(element["path"]) as picture:
+                    image = np.asarray(picture.convert("RGB"))
+            else:
+                image = np.asarray(element["image"])
+                image = np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image
+            crop = resize_and_crop(image, self.size, rng if self.train else None)
+        except Exception as err:  # noqa: BLE001 - any decode failure is a corrupt image
+            where = element.get("path", "an element")
+            if not self.skip_corrupt:
+                raise ValueError(f"Unreadable image {where}: {err}. Remove it or set "
+                                 "config.data.skip_corrupt=True.") from err
+            _warn_unreadable(str(where), str(err))
+            return None
+        return {"image": crop, "label": np.int32(element["label"])}
+
+
+def _is_readable(element) -> bool:
+    return element is not None
+
+
+def image_iterator(source, *, image_size: int, batch_size: int, seed: int, train: bool = True,
+                   skip_corrupt: bool = True, num_workers: int = 0, process_index: int = 0,
+                   process_count: int = 1) -> grain.DatasetIterator:
+    """A checkpointable iterator of process-local batches from a random-access ``source``.
+
+    The source is split across processes (``process_index::process_count``), shuffled
+    per epoch (training), decoded, cropped and batched to ``{"image": f32 [B, S, S, 3] in
+    [-1, 1], "label": i32 [B]}``; unreadable images are skipped (see ``DecodeAndCrop``).
+    """
+    if len(source) == 0:
+        raise ValueError("The dataset is empty.")
+    dataset = grain.MapDataset.source(source)[process_index::process_count]
+    if train:
+        dataset = dataset.shuffle(seed=seed).repeat()
+    dataset = dataset.random_map(DecodeAndCrop(image_size, train, skip_corrupt), seed=seed)
+    dataset = dataset.to_iter_dataset().filter(_is_readable)
+    dataset = dataset.batch(batch_size, drop_remainder=train).map(to_model_range)
+    if num_workers > 0:
+        dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return iter(dataset)
+
+
+def tfds_source(name: str, split: str, data_dir: str | None = None):
+    """A TFDS random-access source (array_record files, no TensorFlow at run time)."""
+    import tensorflow_datasets as tfds  # local: only needed for TFDS data
+
+    try:
+        return tfds.data_source(name, split=split, data_dir=data_dir)
+    except Exception as err:  # noqa: BLE001 - surface one clear message
+        raise ValueError(f"Cannot open TFDS dataset {name!r} split {split!r} in "
+                         f"{data_dir or 'the default data_dir'}: {err}. Prepare it once with "
+                         "file_format='array_record' (ImageNet needs its manual download).") from err

@@ -211,10 +211,27 @@ class Trainer:
 
     # ----- data ------------------------------------------------------------------------------
     def make_iterator(self):
-        if self.config.data.name != "digits":
-            raise ValueError(f"Unknown data.name {self.config.data.name!r}; available: 'digits'.")
-        images, labels = data.digits_split(self.config.data.image_size, self.config.data.split)
-        return data.batched_iterator(images, labels, self.config.batch_size, self.config.seed)
+        """Process-local batches of the configured dataset (see ``hmar_jax.data``)."""
+        d = self.config.data
+        count, index = jax.process_count(), jax.process_index()
+        if self.config.batch_size % count:
+            raise ValueError(f"batch_size {self.config.batch_size} is not divisible by the "
+                             f"{count} processes.")
+        local_batch = self.config.batch_size // count
+        if d.name == "digits":
+            images, labels = data.digits_split(d.image_size, d.split)
+            return data.batched_iterator(images[index::count], labels[index::count], local_batch,
+                                         self.config.seed)
+        if d.name == "image_folder":
+            source = data.ImageFolderSource.scan(d.root)
+        elif d.name == "tfds":
+            source = data.tfds_source(d.tfds_name, d.split, d.data_dir or None)
+        else:
+            raise ValueError(f"Unknown data.name {d.name!r}; use 'digits', 'image_folder' or 'tfds'.")
+        return data.image_iterator(source, image_size=d.image_size, batch_size=local_batch,
+                                   seed=self.config.seed, skip_corrupt=d.skip_corrupt,
+                                   num_workers=d.num_workers, process_index=index,
+                                   process_count=count)
 
     def _global_batch(self, batch: dict) -> tuple[jax.Array, jax.Array]:
         make = lambda x: jax.make_array_from_process_local_data(self.batch_sharding, x)  # noqa: E731

@@ -41,3 +41,49 @@ def test_bad_datasets_are_clear_errors():
         data.batched_iterator(np.zeros((0, 4, 4, 3), np.uint8), np.zeros((0,), np.int32), 2, 0)
     with pytest.raises(ValueError, match="exceeds the dataset size"):
         data.batched_iterator(np.zeros((3, 4, 4, 3), np.uint8), np.zeros((3,), np.int32), 4, 0)
+
+
+def _image_folder(root, sizes=((20, 30), (40, 17), (16, 16))):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name in ("cat", "dog"):
+        (root / name).mkdir(parents=True)
+        for i, (h, w) in enumerate(sizes):
+            Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+def test_image_folder_pipeline_skips_corrupt_files(tmp_path, caplog):
+    root = _image_folder(tmp_path / "images")
+    (root / "dog" / "broken.jpg").write_bytes(b"not an image")
+    source = data.ImageFolderSource.scan(str(root))
+    assert source.classes == ("cat", "dog") and len(source) == 7
+    iterator = data.image_iterator(source, image_size=16, batch_size=4, seed=0)
+    batches = [next(iterator) for _ in range(3)]
+    assert all(b["image"].shape == (4, 16, 16, 3) and b["image"].dtype == np.float32 for b in batches)
+    assert {int(x) for b in batches for x in b["label"]} == {0, 1}
+    assert "broken.jpg" in caplog.text
+    strict = data.image_iterator(source, image_size=16, batch_size=7, seed=0, skip_corrupt=False)
+    with pytest.raises(ValueError, match="Unreadable image .*broken.jpg"):
+        next(strict)
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        data.ImageFolderSource.scan(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no class sub-folders"):
+        data.ImageFolderSource.scan(str(tmp_path / "empty"))
+    (tmp_path / "empty" / "cls").mkdir()
+    with pytest.raises(ValueError, match="no images"):
+        data.ImageFolderSource.scan(str(tmp_path / "empty"))
+
+
+def test_resize_and_crop_follows_upstream():
+    image = np.zeros((40, 80, 3), np.uint8)
+    image[:, 40:] = 255
+    center = data.resize_and_crop(image, 16, None)  # shorter side -> 18, centre crop 16
+    assert center.shape == (16, 16, 3) and 0 < center.mean() < 255
+    crops = {data.resize_and_crop(image, 16, np.random.default_rng(s)).mean() for s in range(8)}
+    assert len(crops) > 1  # random crops differ

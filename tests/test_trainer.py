@@ -186,3 +186,21 @@ def test_sigkill_and_restart_matches_an_uninterrupted_run(tmp_path, tokenizer_ex
     assert len(_fingerprints(workdir)) == steps
     for a, b in zip(jax.tree.leaves(params_of(tmp_path / "straight")), jax.tree.leaves(params_of(workdir))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_trains_on_an_image_folder(tmp_path, tokenizer_export):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        (tmp_path / "images" / name).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (24, 20 + i, 3), dtype=np.uint8)).save(
+                tmp_path / "images" / name / f"{i}.png")
+    config = demo_config(**{"tokenizer.export": tokenizer_export, "data.name": "image_folder",
+                            "data.root": str(tmp_path / "images"), "num_train_steps": 2})
+    metrics = trainer.Trainer(config, str(tmp_path / "run")).run()
+    assert np.isfinite(metrics["loss"]) and metrics["loss"] > 0
+    with pytest.raises(ValueError, match="Unknown data.name"):
+        trainer.Trainer(demo_config(**{"tokenizer.export": tokenizer_export, "data.name": "mnist"}),
+                        str(tmp_path / "bad")).make_iterator()
