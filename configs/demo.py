@@ -66,6 +66,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optimizer.warmup_steps = 100
     config.optimizer.end_fraction = 0.1
     config.optimizer.weight_decay = 0.05
+    config.optimizer.weight_decay_end = 0.05  # cosine from weight_decay to this
     config.optimizer.grad_clip = 2.0
     config.optimizer.b1 = 0.9
     config.optimizer.b2 = 0.95

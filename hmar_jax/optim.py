@@ -6,6 +6,8 @@
   ``mask_embed`` (upstream's name rules, mapped onto our parameter names).
 * ``lin0``: linear warm-up from ``warmup_start`` x peak, the peak held for the first 5% of
   the remaining steps, then linear decay to ``end_fraction`` x peak.
+* Weight decay follows a cosine from ``weight_decay`` to ``weight_decay_end`` over the
+  run (constant when they are equal, as in most upstream configs).
 """
 
 from __future__ import annotations
@@ -47,10 +49,39 @@ def lin0_schedule(peak: float, total_steps: int, warmup_steps: int, warmup_start
     return schedule
 
 
+def cosine_weight_decay(start: float, end: float, total_steps: int) -> optax.Schedule:
+    """``end + (start - end) (0.5 + 0.5 cos(pi t / (T - 1)))`` (upstream ``twd -> twde``)."""
+
+    def schedule(step):
+        progress = jnp.asarray(step, jnp.float32) / max(total_steps - 1, 1)
+        return end + (start - end) * (0.5 + 0.5 * jnp.cos(jnp.pi * jnp.minimum(progress, 1.0)))
+
+    return schedule
+
+
+def scheduled_weight_decay(schedule: optax.Schedule) -> optax.GradientTransformation:
+    """Adds ``schedule(step) * param`` to the update (decoupled weight decay)."""
+
+    def init(params):
+        return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+    def update(updates, state, params):
+        rate = schedule(state.count)
+        updates = jax.tree.map(lambda u, p: u + rate * p, updates, params)
+        return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+
+    return optax.GradientTransformation(init, update)
+
+
 def adamw(schedule: optax.Schedule, params: Any, *, weight_decay: float, grad_clip: float,
-          b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8) -> optax.GradientTransformation:
+          b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
+          weight_decay_end: float | None = None, total_steps: int = 1
+          ) -> optax.GradientTransformation:
     """Clipped AdamW with the upstream decay groups for ``params``' tree."""
+    end = weight_decay if weight_decay_end is None else weight_decay_end
+    decay = cosine_weight_decay(weight_decay, end, total_steps)
     return optax.chain(
         optax.clip_by_global_norm(grad_clip),
-        optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
-                    mask=decay_mask(params)))
+        optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+        optax.masked(scheduled_weight_decay(decay), decay_mask(params)),
+        optax.scale_by_learning_rate(schedule))

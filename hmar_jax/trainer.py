@@ -146,6 +146,8 @@ class Trainer:
             end_fraction=config.optimizer.end_fraction)
         self.tx = optim.adamw(self.schedule, abstract_trainable,
                               weight_decay=config.optimizer.weight_decay,
+                              weight_decay_end=config.optimizer.weight_decay_end,
+                              total_steps=config.num_train_steps,
                               grad_clip=config.optimizer.grad_clip,
                               b1=config.optimizer.b1, b2=config.optimizer.b2)
         self.vae_graphdef, vae_state = nnx.split(self.vae)

@@ -132,6 +132,9 @@ def test_weight_decay_groups_and_schedule():
     assert float(schedule(100)) == pytest.approx(1.0)
     assert float(schedule(140)) == pytest.approx(1.0)  # held for 5% after warm-up
     assert float(schedule(1000)) == pytest.approx(0.1, abs=1e-3)
+    decay = optim.cosine_weight_decay(0.05, 0.08, total_steps=101)
+    assert float(decay(0)) == pytest.approx(0.05) and float(decay(100)) == pytest.approx(0.08)
+    assert float(decay(50)) == pytest.approx(0.065)
 
 
 def test_mesh_errors():
