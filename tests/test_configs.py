@@ -1,0 +1,45 @@
+"""Config files: every variant builds, follows the upstream recipes, and rejects typos."""
+
+import importlib.util
+import pathlib
+
+import pytest
+
+from hmar_jax.model import preset
+
+CONFIGS = pathlib.Path(__file__).parents[1] / "configs"
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, CONFIGS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("variant, batch, peak_lr, epochs, wd_end", [
+    ("d16", 768, 3.0e-4, 200, 0.05), ("d20", 768, 3.0e-4, 250, 0.05),
+    ("d24", 768, 2.4e-4, 350, 0.05), ("d30", 1024, 3.2e-4, 350, 0.08)])
+def test_imagenet_recipes_match_upstream(variant, batch, peak_lr, epochs, wd_end):
+    module = load("hmar_imagenet")
+    config = module.get_config(f"variant={variant}")
+    steps_per_epoch = -(-1_281_167 // batch)
+    assert config.batch_size == batch and config.optimizer.peak_lr == pytest.approx(peak_lr)
+    assert config.num_train_steps == epochs * steps_per_epoch
+    assert config.optimizer.weight_decay_end == wd_end and config.optimizer.grad_clip == 2.0
+    assert config.loss.weighting == "lognorm" and config.loss.label_dropout == 0.1
+    assert preset(variant).depth == int(variant[1:])
+    stage2 = module.get_config(f"variant={variant},stage=2,res=512")
+    assert stage2.stage == 2 and stage2.num_train_steps == 100 * steps_per_epoch
+    assert stage2.model.overrides.num_mask_layers == 8 and stage2.data.image_size == 512
+
+
+def test_config_arguments_are_checked():
+    with pytest.raises(ValueError, match="Unknown config argument 'varient'"):
+        load("hmar_imagenet").get_config("varient=d16")
+    with pytest.raises(ValueError, match="Unknown variant"):
+        load("hmar_imagenet").get_config("variant=d17")
+    with pytest.raises(ValueError, match="Unknown config arguments"):
+        load("demo").get_config("stages=2")
+    assert load("demo").get_config("stage=2").stage == 2
+    assert load("tokenizer_digits").get_config("runlocal").num_train_steps == 30
