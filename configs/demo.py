@@ -81,6 +81,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = 500
     config.max_checkpoints_to_keep = 2
     config.log_batch_fingerprints = False  # workdir/batch_fingerprints.txt: data seen per step
+    config.profile_first_step = 0          # > 0: write a 5-step profile trace to workdir/tb
 
     if runlocal:
         config.num_train_steps = 6

@@ -115,6 +115,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = 2000
     config.max_checkpoints_to_keep = 3
     config.log_batch_fingerprints = False
+    config.profile_first_step = 0          # > 0: write a 5-step profile trace to workdir/tb
 
     if args["runlocal"]:
         config.batch_size = 8

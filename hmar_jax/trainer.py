@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import pathlib
+import signal
+import threading
 import zlib
 from typing import Any
 
@@ -257,8 +259,13 @@ class Trainer:
             logging.info("Resumed from step %d.", int(state.step))
         is_main = jax.process_index() == 0
         writer = metric_writers.create_writer(str(self.workdir / "tb"), just_logging=not is_main)
-        report = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
-                                                 writer=writer, every_steps=config.log_every_steps)
+        hooks = [periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
+                                                 writer=writer, every_steps=config.log_every_steps)]
+        if is_main and config.profile_first_step > 0:
+            hooks.append(periodic_actions.Profile(
+                logdir=str(self.workdir / "tb"), num_profile_steps=5, profile_duration_ms=None,
+                first_profile=config.profile_first_step, every_steps=None, every_secs=None))
+        stop = _StopRequest()
         last: dict[str, float] = {}
         first_step = int(state.step)
         with jax.set_mesh(self.mesh):
@@ -275,10 +282,20 @@ class Trainer:
                             f"Non-finite loss at step {step} (finite up to step "
                             f"{step - config.log_every_steps}); lower optimizer.peak_lr.")
                     writer.write_scalars(step, last)
-                report(step)
+                for hook in hooks:
+                    hook(step)
+                preempted = self.manager.reached_preemption(step) or stop.requested
                 self.manager.save(step, args=ocp.args.Composite(
                     state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(iterator.get_state())),
-                    force=step == config.num_train_steps)
+                    force=step == config.num_train_steps or preempted)
+                if preempted:
+                    stop.restore()
+                    self.manager.wait_until_finished()
+                    writer.flush()
+                    logging.warning("Stopped at step %d on request (preemption or SIGTERM); the "
+                                    "checkpoint is saved and a rerun resumes from it.", step)
+                    return last | {"stopped_at_step": step}
+        stop.restore()
         self.manager.wait_until_finished()
         writer.flush()
         self.export(state)
@@ -298,6 +315,25 @@ class Trainer:
         return checkpointing.save_hmar(self.workdir / "export", model, overwrite=True,
                                        extra_metadata={"stage": self.config.stage,
                                                        "step": int(state.step), "weights": "ema"})
+
+
+class _StopRequest:
+    """Turns SIGTERM (what schedulers send before killing a job) into a clean stop at the
+    next step boundary; multi-host preemption comes through Orbax instead."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        self.requested = True
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 def _scalar_metrics(metrics: dict) -> dict[str, float]:

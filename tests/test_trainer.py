@@ -207,3 +207,29 @@ def test_trains_on_an_image_folder(tmp_path, tokenizer_export):
     with pytest.raises(ValueError, match="Unknown data.name"):
         trainer.Trainer(demo_config(**{"tokenizer.export": tokenizer_export, "data.name": "mnist"}),
                         str(tmp_path / "bad")).make_iterator()
+
+
+def test_sigterm_stops_cleanly_with_a_checkpoint(tmp_path, tokenizer_export):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    workdir = tmp_path / "run"
+    command = [sys.executable, "-m", "hmar_jax.train", "--config", "configs/demo.py:runlocal",
+               "--workdir", str(workdir), f"--config.tokenizer.export={tokenizer_export}",
+               "--config.num_train_steps=400", "--config.checkpoint_every_steps=1000",
+               "--config.log_batch_fingerprints=True", "--config.model.overrides.depth=2",
+               "--config.model.overrides.width=64", "--config.model.overrides.num_mask_layers=1",
+               "--config.batch_size=8"]
+    process = subprocess.Popen(command, cwd=pathlib.Path(__file__).parents[1],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = workdir / "batch_fingerprints.txt"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (log.exists() and len(log.read_text().split()) >= 6):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 0  # a clean exit, not a kill
+    steps = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
+    assert 3 <= max(steps) < 400  # saved at the stop, off the 1000-step interval
+    assert not (workdir / "export").exists()
