@@ -24,7 +24,7 @@ demo: env
 	    --config.stage2.parent=$(abspath $(WORKDIR))/stage1/export
 
 test: env
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n auto $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) workdirs .pytest_cache
