@@ -81,6 +81,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = 500
     config.max_checkpoints_to_keep = 2
     config.log_batch_fingerprints = False  # workdir/batch_fingerprints.txt: data seen per step
+    config.sampling = ml_collections.ConfigDict()
+    config.sampling.samples_per_class = 10   # > 0: samples.png (a row per class) at the end
+    config.sampling.cfg = 1.5
+    config.sampling.top_k = 0
+    config.sampling.top_p = 0.9
     config.profile_first_step = 0          # > 0: write a 5-step profile trace to workdir/tb
 
     if runlocal:
@@ -89,4 +94,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.log_every_steps = 2
         config.checkpoint_every_steps = 2
         config.batch_size = 16
+        config.sampling.samples_per_class = 2
     return config

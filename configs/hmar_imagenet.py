@@ -115,6 +115,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = 2000
     config.max_checkpoints_to_keep = 3
     config.log_batch_fingerprints = False
+    config.sampling = ml_collections.ConfigDict()
+    config.sampling.samples_per_class = 0   # > 0: samples.png (a row per class) at the end
+    config.sampling.cfg = 1.5
+    config.sampling.top_k = 0
+    config.sampling.top_p = 0.9
     config.profile_first_step = 0          # > 0: write a 5-step profile trace to workdir/tb
 
     if args["runlocal"]:

@@ -34,6 +34,14 @@ DEFAULT_MASK_SCHEDULE_256 = ((1,), (1, 3), (1, 1, 2, 5), (16,), (25,), (36,), (6
                              (256,))
 
 
+def default_mask_schedule(patch_nums: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+    """Upstream's default refinement for any scale list: the 2x2 scale keeps 1 proposal and
+    re-predicts 3 in one step, the 3x3 scale keeps 1 and finalises 1, 2, 5 in three steps,
+    every other scale is a single next-scale pass (14 passes at 256 px)."""
+    special = {2: (1, 3), 3: (1, 1, 2, 5)}
+    return tuple(special.get(p, (p * p,)) for p in patch_nums)
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
     """Every sampling knob (hashable: it is a static argument of the compiled sampler).
@@ -44,7 +52,8 @@ class SamplingConfig:
       top_p: nucleus threshold in (0, 1); 0 or 1 disables.
       temperature: softmax temperature of the token draw (upstream: 1).
       mask_schedule: per scale, tokens kept from the proposal then finalised per mask
-        step; None runs the next-scale branch alone (no refinement).
+        step; ``"auto"`` uses ``default_mask_schedule``; None runs the next-scale branch
+        alone (no refinement).
       mask_cfg: guidance scale of the mask steps (upstream: cfg 1e-6, i.e. none).
     """
 
@@ -52,7 +61,7 @@ class SamplingConfig:
     top_k: int = 900
     top_p: float = 0.96
     temperature: float = 1.0
-    mask_schedule: tuple[tuple[int, ...], ...] | None = DEFAULT_MASK_SCHEDULE_256
+    mask_schedule: tuple[tuple[int, ...], ...] | str | None = "auto"
     mask_cfg: float | None = None
 
     def guidance(self, k: int, num_scales: int) -> float:
@@ -148,6 +157,8 @@ def generate(model: HMARTransformer, vae: VQVAE, labels: jax.Array, sample_index
     keys = sample_keys(seed, labels, sample_index)
     mask_cfg = config.cfg * 1e-6 if config.mask_cfg is None else config.mask_cfg
     schedules = config.mask_schedule or tuple((l,) for l in layout.tokens_per_scale)
+    if schedules == "auto":
+        schedules = default_mask_schedule(layout.patch_nums)
     if len(schedules) != num_scales:
         raise ValueError(f"mask_schedule has {len(schedules)} entries for {num_scales} scales.")
     f_hat = jnp.zeros((batch, layout.latent_side, layout.latent_side, mcfg.latent_channels))

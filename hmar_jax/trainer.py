@@ -33,8 +33,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
-from hmar_jax import (checkpointing, data, losses, metric_writers, optim, sharding,
-                      tokenizer_trainer)
+from hmar_jax import (checkpointing, data, losses, metric_writers, optim, sampling, sharding,
+                      tokenizer_trainer, visualize)
 from hmar_jax.model import (MASK_BRANCH, STAGE1_TRAINABLE, STAGE2_TRAINABLE, HMARConfig,
                             HMARTransformer, preset)
 from clu import periodic_actions  # after metric_writers (TF-free shim)
@@ -298,7 +298,9 @@ class Trainer:
         stop.restore()
         self.manager.wait_until_finished()
         writer.flush()
-        self.export(state)
+        model = self.export(state)
+        if is_main and config.sampling.samples_per_class > 0:
+            self.write_samples(model)
         return last
 
     def _log_fingerprint(self, step: int, batch: dict) -> None:
@@ -309,12 +311,33 @@ class Trainer:
         with open(self.workdir / "batch_fingerprints.txt", "a") as f:
             f.write(f"{step} {digest:08x}\n")
 
-    def export(self, state: TrainState) -> pathlib.Path:
-        """EMA weights (trainable part) plus the frozen part, as an ``hmar`` export."""
+    def export(self, state: TrainState) -> HMARTransformer:
+        """Writes the EMA weights (trainable part) plus the frozen part as an ``hmar`` export
+        to ``workdir/export`` and returns that model."""
         model = nnx.merge(self.graphdef, jax.device_get(state.ema), jax.device_get(state.frozen))
-        return checkpointing.save_hmar(self.workdir / "export", model, overwrite=True,
-                                       extra_metadata={"stage": self.config.stage,
-                                                       "step": int(state.step), "weights": "ema"})
+        checkpointing.save_hmar(self.workdir / "export", model, overwrite=True,
+                                extra_metadata={"stage": self.config.stage,
+                                                "step": int(state.step), "weights": "ema"})
+        return model
+
+    def write_samples(self, model: HMARTransformer, chunk: int = 100) -> pathlib.Path:
+        """``samples.png`` (one row per class) and ``samples.npz`` (uint8 images, labels)."""
+        sc = self.config.sampling
+        config = sampling.SamplingConfig(cfg=sc.cfg, top_k=sc.top_k, top_p=sc.top_p,
+                                         mask_schedule="auto" if self.config.stage == 2 else None)
+        per_class, classes = sc.samples_per_class, self.cfg.num_classes
+        labels = np.repeat(np.arange(classes, dtype=np.int32), per_class)
+        index = np.tile(np.arange(per_class, dtype=np.int32), classes)
+        images = np.concatenate([
+            np.asarray(sampling.generate_compiled(model, self.vae, labels[i:i + chunk],
+                                                  index[i:i + chunk], seed=self.config.seed,
+                                                  config=config))
+            for i in range(0, len(labels), chunk)])  # [N, H, W, 3] in [0, 1]
+        rows = [images[c * per_class:(c + 1) * per_class] * 2 - 1 for c in range(classes)]
+        visualize.save_grid(self.workdir / "samples.png", rows, upscale=4)
+        np.savez(self.workdir / "samples.npz", images=visualize.to_uint8(images * 2 - 1),
+                 labels=labels)
+        return self.workdir / "samples.png"
 
 
 class _StopRequest:

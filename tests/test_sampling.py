@@ -68,6 +68,13 @@ def test_top_k_top_p_filter_matches_upstream(hmar_fixture):
     np.testing.assert_array_equal(np.isfinite(np.asarray(filtered)), hmar_fixture["topkp_keep_BlV"])
 
 
+def test_default_schedule_matches_upstream_at_256px():
+    assert sampling.default_mask_schedule(ScaleLayout.create(256).patch_nums) == \
+        sampling.DEFAULT_MASK_SCHEDULE_256
+    passes = sum(len(s) for s in sampling.DEFAULT_MASK_SCHEDULE_256)
+    assert passes == 14  # 10 next-scale passes + 1 + 3 mask steps
+
+
 def test_filter_keeps_ties_and_the_argmax():
     logits = jnp.asarray([[3.0, 1.0, 1.0, 0.5, -2.0]])
     kept = np.isfinite(np.asarray(sampling.filter_logits(logits, 2, 0.0)))

@@ -24,6 +24,7 @@ def demo_config(**changes):
     config.model.overrides.num_heads = 2
     config.model.overrides.num_mask_layers = 1
     config.batch_size = 8
+    config.sampling.samples_per_class = 0
     for key, value in changes.items():
         node = config
         *parents, leaf = key.split(".")
@@ -66,7 +67,7 @@ def test_stage2_trains_only_the_mask_branch(tmp_path, tokenizer_export):
     trainer.Trainer(stage1, str(tmp_path / "s1")).run()
     stage2 = demo_config(**{"tokenizer.export": tokenizer_export, "num_train_steps": 3, "stage": 2,
                             "stage2.parent": str(tmp_path / "s1" / "export"),
-                            "ema_decay": 0.0})
+                            "ema_decay": 0.0, "sampling.samples_per_class": 2})
     run = trainer.Trainer(stage2, str(tmp_path / "s2"))
     start = run.initial_state()
     start_model = nnx.merge(run.graphdef, jax.device_get(start.trainable), jax.device_get(start.frozen))
@@ -86,6 +87,11 @@ def test_stage2_trains_only_the_mask_branch(tmp_path, tokenizer_export):
     for key in ("blocks", "head", "class_emb", "pos_embed"):
         for a, b in zip(jax.tree.leaves(parent[key]), jax.tree.leaves(final[key])):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # The run ends with a class-conditional grid (a row per class) and the samples as npz.
+    samples = np.load(tmp_path / "s2" / "samples.npz")
+    assert samples["images"].shape == (20, 16, 16, 3) and samples["images"].dtype == np.uint8
+    np.testing.assert_array_equal(samples["labels"], np.repeat(np.arange(10), 2))
+    assert (tmp_path / "s2" / "samples.png").is_file()
 
 
 @pytest.mark.parametrize("mesh", [(("data", 8), ("fsdp", 1)), (("data", 4), ("fsdp", 2)),
