@@ -335,8 +335,17 @@ class Trainer:
             for i in range(0, len(labels), chunk)])  # [N, H, W, 3] in [0, 1]
         rows = [images[c * per_class:(c + 1) * per_class] * 2 - 1 for c in range(classes)]
         visualize.save_grid(self.workdir / "samples.png", rows, upscale=4)
-        np.savez(self.workdir / "samples.npz", images=visualize.to_uint8(images * 2 - 1),
-                 labels=labels)
+        uint8_images = visualize.to_uint8(images * 2 - 1)
+        np.savez(self.workdir / "samples.npz", images=uint8_images, labels=labels)
+        if self.config.data.name == "digits":
+            from hmar_jax.evaluate import digits  # local: pulls in scikit-learn
+
+            report = digits.evaluate_samples(uint8_images, labels)
+            (self.workdir / "samples_eval.json").write_text(json.dumps(report, indent=2))
+            logging.info("Samples: %.1f%% classified as their class (classifier on real digits: "
+                         "%.1f%% held-out), variety %.2f of real digits, %.1f%% near-duplicates.",
+                         100 * report["accuracy"], 100 * report["classifier_accuracy_on_real_held_out"],
+                         report["variety_vs_real_mean"], 100 * report["near_duplicate_fraction"])
         return self.workdir / "samples.png"
 
 
