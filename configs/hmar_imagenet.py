@@ -118,6 +118,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.sampling = ml_collections.ConfigDict()
     config.sampling.samples_per_class = 0   # > 0: samples.png (a row per class) at the end
     config.sampling.cfg = 1.5
+    config.sampling.mask_cfg = ml_collections.config_dict.placeholder(float)  # None: upstream
     config.sampling.top_k = 0
     config.sampling.top_p = 0.9
     config.profile_first_step = 0          # > 0: write a 5-step profile trace to workdir/tb

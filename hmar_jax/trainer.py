@@ -324,7 +324,8 @@ class Trainer:
         """``samples.png`` (one row per class) and ``samples.npz`` (uint8 images, labels)."""
         sc = self.config.sampling
         config = sampling.SamplingConfig(cfg=sc.cfg, top_k=sc.top_k, top_p=sc.top_p,
-                                         mask_schedule="auto" if self.config.stage == 2 else None)
+                                         mask_schedule="auto" if self.config.stage == 2 else None,
+                                         mask_cfg=sc.mask_cfg)
         per_class, classes = sc.samples_per_class, self.cfg.num_classes
         labels = np.repeat(np.arange(classes, dtype=np.int32), per_class)
         index = np.tile(np.arange(per_class, dtype=np.int32), classes)
