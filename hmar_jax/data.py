@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Iterator
-
 import grain
 import numpy as np
 from absl import logging
@@ -68,29 +66,21 @@ def to_model_range(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {"image": batch["image"].astype(np.float32) / 127.5 - 1.0, "label": batch["label"]}
 
 
-def batched_iterator(images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int,
-                     *, shuffle: bool = True, repeat: bool = True) -> grain.DatasetIterator:
-    """A checkpointable grain iterator of ``{"image": f32 [B, H, W, 3], "label": i32 [B]}``.
+def batched_iterator(images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int
+                     ) -> grain.DatasetIterator:
+    """An endless, checkpointable grain iterator of ``{"image": f32 [B, H, W, 3], "label": i32 [B]}``.
 
-    Reshuffles every epoch (seeded); drops the last partial batch when repeating.
+    Reshuffles every epoch (seeded); batches never mix a partial batch in.
     ``get_state()``/``set_state()`` resume it exactly.
     """
     if len(labels) == 0:
         raise ValueError("The dataset is empty.")
-    if repeat and len(labels) < batch_size:
+    if len(labels) < batch_size:
         raise ValueError(f"Batch size {batch_size} exceeds the dataset size {len(labels)}.")
     dataset = grain.MapDataset.source(ArraySource(images, labels))
-    if shuffle:
-        dataset = dataset.shuffle(seed=seed)  # before repeat: a new permutation per epoch
-    if repeat:
-        dataset = dataset.repeat()
-    dataset = dataset.batch(batch_size, drop_remainder=repeat).map(to_model_range)
+    dataset = dataset.shuffle(seed=seed).repeat()  # shuffle first: a new permutation per epoch
+    dataset = dataset.batch(batch_size, drop_remainder=True).map(to_model_range)
     return iter(dataset.to_iter_dataset())
-
-
-def iterate_once(images: np.ndarray, labels: np.ndarray, batch_size: int) -> Iterator[dict]:
-    """One ordered pass (last batch may be smaller), for evaluation."""
-    return batched_iterator(images, labels, batch_size, seed=0, shuffle=False, repeat=False)
 
 
 # ----- real image datasets ----------------------------------------------------------------

@@ -3,7 +3,6 @@
 import json
 
 import numpy as np
-import pytest
 
 from hmar_jax.convert import torch_pickle
 from hmar_jax.convert import vqvae as vqvae_convert
