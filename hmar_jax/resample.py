@@ -64,10 +64,28 @@ def bicubic_matrix(n: int, m: int) -> np.ndarray:
     return matrix
 
 
+def bilinear_matrix(n: int, m: int) -> np.ndarray:
+    """float64 [m, n]: bilinear resampling from n to m samples, align_corners=False.
+
+    PyTorch's convention: source ``x = (i + 0.5) n / m - 0.5`` clamped at 0, taps
+    ``floor(x)`` and ``min(floor(x) + 1, n - 1)``. Used for editing masks (VAR's demo).
+    """
+    matrix = np.zeros((m, n))
+    for i in range(m):
+        x = max((i + 0.5) * n / m - 0.5, 0.0)
+        base = int(np.floor(x))
+        frac = x - base
+        matrix[i, min(base, n - 1)] += 1.0 - frac
+        matrix[i, min(base + 1, n - 1)] += frac
+    return matrix
+
+
+_BUILDERS = {"area": area_matrix, "bicubic": bicubic_matrix, "bilinear": bilinear_matrix}
+
+
 @functools.lru_cache(maxsize=None)
 def _matrix(kind: str, n: int, m: int) -> np.ndarray:
-    build = area_matrix if kind == "area" else bicubic_matrix
-    return build(n, m).astype(np.float32)
+    return _BUILDERS[kind](n, m).astype(np.float32)
 
 
 def resize(x: jax.Array, side: int, kind: str) -> jax.Array:
@@ -76,14 +94,14 @@ def resize(x: jax.Array, side: int, kind: str) -> jax.Array:
     Args:
       x: NHWC latent with equal height and width.
       side: output side m.
-      kind: ``"area"`` (down-sampling) or ``"bicubic"`` (up-sampling).
+      kind: ``"area"`` (down-sampling), ``"bicubic"`` (up-sampling) or ``"bilinear"``.
 
     Returns:
       ``[B, side, side, C]`` in x's dtype. Same-size calls return x unchanged,
       which is exactly what PyTorch computes.
     """
-    if kind not in ("area", "bicubic"):
-        raise ValueError(f"Unknown resampling {kind!r}; use 'area' or 'bicubic'.")
+    if kind not in _BUILDERS:
+        raise ValueError(f"Unknown resampling {kind!r}; use one of {sorted(_BUILDERS)}.")
     n = x.shape[1]
     if x.shape[2] != n:
         raise ValueError(f"Expected a square latent [B, n, n, C], got shape {x.shape}.")

@@ -25,8 +25,12 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from hmar_jax import resample
 from hmar_jax.model import HMARTransformer
 from hmar_jax.vqvae import VQVAE
 
@@ -117,7 +121,7 @@ def _lowest(confidence: jax.Array, candidates: jax.Array, count: int) -> jax.Arr
     """bool ``[B, l]``: the ``count`` lowest-confidence positions among ``candidates``."""
     ranked = jnp.argsort(jnp.where(candidates, confidence, jnp.inf), axis=-1)
     ranks = jnp.argsort(ranked, axis=-1)
-    return ranks < count
+    return (ranks < count) & candidates
 
 
 def _confidence(filtered: jax.Array, tokens: jax.Array) -> jax.Array:
@@ -132,10 +136,114 @@ def _guide(logits: jax.Array, t: float) -> jax.Array:
 TokenSampler = Callable[[int, jax.Array, jax.Array], jax.Array]
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class EditTarget:
+    """Tokens to teacher-force while sampling (zero-shot editing).
+
+    Attributes:
+      tokens: per scale k, int32 ``[B, p_k^2]``: the source image's tokens.
+      keep: per scale k, bool ``[B, p_k^2]``: True where the source token is kept; the
+        sampler only writes where it is False.
+    """
+
+    tokens: tuple[jax.Array, ...]
+    keep: tuple[jax.Array, ...]
+
+
+def scale_keep_masks(regenerate: jax.Array, patch_nums: tuple[int, ...]) -> tuple[jax.Array, ...]:
+    """Pixel mask -> per-scale keep masks, following VAR's zero-shot editing demo.
+
+    The keep mask (not ``regenerate``) is area-averaged to the latent side P and
+    thresholded at 0.5, then resized to each scale with bilinear interpolation
+    (align_corners=False) and thresholded at 0.5; scales of at most 3 tokens keep
+    everything.
+
+    Args:
+      regenerate: bool ``[B, H, W]``, True where new content is generated.
+      patch_nums: the scale sides.
+
+    Returns:
+      per scale k, bool ``[B, p_k^2]``.
+    """
+    keep = (~regenerate).astype(jnp.float32)[..., None]  # [B, H, W, 1]
+    latent = (resample.resize(keep, patch_nums[-1], "area") > 0.5).astype(jnp.float32)
+    masks = []
+    for side in patch_nums:
+        scaled = resample.resize(latent, side, "bilinear")[..., 0] > 0.5  # [B, p, p]
+        if side * side <= 3:
+            scaled = jnp.ones_like(scaled)
+        masks.append(scaled.reshape(scaled.shape[0], side * side))
+    return tuple(masks)
+
+
+def edit_target(vae: VQVAE, images: jax.Array, regenerate: jax.Array) -> EditTarget:
+    """Encodes the source images and builds the per-scale keep masks.
+
+    Args:
+      vae: the model's tokenizer.
+      images: ``[B, H, W, 3]`` in [0, 1] at the tokenizer's resolution.
+      regenerate: bool ``[B, H, W]``, True where new content is generated (inpainting:
+        the hole; outpainting: everything outside the kept region).
+    """
+    side = vae.config.image_size
+    if images.ndim != 4 or images.shape[1:] != (side, side, 3):
+        raise ValueError(f"Edit images must be [B, {side}, {side}, 3] in [0, 1] for this tokenizer, "
+                         f"got shape {tuple(images.shape)}; resize or crop them first.")
+    if regenerate.shape != images.shape[:3]:
+        raise ValueError(f"The edit mask must be [B, H, W] = {tuple(images.shape[:3])}, got "
+                         f"{tuple(regenerate.shape)}; give one mask pixel per image pixel.")
+    indices = vae.encode_to_indices(images * 2.0 - 1.0)
+    tokens = tuple(idx.reshape(idx.shape[0], -1) for idx in indices)
+    return EditTarget(tokens, scale_keep_masks(regenerate.astype(bool), vae.config.patch_nums))
+
+
+def box_mask(image_size: int, box: tuple[float, float, float, float], *, inpaint: bool,
+             batch: int = 1) -> jax.Array:
+    """bool ``[batch, H, W]`` regenerate mask from a box ``(y0, x0, y1, x1)`` in [0, 1].
+
+    ``inpaint=True`` regenerates the box; ``False`` (outpainting) keeps the box and
+    regenerates the rest.
+    """
+    y0, x0, y1, x1 = box
+    if not (0 <= y0 < y1 <= 1 and 0 <= x0 < x1 <= 1):
+        raise ValueError(f"Box {box} must be (y0, x0, y1, x1) with 0 <= y0 < y1 <= 1 and "
+                         "0 <= x0 < x1 <= 1.")
+    rows = jnp.arange(image_size)[:, None]
+    cols = jnp.arange(image_size)[None, :]
+    inside = ((rows >= round(y0 * image_size)) & (rows < round(y1 * image_size))
+              & (cols >= round(x0 * image_size)) & (cols < round(x1 * image_size)))
+    mask = inside if inpaint else ~inside
+    return jnp.broadcast_to(mask, (batch, image_size, image_size))
+
+
+def _resolve_schedules(config: SamplingConfig, model: HMARTransformer):
+    layout = model.config.layout
+    schedules = config.mask_schedule or tuple((l,) for l in layout.tokens_per_scale)
+    if schedules == "auto":
+        schedules = default_mask_schedule(layout.patch_nums)
+    if len(schedules) != layout.num_scales:
+        raise ValueError(f"mask_schedule has {len(schedules)} entries for {layout.num_scales} scales.")
+    for k, (schedule, count) in enumerate(zip(schedules, layout.tokens_per_scale)):
+        if sum(schedule) != count:
+            raise ValueError(f"mask_schedule[{k}] = {schedule} must sum to {count}.")
+    refines = any(len(s) > 1 and count > 1 for s, count in zip(schedules, layout.tokens_per_scale))
+    if refines and model.config.attention_pattern == "block_causal":
+        raise ValueError("VAR-mode (block-causal) models sample without refinement; use "
+                         "mask_schedule=None.")
+    if refines and model.config.num_mask_layers == 0:
+        raise ValueError("This model has no mask branch; use mask_schedule=None.")
+    return schedules
+
+
 def generate(model: HMARTransformer, vae: VQVAE, labels: jax.Array, sample_index: jax.Array,
-             seed: int, config: SamplingConfig, *, token_sampler: TokenSampler | None = None,
-             return_trace: bool = False):
+             seed: int, config: SamplingConfig, *, edit: EditTarget | None = None,
+             token_sampler: TokenSampler | None = None, return_trace: bool = False):
     """Samples images for ``labels`` (int ``[B]``; the null class gives unconditional ones).
+
+    HMAR models (block-diagonal) run each scale alone; VAR-mode models
+    (``attention_pattern="block_causal"``) run the same loop with a KV cache, each scale
+    attending to all earlier ones (no refinement).
 
     Args:
       model: the HMAR transformer (mask branch needed when ``config.mask_schedule`` masks).
@@ -144,23 +252,24 @@ def generate(model: HMARTransformer, vae: VQVAE, labels: jax.Array, sample_index
       sample_index: int ``[B]`` index of each sample within its class (randomness).
       seed: global seed.
       config: sampling knobs.
+      edit: tokens to keep (zero-shot editing, see ``edit_target``): at every scale the
+        kept tokens replace the proposal, and refinement re-masks only editable tokens.
       token_sampler: replaces the categorical draw, ``(k, filtered [B, l, V], keys [B]) ->
         tokens [B, l]`` (teacher forcing in tests, custom samplers).
-      return_trace: also return the raw logits and masked sets of every pass.
+      return_trace: also return the raw logits, tokens and masked sets of every pass.
 
     Returns:
       images ``[B, H, W, 3]`` in [0, 1] (and the trace dict when asked).
     """
     mcfg, layout = model.config, model.config.layout
     num_scales, batch = layout.num_scales, labels.shape[0]
+    schedules = _resolve_schedules(config, model)
     labels2 = jnp.concatenate([labels, jnp.full_like(labels, mcfg.null_class)])  # [cond; uncond]
     keys = sample_keys(seed, labels, sample_index)
     mask_cfg = config.cfg * 1e-6 if config.mask_cfg is None else config.mask_cfg
-    schedules = config.mask_schedule or tuple((l,) for l in layout.tokens_per_scale)
-    if schedules == "auto":
-        schedules = default_mask_schedule(layout.patch_nums)
-    if len(schedules) != num_scales:
-        raise ValueError(f"mask_schedule has {len(schedules)} entries for {num_scales} scales.")
+    kv_cache = None
+    if mcfg.attention_pattern == "block_causal":
+        kv_cache = model.init_kv_cache(2 * batch, mcfg.compute_dtype)
     f_hat = jnp.zeros((batch, layout.latent_side, layout.latent_side, mcfg.latent_channels))
     trace: dict[str, jax.Array] = {}
 
@@ -170,29 +279,36 @@ def generate(model: HMARTransformer, vae: VQVAE, labels: jax.Array, sample_index
             return token_sampler(k, filtered, step_keys)
         return draw_tokens(step_keys, filtered, config.temperature)
 
+    def embed(k, tokens):  # tokens [B, l] -> scale k's residual [B, P, P, Cv]
+        side = layout.patch_nums[k]
+        return vae.scale_residual(k, vae.lookup(tokens.reshape(batch, side, side)))
+
     for k, side in enumerate(layout.patch_nums):
         tokens_in_scale = side * side
+        keep = None if edit is None else edit.keep[k]
         x_ns = None
         if k > 0:
             x_ns = vae.scale_input(k, f_hat).reshape(batch, tokens_in_scale, -1)  # [B, l, Cv]
             x_ns = jnp.concatenate([x_ns, x_ns])
-        logits = model.forward_scale(k, labels2, x_ns)  # [2B, l, V]
+        if kv_cache is None:
+            logits = model.forward_scale(k, labels2, x_ns)  # [2B, l, V]
+        else:
+            logits, kv_cache = model.forward_scale(k, labels2, x_ns, kv_cache=kv_cache)
         filtered = filter_logits(_guide(logits, config.guidance(k, num_scales)), config.top_k,
                                  config.top_p)
         tokens = draw(k, 0, filtered)  # [B, l]
+        if keep is not None:
+            tokens = jnp.where(keep, edit.tokens[k], tokens)
         if return_trace:
             trace[f"ns_logits_s{k}"] = logits
         schedule = schedules[k]
-        if sum(schedule) != tokens_in_scale:
-            raise ValueError(f"mask_schedule[{k}] = {schedule} must sum to {tokens_in_scale}.")
         if tokens_in_scale > 1 and len(schedule) > 1:
-            masked = _lowest(_confidence(filtered, tokens), jnp.ones_like(tokens, bool),
-                             sum(schedule[1:]))
+            editable = jnp.ones_like(tokens, bool) if keep is None else ~keep
+            masked = _lowest(_confidence(filtered, tokens), editable, sum(schedule[1:]))
             for step in range(1, len(schedule)):
                 if return_trace:
                     trace[f"mask_s{k}_step{step}"] = masked
-                own = vae.scale_residual(k, vae.lookup(tokens.reshape(batch, side, side)))
-                x_mask = vae.scale_input(k, own).reshape(batch, tokens_in_scale, -1)
+                x_mask = vae.scale_input(k, embed(k, tokens)).reshape(batch, tokens_in_scale, -1)
                 mask_logits = model.forward_scale(
                     k, labels2, x_ns, x_mask=jnp.concatenate([x_mask, x_mask]),
                     masked=jnp.concatenate([masked, masked]))
@@ -202,18 +318,129 @@ def generate(model: HMARTransformer, vae: VQVAE, labels: jax.Array, sample_index
                 tokens = jnp.where(masked, draw(k, step, filtered), tokens)
                 if step < len(schedule) - 1:
                     masked = _lowest(_confidence(filtered, tokens), masked, sum(schedule[step + 1:]))
-        f_hat = f_hat + vae.scale_residual(k, vae.lookup(tokens.reshape(batch, side, side)))
+        if return_trace:
+            trace[f"tokens_s{k}"] = tokens
+        f_hat = f_hat + embed(k, tokens)
     images = (vae.decode_latent(f_hat) + 1.0) / 2.0
     return (images, trace) if return_trace else images
 
 
 @nnx.jit(static_argnames=("seed", "config"))
 def generate_compiled(model: HMARTransformer, vae: VQVAE, labels: jax.Array,
-                      sample_index: jax.Array, seed: int, config: SamplingConfig) -> jax.Array:
+                      sample_index: jax.Array, seed: int, config: SamplingConfig,
+                      edit: EditTarget | None = None) -> jax.Array:
     """``generate`` compiled once per (model, scale list, config): no Python per token.
 
     Example:
       >>> images = generate_compiled(model, vae, jnp.array([207, 360]), jnp.array([0, 0]),
       ...                            seed=0, config=PRESETS["hmar-d16"])     # [2, 256, 256, 3]
     """
-    return generate(model, vae, labels, sample_index, seed, config)
+    return generate(model, vae, labels, sample_index, seed, config, edit=edit)
+
+
+def edit(model: HMARTransformer, vae: VQVAE, images: jax.Array, regenerate: jax.Array,
+         labels: jax.Array, sample_index: jax.Array, seed: int, config: SamplingConfig
+         ) -> jax.Array:
+    """Zero-shot inpainting, outpainting or class-conditional editing.
+
+    Args:
+      images: ``[B, H, W, 3]`` in [0, 1], the sources.
+      regenerate: bool ``[B, H, W]``, True where new content is sampled (see ``box_mask``).
+      labels: int ``[B]``: a class for class-conditional edits, or ``model.config.num_classes``
+        (the null class) for plain in/outpainting.
+      sample_index, seed, config: as in ``generate``.
+
+    Returns:
+      ``[B, H, W, 3]`` in [0, 1].
+    """
+    check_labels(labels, model.config.num_classes, allow_null=True)
+    target = edit_target(vae, jnp.asarray(images, jnp.float32), jnp.asarray(regenerate))
+    return generate_compiled(model, vae, jnp.asarray(labels, jnp.int32),
+                             jnp.asarray(sample_index, jnp.int32), seed=seed, config=config,
+                             edit=target)
+
+
+def check_labels(labels, num_classes: int, allow_null: bool = False) -> None:
+    """Raises ValueError naming the first class id outside ``[0, num_classes)`` (or the
+    null class ``num_classes`` when ``allow_null``)."""
+    values = np.asarray(labels)
+    if values.dtype.kind not in "iu":
+        raise ValueError(f"Class ids must be integers, got dtype {values.dtype}.")
+    limit = num_classes + 1 if allow_null else num_classes
+    bad = values[(values < 0) | (values >= limit)]
+    if bad.size:
+        allowed = f"0..{num_classes - 1}" + (f" or {num_classes} (unconditional)" if allow_null else "")
+        raise ValueError(f"Class id {int(bad[0])} is out of range: this model has classes {allowed}.")
+
+
+def resolve_preset(name: str, pretrained=None) -> SamplingConfig:
+    """A named preset, or ``"default"``: the sampling config stored with a pretrained
+    checkpoint (``hmar_jax.pretrained.Pretrained``)."""
+    if name == "default":
+        if pretrained is None or pretrained.sampling is None:
+            raise ValueError("Preset 'default' needs a checkpoint that stores a sampling config; "
+                             f"choose one of {sorted(PRESETS)}.")
+        return pretrained.sampling
+    if name not in PRESETS:
+        raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(PRESETS)} or 'default'.")
+    return PRESETS[name]
+
+
+def _sharded_sampler(model_graph, vae_graph, seed: int, config: SamplingConfig, mesh: Mesh):
+    replicated, batched = NamedSharding(mesh, P()), NamedSharding(mesh, P(mesh.axis_names))
+
+    def run(model_state, vae_state, labels, sample_index):
+        model, vae = nnx.merge(model_graph, model_state), nnx.merge(vae_graph, vae_state)
+        return generate(model, vae, labels, sample_index, seed, config)
+
+    return jax.jit(run, in_shardings=(replicated, replicated, batched, batched),
+                   out_shardings=batched)
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """float ``[N, H, W, 3]`` in [0, 1] -> uint8 with torchvision's ``save_image`` rounding."""
+    return np.clip(np.floor(np.asarray(images, np.float32) * 255.0 + 0.5), 0, 255).astype(np.uint8)
+
+
+def generate_batches(model: HMARTransformer, vae: VQVAE, labels, sample_index, *, seed: int,
+                     config: SamplingConfig, batch_size: int = 64, mesh: Mesh | None = None
+                     ) -> np.ndarray:
+    """Many samples, batch-sharded over the devices of ``mesh`` (default: all local devices).
+
+    Every call runs one compiled sampler on fixed-size batches (the last one padded);
+    sample i depends only on ``(seed, labels[i], sample_index[i])``, so the result does
+    not depend on ``batch_size`` or on the number of devices.
+
+    Args:
+      labels, sample_index: int ``[N]``.
+      batch_size: samples per compiled call (rounded up to a multiple of the device count).
+
+    Returns:
+      uint8 ``[N, H, W, 3]``.
+    """
+    labels = np.asarray(labels)
+    check_labels(labels, model.config.num_classes, allow_null=True)
+    labels, sample_index = labels.astype(np.int32), np.asarray(sample_index, np.int32)
+    if labels.shape != sample_index.shape or labels.ndim != 1:
+        raise ValueError(f"labels {labels.shape} and sample_index {sample_index.shape} must both "
+                         "be [N].")
+    if mesh is None:
+        mesh = Mesh(np.asarray(jax.local_devices()), ("data",))
+    devices = mesh.devices.size
+    batch_size = -(-min(batch_size, max(len(labels), 1)) // devices) * devices
+    model_graph, model_state = nnx.split(model)
+    vae_graph, vae_state = nnx.split(vae)
+    replicated = NamedSharding(mesh, P())
+    model_state = jax.device_put(model_state, replicated)
+    vae_state = jax.device_put(vae_state, replicated)
+    sampler = _sharded_sampler(model_graph, vae_graph, seed, config, mesh)
+    chunks = []
+    for begin in range(0, len(labels), batch_size):
+        count = min(batch_size, len(labels) - begin)
+        pad = lambda a: np.concatenate([a[begin:begin + count],  # noqa: E731
+                                        np.repeat(a[begin + count - 1:begin + count],
+                                                  batch_size - count)])
+        images = sampler(model_state, vae_state, pad(labels), pad(sample_index))
+        chunks.append(to_uint8(jax.device_get(images))[:count])
+    return np.concatenate(chunks) if chunks else np.zeros((0,) + (vae.config.image_size,) * 2 + (3,),
+                                                            np.uint8)

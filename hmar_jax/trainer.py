@@ -40,6 +40,9 @@ from hmar_jax.model import (MASK_BRANCH, STAGE1_TRAINABLE, STAGE2_TRAINABLE, HMA
 from clu import periodic_actions  # after metric_writers (TF-free shim)
 
 
+RUN_CONFIG = "train_config.json"
+
+
 @flax.struct.dataclass
 class TrainState:
     """Everything a step changes. ``trainable``/``frozen`` are ``nnx.State`` trees."""
@@ -200,6 +203,31 @@ class Trainer:
             state = jax.device_put(state, self.state_shardings)
         return state
 
+    def restore_latest(self, with_data: bool = False):
+        """The newest checkpoint's state, sharded like a fresh one (None if there is none);
+        with ``with_data`` also the data-iterator state."""
+        step = self.manager.latest_step()
+        if step is None:
+            return None
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              jax.eval_shape(self._init_state), self.state_shardings)
+        items = {"state": ocp.args.StandardRestore(target)}
+        if with_data:
+            items["data"] = ocp.args.JsonRestore()
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return (restored["state"], restored["data"]) if with_data else restored["state"]
+
+    def ema_model(self, state: TrainState) -> HMARTransformer:
+        """The model with the EMA of the trainable part and the frozen rest (on the host)."""
+        return nnx.merge(self.graphdef, jax.device_get(state.ema), jax.device_get(state.frozen))
+
+    def sampling_config(self) -> sampling.SamplingConfig:
+        """The run's sampling settings (refinement only once stage 2 trained the mask branch)."""
+        sc = self.config.sampling
+        return sampling.SamplingConfig(cfg=sc.cfg, top_k=sc.top_k, top_p=sc.top_p,
+                                       mask_schedule="auto" if self.config.stage == 2 else None,
+                                       mask_cfg=sc.mask_cfg)
+
     def _check_workdir_config(self) -> None:
         path = self.workdir / "hmar_train_config.json"
         current = {"stage": self.config.stage, "model": self.cfg.architecture()}
@@ -212,6 +240,8 @@ class Trainer:
                     "use a new --workdir or restore the matching config.")
         else:
             path.write_text(json.dumps(current, indent=2))
+        # The whole config, for `python -m hmar_jax.export --workdir` and for the record.
+        (self.workdir / RUN_CONFIG).write_text(self.config.to_json_best_effort(indent=2))
 
     # ----- data ------------------------------------------------------------------------------
     def make_iterator(self):
@@ -247,15 +277,12 @@ class Trainer:
         exports the EMA model to ``workdir/export``; returns the last logged metrics."""
         config = self.config
         iterator = self.make_iterator()
-        state = self.initial_state()
-        if self.manager.latest_step() is not None:
-            restored = self.manager.restore(self.manager.latest_step(), args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(jax.tree.map(
-                    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                    state, self.state_shardings)),
-                data=ocp.args.JsonRestore()))
-            state = restored["state"]
-            iterator.set_state(restored["data"])
+        restored = self.restore_latest(with_data=True)
+        if restored is None:
+            state = self.initial_state()
+        else:
+            state, data_state = restored
+            iterator.set_state(data_state)
             logging.info("Resumed from step %d.", int(state.step))
         is_main = jax.process_index() == 0
         writer = metric_writers.create_writer(str(self.workdir / "tb"), just_logging=not is_main)
@@ -314,7 +341,7 @@ class Trainer:
     def export(self, state: TrainState) -> HMARTransformer:
         """Writes the EMA weights (trainable part) plus the frozen part as an ``hmar`` export
         to ``workdir/export`` and returns that model."""
-        model = nnx.merge(self.graphdef, jax.device_get(state.ema), jax.device_get(state.frozen))
+        model = self.ema_model(state)
         checkpointing.save_hmar(self.workdir / "export", model, overwrite=True,
                                 extra_metadata={"stage": self.config.stage,
                                                 "step": int(state.step), "weights": "ema"})
@@ -322,21 +349,17 @@ class Trainer:
 
     def write_samples(self, model: HMARTransformer, chunk: int = 100) -> pathlib.Path:
         """``samples.png`` (one row per class) and ``samples.npz`` (uint8 images, labels)."""
-        sc = self.config.sampling
-        config = sampling.SamplingConfig(cfg=sc.cfg, top_k=sc.top_k, top_p=sc.top_p,
-                                         mask_schedule="auto" if self.config.stage == 2 else None,
-                                         mask_cfg=sc.mask_cfg)
-        per_class, classes = sc.samples_per_class, self.cfg.num_classes
+        per_class, classes = self.config.sampling.samples_per_class, self.cfg.num_classes
         labels = np.repeat(np.arange(classes, dtype=np.int32), per_class)
         index = np.tile(np.arange(per_class, dtype=np.int32), classes)
-        images = np.concatenate([
-            np.asarray(sampling.generate_compiled(model, self.vae, labels[i:i + chunk],
-                                                  index[i:i + chunk], seed=self.config.seed,
-                                                  config=config))
-            for i in range(0, len(labels), chunk)])  # [N, H, W, 3] in [0, 1]
-        rows = [images[c * per_class:(c + 1) * per_class] * 2 - 1 for c in range(classes)]
+        uint8_images = sampling.generate_batches(model, self.vae, labels, index,
+                                                 seed=self.config.seed,
+                                                 config=self.sampling_config(),
+                                                 batch_size=chunk)  # [N, H, W, 3]
+        shown = min(per_class, 10)  # the grid shows the first 10 samples of each class
+        rows = [uint8_images[c * per_class:c * per_class + shown].astype(np.float32) / 127.5 - 1
+                for c in range(classes)]
         visualize.save_grid(self.workdir / "samples.png", rows, upscale=4)
-        uint8_images = visualize.to_uint8(images * 2 - 1)
         np.savez(self.workdir / "samples.npz", images=uint8_images, labels=labels)
         if self.config.data.name == "digits":
             from hmar_jax.evaluate import digits  # local: pulls in scikit-learn

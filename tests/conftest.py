@@ -35,3 +35,18 @@ def hmar_fixture() -> dict[str, np.ndarray]:
     """Upstream HMAR outputs (see tests/fixtures/README.md)."""
     with np.load(FIXTURES / "hmar_small.npz") as z:
         return {k: z[k] for k in z.files}
+
+
+@pytest.fixture(scope="session")
+def tokenizer_export(tmp_path_factory) -> str:
+    """A small random tokenizer export for 16 px digits (training it is tested elsewhere)."""
+    from flax import nnx
+
+    from hmar_jax import checkpointing
+    from hmar_jax.vqvae import VQVAE, VQVAEConfig
+
+    cfg = VQVAEConfig(vocab_size=32, z_channels=8, ch=16, ch_mult=(1, 2), num_res_blocks=1,
+                      using_sa=False, norm_groups=4, patch_nums=(1, 2, 3, 4, 6, 8))
+    path = tmp_path_factory.mktemp("tok") / "tokenizer"
+    checkpointing.save_tokenizer(path, VQVAE(cfg, rngs=nnx.Rngs(0)))
+    return str(path)

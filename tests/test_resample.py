@@ -75,4 +75,13 @@ def test_resize_rejects_bad_input():
     with pytest.raises(ValueError, match="square"):
         resample.resize(jnp.zeros((1, 4, 5, 2)), 2, "area")
     with pytest.raises(ValueError, match="Unknown resampling"):
-        resample.resize(jnp.zeros((1, 4, 4, 2)), 2, "bilinear")
+        resample.resize(jnp.zeros((1, 4, 4, 2)), 2, "nearest")
+
+
+def test_bilinear_matches_pytorch_half_pixel_convention():
+    # F.interpolate(mode="bilinear", align_corners=False): source x = (i + 0.5) n / m - 0.5,
+    # clamped at 0; the last tap repeats at the border.
+    np.testing.assert_allclose(resample.bilinear_matrix(4, 2), [[0.5, 0.5, 0, 0], [0, 0, 0.5, 0.5]])
+    np.testing.assert_allclose(resample.bilinear_matrix(2, 4),
+                               [[1, 0], [0.75, 0.25], [0.25, 0.75], [0, 1]])
+    np.testing.assert_allclose(resample.bilinear_matrix(5, 3).sum(1), 1.0)

@@ -1,6 +1,5 @@
 """Trainer: exact resume, stage-2 freeze, sharded == single-device, config guards."""
 
-import importlib.util
 import pathlib
 
 import jax
@@ -10,38 +9,7 @@ from flax import nnx
 
 from hmar_jax import checkpointing, optim, sharding, trainer
 from hmar_jax.model import is_mask_branch
-from hmar_jax.vqvae import VQVAE, VQVAEConfig
-
-
-def demo_config(**changes):
-    path = pathlib.Path(__file__).parents[1] / "configs" / "demo.py"
-    spec = importlib.util.spec_from_file_location("demo_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("runlocal")
-    config.model.overrides.depth = 2
-    config.model.overrides.width = 64
-    config.model.overrides.num_heads = 2
-    config.model.overrides.num_mask_layers = 1
-    config.batch_size = 8
-    config.sampling.samples_per_class = 0
-    for key, value in changes.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return config
-
-
-@pytest.fixture(scope="module")
-def tokenizer_export(tmp_path_factory):
-    """A small random tokenizer for 16 px digits (training it is tested elsewhere)."""
-    cfg = VQVAEConfig(vocab_size=32, z_channels=8, ch=16, ch_mult=(1, 2), num_res_blocks=1,
-                      using_sa=False, norm_groups=4, patch_nums=(1, 2, 3, 4, 6, 8))
-    path = tmp_path_factory.mktemp("tok") / "tokenizer"
-    checkpointing.save_tokenizer(path, VQVAE(cfg, rngs=nnx.Rngs(0)))
-    return str(path)
+from tiny_runs import demo_config
 
 
 def params_of(workdir) -> dict:

@@ -1,0 +1,155 @@
+"""Pretrained bundles: export from a workdir, load onto one device or a mesh, and the
+sample / edit command lines with their error messages."""
+
+import json
+import pathlib
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+
+from hmar_jax import checkpointing, edit, export, pretrained, sample, sampling, sharding, trainer
+from hmar_jax.vqvae import VQVAE, VQVAEConfig
+from tiny_runs import demo_config
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tokenizer_export):
+    """A 2-step stage-1 run and its bundle."""
+    root = tmp_path_factory.mktemp("run")
+    config = demo_config(**{"tokenizer.export": tokenizer_export, "num_train_steps": 2})
+    trainer.Trainer(config, str(root / "workdir")).run()
+    bundle = export.export_workdir(root / "workdir", root / "bundle")
+    return root, bundle
+
+
+def params(module) -> list[np.ndarray]:
+    return [np.asarray(a) for a in jax.tree.leaves(nnx.to_pure_dict(nnx.state(module, nnx.Param)))]
+
+
+def test_workdir_export_holds_the_ema_model_tokenizer_and_sampling(run, tokenizer_export):
+    root, bundle = run
+    loaded = pretrained.load_pretrained(bundle)
+    final_export = checkpointing.load_hmar(root / "workdir" / "export")  # EMA at the last step
+    for a, b in zip(params(loaded.model), params(final_export)):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(params(loaded.vae), params(checkpointing.load_tokenizer(tokenizer_export))):
+        np.testing.assert_array_equal(a, b)
+    assert loaded.sampling.mask_schedule is None  # stage 1: no refinement
+    assert loaded.sampling.cfg == demo_config().sampling.cfg
+    assert loaded.metadata["source"] == {"workdir": "workdir", "stage": 1, "step": 2, "weights": "ema"}
+
+
+def test_export_errors(run, tmp_path):
+    root, bundle = run
+    with pytest.raises(FileNotFoundError, match="not a training workdir"):
+        export.export_workdir(tmp_path, tmp_path / "out")
+    with pytest.raises(FileExistsError, match="already exists"):
+        export.export_workdir(root / "workdir", bundle)
+    with pytest.raises(FileNotFoundError, match="run `python -m hmar_jax.export --workdir"):
+        pretrained.load_pretrained(root / "workdir")
+    assert export.main(["--workdir", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    with pytest.raises(SystemExit):
+        export.parse_args(["--workdir", "a", "--model", "b", "--out", "c"])
+
+
+def test_pair_export_and_mismatched_tokenizer(run, tmp_path):
+    _, bundle = run
+    manifest = pretrained.read_manifest(bundle)
+    out = export.export_pair(bundle / manifest["model"], bundle / manifest["tokenizer"],
+                             tmp_path / "pair", preset="hmar-d16")
+    assert pretrained.load_pretrained(out).sampling == sampling.PRESETS["hmar-d16"]
+    # A bundle whose tokenizer has another vocabulary is refused with one message.
+    broken = tmp_path / "broken"
+    shutil.copytree(bundle, broken)
+    other = VQVAE(VQVAEConfig(vocab_size=16, z_channels=8, ch=16, ch_mult=(1, 2), num_res_blocks=1,
+                              using_sa=False, norm_groups=4, patch_nums=(1, 2, 3, 4, 6, 8)),
+                  rngs=nnx.Rngs(0))
+    checkpointing.save_tokenizer(broken / "tokenizer", other, overwrite=True)
+    with pytest.raises(ValueError, match="tokenizer does not match the model .*vocabulary 32"):
+        pretrained.load_pretrained(broken)
+    assert sample.main(["--checkpoint", str(broken), "--classes", "1", "--out",
+                        str(tmp_path / "s.npz")]) == 2
+
+
+def test_load_onto_a_mesh_gives_the_same_samples(run):
+    _, bundle = run
+    mesh = sharding.make_mesh((("data", 4), ("fsdp", 2)))
+    sharded = pretrained.load_pretrained(bundle, mesh=mesh)
+    kernel = sharded.model.blocks.ffn.fc1.kernel[...]
+    assert kernel.sharding.spec != jax.sharding.PartitionSpec()  # FSDP-sharded
+    plain = pretrained.load_pretrained(bundle)
+    labels, index = np.array([0, 3, 9]), np.array([0, 1, 2])
+    expected = sampling.generate_batches(plain.model, plain.vae, labels, index, seed=1,
+                                         config=plain.sampling)
+    got = sampling.generate_batches(sharded.model, sharded.vae, labels, index, seed=1,
+                                    config=plain.sampling, mesh=jax.sharding.Mesh(
+                                        np.asarray(jax.devices()), ("data",)))
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_sample_cli_writes_npz_and_png(run, tmp_path):
+    _, bundle = run
+    out = tmp_path / "samples.npz"
+    assert sample.main(["--checkpoint", str(bundle), "--classes", "2,7", "--num", "3",
+                        "--out", str(out), "--seed", "5", "--batch-size", "4"]) == 0
+    with np.load(out) as z:
+        images, labels, index = z["images"], z["labels"], z["sample_index"]
+    assert images.shape == (6, 16, 16, 3) and images.dtype == np.uint8
+    np.testing.assert_array_equal(labels, [2, 2, 2, 7, 7, 7])
+    np.testing.assert_array_equal(index, [0, 1, 2, 0, 1, 2])
+    loaded = pretrained.load_pretrained(bundle)
+    direct = sampling.generate_batches(loaded.model, loaded.vae, labels, index, seed=5,
+                                       config=loaded.sampling)
+    np.testing.assert_array_equal(images, direct)
+    png = tmp_path / "grid.png"
+    assert sample.main(["--checkpoint", str(bundle), "--classes", "all", "--num", "2",
+                        "--out", str(png)]) == 0
+    width, height = Image.open(png).size
+    assert (height, width) == ((10 * 17 + 1) * 8, (2 * 17 + 1) * 8)  # 16 px cells + padding, x8
+    assert not list(tmp_path.glob(".*partial*"))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--classes", "10"], "Class id 10 is out of range: this model has classes 0..9"),
+    (["--classes", "3,x"], "--classes entry 'x' is not an integer"),
+    (["--classes", "1", "--preset", "nope"], "Unknown preset 'nope'"),
+])
+def test_sample_cli_errors(run, tmp_path, capsys, argv, message):
+    _, bundle = run
+    code = sample.main(["--checkpoint", str(bundle), "--out", str(tmp_path / "x.npz"), *argv])
+    assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "x.npz").exists()
+
+
+def test_edit_cli_inpaints_and_rejects_bad_input(run, tmp_path, capsys):
+    _, bundle = run
+    source = (np.random.default_rng(0).random((16, 16, 3)) * 255).astype(np.uint8)
+    Image.fromarray(source).save(tmp_path / "src.png")
+    out = tmp_path / "edits.npz"
+    base = ["--checkpoint", str(bundle), "--image", str(tmp_path / "src.png")]
+    assert edit.main([*base, "--box", "0.25,0.25,0.75,0.75", "--class", "4", "--num", "2",
+                      "--out", str(out)]) == 0
+    with np.load(out) as z:
+        assert z["images"].shape == (2, 16, 16, 3)
+        assert z["regenerate"][8, 8] and not z["regenerate"][0, 0]
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "big.png")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "small_mask.png")
+    cases = [
+        (["--image", str(tmp_path / "big.png"), "--box", "0,0,0.5,0.5"], "pass --resize"),
+        (["--mask", str(tmp_path / "small_mask.png")], "--mask is 8x8 but the image is 16x16"),
+        (["--box", "0.5,0.5,0.2,0.9"], "must be (y0, x0, y1, x1)"),
+        (["--box", "0,0,1,1", "--class", "12"], "Class id 12 is out of range"),
+    ]
+    for extra, message in cases:
+        argv = [*base, *extra, "--out", str(tmp_path / "bad.png")]
+        if "--image" in extra:
+            argv = ["--checkpoint", str(bundle), *extra, "--out", str(tmp_path / "bad.png")]
+        assert edit.main(argv) == 2, extra
+        assert message in capsys.readouterr().err, extra
+    assert not (tmp_path / "bad.png").exists()
+    assert json.loads((bundle / pretrained.MANIFEST).read_text())["format"] == pretrained.FORMAT
+    assert pathlib.Path(bundle / "model" / "hmar_config.json").is_file()

@@ -1,0 +1,27 @@
+"""Shared builders for tests that run the trainer on tiny models (not a test module)."""
+
+import importlib.util
+import pathlib
+
+
+def demo_config(**changes):
+    """configs/demo.py:runlocal shrunk further (depth 2, width 64, batch 8, no samples);
+    ``changes`` maps dotted keys to values, e.g. ``{"optimizer.peak_lr": 1e-3}``."""
+    path = pathlib.Path(__file__).parents[1] / "configs" / "demo.py"
+    spec = importlib.util.spec_from_file_location("demo_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("runlocal")
+    config.model.overrides.depth = 2
+    config.model.overrides.width = 64
+    config.model.overrides.num_heads = 2
+    config.model.overrides.num_mask_layers = 1
+    config.batch_size = 8
+    config.sampling.samples_per_class = 0
+    for key, value in changes.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config
