@@ -21,6 +21,7 @@ P latent side, Cv latent channels.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import jax
@@ -145,10 +146,20 @@ class EditTarget:
       tokens: per scale k, int32 ``[B, p_k^2]``: the source image's tokens.
       keep: per scale k, bool ``[B, p_k^2]``: True where the source token is kept; the
         sampler only writes where it is False.
+      source_latent: ``[B, P, P, Cv]``, the source's cumulative reconstruction f_hat.
+      latent_keep: bool ``[B, P, P, 1]``: where the final f_hat is the source's. Coarse
+        scales spread every regenerated token over a wide area (bicubic up-sampling), so
+        without this the kept region would drift from the source's reconstruction.
+      pixel_keep: bool ``[B, H, W, 1]``: where the returned image is the source's
+        reconstruction (the decoder's self-attention otherwise lets an edit shift
+        far-away pixels slightly).
     """
 
     tokens: tuple[jax.Array, ...]
     keep: tuple[jax.Array, ...]
+    source_latent: jax.Array
+    latent_keep: jax.Array
+    pixel_keep: jax.Array
 
 
 def scale_keep_masks(regenerate: jax.Array, patch_nums: tuple[int, ...]) -> tuple[jax.Array, ...]:
@@ -166,8 +177,7 @@ def scale_keep_masks(regenerate: jax.Array, patch_nums: tuple[int, ...]) -> tupl
     Returns:
       per scale k, bool ``[B, p_k^2]``.
     """
-    keep = (~regenerate).astype(jnp.float32)[..., None]  # [B, H, W, 1]
-    latent = (resample.resize(keep, patch_nums[-1], "area") > 0.5).astype(jnp.float32)
+    latent = latent_keep_mask(regenerate, patch_nums[-1]).astype(jnp.float32)
     masks = []
     for side in patch_nums:
         scaled = resample.resize(latent, side, "bilinear")[..., 0] > 0.5  # [B, p, p]
@@ -175,6 +185,12 @@ def scale_keep_masks(regenerate: jax.Array, patch_nums: tuple[int, ...]) -> tupl
             scaled = jnp.ones_like(scaled)
         masks.append(scaled.reshape(scaled.shape[0], side * side))
     return tuple(masks)
+
+
+def latent_keep_mask(regenerate: jax.Array, latent_side: int) -> jax.Array:
+    """bool ``[B, P, P, 1]``: latent cells whose pixels are mostly kept (area average > 0.5)."""
+    keep = (~regenerate).astype(jnp.float32)[..., None]  # [B, H, W, 1]
+    return resample.resize(keep, latent_side, "area") > 0.5
 
 
 def edit_target(vae: VQVAE, images: jax.Array, regenerate: jax.Array) -> EditTarget:
@@ -195,7 +211,10 @@ def edit_target(vae: VQVAE, images: jax.Array, regenerate: jax.Array) -> EditTar
                          f"{tuple(regenerate.shape)}; give one mask pixel per image pixel.")
     indices = vae.encode_to_indices(images * 2.0 - 1.0)
     tokens = tuple(idx.reshape(idx.shape[0], -1) for idx in indices)
-    return EditTarget(tokens, scale_keep_masks(regenerate.astype(bool), vae.config.patch_nums))
+    regenerate = regenerate.astype(bool)
+    return EditTarget(tokens, scale_keep_masks(regenerate, vae.config.patch_nums),
+                      vae.indices_to_fhat(indices),
+                      latent_keep_mask(regenerate, vae.config.patch_nums[-1]), ~regenerate[..., None])
 
 
 def box_mask(image_size: int, box: tuple[float, float, float, float], *, inpaint: bool,
@@ -253,7 +272,9 @@ def generate(model: HMARTransformer, vae: VQVAE, labels: jax.Array, sample_index
       seed: global seed.
       config: sampling knobs.
       edit: tokens to keep (zero-shot editing, see ``edit_target``): at every scale the
-        kept tokens replace the proposal, and refinement re-masks only editable tokens.
+        kept tokens replace the proposal, refinement re-masks only editable tokens, the
+        final f_hat keeps the source's latent outside the edited region, and the image
+        there is the source's reconstruction.
       token_sampler: replaces the categorical draw, ``(k, filtered [B, l, V], keys [B]) ->
         tokens [B, l]`` (teacher forcing in tests, custom samplers).
       return_trace: also return the raw logits, tokens and masked sets of every pass.
@@ -321,7 +342,12 @@ def generate(model: HMARTransformer, vae: VQVAE, labels: jax.Array, sample_index
         if return_trace:
             trace[f"tokens_s{k}"] = tokens
         f_hat = f_hat + embed(k, tokens)
-    images = (vae.decode_latent(f_hat) + 1.0) / 2.0
+    if edit is not None:
+        f_hat = jnp.where(edit.latent_keep, edit.source_latent, f_hat)
+    decoded = vae.decode_latent(f_hat)  # [B, H, W, 3] in [-1, 1]
+    if edit is not None:
+        decoded = jnp.where(edit.pixel_keep, vae.decode_latent(edit.source_latent), decoded)
+    images = (decoded + 1.0) / 2.0
     return (images, trace) if return_trace else images
 
 
@@ -386,6 +412,7 @@ def resolve_preset(name: str, pretrained=None) -> SamplingConfig:
     return PRESETS[name]
 
 
+@functools.lru_cache(maxsize=8)
 def _sharded_sampler(model_graph, vae_graph, seed: int, config: SamplingConfig, mesh: Mesh):
     replicated, batched = NamedSharding(mesh, P()), NamedSharding(mesh, P(mesh.axis_names))
 
