@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     if out.suffix == ".npz":
         np.savez(partial, images=edited, source=image, regenerate=regenerate[0])
     else:
-        row = np.concatenate([image[None], edited]).astype(np.float32) / 127.5 - 1.0
+        row = np.concatenate([image[None], edited])  # uint8 [1 + num, H, W, 3]
         visualize.save_grid(partial, [row], upscale=max(1, 128 // size))
     partial.rename(out)
     print(f"Wrote {batch} edits to {out}")

@@ -49,8 +49,7 @@ def write_samples(path: pathlib.Path, images: np.ndarray, labels: np.ndarray,
     if path.suffix == ".npz":
         np.savez(partial, images=images, labels=labels, sample_index=sample_index)
     else:
-        rows = [images[r:r + per_class].astype(np.float32) / 127.5 - 1.0
-                for r in range(0, len(images), per_class)]
+        rows = [images[r:r + per_class] for r in range(0, len(images), per_class)]
         upscale = max(1, 128 // images.shape[1])
         visualize.save_grid(partial, rows, upscale=upscale)
     partial.rename(path)

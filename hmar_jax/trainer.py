@@ -357,8 +357,7 @@ class Trainer:
                                                  config=self.sampling_config(),
                                                  batch_size=chunk)  # [N, H, W, 3]
         shown = min(per_class, 10)  # the grid shows the first 10 samples of each class
-        rows = [uint8_images[c * per_class:c * per_class + shown].astype(np.float32) / 127.5 - 1
-                for c in range(classes)]
+        rows = [uint8_images[c * per_class:c * per_class + shown] for c in range(classes)]
         visualize.save_grid(self.workdir / "samples.png", rows, upscale=4)
         np.savez(self.workdir / "samples.npz", images=uint8_images, labels=labels)
         if self.config.data.name == "digits":
@@ -367,8 +366,11 @@ class Trainer:
             report = digits.evaluate_samples(uint8_images, labels)
             (self.workdir / "samples_eval.json").write_text(json.dumps(report, indent=2))
             logging.info("Samples: %.1f%% classified as their class (classifier on real digits: "
-                         "%.1f%% held-out), variety %.2f of real digits, %.1f%% near-duplicates.",
-                         100 * report["accuracy"], 100 * report["classifier_accuracy_on_real_held_out"],
+                         "%.1f%% held-out), Frechet distance %.1f in its feature space (real "
+                         "held-out digits: %.1f), variety %.2f of real digits, %.1f%% "
+                         "near-duplicates.", 100 * report["accuracy"],
+                         100 * report["classifier_accuracy_on_real_held_out"],
+                         report["frechet_distance"], report["frechet_distance_real_held_out"],
                          report["variety_vs_real_mean"], 100 * report["near_duplicate_fraction"])
         return self.workdir / "samples.png"
 

@@ -4,6 +4,7 @@
   python -m hmar_jax.convert hmar  --src hmar-d16.pth --out checkpoints/hmar-d16
   python -m hmar_jax.convert var   --src var_d16.pth --out checkpoints/var-d16
   python -m hmar_jax.convert assemble --stage1 DIR --stage2 DIR --out DIR
+  python -m hmar_jax.convert inception --src pt_inception-2015-12-05-6726825d.pth --out DIR
 
 Reads ``.pth`` files without torch (``hmar_jax.convert.torch_pickle``), validates every
 key and shape, and writes an Orbax params checkpoint plus a JSON config atomically.
@@ -19,6 +20,7 @@ import re
 import sys
 
 from hmar_jax.convert import hmar as hmar_convert
+from hmar_jax.convert import inception as inception_convert
 from hmar_jax.convert import torch_pickle
 from hmar_jax.convert import vqvae as vqvae_convert
 
@@ -116,6 +118,17 @@ def assemble(args: argparse.Namespace) -> pathlib.Path:
                                                                       str(args.stage2)]})
 
 
+def convert_inception(args: argparse.Namespace) -> pathlib.Path:
+    """Converts pytorch-fid's FID Inception ``.pth`` into an ``inception`` export."""
+    src = pathlib.Path(args.src)
+    if not src.is_file():
+        raise FileNotFoundError(inception_convert.missing_weights_message(src))
+    metadata = {"source_file": src.name, "source_sha256_prefix": _sha256_prefix(src),
+                "converter": "hmar_jax.convert inception"}
+    return inception_convert.convert(src, args.out, overwrite=args.overwrite,
+                                     extra_metadata=metadata)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m hmar_jax.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -156,6 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
     combine.add_argument("--out", required=True, help="export directory to create")
     combine.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     combine.set_defaults(run=assemble)
+    fid = sub.add_parser("inception", help="FID Inception-v3 (pt_inception-2015-12-05-6726825d.pth)")
+    fid.add_argument("--src", required=True,
+                     help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth (from its GitHub "
+                          "release; never downloaded here)")
+    fid.add_argument("--out", required=True, help="export directory to create")
+    fid.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    fid.set_defaults(run=convert_inception)
     return parser
 
 
