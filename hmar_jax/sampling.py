@@ -87,23 +87,27 @@ PRESETS: dict[str, SamplingConfig] = {
 def filter_logits(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
     """Upstream top-k then top-p filtering; removed entries become -inf.
 
-    Top-k keeps every logit >= the k-th largest (ties kept). Top-p sorts ascending and drops
-    the entries whose cumulative probability (including themselves) is <= 1 - top_p, always
-    keeping the largest. ``logits [..., V]`` float32.
+    Top-k keeps every logit >= the k-th largest (ties kept). Top-p drops, in ascending
+    order, the entries whose cumulative probability (including themselves) is <= 1 - top_p,
+    always keeping the largest. Both reduce to a per-row value threshold, so one
+    descending sort of the values serves both (no index sorts): entry i of the descending
+    order survives top-p when the probability of the entries above it is < top_p.
+    ``logits [..., V]`` float32.
     """
     logits = logits.astype(jnp.float32)
     vocab = logits.shape[-1]
-    if 0 < top_k < vocab:
-        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if 0.0 < top_p < 1.0:
-        order = jnp.argsort(logits, axis=-1)  # ascending
-        ascending = jnp.take_along_axis(logits, order, axis=-1)
-        cumulative = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1)
-        drop_sorted = (cumulative <= 1.0 - top_p).at[..., -1].set(False)
-        drop = jnp.take_along_axis(drop_sorted, jnp.argsort(order, axis=-1), axis=-1)
-        logits = jnp.where(drop, -jnp.inf, logits)
-    return logits
+    use_k, use_p = 0 < top_k < vocab, 0.0 < top_p < 1.0
+    if not (use_k or use_p):
+        return logits
+    descending = -jnp.sort(-logits, axis=-1)  # [..., V]
+    threshold = descending[..., top_k - 1:top_k] if use_k else descending[..., -1:]
+    if use_p:
+        kept = jnp.where(descending >= threshold, descending, -jnp.inf)
+        probs = jax.nn.softmax(kept, axis=-1)
+        above = jnp.cumsum(probs, axis=-1) - probs  # probability of the entries before i
+        last = jnp.sum((above < top_p) & (kept > -jnp.inf), axis=-1, keepdims=True) - 1
+        threshold = jnp.take_along_axis(descending, jnp.maximum(last, 0), axis=-1)
+    return jnp.where(logits < threshold, -jnp.inf, logits)
 
 
 def sample_keys(seed: int, labels: jax.Array, indices: jax.Array) -> jax.Array:
