@@ -65,6 +65,10 @@ def save_params(directory: str | pathlib.Path, params: dict, kind: str, config_j
         host_params = jax.tree.map(np.asarray, _string_keys(params))
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(staging / PARAMS_DIR, host_params)
+        for marker in staging.rglob("commit_success.txt"):
+            # Orbax's commit marker records the writer's absolute path; exports are meant to
+            # be copied and shipped, so keep the marker but not the path.
+            marker.write_text("Checkpoint commit was successful.")
         _config_path(staging, kind).write_text(config_json)
         if extra_metadata is not None:
             (staging / "metadata.json").write_text(json.dumps(extra_metadata, indent=2))
