@@ -49,6 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.tokenizer = ml_collections.ConfigDict()
     config.tokenizer.export = ""  # empty: workdir/tokenizer, trained there if missing
+    config.tokenizer.precision = "default"  # encode at TF32 on GPUs, like upstream; "highest": exact f32
     config.tokenizer.training = _tokenizer_config("runlocal" if runlocal else None)
 
     config.model = ml_collections.ConfigDict()

@@ -83,6 +83,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.tokenizer = ml_collections.ConfigDict()
     config.tokenizer.export = ""  # required: a converted VAR VQ-VAE export
+    config.tokenizer.precision = "default"  # encode at TF32 on GPUs, like upstream; "highest": exact f32
     config.tokenizer.training = ml_collections.ConfigDict()  # unused: no tokenizer training here
 
     config.model = ml_collections.ConfigDict()

@@ -158,8 +158,9 @@ def save_hmar(directory: str | pathlib.Path, model, **kwargs) -> pathlib.Path:
     return save_module(directory, model, HMAR, **kwargs)
 
 
-def load_tokenizer(directory: str | pathlib.Path):
-    """Loads a tokenizer export written by ``save_tokenizer`` or the converter.
+def load_tokenizer(directory: str | pathlib.Path, **config_overrides):
+    """Loads a tokenizer export written by ``save_tokenizer`` or the converter;
+    ``config_overrides`` may change runtime-only fields (``precision``).
 
     Example:
       >>> vae = load_tokenizer("checkpoints/vae_ch160v4096z32")
@@ -167,7 +168,7 @@ def load_tokenizer(directory: str | pathlib.Path):
     """
     from hmar_jax.vqvae import VQVAE, VQVAEConfig  # local: keeps this module model-agnostic
 
-    cfg = VQVAEConfig.from_dict(read_config(directory, TOKENIZER))
+    cfg = VQVAEConfig.from_dict(read_config(directory, TOKENIZER) | config_overrides)
     return restore_into(directory, lambda: VQVAE(cfg, rngs=nnx.Rngs(0)))
 
 

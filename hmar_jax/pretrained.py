@@ -131,13 +131,15 @@ def read_manifest(directory: str | pathlib.Path) -> dict[str, Any]:
 
 
 def load_pretrained(directory: str | pathlib.Path, *, mesh: Mesh | None = None,
-                    **model_overrides) -> Pretrained:
+                    tokenizer_precision: str = "default", **model_overrides) -> Pretrained:
     """Loads a bundle.
 
     Args:
       directory: a bundle written by ``save_pretrained`` / ``python -m hmar_jax.export``.
       mesh: place the parameters on this mesh (large arrays FSDP-sharded over its ``fsdp``
         axis, the rest replicated); default: the default device.
+      tokenizer_precision: ``default`` (the platform's fast float32, e.g. TF32 on NVIDIA
+        GPUs, as PyTorch decodes) or ``highest`` (exact float32).
       model_overrides: runtime-only model settings, e.g. ``dtype="float32"``,
         ``attention_backend="reference"``.
 
@@ -149,7 +151,8 @@ def load_pretrained(directory: str | pathlib.Path, *, mesh: Mesh | None = None,
     directory = pathlib.Path(directory)
     manifest = read_manifest(directory)
     model = checkpointing.load_hmar(directory / manifest["model"], **model_overrides)
-    vae = checkpointing.load_tokenizer(directory / manifest["tokenizer"])
+    vae = checkpointing.load_tokenizer(directory / manifest["tokenizer"],
+                                       precision=tokenizer_precision)
     check_pair(model, vae, f"{directory}: ")
     if mesh is not None:
         for module in (model, vae):

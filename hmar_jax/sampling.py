@@ -471,7 +471,8 @@ def generate_batches(model: HMARTransformer, vae: VQVAE, labels, sample_index, *
         pad = lambda a: np.concatenate([a[begin:begin + count],  # noqa: E731
                                         np.repeat(a[begin + count - 1:begin + count],
                                                   batch_size - count)])
-        images = sampler(model_state, vae_state, pad(labels), pad(sample_index))
+        with jax.set_mesh(mesh):  # the attention kernel then runs per device (pallas.ops)
+            images = sampler(model_state, vae_state, pad(labels), pad(sample_index))
         chunks.append(to_uint8(jax.device_get(images))[:count])
     return np.concatenate(chunks) if chunks else np.zeros((0,) + (vae.config.image_size,) * 2 + (3,),
                                                             np.uint8)

@@ -79,7 +79,7 @@ def load_or_train_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.
             raise FileNotFoundError(f"No tokenizer at {path}; set config.tokenizer.export.")
         logging.info("No tokenizer in %s yet: training one on the embedded digits.", workdir)
         tokenizer_trainer.train_and_evaluate(config.tokenizer.training, str(workdir))
-    return checkpointing.load_tokenizer(path)
+    return checkpointing.load_tokenizer(path, precision=config.tokenizer.precision)
 
 
 def make_step(graphdef, vae_graphdef, cfg: HMARConfig, config: ml_collections.ConfigDict,

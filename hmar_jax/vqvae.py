@@ -15,6 +15,7 @@ Dimension letters:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from typing import Any, Sequence
 
@@ -26,6 +27,18 @@ from hmar_jax import resample
 from hmar_jax.scales import ScaleLayout, resolve_patch_nums
 
 HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _with_precision(method):
+    """Runs a VQVAE method's convolutions and matmuls at ``config.precision``."""
+
+    @functools.wraps(method)
+    def wrapped(self, *args, **kwargs):
+        precision = "highest" if self.config.precision == "highest" else None
+        with jax.default_matmul_precision(precision):
+            return method(self, *args, **kwargs)
+
+    return wrapped
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +60,10 @@ class VQVAEConfig:
       share_quant_resi: number of phi convs shared across scales (0: one per scale).
       beta: commitment-loss weight (tokenizer training only).
       patch_nums: side of every scale, coarse to fine.
+      precision: convolutions and attention: ``highest`` (exact float32, the parity
+        setting) or ``default`` (the platform's fast float32: TF32 on NVIDIA GPUs, as
+        PyTorch uses for cuDNN convolutions; bf16 passes on TPU). A runtime choice: it
+        does not change the weights. The codebook search always runs at highest.
     """
 
     vocab_size: int = 4096
@@ -62,8 +79,12 @@ class VQVAEConfig:
     share_quant_resi: int = 4
     beta: float = 0.25
     patch_nums: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+    precision: str = "highest"
 
     def __post_init__(self):
+        if self.precision not in ("highest", "default"):
+            raise ValueError(f"Unknown tokenizer precision {self.precision!r}; use 'highest' or "
+                             "'default'.")
         object.__setattr__(self, "ch_mult", tuple(int(m) for m in self.ch_mult))
         object.__setattr__(self, "patch_nums", resolve_patch_nums(self.patch_nums))
         widths = {self.ch * m for m in self.ch_mult}
@@ -105,7 +126,7 @@ def _conv(cin: int, cout: int, kernel: int, rngs: nnx.Rngs, stride: int = 1, pad
     if isinstance(pad, int):
         pad = ((pad, pad), (pad, pad))
     return nnx.Conv(cin, cout, (kernel, kernel), strides=(stride, stride), padding=pad,
-                    precision=HIGHEST, rngs=rngs)
+                    rngs=rngs)  # precision: VQVAE._precision
 
 
 def _group_norm(channels: int, groups: int, rngs: nnx.Rngs) -> nnx.GroupNorm:
@@ -142,9 +163,9 @@ class AttnBlock(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         b, h, w, c = x.shape
         q, k, v = jnp.split(self.qkv(self.norm(x)).reshape(b, h * w, 3 * c), 3, axis=-1)
-        logits = jnp.einsum("bqc,bkc->bqk", q, k, precision=HIGHEST) * (c ** -0.5)
+        logits = jnp.einsum("bqc,bkc->bqk", q, k) * (c ** -0.5)
         weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-        out = jnp.einsum("bqk,bkc->bqc", weights, v, precision=HIGHEST).reshape(b, h, w, c)
+        out = jnp.einsum("bqk,bkc->bqc", weights, v).reshape(b, h, w, c)
         return x + self.proj_out(out)
 
 
@@ -320,11 +341,13 @@ class VQVAE(nnx.Module):
                 f"Expected images of shape [B, {size}, {size}, {c}] (NHWC, values in [-1, 1]) "
                 f"for patch_nums {self.config.patch_nums}, got {tuple(images.shape)}.{hint}")
 
+    @_with_precision
     def encode_latent(self, images: jax.Array) -> jax.Array:
         """``[B, H, W, 3]`` in [-1, 1] -> continuous latent f ``[B, P, P, Cv]``."""
         self.check_images(images)
         return self.quant_conv(self.encoder(images))
 
+    @_with_precision
     def decode_latent(self, f_hat: jax.Array) -> jax.Array:
         """f_hat ``[B, P, P, Cv]`` -> images ``[B, H, W, 3]`` clamped to [-1, 1]."""
         return jnp.clip(self.decoder(self.post_quant_conv(f_hat)), -1.0, 1.0)
@@ -334,6 +357,7 @@ class VQVAE(nnx.Module):
         """Codebook rows: int ``[B, p, p]`` -> ``[B, p, p, Cv]``."""
         return jnp.take(self.quantize.embedding.embedding[...], idx, axis=0)
 
+    @_with_precision
     def scale_residual(self, k: int, h: jax.Array) -> jax.Array:
         """phi_k(bicubic(h, P)): scale k's contribution to f_hat, ``[B, p_k, p_k, Cv] -> [B, P, P, Cv]``."""
         up = resample.resize(h, self.config.patch_nums[-1], "bicubic")
@@ -403,6 +427,7 @@ class VQVAE(nnx.Module):
         return jnp.concatenate(rows, axis=1)
 
     # ----- training forward ---------------------------------------------------------------
+    @_with_precision
     def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array, list[jax.Array], list[jax.Array]]:
         """Reconstruction forward for tokenizer training.
 

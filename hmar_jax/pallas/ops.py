@@ -209,4 +209,22 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec,
     if kernel == "reference":
         return reference_attention(q, k, v, spec.dense_mask(), sm_scale=sm_scale)
     plan = _Plan(kernel, spec.pattern, tuple(spec.patch_nums), spec.tiles, float(sm_scale))
-    return _kernel_attention(plan, q, k, v)
+    return _per_batch_shard(functools.partial(_kernel_attention, plan), q, k, v)
+
+
+def _per_batch_shard(fn, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Runs ``fn`` on each device's slice of the batch under the mesh set with
+    ``jax.set_mesh`` (the batch split over every mesh axis, as the trainer and sampler
+    shard it).
+
+    XLA cannot partition a Pallas call, so without this a sharded batch would be
+    all-gathered and every device would run the kernel on the whole batch. Attention is
+    independent per example, so the kernel needs no communication. Without a mesh, with
+    one device, or with a batch the mesh cannot split evenly, ``fn`` runs as is.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or q.shape[0] % mesh.size:
+        return fn(q, k, v)
+    batch_spec = jax.sharding.PartitionSpec(mesh.axis_names)
+    return jax.shard_map(fn, mesh=mesh, in_specs=(batch_spec,) * 3, out_specs=batch_spec,
+                         check_vma=False)(q, k, v)
