@@ -292,6 +292,21 @@ class HMARTransformer(nnx.Module):
         elif cfg.remat == "dots_saveable":
             body = jax.checkpoint(body, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
         x = x.astype(jnp.float32)
+        if cfg.scan_blocks and kv_cache is not None:
+            # The cache rides in the carry and each layer's slot is updated in place (as a
+            # scanned output it would be copied whole at every scale).
+            def cached_body(carry, layer):
+                h, cache, i = carry
+                mine = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False),
+                                    cache)
+                h, mine = body(h, (*layer, mine))
+                cache = jax.tree.map(lambda a, u: jax.lax.dynamic_update_index_in_dim(a, u, i, 0),
+                                     cache, mine)
+                return (h, cache, i + 1), None
+
+            (x, kv_cache, _), _ = jax.lax.scan(cached_body, (x, kv_cache, 0),
+                                               (params, rates, keys))
+            return x, kv_cache
         if cfg.scan_blocks:
             return jax.lax.scan(body, x, (params, rates, keys, kv_cache))
         caches = []

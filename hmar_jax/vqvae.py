@@ -21,6 +21,7 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from hmar_jax import resample
@@ -29,11 +30,25 @@ from hmar_jax.scales import ScaleLayout, resolve_patch_nums
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
+def _to_dtype(tree, dtype):
+    return jax.tree.map(lambda a: a.astype(dtype) if isinstance(a, jax.Array | np.ndarray)
+                        and jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+
+
 def _with_precision(method):
-    """Runs a VQVAE method's convolutions and matmuls at ``config.precision``."""
+    """Runs a VQVAE method's convolutions and matmuls at ``config.precision``; for
+    ``bfloat16`` on a bf16 copy of the weights and inputs, returning float32."""
 
     @functools.wraps(method)
     def wrapped(self, *args, **kwargs):
+        if self.config.precision == "bfloat16":
+            if getattr(self, "_bf16_copy", False):  # already inside a cast call
+                return method(self, *args, **kwargs)
+            graphdef, state = nnx.split(self)
+            copy = nnx.merge(graphdef, _to_dtype(state, jnp.bfloat16))
+            object.__setattr__(copy, "_bf16_copy", True)
+            out = method(copy, *_to_dtype(args, jnp.bfloat16), **_to_dtype(kwargs, jnp.bfloat16))
+            return _to_dtype(out, jnp.float32)
         precision = "highest" if self.config.precision == "highest" else None
         with jax.default_matmul_precision(precision):
             return method(self, *args, **kwargs)
@@ -62,8 +77,10 @@ class VQVAEConfig:
       patch_nums: side of every scale, coarse to fine.
       precision: convolutions and attention: ``highest`` (exact float32, the parity
         setting) or ``default`` (the platform's fast float32: TF32 on NVIDIA GPUs, as
-        PyTorch uses for cuDNN convolutions; bf16 passes on TPU). A runtime choice: it
-        does not change the weights. The codebook search always runs at highest.
+        PyTorch uses for cuDNN convolutions; bf16 passes on TPU) or ``bfloat16`` (bf16
+        weights and activations, float32 results; fastest, for decoding samples). A
+        runtime choice: it does not change the stored weights. The codebook search runs
+        at highest precision (in bf16 under ``bfloat16``).
     """
 
     vocab_size: int = 4096
@@ -82,9 +99,9 @@ class VQVAEConfig:
     precision: str = "highest"
 
     def __post_init__(self):
-        if self.precision not in ("highest", "default"):
-            raise ValueError(f"Unknown tokenizer precision {self.precision!r}; use 'highest' or "
-                             "'default'.")
+        if self.precision not in ("highest", "default", "bfloat16"):
+            raise ValueError(f"Unknown tokenizer precision {self.precision!r}; use 'highest', "
+                             "'default' or 'bfloat16'.")
         object.__setattr__(self, "ch_mult", tuple(int(m) for m in self.ch_mult))
         object.__setattr__(self, "patch_nums", resolve_patch_nums(self.patch_nums))
         widths = {self.ch * m for m in self.ch_mult}
