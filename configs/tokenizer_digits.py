@@ -42,7 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.tokenizer.patch_nums = (1, 2, 3, 4, 6, 8)
 
     config.batch_size = 64
-    config.num_train_steps = 900
+    config.num_train_steps = 1200
     config.learning_rate = 2e-3          # peak of a warm-up + cosine schedule
     config.warmup_steps = 100
     config.weight_decay = 0.0
