@@ -76,7 +76,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.stage2.parent = ""              # stage-1 export directory (required for stage 2)
 
     config.batch_size = 48
-    config.num_train_steps = 1100 if config.stage == 1 else 200
+    config.num_train_steps = 1200 if config.stage == 1 else 120
     config.ema_decay = 0.999
     config.log_every_steps = 50
     config.checkpoint_every_steps = 500

@@ -8,6 +8,7 @@ crash never leaves a directory that looks finished.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import pathlib
@@ -56,12 +57,7 @@ def save_params(directory: str | pathlib.Path, params: dict, kind: str, config_j
     Returns:
       The absolute export path.
     """
-    directory = pathlib.Path(directory).absolute()
-    if directory.exists() and not overwrite:
-        raise FileExistsError(f"{directory} already exists; choose a new --out or pass --overwrite.")
-    staging = directory.with_name(f".{directory.name}.partial-{uuid.uuid4().hex[:8]}")
-    staging.mkdir(parents=True)
-    try:
+    with atomic_directory(directory, overwrite) as staging:
         host_params = jax.tree.map(np.asarray, _string_keys(params))
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(staging / PARAMS_DIR, host_params)
@@ -72,13 +68,27 @@ def save_params(directory: str | pathlib.Path, params: dict, kind: str, config_j
         _config_path(staging, kind).write_text(config_json)
         if extra_metadata is not None:
             (staging / "metadata.json").write_text(json.dumps(extra_metadata, indent=2))
+    return pathlib.Path(directory).absolute()
+
+
+@contextlib.contextmanager
+def atomic_directory(directory: str | pathlib.Path, overwrite: bool = False):
+    """Yields a staging directory next to ``directory`` that replaces it only when the
+    block finishes; on an exception the staging directory is removed and ``directory``
+    is untouched. Refuses an existing ``directory`` unless ``overwrite``."""
+    directory = pathlib.Path(directory).absolute()
+    if directory.exists() and not overwrite:
+        raise FileExistsError(f"{directory} already exists; choose a new --out or pass --overwrite.")
+    staging = directory.with_name(f".{directory.name}.partial-{uuid.uuid4().hex[:8]}")
+    staging.mkdir(parents=True)
+    try:
+        yield staging
         if directory.exists():
             shutil.rmtree(directory)
         staging.rename(directory)
     finally:
         if staging.exists():
             shutil.rmtree(staging)
-    return directory
 
 
 def read_config(directory: str | pathlib.Path, kind: str) -> dict:

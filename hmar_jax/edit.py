@@ -24,6 +24,8 @@ import sys
 import numpy as np
 from PIL import Image
 
+from hmar_jax import sample
+
 
 def load_image(path: str, size: int, resize: bool) -> np.ndarray:
     """uint8 ``[size, size, 3]``; ValueError if the size differs and ``resize`` is off."""
@@ -65,13 +67,9 @@ def parse_box(text: str) -> tuple[float, float, float, float]:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    from hmar_jax.sampling import PRESETS
-
     parser = argparse.ArgumentParser(prog="python -m hmar_jax.edit", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="pretrained bundle directory")
-    parser.add_argument("--preset", default="default",
-                        help=f"sampling preset: default (the bundle's) or {', '.join(sorted(PRESETS))}")
+    sample.add_common_arguments(parser, "number of edits", 4)
     parser.add_argument("--image", required=True, help="source image (PNG/JPEG)")
     parser.add_argument("--resize", action="store_true", help="centre-crop and resize the image")
     region = parser.add_mutually_exclusive_group(required=True)
@@ -81,15 +79,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="with --box: regenerate the box (inpaint) or the rest (outpaint)")
     parser.add_argument("--class", dest="label", type=int, default=None,
                         help="class of the regenerated content (default: unconditional)")
-    parser.add_argument("--num", type=int, default=4, help="number of edits")
-    parser.add_argument("--out", required=True, help="output .png or .npz")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = parser.parse_args(argv)
-    if pathlib.Path(args.out).suffix not in (".png", ".npz"):
-        parser.error(f"--out must end in .png or .npz, got {args.out}")
-    if args.num < 1:
-        parser.error("--num must be at least 1")
+    sample.check_common_arguments(parser, args)
     return args
 
 
@@ -97,15 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     import jax.numpy as jnp
 
-    from hmar_jax import metric_writers, pretrained, sampling, visualize
+    from hmar_jax import sampling, visualize
 
-    metric_writers.quiet_library_logs()
     out = pathlib.Path(args.out)
     try:
-        if out.exists() and not args.overwrite:
-            raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite.")
-        bundle = pretrained.load_pretrained(args.checkpoint)
-        config = sampling.resolve_preset(args.preset, bundle)
+        bundle, config = sample.open_bundle(args)
         size, num_classes = bundle.vae.config.image_size, bundle.model.config.num_classes
         label = num_classes if args.label is None else args.label  # null class: unconditional
         if args.label is not None:

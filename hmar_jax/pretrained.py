@@ -17,8 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-import shutil
-import uuid
 from typing import Any
 
 import jax
@@ -94,12 +92,7 @@ def save_pretrained(directory: str | pathlib.Path, model: HMARTransformer, vae: 
       metadata: JSON-serialisable provenance merged into the manifest.
     """
     check_pair(model, vae)
-    directory = pathlib.Path(directory).absolute()
-    if directory.exists() and not overwrite:
-        raise FileExistsError(f"{directory} already exists; choose a new --out or pass --overwrite.")
-    staging = directory.with_name(f".{directory.name}.partial-{uuid.uuid4().hex[:8]}")
-    staging.mkdir(parents=True)
-    try:
+    with checkpointing.atomic_directory(directory, overwrite) as staging:
         checkpointing.save_hmar(staging / MODEL_DIR, model)
         checkpointing.save_tokenizer(staging / TOKENIZER_DIR, vae)
         manifest = {"format": FORMAT, "version": VERSION, "model": MODEL_DIR,
@@ -107,13 +100,7 @@ def save_pretrained(directory: str | pathlib.Path, model: HMARTransformer, vae: 
                     "sampling": None if sampling is None else sampling_to_json(sampling)}
         manifest |= metadata or {}
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        if directory.exists():
-            shutil.rmtree(directory)
-        staging.rename(directory)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
-    return directory
+    return pathlib.Path(directory).absolute()
 
 
 def read_manifest(directory: str | pathlib.Path) -> dict[str, Any]:

@@ -56,39 +56,58 @@ def write_samples(path: pathlib.Path, images: np.ndarray, labels: np.ndarray,
     return path
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
+def add_common_arguments(parser: argparse.ArgumentParser, num_help: str, num_default: int) -> None:
+    """Flags shared by the sample and edit commands."""
     from hmar_jax.sampling import PRESETS
 
-    parser = argparse.ArgumentParser(prog="python -m hmar_jax.sample", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="pretrained bundle directory")
     parser.add_argument("--preset", default="default",
                         help=f"sampling preset: default (the bundle's) or {', '.join(sorted(PRESETS))}")
-    parser.add_argument("--classes", required=True, help="comma-separated class ids, or 'all'")
-    parser.add_argument("--num", type=int, default=8, help="samples per class")
+    parser.add_argument("--num", type=int, default=num_default, help=num_help)
     parser.add_argument("--out", required=True, help="output .png (grid) or .npz")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=64, help="samples per compiled call")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    args = parser.parse_args(argv)
+
+
+def check_common_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if pathlib.Path(args.out).suffix not in (".png", ".npz"):
         parser.error(f"--out must end in .png or .npz, got {args.out}")
-    if args.num < 1 or args.batch_size < 1:
-        parser.error("--num and --batch-size must be at least 1")
+    if args.num < 1:
+        parser.error("--num must be at least 1")
+
+
+def open_bundle(args: argparse.Namespace):
+    """``(bundle, sampling config)`` for the command's flags; raises FileExistsError,
+    FileNotFoundError or ValueError with the message the command prints."""
+    from hmar_jax import metric_writers, pretrained, sampling
+
+    metric_writers.quiet_library_logs()
+    if pathlib.Path(args.out).exists() and not args.overwrite:
+        raise FileExistsError(f"{args.out} already exists; choose another --out or pass --overwrite.")
+    bundle = pretrained.load_pretrained(args.checkpoint)
+    return bundle, sampling.resolve_preset(args.preset, bundle)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m hmar_jax.sample", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_arguments(parser, "samples per class", 8)
+    parser.add_argument("--classes", required=True, help="comma-separated class ids, or 'all'")
+    parser.add_argument("--batch-size", type=int, default=64, help="samples per compiled call")
+    args = parser.parse_args(argv)
+    check_common_arguments(parser, args)
+    if args.batch_size < 1:
+        parser.error("--batch-size must be at least 1")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from hmar_jax import metric_writers, pretrained, sampling
+    from hmar_jax import sampling
 
-    metric_writers.quiet_library_logs()
     out = pathlib.Path(args.out)
     try:
-        if out.exists() and not args.overwrite:
-            raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite.")
-        bundle = pretrained.load_pretrained(args.checkpoint)
-        config = sampling.resolve_preset(args.preset, bundle)
+        bundle, config = open_bundle(args)
         classes = parse_classes(args.classes, bundle.model.config.num_classes)
     except (FileNotFoundError, FileExistsError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

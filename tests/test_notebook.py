@@ -22,6 +22,7 @@ def test_sample_notebook_runs_on_the_digits_bundle(monkeypatch, capsys):
             exec(compile(source, f"sample.ipynb:{cell['id']}", "exec"), namespace)
     samples, labels = namespace["samples"], namespace["labels"]
     assert samples.shape == (80, 16, 16, 3) and samples.dtype == np.uint8
+    np.testing.assert_array_equal(labels, np.repeat(np.arange(10), 8))
     assert namespace["grid"].shape[2] == 3
     for name, region in (("inpainted", "hole"), ("outpainted", "centre"), ("class_edited", "left")):
         edits, regenerate = namespace[name], np.asarray(namespace[region])[0]
