@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from hmar_jax.convert.vqvae import ConversionError
+from hmar_jax.convert.vqvae import ConversionError, shape_problems
 from hmar_jax.model import MODEL_PRESETS, HMARConfig
 from hmar_jax.scales import resolve_patch_nums
 
@@ -149,13 +149,7 @@ def expected_shapes(cfg: HMARConfig, fmt: str) -> dict[str, tuple[int, ...]]:
 
 
 def _validate(state_dict: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]], fmt: str):
-    problems = []
-    for key in sorted(expected, key=_natural):
-        if key not in state_dict:
-            problems.append(f"missing key '{key}'")
-        elif tuple(state_dict[key].shape) != expected[key]:
-            problems.append(f"key '{key}' has shape {tuple(state_dict[key].shape)}, "
-                            f"expected {expected[key]}")
+    problems = shape_problems(state_dict, expected, order=_natural)
     problems += [f"unexpected key '{k}'" for k in sorted(set(state_dict) - set(expected), key=_natural)]
     if problems:
         raise ConversionError(f"{fmt.upper()} state_dict does not match the expected layout "

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from hmar_jax.convert.vqvae import ConversionError
+from hmar_jax.convert.vqvae import ConversionError, nested_params, shape_problems
 from hmar_jax.evaluate import inception
 
 _LEAF_TO_TORCH = {"scale": "weight", "mean": "running_mean", "var": "running_var",
@@ -86,13 +86,7 @@ def convert_state_dict(state_dict: dict[str, np.ndarray]) -> dict:
     if (hint := _describe_foreign(state_dict)) is not None:
         raise ConversionError(hint)
     layout = expected_layout()
-    problems = []
-    for key in sorted(layout):
-        if key not in state_dict:
-            problems.append(f"missing key '{key}'")
-        elif tuple(state_dict[key].shape) != layout[key][1]:
-            problems.append(f"key '{key}' has shape {tuple(state_dict[key].shape)}, "
-                            f"expected {layout[key][1]}")
+    problems = shape_problems(state_dict, {k: shape for k, (_, shape) in layout.items()})
     for key in sorted(set(state_dict) - set(layout)):
         prefix, _, leaf = key.rpartition(".")
         if leaf == _OPTIONAL_BUFFER and f"{prefix}.running_mean" in layout:
@@ -105,17 +99,9 @@ def convert_state_dict(state_dict: dict[str, np.ndarray]) -> dict:
             f"Inception state_dict does not match the FID Inception layout ({len(problems)} "
             f"problem(s)); first: {problems[0]}. Expected pytorch-fid's "
             f"{inception.WEIGHTS_FILE}; the file may be truncated or a different network.")
-    params: dict = {}
-    for key, (path, _) in layout.items():
-        value = np.asarray(state_dict[key], dtype=np.float32)
-        if path[-1] == "kernel":
-            # conv OIHW -> HWIO; fc [out, in] -> [in, out]
-            value = value.transpose(2, 3, 1, 0) if value.ndim == 4 else value.T
-        node = params
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-        node[path[-1]] = np.ascontiguousarray(value)
-    return params
+    # conv OIHW -> HWIO; fc [out, in] -> [in, out]
+    return nested_params(state_dict, layout,
+                         lambda w: w.transpose(2, 3, 1, 0) if w.ndim == 4 else w.T)
 
 
 def convert(src: str | pathlib.Path, out: str | pathlib.Path, *, overwrite: bool = False,

@@ -36,6 +36,36 @@ class ConversionError(ValueError):
     """A state_dict does not match the layout the converter expects."""
 
 
+def shape_problems(state_dict: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]],
+                   order=None) -> list[str]:
+    """``missing key`` / ``has shape`` messages for the expected keys (sorted by ``order``);
+    unexpected keys are each converter's own business."""
+    problems = []
+    for key in sorted(expected, key=order):
+        if key not in state_dict:
+            problems.append(f"missing key '{key}'")
+        elif tuple(state_dict[key].shape) != expected[key]:
+            problems.append(f"key '{key}' has shape {tuple(state_dict[key].shape)}, "
+                            f"expected {expected[key]}")
+    return problems
+
+
+def nested_params(state_dict: dict[str, np.ndarray], layout: dict[str, tuple[tuple[Any, ...], Any]],
+                  kernel_layout) -> dict:
+    """The NNX params pure dict: every ``layout`` key's tensor as float32 at its nnx path,
+    ``kernel`` leaves passed through ``kernel_layout`` (torch -> flax axis order)."""
+    params: dict = {}
+    for key, (path, _) in layout.items():
+        value = np.asarray(state_dict[key], dtype=np.float32)
+        if path[-1] == "kernel":
+            value = kernel_layout(value)
+        node = params
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = np.ascontiguousarray(value)
+    return params
+
+
 def _nnx_path(key: str, ndim: int) -> tuple[Any, ...]:
     parts: list[Any] = [int(p) if p.isdigit() else p for p in key.split(".")]
     leaf = parts[-1]
@@ -116,13 +146,7 @@ def convert_state_dict(state_dict: dict[str, np.ndarray], cfg: VQVAEConfig) -> d
       ConversionError: naming the first missing key, unexpected key or wrong shape.
     """
     layout = expected_layout(cfg)
-    problems = []
-    for key in sorted(layout):
-        if key not in state_dict:
-            problems.append(f"missing key '{key}'")
-        elif tuple(state_dict[key].shape) != layout[key][1]:
-            problems.append(f"key '{key}' has shape {tuple(state_dict[key].shape)}, "
-                            f"expected {layout[key][1]}")
+    problems = shape_problems(state_dict, {k: shape for k, (_, shape) in layout.items()})
     extra = sorted(set(state_dict) - set(layout) - set(BUFFERS))
     problems += [f"unexpected key '{k}'" for k in extra]
     if problems:
@@ -130,13 +154,4 @@ def convert_state_dict(state_dict: dict[str, np.ndarray], cfg: VQVAEConfig) -> d
             f"VQ-VAE state_dict does not match the expected layout ({len(problems)} problem(s)); "
             f"first: {problems[0]}. The file may be truncated, from a different model, or "
             "need other --patch-nums/--norm-groups.")
-    params: dict = {}
-    for key, (path, _) in layout.items():
-        value = np.asarray(state_dict[key], dtype=np.float32)
-        if path[-1] == "kernel":
-            value = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
-        node = params
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-        node[path[-1]] = value
-    return params
+    return nested_params(state_dict, layout, lambda w: w.transpose(2, 3, 1, 0))  # OIHW -> HWIO
