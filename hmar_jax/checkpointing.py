@@ -8,18 +8,17 @@ crash never leaves a directory that looks finished.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import pathlib
-import shutil
-import uuid
 from typing import Any, Callable
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+
+from hmar_jax.atomic_io import atomic_directory
 
 PARAMS_DIR = "params"
 
@@ -69,26 +68,6 @@ def save_params(directory: str | pathlib.Path, params: dict, kind: str, config_j
         if extra_metadata is not None:
             (staging / "metadata.json").write_text(json.dumps(extra_metadata, indent=2))
     return pathlib.Path(directory).absolute()
-
-
-@contextlib.contextmanager
-def atomic_directory(directory: str | pathlib.Path, overwrite: bool = False):
-    """Yields a staging directory next to ``directory`` that replaces it only when the
-    block finishes; on an exception the staging directory is removed and ``directory``
-    is untouched. Refuses an existing ``directory`` unless ``overwrite``."""
-    directory = pathlib.Path(directory).absolute()
-    if directory.exists() and not overwrite:
-        raise FileExistsError(f"{directory} already exists; choose a new --out or pass --overwrite.")
-    staging = directory.with_name(f".{directory.name}.partial-{uuid.uuid4().hex[:8]}")
-    staging.mkdir(parents=True)
-    try:
-        yield staging
-        if directory.exists():
-            shutil.rmtree(directory)
-        staging.rename(directory)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
 
 
 def read_config(directory: str | pathlib.Path, kind: str) -> dict:

@@ -113,14 +113,13 @@ def main(argv: list[str] | None = None) -> int:
                            jnp.full((batch,), label, jnp.int32), jnp.arange(batch, dtype=jnp.int32),
                            seed=args.seed, config=config)
     edited = sampling.to_uint8(np.asarray(edited))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.name}.partial{out.suffix}")
     if out.suffix == ".npz":
-        np.savez(partial, images=edited, source=image, regenerate=regenerate[0])
+        sample.write_output(out, lambda f: np.savez(f, images=edited, source=image,
+                                                    regenerate=regenerate[0]))
     else:
         row = np.concatenate([image[None], edited])  # uint8 [1 + num, H, W, 3]
-        visualize.save_grid(partial, [row], upscale=max(1, 128 // size))
-    partial.rename(out)
+        grid = visualize.grid_image([row], upscale=max(1, 128 // size))
+        sample.write_output(out, lambda f: Image.fromarray(grid).save(f, format="PNG"))
     print(f"Wrote {batch} edits to {out}")
     return 0
 

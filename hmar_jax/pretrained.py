@@ -24,6 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from hmar_jax import checkpointing, sharding
+from hmar_jax.atomic_io import atomic_directory
 from hmar_jax.model import HMARTransformer
 from hmar_jax.sampling import SamplingConfig
 from hmar_jax.vqvae import VQVAE
@@ -92,7 +93,7 @@ def save_pretrained(directory: str | pathlib.Path, model: HMARTransformer, vae: 
       metadata: JSON-serialisable provenance merged into the manifest.
     """
     check_pair(model, vae)
-    with checkpointing.atomic_directory(directory, overwrite) as staging:
+    with atomic_directory(directory, overwrite) as staging:
         checkpointing.save_hmar(staging / MODEL_DIR, model)
         checkpointing.save_tokenizer(staging / TOKENIZER_DIR, vae)
         manifest = {"format": FORMAT, "version": VERSION, "model": MODEL_DIR,

@@ -18,6 +18,9 @@ import pathlib
 import sys
 
 import numpy as np
+from PIL import Image
+
+from hmar_jax import atomic_io
 
 
 def parse_classes(text: str, num_classes: int) -> np.ndarray:
@@ -40,20 +43,24 @@ def parse_classes(text: str, num_classes: int) -> np.ndarray:
 
 def write_samples(path: pathlib.Path, images: np.ndarray, labels: np.ndarray,
                   sample_index: np.ndarray, per_class: int) -> pathlib.Path:
-    """``.npz`` (images, labels, sample_index) or ``.png`` (a row per class); written to a
-    temporary name first so an interrupted run leaves no file that looks complete."""
+    """``.npz`` (images, labels, sample_index) or ``.png`` (a row per class), written
+    atomically so an interrupted run leaves no file that looks complete."""
     from hmar_jax import visualize
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial{path.suffix}")
     if path.suffix == ".npz":
-        np.savez(partial, images=images, labels=labels, sample_index=sample_index)
+        write_output(path, lambda f: np.savez(f, images=images, labels=labels,
+                                              sample_index=sample_index))
     else:
         rows = [images[r:r + per_class] for r in range(0, len(images), per_class)]
-        upscale = max(1, 128 // images.shape[1])
-        visualize.save_grid(partial, rows, upscale=upscale)
-    partial.rename(path)
+        grid = visualize.grid_image(rows, upscale=max(1, 128 // images.shape[1]))
+        write_output(path, lambda f: Image.fromarray(grid).save(f, format="PNG"))
     return path
+
+
+def write_output(path: pathlib.Path, write) -> None:
+    """Creates the parent folder, then writes ``path`` atomically with ``write(file)``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_io.atomic_write(path, write)
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, num_help: str, num_default: int) -> None:

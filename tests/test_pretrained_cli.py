@@ -110,7 +110,7 @@ def test_sample_cli_writes_npz_and_png(run, tmp_path):
                         "--out", str(png)]) == 0
     width, height = Image.open(png).size
     assert (height, width) == ((10 * 17 + 1) * 8, (2 * 17 + 1) * 8)  # 16 px cells + padding, x8
-    assert not list(tmp_path.glob(".*partial*"))
+    assert not list(tmp_path.glob(".*"))  # no temporary file left behind
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -26,7 +26,6 @@ import pickle
 import sys
 import threading
 import types
-import uuid
 import zipfile
 import zlib
 from collections.abc import Iterator, Mapping
@@ -34,6 +33,8 @@ from typing import Any, NamedTuple
 
 import ml_dtypes
 import numpy as np
+
+from hmar_jax.atomic_io import atomic_write
 
 PathLike = str | os.PathLike[str]
 
@@ -418,23 +419,16 @@ def save(path: PathLike, obj: Any) -> None:
     records.append(("byteorder", sys.byteorder.encode()))
     records += [(f"data/{key}", stored.reshape(-1).view(np.uint8)) for key, stored in pickler.storages]
     records.append(("version", b"3\n"))
-    directory, filename = os.path.split(os.path.abspath(path))
-    temporary = os.path.join(directory, f".{filename}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(temporary, "xb") as file:
-            with zipfile.ZipFile(file, "w") as archive:
-                for name, data in records:
-                    info = zipfile.ZipInfo(f"archive/{name}", date_time=(1980, 1, 1, 0, 0, 0))
-                    info.file_size = len(data)  # lets zipfile pick zip64 for records over 2 GiB
-                    with archive.open(info, "w") as record:
-                        record.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(temporary)
-        raise
+
+    def write(file):
+        with zipfile.ZipFile(file, "w") as archive:
+            for name, data in records:
+                info = zipfile.ZipInfo(f"archive/{name}", date_time=(1980, 1, 1, 0, 0, 0))
+                info.file_size = len(data)  # lets zipfile pick zip64 for records over 2 GiB
+                with archive.open(info, "w") as record:
+                    record.write(data)
+
+    atomic_write(path, write)
 
 
 def save_state_dict(path: PathLike, state_dict: Mapping[str, Any]) -> None:

@@ -27,18 +27,17 @@ Dimension letters: N samples, n samples in a chunk, H/W image side.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
-import os
 import pathlib
 import shutil
-import uuid
 import zipfile
 from collections.abc import Callable
 
 import numpy as np
+
+from hmar_jax.atomic_io import atomic_write
 
 RUN_FILE = "run.json"
 
@@ -91,21 +90,6 @@ def chunk_path(out: str | pathlib.Path, chunk_id: int) -> pathlib.Path:
     return parts_dir(out) / f"chunk-{chunk_id:06d}.npz"
 
 
-def _atomic_write(path: pathlib.Path, write: Callable) -> None:
-    """Calls ``write(file)`` on a temporary sibling, fsyncs, then renames it to ``path``."""
-    temporary = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(temporary, "xb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(temporary)
-        raise
-
-
 def _check_run_info(out: pathlib.Path, run_info: dict) -> None:
     """Writes ``run.json`` on the first run; on a rerun, refuses different settings."""
     path = parts_dir(out) / RUN_FILE
@@ -120,7 +104,7 @@ def _check_run_info(out: pathlib.Path, run_info: dict) -> None:
                 f"{parts_dir(out)} holds chunks of a run with other settings ({details}). Rerun "
                 "with the same settings to resume it, or delete that directory to start over.")
         return
-    _atomic_write(path, lambda f: f.write(text.encode()))  # every process writes the same text
+    atomic_write(path, lambda f: f.write(text.encode()))  # every process writes the same text
 
 
 def _validated_images(images, labels: np.ndarray, chunk_id: int) -> np.ndarray:
@@ -161,7 +145,7 @@ def generate_parts(generate_fn: Callable[[np.ndarray, np.ndarray], np.ndarray],
             continue
         labels, index = plan.chunk(chunk_id)
         images = _validated_images(generate_fn(labels, index), labels, chunk_id)
-        _atomic_write(path, lambda f: np.savez(f, images=images, labels=labels,
+        atomic_write(path, lambda f: np.savez(f, images=images, labels=labels,
                                                sample_index=index))
         done.append(chunk_id)
         logging.info("Chunk %d/%d written (%d samples).", chunk_id + 1, plan.num_chunks,
@@ -213,7 +197,7 @@ def pack_parts(plan: GenerationPlan, out: str | pathlib.Path) -> pathlib.Path:
             with zf.open("labels.npy", "w") as member:
                 np.lib.format.write_array(member, plan.labels())
 
-    _atomic_write(out, write)
+    atomic_write(out, write)
     shutil.rmtree(parts_dir(out))
     return out
 
