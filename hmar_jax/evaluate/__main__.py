@@ -121,7 +121,10 @@ def run_generate(args: argparse.Namespace) -> int:
 
     if is_multi_process_launch():
         jax.distributed.initialize()
-    pre = load_pretrained(args.checkpoint)
+    # Placed once, replicated over the local devices exactly as generate_batches shards
+    # its sampler, so the per-chunk calls below do not copy the weights again.
+    local_mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()), ("data",))
+    pre = load_pretrained(args.checkpoint, mesh=local_mesh)
     config = sampling.resolve_preset(args.preset, pre)
     plan = generation.GenerationPlan(pre.model.config.num_classes, args.per_class, args.chunk)
     run_info = {"checkpoint": str(pathlib.Path(args.checkpoint).absolute()),
@@ -129,7 +132,8 @@ def run_generate(args: argparse.Namespace) -> int:
 
     def generate_fn(labels: np.ndarray, sample_index: np.ndarray) -> np.ndarray:
         return sampling.generate_batches(pre.model, pre.vae, labels, sample_index, seed=args.seed,
-                                         config=config, batch_size=args.batch_size)
+                                         config=config, batch_size=args.batch_size,
+                                         mesh=local_mesh)
 
     barrier = None
     if jax.process_count() > 1:  # all processes wait here until every chunk is written
