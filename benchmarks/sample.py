@@ -50,7 +50,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.train_step import (  # noqa: E402
-    Runner, _compile, _time_calls, add_harness_flags, fmt, init_on_device, parse_bool, parse_list,
+    Runner, _compile, _time_calls, add_harness_flags, fmt, init_on_device, maybe_profile, parse_bool,
+    parse_list,
     _memory, peak_gib, status_text, timing_summary, vae_config, worker_main, xla_memory)
 
 SAMPLING = dict(cfg=1.7, top_k=1000, top_p=0.99)
@@ -113,8 +114,10 @@ def sample_worker(spec: dict) -> dict:
         compiled = _compile(result, decode, (state, f_hat), lower_only)
         if compiled is None:
             return result
-        times = _time_calls(lambda: compiled(state, f_hat), spec["warmup"], spec["iters"])
+        make_call = lambda executable: lambda: executable(state, f_hat)  # noqa: E731
+        times = _time_calls(make_call(compiled), spec["warmup"], spec["iters"])
         result.update(timing_summary(times), peak_gib=peak_gib())
+        maybe_profile(result, spec, decode, (state, f_hat), make_call)
         return _per_image(result, batch)
 
     if mode == "accuracy":
@@ -160,6 +163,8 @@ def sample_worker(spec: dict) -> dict:
     result.update(timing_summary(times), peak_gib=peak_gib(),
                   image_mean=float(images.mean()), image_finite=bool(np.isfinite(images).all()),
                   image_shape=list(images.shape))
+    args = (model_state, vae_state, labels, index)
+    maybe_profile(result, spec, fn, args, lambda executable: lambda: executable(*args))
     return _per_image(result, batch)
 
 
@@ -260,7 +265,8 @@ def build_specs(args) -> list[dict]:
         if mode not in MODES:
             raise SystemExit(f"unknown mode {mode!r}; use {', '.join(MODES)}")
     common = dict(backend=args.backend, scan_blocks=args.scan_blocks, quick=args.quick,
-                  iters=args.iters, warmup=args.warmup, seed=0, lower_only=args.lower_only)
+                  iters=args.iters, warmup=args.warmup, seed=0, lower_only=args.lower_only,
+                  profile=args.profile)
     specs = []
     for mode in modes:
         if mode == "accuracy":

@@ -233,6 +233,10 @@ class Runner:
                 finish_row(row, self.rows)
             self.rows.append(row)
             print(self.format_row(row), flush=True)
+            if row.get("device_profile"):
+                from benchmarks.profiling import format_profile
+
+                print(format_profile(row["device_profile"]), flush=True)
             if row.get("log_tail") and self.args.show_logs:
                 print("    | " + row["log_tail"].strip().replace("\n", "\n    | "), flush=True)
             self.write()
@@ -272,6 +276,9 @@ def add_harness_flags(parser: argparse.ArgumentParser, default_out: str, default
     parser.add_argument("--lower-only", action="store_true",
                         help="trace and lower each configuration without compiling or running it "
                              "(a wiring check of the full-size shapes on any machine)")
+    parser.add_argument("--profile", action="store_true",
+                        help="after timing, trace two more calls and print/store the device "
+                             "time per op category and the costliest ops (profiling.py)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
 
@@ -304,11 +311,14 @@ def quick_vae_config():
 TOKENIZER_PRECISION = "default"
 
 
-def vae_config(quick: bool):
+def vae_config(quick: bool, precision: str = TOKENIZER_PRECISION):
+    import dataclasses
+
     from hmar_jax.vqvae import VQVAEConfig
 
     # VQVAEConfig() = vae_ch160v4096z32
-    return quick_vae_config() if quick else VQVAEConfig(precision=TOKENIZER_PRECISION)
+    config = quick_vae_config() if quick else VQVAEConfig()
+    return dataclasses.replace(config, precision=precision)
 
 
 def init_on_device(ctor):
@@ -373,7 +383,8 @@ def train_worker(spec: dict) -> dict:
     global_batch = batch * n_dev
     config = recipe_config(spec)
     lower_only = spec.get("lower_only", False)
-    make_vae = lambda: VQVAE(vae_config(spec["quick"]), rngs=nnx.Rngs(0))  # noqa: E731
+    precision = spec.get("tokenizer_precision", TOKENIZER_PRECISION)
+    make_vae = lambda: VQVAE(vae_config(spec["quick"], precision), rngs=nnx.Rngs(0))  # noqa: E731
     vae = nnx.eval_shape(make_vae) if lower_only else init_on_device(make_vae)
     cfg = model_config(config, vae.config)
     layout = cfg.layout
@@ -395,12 +406,16 @@ def train_worker(spec: dict) -> dict:
             return model.teacher_forcing_inputs(model.encode_to_indices(images))
 
         images_dev = jnp.asarray(images)
-        compiled = _compile(result, jax.jit(tokenize), (vae_state, images_dev), lower_only)
+        args = (vae_state, images_dev)
+        compiled = _compile(result, jax.jit(tokenize), args, lower_only)
         if compiled is None:
             return result
-        call = lambda: compiled(vae_state, images_dev)  # noqa: E731
-        times = _time_calls(call, spec["warmup"], spec["iters"])
+        make_call = lambda executable: lambda: executable(*args)  # noqa: E731
+        times = _time_calls(make_call(compiled), spec["warmup"], spec["iters"])
         result.update(timing_summary(times), peak_gib=peak_gib(devices))
+        maybe_profile(result, spec, jax.jit(tokenize), args, make_call)
+        if precision != "highest":
+            result["index_agreement_vs_highest"] = _index_agreement(vae, images_dev, precision)
         return _throughput(result, None, global_batch, n_dev)
 
     filt = trainable_filter(1)
@@ -442,14 +457,17 @@ def train_worker(spec: dict) -> dict:
             return result
         out = {}
 
-        def call():
-            out.clear()  # free the previous gradients first: one gradient tree alive at a time
-            out["v"] = compiled(*args)
-            return out["v"]
+        def make_call(executable):
+            def call():
+                out.clear()  # free the previous gradients first: one gradient tree alive at a time
+                out["v"] = executable(*args)
+                return out["v"]
+            return call
 
-        times = _time_calls(call, spec["warmup"], spec["iters"])
+        times = _time_calls(make_call(compiled), spec["warmup"], spec["iters"])
         result.update(timing_summary(times), peak_gib=peak_gib(devices),
                       loss=float(out["v"][0]))
+        maybe_profile(result, spec, jax.jit(fwdbwd), args, make_call)
         return _throughput(result, flops, global_batch, n_dev)
 
     if mode != "full":
@@ -493,16 +511,39 @@ def train_worker(spec: dict) -> dict:
         if n_dev > 1:
             result["hlo_collectives"] = _collectives(compiled)
 
-        def call():
-            holder["state"], holder["metrics"] = compiled(holder["state"], vae_state, images_dev,
-                                                          labels_dev)
-            return holder["metrics"]["loss"]
+        def make_call(executable):
+            def call():
+                holder["state"], holder["metrics"] = executable(holder["state"], vae_state,
+                                                                images_dev, labels_dev)
+                return holder["metrics"]["loss"]
+            return call
 
-        times = _time_calls(call, spec["warmup"], spec["iters"])
-    result.update(timing_summary(times), peak_gib=peak_gib(devices),
+        times = _time_calls(make_call(compiled), spec["warmup"], spec["iters"])
+        peak = peak_gib(devices)
+        maybe_profile(result, spec, train_step,
+                      (holder["state"], vae_state, images_dev, labels_dev), make_call)
+    result.update(timing_summary(times), peak_gib=peak,
                   loss=float(holder["metrics"]["loss"]),
                   grad_norm=float(holder["metrics"]["grad_norm"]))
     return _throughput(result, flops, global_batch, n_dev)
+
+
+def _index_agreement(vae, images, precision: str) -> list[float]:
+    """Per scale, the fraction of token indices equal to those of an exact float32 encode
+    of the same images (random pixels here, so a pessimistic proxy for real images)."""
+    import dataclasses
+
+    import jax
+    from flax import nnx
+
+    from hmar_jax.vqvae import VQVAE
+
+    graphdef, state = nnx.split(vae)
+    exact_config = dataclasses.replace(vae.config, precision="highest")
+    exact_graphdef = nnx.graphdef(nnx.eval_shape(lambda: VQVAE(exact_config, rngs=nnx.Rngs(0))))
+    encode = lambda g: jax.jit(lambda s, x: nnx.merge(g, s).encode_to_indices(x))  # noqa: E731
+    fast, exact = encode(graphdef)(state, images), encode(exact_graphdef)(state, images)
+    return [round(float((a == b).mean()), 5) for a, b in zip(fast, exact)]
 
 
 def _compile(result: dict, jitted, args: tuple, lower_only: bool):
@@ -529,6 +570,34 @@ def _time_calls(call, warmup: int, iters: int) -> list[float]:
         jax.block_until_ready(call())
         times.append((time.perf_counter() - t0) * 1e3)
     return times
+
+
+# XLA's GPU command buffers (CUDA graphs) hide the kernels from the profiler: the profiled
+# executable is compiled a second time without them (the timed one keeps them).
+PROFILE_COMPILER_OPTIONS = {"xla_gpu_enable_command_buffer": ""}
+
+
+def maybe_profile(result: dict, spec: dict, jitted, args: tuple, make_call) -> None:
+    """With ``--profile``: ``result["device_profile"]``, the device-time breakdown of two
+    calls of ``jitted(*args)`` compiled without command buffers (``profiling.py``).
+    ``make_call(executable)`` returns the zero-argument call that the timing used."""
+    if not spec.get("profile"):
+        return
+    from benchmarks import profiling
+
+    try:
+        executable = jitted.lower(*args).compile(compiler_options=PROFILE_COMPILER_OPTIONS)
+        call = make_call(executable)
+        jax_block(call())  # warm-up (autotuning, first-call allocations)
+        result["device_profile"] = profiling.profile_calls(call, 2, executable.as_text())
+    except Exception as err:  # noqa: BLE001 - diagnostics must not lose the timed row
+        result["device_profile"] = {"error": f"{type(err).__name__}: {err}"[:300]}
+
+
+def jax_block(value):
+    import jax
+
+    return jax.block_until_ready(value)
 
 
 def _collectives(compiled) -> dict | None:
@@ -582,11 +651,12 @@ def build_specs(args) -> list[dict]:
     backends, modes = parse_list(args.backends), parse_list(args.modes)
     remats, scans = parse_list(args.remat), parse_list(args.scan_blocks, parse_bool)
     devices = sorted(set(parse_list(args.devices, int)) | {1})
+    precisions = parse_list(args.tokenizer_precision)
     for mode in modes:
         if mode not in ("full", "fwdbwd", "tokenize"):
             raise SystemExit(f"unknown mode {mode!r}; use full, fwdbwd, tokenize")
     common = dict(dtype=args.dtype, quick=args.quick, iters=args.iters, warmup=args.warmup,
-                  seed=0, lower_only=args.lower_only)
+                  seed=0, lower_only=args.lower_only, profile=args.profile)
     specs = []
     for model, batch in pairs:
         for mode in modes:
@@ -594,9 +664,10 @@ def build_specs(args) -> list[dict]:
                 for remat in (remats[:1] if mode == "tokenize" else remats):
                     for scan in (scans[:1] if mode == "tokenize" else scans):
                         for n in (devices if mode == "full" else [1]):
-                            specs.append(dict(common, model=model, batch=batch, mode=mode,
-                                              backend=backend, remat=remat, scan_blocks=scan,
-                                              devices=n))
+                            for tok in (precisions if mode != "fwdbwd" else precisions[:1]):
+                                specs.append(dict(common, model=model, batch=batch, mode=mode,
+                                                  backend=backend, remat=remat, scan_blocks=scan,
+                                                  devices=n, tokenizer_precision=tok))
     model_order = {m: i for i, m in enumerate(dict.fromkeys(m for m, _ in pairs))}
     mode_rank = {"full": 0, "fwdbwd": 1, "tokenize": 2}
 
@@ -604,27 +675,34 @@ def build_specs(args) -> list[dict]:
         key_pair = (s["model"], s["batch"]) in KEY_PAIRS
         return (not key_pair, s["backend"] != backends[0], mode_rank[s["mode"]],
                 remats.index(s["remat"]), not s["scan_blocks"] if len(scans) > 1 else 0,
-                model_order[s["model"]], -s["batch"], s["devices"])
+                model_order[s["model"]], -s["batch"], s["devices"],
+                precisions.index(s["tokenizer_precision"]))
 
     return sorted(specs, key=priority)
 
 
 # ===================================== parent: output =========================================
 
-HEADER = (f"{'model':>5} {'B':>4} {'dev':>3} {'backend':>9} {'mode':>8} {'remat':>13} {'scan':>4} "
+HEADER = (f"{'model':>5} {'B':>4} {'dev':>3} {'backend':>9} {'mode':>8} {'remat':>13} {'scan':>4} {'tok':>4} "
           f"{'ms med':>8} {'ms min':>8} {'img/s':>8} {'TFLOP/s':>8} {'MFU':>6} {'XLA GiB':>8} {'peak GiB':>8} "
           f"{'comp s':>7} {'loss':>7} {'eff':>5}  status")
+
+
+TOKENIZER_SHORT = {"default": "tf32", "bfloat16": "bf16", "highest": "f32"}
 
 
 def format_row(r: dict) -> str:
     text = (f"{r['model']:>5} {r['batch']:>4} {r['devices']:>3} {r['backend']:>9} {r['mode']:>8} "
             f"{str(r.get('remat')):>13} {('y' if r['scan_blocks'] else 'n'):>4} "
+            f"{TOKENIZER_SHORT.get(r.get('tokenizer_precision'), '-'):>4} "
             f"{fmt(r.get('ms_median'), '.1f', 8)} {fmt(r.get('ms_min'), '.1f', 8)} "
             f"{fmt(r.get('img_s'), '.1f', 8)} {fmt(r.get('tflops'), '.1f', 8)} "
             f"{fmt(r.get('mfu'), '.1%', 6)} {fmt(r.get('xla_total_gib'), '.2f', 8)} "
             f"{fmt(r.get('peak_gib'), '.2f', 8)} "
             f"{fmt(r.get('compile_s'), '.1f', 7)} {fmt(r.get('loss'), '.3f', 7)} "
             f"{fmt(r.get('efficiency'), '.2f', 5)}  {status_text(r)}")
+    if r.get("index_agreement_vs_highest"):
+        text += f"  (indices = f32 encode: {min(r['index_agreement_vs_highest']):.3f} worst scale)"
     return text
 
 
@@ -757,6 +835,10 @@ def main() -> None:
                         help="device counts for weak scaling of the full step, e.g. 1,2 (1 is "
                              "always added when another count is given)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--tokenizer-precision", default=TOKENIZER_PRECISION,
+                        help="comma list of tokenizer precisions for the full and tokenize modes: "
+                             "default (TF32 on GPUs, the training configs' setting), bfloat16, "
+                             "highest")
     add_harness_flags(parser, "benchmarks/results/train_step.json", default_budget=540,
                       default_timeout=300, default_iters=10, default_warmup=2)
     args = parser.parse_args()

@@ -104,11 +104,12 @@ class SelfAttention(nnx.Module):
         b, length, width = x.shape
         q_bias = self.q_bias[...]
         bias = jnp.concatenate([q_bias, jnp.zeros_like(q_bias), self.v_bias[...]])  # k has no bias
-        qkv = (self.mat_qkv(x) + bias.astype(x.dtype)).reshape(b, length, 3, self.num_heads,
-                                                                self.head_dim)  # [B, L, 3, N, K]
+        qkv = self.mat_qkv(x)  # in the compute dtype; so are q, k, v and the attention
+        qkv = (qkv + bias.astype(qkv.dtype)).reshape(b, length, 3, self.num_heads,
+                                                     self.head_dim)  # [B, L, 3, N, K]
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, L, N, K]
         temperature = jnp.exp(jnp.minimum(self.scale_mul[...], LOG_MAX_ATTN_SCALE))  # [N]
-        q = (l2_normalize(q) * temperature[:, None]).astype(v.dtype)
+        q = (l2_normalize(q) * temperature[:, None]).astype(v.dtype)  # normalised in float32
         k = l2_normalize(k).astype(v.dtype)
         if kv_cache is not None:
             cache_k = jax.lax.dynamic_update_slice_in_dim(kv_cache[0], k.astype(kv_cache[0].dtype),
@@ -116,8 +117,12 @@ class SelfAttention(nnx.Module):
             cache_v = jax.lax.dynamic_update_slice_in_dim(kv_cache[1], v.astype(kv_cache[1].dtype),
                                                           cache_start, axis=1)
             end = cache_start + length
-            out = ops.attention(q, cache_k[:, :end].astype(v.dtype), cache_v[:, :end].astype(v.dtype),
-                                spec)
+            # The cached keys and values are read through float32 copies: reading the bf16
+            # cache directly let XLA double-buffer the whole stacked cache on GPU (d30,
+            # B64: 37 GiB of temporaries, out of memory), the copies keep it in place.
+            f32 = jnp.float32
+            out = ops.attention(q.astype(f32), cache_k[:, :end].astype(f32),
+                                cache_v[:, :end].astype(f32), spec).astype(v.dtype)
             kv_cache = (cache_k, cache_v)
         else:
             out = ops.attention(q, k, v, spec)
@@ -165,10 +170,11 @@ class AdaLNSelfAttnBlock(nnx.Module):
         modulation = self.ada_lin(jax.nn.silu(cond)).astype(jnp.float32).reshape(b, 1, 6, width)
         gamma1, gamma2, scale1, scale2, shift1, shift2 = [modulation[:, :, i] for i in range(6)]
         rng_attn, rng_ffn = (None, None) if rng is None else tuple(jax.random.split(rng))
-        h = (layer_norm(x, self.norm_eps) * (1 + scale1) + shift1).astype(x.dtype)
+        compute = self.attn.mat_qkv.dtype  # the matmuls' input dtype (they would cast anyway)
+        h = (layer_norm(x, self.norm_eps) * (1 + scale1) + shift1).astype(compute)
         h, kv_cache = self.attn(h, spec, kv_cache, cache_start)
         x = x + drop_path((h * gamma1).astype(x.dtype), drop_rate, rng_attn)
-        h = (layer_norm(x, self.norm_eps) * (1 + scale2) + shift2).astype(x.dtype)
+        h = (layer_norm(x, self.norm_eps) * (1 + scale2) + shift2).astype(compute)
         x = x + drop_path((self.ffn(h) * gamma2).astype(x.dtype), drop_rate, rng_ffn)
         return x, kv_cache
 

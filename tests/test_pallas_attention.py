@@ -101,6 +101,41 @@ def test_backend_resolution_and_fallback():
         ops.AttentionSpec("block_diagonal", (1, 2), "triton")
 
 
+def test_auto_backend_runs_small_unmasked_calls_without_the_kernel(monkeypatch):
+    """``auto`` on an accelerator: unmasked calls with <= SMALL_FULL_KEYS keys (the sampler's
+    small scales) take the reference; larger ones and masked patterns take the kernel."""
+    calls = []
+    monkeypatch.setattr(ops, "resolve_backend", lambda backend, platform=None: "interpret")
+    real = ops._kernel_attention
+    monkeypatch.setattr(ops, "_kernel_attention",
+                        lambda plan, q, k, v: calls.append(k.shape[1]) or real(plan, q, k, v))
+    small, large = ops.SMALL_FULL_KEYS, ops.SMALL_FULL_KEYS + 16
+    for length in (small, large):
+        q, k, v, _ = _inputs(7, length, jnp.float32, heads=1, head_dim=16, batch=1)
+        out = ops.attention(q, k, v, ops.AttentionSpec("full", (), "auto"))
+        np.testing.assert_allclose(np.asarray(out), np.asarray(reference_attention(q, k, v)),
+                                   atol=2e-5)
+    assert calls == [large]
+
+
+@pytest.mark.parametrize("pattern", ["block_diagonal", "block_causal", "full"])
+def test_cudnn_backend_matches_reference(pattern):
+    """The ``cudnn`` backend (``jax.nn.dot_product_attention``; XLA's path on CPU) takes the
+    same dense mask and the unmasked, unequal-length (KV-cache) case."""
+    assert ops.resolve_backend("cudnn", "gpu") == "cudnn"
+    q, k, v, _ = _inputs(5, 14, jnp.float32)
+    if pattern == "full":
+        q = q[:, 5:]  # queries of the last scale against every cached key
+    spec = ops.AttentionSpec(pattern, (1, 2, 3), "cudnn")
+    mask = spec.dense_mask()
+    loss = lambda fn: lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))  # noqa: E731
+    got = jax.value_and_grad(loss(lambda *a: ops.attention(*a, spec)), argnums=(0, 1, 2))(q, k, v)
+    want = jax.value_and_grad(loss(lambda *a: reference_attention(*a, mask)),
+                              argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=2e-5)
+
+
 def test_model_with_kernel_matches_reference_forward_and_gradients():
     cfg = preset("tiny", init_adaln_gamma=0.5, init_head=1.0)
     reference = HMARTransformer(cfg.replace(attention_backend="reference"), rngs=nnx.Rngs(0))

@@ -10,11 +10,15 @@ sequence. ``spec`` says which scales the sequence holds and which pattern applie
 
 Backends (``spec.backend``):
 
-* ``auto`` (default): the Pallas kernel of the platform on GPU and TPU, the reference
+* ``auto`` (default): the Pallas kernel of the platform on GPU and TPU (but the
+  reference for unmasked calls with at most ``SMALL_FULL_KEYS`` keys), the reference
   on CPU;
 * ``reference``: plain jnp with a dense mask (the oracle; XLA fuses it);
 * ``pallas``: the platform's kernel; on CPU the GPU kernel runs in Pallas interpret
-  mode (slow; for tests).
+  mode (slow; for tests);
+* ``cudnn``: ``jax.nn.dot_product_attention`` with cuDNN's fused attention on GPU (a
+  dense mask for the masked patterns, so no tile skipping); XLA's implementation
+  elsewhere. Fast for the unmasked single-scale calls of the sampler.
 
 This module owns the ``custom_vjp`` around the kernels' forward and backward. A head
 dim the kernels cannot take (not a power of two >= 16) falls back to the reference
@@ -39,8 +43,12 @@ from hmar_jax.pallas.reference import reference_attention
 from hmar_jax.scales import ScaleLayout
 
 Pattern = Literal["block_diagonal", "block_causal", "full"]
-Backend = Literal["auto", "reference", "pallas"]
-BACKENDS: tuple[str, ...] = ("auto", "reference", "pallas")
+# ``auto`` runs unmasked calls with at most this many keys (the sampler's scales up to
+# 8x8) with the reference: the kernel's grid of B x N programs with one tile each costs
+# about 0.1 ms per call on an H200 at B = 128, N = 30, whatever the scale.
+SMALL_FULL_KEYS = 64
+Backend = Literal["auto", "reference", "pallas", "cudnn"]
+BACKENDS: tuple[str, ...] = ("auto", "reference", "pallas", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,8 +104,11 @@ class AttentionSpec:
 
 
 def resolve_backend(backend: Backend, platform: str | None = None) -> str:
-    """Maps a configured backend to ``reference``, ``gpu``, ``tpu`` or ``interpret``."""
+    """Maps a configured backend to ``reference``, ``cudnn``, ``gpu``, ``tpu`` or
+    ``interpret``."""
     platform = platform or jax.default_backend()
+    if backend == "cudnn":
+        return "cudnn"
     if backend == "reference" or (backend == "auto" and platform not in ("gpu", "tpu")):
         return "reference"
     if platform in ("gpu", "tpu"):
@@ -206,10 +217,24 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec,
     if kernel != "reference" and (head_dim < 16 or head_dim & (head_dim - 1)):
         _warn_fallback(f"head dim {head_dim} is not a power of two >= 16")
         kernel = "reference"
+    if spec.backend == "auto" and spec.pattern == "full" and k.shape[1] <= SMALL_FULL_KEYS:
+        kernel = "reference"  # the sampler's small scales: one fused XLA op beats a launch grid
     if kernel == "reference":
         return reference_attention(q, k, v, spec.dense_mask(), sm_scale=sm_scale)
+    if kernel == "cudnn":
+        return fused_dense_attention(q, k, v, spec.dense_mask(), sm_scale=sm_scale)
     plan = _Plan(kernel, spec.pattern, tuple(spec.patch_nums), spec.tiles, float(sm_scale))
     return _per_batch_shard(functools.partial(_kernel_attention, plan), q, k, v)
+
+
+def fused_dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
+                          *, sm_scale: float = 1.0) -> jax.Array:
+    """``jax.nn.dot_product_attention``: cuDNN's fused kernel on GPU for bf16/fp16 inputs,
+    XLA's implementation otherwise. ``mask`` bool ``[Lq, Lk]`` or None; ``[B, L, N, K]``."""
+    fused = jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+    mask = None if mask is None else mask[None, None]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=sm_scale,
+                                        implementation="cudnn" if fused else None)
 
 
 def _per_batch_shard(fn, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:

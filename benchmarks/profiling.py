@@ -1,0 +1,156 @@
+"""Device-time breakdown of a compiled call from a JAX profiler trace.
+
+``profile_calls(call, calls, hlo_text)`` runs ``call`` ``calls`` times under
+``jax.profiler.trace``, reads the trace back with ``jax.profiler.ProfileData`` (no
+TensorBoard needed) and sums the device-side events (GPU kernels, copies) per XLA
+instruction. Each instruction is put into one category from its kernel name and the
+``op_name`` metadata XLA keeps in the compiled HLO:
+
+* ``attention``: the Pallas block-sparse kernels (or XLA's/cuDNN's attention);
+* ``matmul``: cuBLAS/cuBLASLt/Triton GEMMs and GEMM fusions;
+* ``convolution``: cuDNN convolutions (the tokenizer);
+* ``sort``: sorts and top-k (sampling filters);
+* ``collective``: NCCL;
+* ``copy``: memcpy/memset;
+* ``elementwise``: every other fusion (norms, modulation, softmax, optimizer, casts).
+
+Returned per call: total device milliseconds (the sum over streams; kernels that overlap
+on different streams count twice), the per-category split and the instructions with
+the most device time. Used by ``--profile`` in ``train_step.py`` and ``sample.py``.
+"""
+
+from __future__ import annotations
+
+import collections
+import pathlib
+import re
+import tempfile
+
+_ATTENTION = re.compile(r"hmar_block_sparse|attention|flash|fmha|sdpa", re.I)
+_COLLECTIVE = re.compile(r"nccl|all-reduce|all-gather|reduce-scatter|all-to-all|collective", re.I)
+_MATMUL_KERNEL = re.compile(r"gemm|cublas|cutlass|xmma|nvjet|matmul", re.I)
+_CONV_KERNEL = re.compile(r"conv(?!ert)|cudnn", re.I)
+_COPY_KERNEL = re.compile(r"memcpy|memset", re.I)
+_SKIPPED_LINES = ("XLA Modules", "XLA Ops", "Steps", "Framework", "Source", "XLA TraceMe")
+
+
+def op_names_from_hlo(hlo_text: str | None) -> dict[str, str]:
+    """``{instruction name: op_name metadata}`` from compiled HLO text."""
+    names: dict[str, str] = {}
+    if not hlo_text:
+        return names
+    pattern = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?op_name=\"([^\"]*)\"", re.M)
+    for match in pattern.finditer(hlo_text):
+        names.setdefault(match.group(1), match.group(2))
+    return names
+
+
+def categorize(kernel: str, instruction: str, op_name: str) -> str:
+    """One category per instruction: names first, then the op_name of the fused root."""
+    names = f"{kernel} {instruction}"
+    if _ATTENTION.search(names):
+        return "attention"
+    if _COLLECTIVE.search(names):
+        return "collective"
+    if (op_name.endswith("dot_general") or re.match(r"(dot|gemm|cublas)", instruction)
+            or _MATMUL_KERNEL.search(names)):
+        return "matmul"
+    if op_name.endswith("conv_general_dilated") or _CONV_KERNEL.search(names):
+        return "convolution"
+    if re.search(r"\bsort\b|top_k|argsort", op_name) or "sort" in instruction:
+        return "sort"
+    if _COPY_KERNEL.search(names):
+        return "copy"
+    return "elementwise"
+
+
+def _stat(event, key):
+    for name, value in event.stats:
+        if name == key:
+            return value
+    return None
+
+
+def device_events(logdir: str):
+    """Yields ``(kernel name, hlo instruction or None, duration ns)`` of every device event.
+
+    On the CPU backend (no device planes) the host thread events that carry an ``hlo_op``
+    stat stand in, so that the plumbing can be checked without an accelerator.
+    """
+    import jax
+
+    host_ops = []
+    found_device = False
+    for path in pathlib.Path(logdir).rglob("*.xplane.pb"):
+        data = jax.profiler.ProfileData.from_file(str(path))
+        for plane in data.planes:
+            device = plane.name.startswith("/device:")
+            if not device and plane.name != "/host:CPU":
+                continue
+            for line in plane.lines:
+                if any(skip in line.name for skip in _SKIPPED_LINES):
+                    continue
+                for event in line.events:
+                    instruction = _stat(event, "hlo_op")
+                    item = (event.name, instruction, float(event.duration_ns))
+                    if device:
+                        found_device = True
+                        yield item
+                    elif instruction is not None:
+                        host_ops.append(item)
+    if not found_device:
+        yield from host_ops
+
+
+def summarize(logdir: str, calls: int, hlo_text: str | None = None, top: int = 60) -> dict:
+    op_names = op_names_from_hlo(hlo_text)
+    per_key: dict[str, list] = collections.defaultdict(lambda: [0.0, 0, "", ""])
+    for kernel, instruction, ns in device_events(logdir):
+        key = instruction or kernel
+        entry = per_key[key]
+        entry[0] += ns
+        entry[1] += 1
+        entry[2] = entry[2] or kernel
+        entry[3] = entry[3] or op_names.get(instruction or "", "")
+    if not per_key:
+        return {"device_events": 0}
+    categories: dict[str, float] = collections.defaultdict(float)
+    rows = []
+    for key, (ns, count, kernel, op_name) in per_key.items():
+        category = categorize(kernel, key, op_name)
+        categories[category] += ns
+        rows.append({"op": key, "category": category, "ms_per_call": ns / 1e6 / calls,
+                     "launches_per_call": count / calls, "kernel": kernel[:120],
+                     "op_name": op_name[-160:]})
+    rows.sort(key=lambda r: -r["ms_per_call"])
+    total = sum(categories.values())
+    return {"device_ms_per_call": total / 1e6 / calls,
+            "launches_per_call": sum(r["launches_per_call"] for r in rows),
+            "category_ms_per_call": {k: v / 1e6 / calls
+                                     for k, v in sorted(categories.items(), key=lambda kv: -kv[1])},
+            "top_ops": rows[:top]}
+
+
+def profile_calls(call, calls: int = 2, hlo_text: str | None = None, top: int = 60) -> dict:
+    """Traces ``calls`` synchronised calls of ``call`` and returns ``summarize``'s dict."""
+    import jax
+
+    with tempfile.TemporaryDirectory(prefix="hmar_profile_") as logdir:
+        with jax.profiler.trace(logdir):
+            for _ in range(calls):
+                jax.block_until_ready(call())
+        return summarize(logdir, calls, hlo_text, top)
+
+
+def format_profile(profile: dict, top: int = 30) -> str:
+    """A few indented lines for the benchmark tables."""
+    if not profile or "device_ms_per_call" not in profile:
+        return "    profile: no device events" + (f" ({profile.get('error')})"
+                                                   if profile and profile.get("error") else "")
+    split = ", ".join(f"{k} {v:.1f}" for k, v in profile["category_ms_per_call"].items())
+    lines = [f"    profile: device {profile['device_ms_per_call']:.1f} ms/call, "
+             f"{profile['launches_per_call']:.0f} launches/call; {split}"]
+    for row in profile["top_ops"][:top]:
+        lines.append(f"      {row['ms_per_call']:8.2f} ms x{row['launches_per_call']:<5.0f} "
+                     f"{row['category']:>11} {row['op'][:40]:<40} {row['op_name'][-90:]}")
+    return "\n".join(lines)
