@@ -46,6 +46,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.data_dir = ""            # tfds: data_dir ("" = TFDS default)
     config.data.num_workers = 0          # grain worker processes for decoding
     config.data.skip_corrupt = True      # skip unreadable images with a warning
+    config.data.pretokenized = ""        # token cache dir (python -m hmar_jax.pretokenize) or ""
 
     config.tokenizer = ml_collections.ConfigDict()
     config.tokenizer.export = ""  # empty: workdir/tokenizer, trained there if missing

@@ -80,6 +80,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.data_dir = ""
     config.data.num_workers = 16
     config.data.skip_corrupt = True
+    config.data.pretokenized = ""        # token cache dir (python -m hmar_jax.pretokenize) or ""
 
     config.tokenizer = ml_collections.ConfigDict()
     config.tokenizer.export = ""  # required: a converted VAR VQ-VAE export

@@ -1,8 +1,9 @@
 """HMAR training loop: stage 1 (next-scale) and stage 2 (masked refinement).
 
 One pure, jitted ``train_step(state, vae_state, batch) -> (state, metrics)`` tokenizes the
-images with the frozen tokenizer, builds the teacher-forcing inputs, runs the model and
-applies AdamW to the trainable parameters. The state is created already sharded
+images with the frozen tokenizer (or, with ``config.data.pretokenized``, reads the indices
+from a token cache, see ``token_cache``), builds the teacher-forcing inputs, runs the model
+and applies AdamW to the trainable parameters. The state is created already sharded
 (``eval_shape`` first, then ``jit`` with output shardings), checkpointed with Orbax
 together with the data-iterator state, and resumed automatically from ``workdir``.
 
@@ -34,7 +35,7 @@ from absl import logging
 from flax import nnx
 
 from hmar_jax import (checkpointing, data, losses, metric_writers, optim, sampling, sharding,
-                      tokenizer_trainer, visualize)
+                      token_cache, tokenizer_trainer, visualize)
 from hmar_jax.model import (MASK_BRANCH, STAGE1_TRAINABLE, STAGE2_TRAINABLE, HMARConfig,
                             HMARTransformer, preset)
 from clu import periodic_actions  # after metric_writers (TF-free shim)
@@ -88,12 +89,19 @@ def make_step(graphdef, vae_graphdef, cfg: HMARConfig, config: ml_collections.Co
     weights = jnp.asarray(layout.token_loss_weights(config.loss.weighting))
     stage, ema_decay = config.stage, config.ema_decay
 
-    def train_step(state: TrainState, vae_state, images: jax.Array, labels: jax.Array):
+    pretokenized = bool(config.data.pretokenized)
+
+    def train_step(state: TrainState, vae_state, inputs: jax.Array, labels: jax.Array):
+        """``inputs``: images f32 ``[B, H, W, 3]`` in [-1, 1], or with
+        ``config.data.pretokenized`` cached token indices int32 ``[B, L]``."""
         rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
         drop_rng, path_rng, mask_rng = jax.random.split(rng, 3)
         vae = nnx.merge(vae_graphdef, vae_state)
-        indices = [jax.lax.stop_gradient(i) for i in vae.encode_to_indices(images)]
-        targets = jnp.concatenate([i.reshape(i.shape[0], -1) for i in indices], axis=1)  # [B, L]
+        if pretokenized:
+            indices = token_cache.split_indices(inputs, layout.patch_nums)
+        else:
+            indices = [jax.lax.stop_gradient(i) for i in vae.encode_to_indices(inputs)]
+        targets = token_cache.flatten_indices(indices)  # [B, L]
         x_ns = jax.lax.stop_gradient(vae.teacher_forcing_inputs(indices))  # [B, L-1, Cv]
         labels = losses.drop_labels(drop_rng, labels, config.loss.label_dropout, cfg.null_class)
         if stage == 2:
@@ -252,6 +260,11 @@ class Trainer:
             raise ValueError(f"batch_size {self.config.batch_size} is not divisible by the "
                              f"{count} processes.")
         local_batch = self.config.batch_size // count
+        if d.pretokenized:
+            tokens, labels, _ = token_cache.open_token_cache(d.pretokenized, self.vae)
+            return token_cache.token_iterator(tokens, labels, batch_size=local_batch,
+                                              seed=self.config.seed, process_index=index,
+                                              process_count=count)
         if d.name == "digits":
             images, labels = data.digits_split(d.image_size, d.split)
             return data.batched_iterator(images[index::count], labels[index::count], local_batch,
@@ -269,7 +282,7 @@ class Trainer:
 
     def _global_batch(self, batch: dict) -> tuple[jax.Array, jax.Array]:
         make = lambda x: jax.make_array_from_process_local_data(self.batch_sharding, x)  # noqa: E731
-        return make(batch["image"]), make(batch["label"].astype(np.int32))
+        return make(batch[_inputs_key(batch)]), make(batch["label"].astype(np.int32))
 
     # ----- loop ------------------------------------------------------------------------------
     def run(self) -> dict[str, float]:
@@ -300,8 +313,8 @@ class Trainer:
                 batch = next(iterator)
                 if config.log_batch_fingerprints and is_main:
                     self._log_fingerprint(step, batch)
-                images, labels = self._global_batch(batch)
-                state, metrics = self.train_step(state, self.vae_state, images, labels)
+                inputs, labels = self._global_batch(batch)
+                state, metrics = self.train_step(state, self.vae_state, inputs, labels)
                 if step % config.log_every_steps == 0 or step == config.num_train_steps:
                     last = _scalar_metrics(jax.device_get(metrics))
                     if not np.isfinite(last["loss"]):
@@ -333,7 +346,7 @@ class Trainer:
     def _log_fingerprint(self, step: int, batch: dict) -> None:
         """Appends ``step crc32(images, labels)`` to ``batch_fingerprints.txt`` (an audit of
         which data each step saw; a resumed run re-logs the steps it repeats)."""
-        digest = zlib.crc32(np.ascontiguousarray(batch["image"]).tobytes())
+        digest = zlib.crc32(np.ascontiguousarray(batch[_inputs_key(batch)]).tobytes())
         digest = zlib.crc32(np.ascontiguousarray(batch["label"]).tobytes(), digest)
         with open(self.workdir / "batch_fingerprints.txt", "a") as f:
             f.write(f"{step} {digest:08x}\n")
@@ -403,6 +416,10 @@ def _scalar_metrics(metrics: dict) -> dict[str, float]:
         else:
             out.update({f"{key}/{i}": float(v) for i, v in enumerate(value)})
     return out
+
+
+def _inputs_key(batch: dict) -> str:
+    return "tokens" if "tokens" in batch else "image"
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:

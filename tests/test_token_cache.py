@@ -1,0 +1,111 @@
+"""Token caches: written indices equal the tokenizer's, training from a cache equals
+training from images, and a cache from another tokenizer or a broken one is refused."""
+
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from hmar_jax import checkpointing, data, pretokenize, token_cache, trainer
+from hmar_jax.vqvae import VQVAE
+from tiny_runs import demo_config
+
+
+@pytest.fixture(scope="module")
+def digits_cache(tmp_path_factory, tokenizer_export):
+    """The whole digits set ('all') encoded by the test tokenizer: (config, cache dir)."""
+    config = demo_config(**{"tokenizer.export": tokenizer_export})
+    root = tmp_path_factory.mktemp("cache")
+    pretokenize.pretokenize(config, str(root / "workdir"), str(root / "tokens"))
+    return config, root / "tokens"
+
+
+def test_cache_holds_the_tokenizers_indices(digits_cache, tokenizer_export):
+    config, path = digits_cache
+    vae = checkpointing.load_tokenizer(tokenizer_export, precision=config.tokenizer.precision)
+    tokens, labels, manifest = token_cache.open_token_cache(path, vae)
+    images, want_labels = data.digits_split(config.data.image_size, "all")
+    assert manifest["num_examples"] == len(want_labels) == tokens.shape[0]
+    assert tokens.dtype == np.uint16 and tokens.shape[1] == vae.config.layout.seq_len
+    np.testing.assert_array_equal(labels, want_labels)
+    some = slice(100, 140)
+    batch = data.to_model_range({"image": images[some], "label": want_labels[some]})["image"]
+    indices = vae.encode_to_indices(jnp.asarray(batch))
+    np.testing.assert_array_equal(np.asarray(tokens[some]),
+                                  np.asarray(token_cache.flatten_indices(indices)))
+    # split_indices inverts flatten_indices
+    for a, b in zip(token_cache.split_indices(jnp.asarray(tokens[some], jnp.int32),
+                                              vae.config.patch_nums), indices):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_training_from_the_cache_equals_training_from_images(tmp_path, digits_cache):
+    config, path = digits_cache
+    steps = {"num_train_steps": 3, "log_batch_fingerprints": False}
+    from_images = demo_config(**{"tokenizer.export": config.tokenizer.export, **steps})
+    from_cache = demo_config(**{"tokenizer.export": config.tokenizer.export,
+                                "data.pretokenized": str(path), **steps})
+    a = trainer.Trainer(from_images, str(tmp_path / "images")).run()
+    b = trainer.Trainer(from_cache, str(tmp_path / "cache")).run()
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+    for name in ("images", "cache"):
+        assert (tmp_path / name / "export").exists()
+    params = [nnx.to_pure_dict(nnx.state(checkpointing.load_hmar(tmp_path / n / "export"), nnx.Param))
+              for n in ("images", "cache")]
+    for x, y in zip(jax.tree.leaves(params[0]), jax.tree.leaves(params[1])):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+
+
+def test_bad_caches_are_refused(tmp_path, digits_cache, tokenizer_export):
+    config, path = digits_cache
+    other = VQVAE(checkpointing.load_tokenizer(tokenizer_export).config, rngs=nnx.Rngs(1))
+    with pytest.raises(ValueError, match="different tokenizer"):
+        token_cache.open_token_cache(path, other)
+    with pytest.raises(FileNotFoundError, match="python -m hmar_jax.pretokenize"):
+        token_cache.open_token_cache(tmp_path / "missing", other)
+    with pytest.raises(FileExistsError, match="already exists"):
+        pretokenize.pretokenize(config, str(tmp_path / "w"), str(path))
+    with pytest.raises(ValueError, match="leave it empty"):
+        cached = demo_config(**{"tokenizer.export": tokenizer_export,
+                                "data.pretokenized": str(path)})
+        pretokenize.pretokenize(cached, str(tmp_path / "w"), str(tmp_path / "again"))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    manifest = json.loads((path / token_cache.MANIFEST).read_text())
+    (broken / token_cache.MANIFEST).write_text(json.dumps(manifest | {"num_examples": 5}))
+    np.save(broken / token_cache.TOKENS, np.zeros((4, manifest["seq_len"]), np.uint16))
+    np.save(broken / token_cache.LABELS, np.zeros((4,), np.int32))
+    vae = checkpointing.load_tokenizer(tokenizer_export)
+    with pytest.raises(ValueError, match="malformed"):
+        token_cache.open_token_cache(broken, vae)
+    # A run pointed at a cache of another tokenizer fails at start, naming the fix.
+    wrong = demo_config(**{"data.pretokenized": str(path)})  # trains its own digits tokenizer
+    run_dir = pathlib.Path(tmp_path / "run")
+    run_dir.mkdir()
+    checkpointing.save_tokenizer(run_dir / "tokenizer", other)
+    with pytest.raises(ValueError, match="different tokenizer"):
+        trainer.Trainer(wrong, str(run_dir)).make_iterator()
+
+
+def test_image_folder_is_encoded_once_centre_cropped(tmp_path, tokenizer_export):
+    from test_data import _image_folder
+
+    root = _image_folder(tmp_path / "images")
+    (root / "dog" / "broken.jpg").write_bytes(b"not an image")  # skipped with a warning
+    config = demo_config(**{"tokenizer.export": tokenizer_export, "data.name": "image_folder",
+                            "data.root": str(root), "batch_size": 4})
+    manifest = pretokenize.pretokenize(config, str(tmp_path / "w"), str(tmp_path / "tokens"))
+    vae = checkpointing.load_tokenizer(tokenizer_export, precision=config.tokenizer.precision)
+    tokens, labels, _ = token_cache.open_token_cache(tmp_path / "tokens", vae)
+    assert manifest["num_examples"] == 6 and sorted(labels.tolist()) == [0, 0, 0, 1, 1, 1]
+    source = data.ImageFolderSource.scan(str(root))
+    crops = [data.DecodeAndCrop(16, train=False).random_map(source[i], np.random.default_rng(0))
+             for i in range(len(source))]
+    images = np.stack([c["image"] for c in crops if c is not None])
+    want = token_cache.flatten_indices(vae.encode_to_indices(
+        jnp.asarray(data.to_model_range({"image": images, "label": labels})["image"])))
+    np.testing.assert_array_equal(np.asarray(tokens), np.asarray(want))
