@@ -8,6 +8,10 @@ Random init, 256 px (patch_nums 1..16, L = 680, V = 4096, Cv = 32, the ch=160 VQ
   ``configs/hmar_imagenet.py``) and donated state: tokenizer encode, teacher-forcing inputs,
   forward, loss, backward, clip, AdamW, EMA. Inputs are random uint8 images mapped to
   [-1, 1] as the data pipeline does (once, outside the step) and random labels.
+* ``full_pretokenized``: the same step with ``config.data.pretokenized`` set: it takes
+  random token indices ``[B, L]`` instead of images (no tokenizer encode; teacher-forcing
+  inputs, forward, loss, backward, clip, AdamW, EMA), as training from a token cache
+  (``python -m hmar_jax.pretokenize``) runs.
 * ``fwdbwd``: ``jax.value_and_grad`` of the stage-1 loss w.r.t. the trainable parameters
   on precomputed teacher-forcing inputs ``x [B, L-1, 32]`` and targets (no optimizer, no
   tokenizer; stochastic depth on, as in training).
@@ -58,6 +62,7 @@ if str(REPO) not in sys.path:
 PEAK_TFLOPS = 790.0  # H200 bf16 dense
 GIB = 2.0 ** 30
 KEY_PAIRS = (("d16", 64), ("d30", 32))  # the rows that come first
+MODES = ("full", "full_pretokenized", "fwdbwd", "tokenize")
 
 # Issue #5 reference points (per single GPU). img/s = images per second; GiB = peak memory.
 REFERENCE = {
@@ -383,7 +388,7 @@ def train_worker(spec: dict) -> dict:
     global_batch = batch * n_dev
     config = recipe_config(spec)
     lower_only = spec.get("lower_only", False)
-    precision = spec.get("tokenizer_precision", TOKENIZER_PRECISION)
+    precision = spec.get("tokenizer_precision") or TOKENIZER_PRECISION
     make_vae = lambda: VQVAE(vae_config(spec["quick"], precision), rngs=nnx.Rngs(0))  # noqa: E731
     vae = nnx.eval_shape(make_vae) if lower_only else init_on_device(make_vae)
     cfg = model_config(config, vae.config)
@@ -470,8 +475,11 @@ def train_worker(spec: dict) -> dict:
         maybe_profile(result, spec, jax.jit(fwdbwd), args, make_call)
         return _throughput(result, flops, global_batch, n_dev)
 
-    if mode != "full":
+    if mode not in ("full", "full_pretokenized"):
         raise ValueError(f"unknown mode {mode!r}")
+    if mode == "full_pretokenized":  # the step reads token indices (config.data.pretokenized)
+        config.data.pretokenized = "random tokens (benchmark)"
+        images = rng.integers(0, cfg.vocab_size, (global_batch, layout.seq_len)).astype(np.int32)
     # ----- full step: the pieces of Trainer.__init__, without data, checkpoints or workdir -----
     mesh = sharding.make_mesh((("data", n_dev), ("fsdp", 1)), devices=devices)
     opt = config.optimizer
@@ -653,8 +661,8 @@ def build_specs(args) -> list[dict]:
     devices = sorted(set(parse_list(args.devices, int)) | {1})
     precisions = parse_list(args.tokenizer_precision)
     for mode in modes:
-        if mode not in ("full", "fwdbwd", "tokenize"):
-            raise SystemExit(f"unknown mode {mode!r}; use full, fwdbwd, tokenize")
+        if mode not in MODES:
+            raise SystemExit(f"unknown mode {mode!r}; use {', '.join(MODES)}")
     common = dict(dtype=args.dtype, quick=args.quick, iters=args.iters, warmup=args.warmup,
                   seed=0, lower_only=args.lower_only, profile=args.profile)
     specs = []
@@ -663,27 +671,28 @@ def build_specs(args) -> list[dict]:
             for backend in (backends[:1] if mode == "tokenize" else backends):
                 for remat in (remats[:1] if mode == "tokenize" else remats):
                     for scan in (scans[:1] if mode == "tokenize" else scans):
-                        for n in (devices if mode == "full" else [1]):
-                            for tok in (precisions if mode != "fwdbwd" else precisions[:1]):
+                        for n in (devices if mode.startswith("full") else [1]):
+                            encodes = mode in ("full", "tokenize")
+                            for tok in (precisions if encodes else [None]):
                                 specs.append(dict(common, model=model, batch=batch, mode=mode,
                                                   backend=backend, remat=remat, scan_blocks=scan,
                                                   devices=n, tokenizer_precision=tok))
     model_order = {m: i for i, m in enumerate(dict.fromkeys(m for m, _ in pairs))}
-    mode_rank = {"full": 0, "fwdbwd": 1, "tokenize": 2}
+    mode_rank = {mode: i for i, mode in enumerate(MODES)}
 
     def priority(s):
         key_pair = (s["model"], s["batch"]) in KEY_PAIRS
         return (not key_pair, s["backend"] != backends[0], mode_rank[s["mode"]],
                 remats.index(s["remat"]), not s["scan_blocks"] if len(scans) > 1 else 0,
                 model_order[s["model"]], -s["batch"], s["devices"],
-                precisions.index(s["tokenizer_precision"]))
+                precisions.index(s["tokenizer_precision"]) if s["tokenizer_precision"] else 0)
 
     return sorted(specs, key=priority)
 
 
 # ===================================== parent: output =========================================
 
-HEADER = (f"{'model':>5} {'B':>4} {'dev':>3} {'backend':>9} {'mode':>8} {'remat':>13} {'scan':>4} {'tok':>4} "
+HEADER = (f"{'model':>5} {'B':>4} {'dev':>3} {'backend':>9} {'mode':>17} {'remat':>13} {'scan':>4} {'tok':>4} "
           f"{'ms med':>8} {'ms min':>8} {'img/s':>8} {'TFLOP/s':>8} {'MFU':>6} {'XLA GiB':>8} {'peak GiB':>8} "
           f"{'comp s':>7} {'loss':>7} {'eff':>5}  status")
 
@@ -692,7 +701,7 @@ TOKENIZER_SHORT = {"default": "tf32", "bfloat16": "bf16", "highest": "f32"}
 
 
 def format_row(r: dict) -> str:
-    text = (f"{r['model']:>5} {r['batch']:>4} {r['devices']:>3} {r['backend']:>9} {r['mode']:>8} "
+    text = (f"{r['model']:>5} {r['batch']:>4} {r['devices']:>3} {r['backend']:>9} {r['mode']:>17} "
             f"{str(r.get('remat')):>13} {('y' if r['scan_blocks'] else 'n'):>4} "
             f"{TOKENIZER_SHORT.get(r.get('tokenizer_precision'), '-'):>4} "
             f"{fmt(r.get('ms_median'), '.1f', 8)} {fmt(r.get('ms_min'), '.1f', 8)} "
@@ -827,7 +836,7 @@ def main() -> None:
     parser.add_argument("--pairs", default=None,
                         help="model x batch pairs instead of the cross product, e.g. d16x64,d30x32")
     parser.add_argument("--backends", default="pallas,reference", help="attention backends")
-    parser.add_argument("--modes", default="full,fwdbwd,tokenize", help="full, fwdbwd, tokenize")
+    parser.add_argument("--modes", default="full,fwdbwd,tokenize", help=", ".join(MODES))
     parser.add_argument("--remat", default="default",
                         help="comma list of default|none|block|dots_saveable")
     parser.add_argument("--scan-blocks", default="true", help="comma list of true|false")
