@@ -203,6 +203,17 @@ def image_iterator(source, *, image_size: int, batch_size: int, seed: int, train
     return iter(dataset)
 
 
+def image_source(data_config):
+    """The random-access image source of a config's ``data`` block (``image_folder`` or
+    ``tfds``; the embedded digits are arrays, see ``digits_split``)."""
+    if data_config.name == "image_folder":
+        return ImageFolderSource.scan(data_config.root)
+    if data_config.name == "tfds":
+        return tfds_source(data_config.tfds_name, data_config.split, data_config.data_dir or None)
+    raise ValueError(f"Unknown data.name {data_config.name!r}; use 'digits', 'image_folder' or "
+                     "'tfds'.")
+
+
 def tfds_source(name: str, split: str, data_dir: str | None = None):
     """A TFDS random-access source (array_record files, no TensorFlow at run time)."""
     import tensorflow_datasets as tfds  # local: only needed for TFDS data

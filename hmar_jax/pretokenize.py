@@ -37,13 +37,7 @@ def dataset_batches(config, batch_size: int):
             yield data.to_model_range({"image": images[start:start + batch_size],
                                        "label": labels[start:start + batch_size]})
         return
-    if d.name == "image_folder":
-        source = data.ImageFolderSource.scan(d.root)
-    elif d.name == "tfds":
-        source = data.tfds_source(d.tfds_name, d.split, d.data_dir or None)
-    else:
-        raise ValueError(f"Unknown data.name {d.name!r}; use 'digits', 'image_folder' or 'tfds'.")
-    yield from data.image_iterator(source, image_size=d.image_size, batch_size=batch_size, seed=0,
+    yield from data.image_iterator(data.image_source(d), image_size=d.image_size, batch_size=batch_size, seed=0,
                                    train=False, skip_corrupt=d.skip_corrupt,
                                    num_workers=d.num_workers)
 

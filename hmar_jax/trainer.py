@@ -269,13 +269,7 @@ class Trainer:
             images, labels = data.digits_split(d.image_size, d.split)
             return data.batched_iterator(images[index::count], labels[index::count], local_batch,
                                          self.config.seed)
-        if d.name == "image_folder":
-            source = data.ImageFolderSource.scan(d.root)
-        elif d.name == "tfds":
-            source = data.tfds_source(d.tfds_name, d.split, d.data_dir or None)
-        else:
-            raise ValueError(f"Unknown data.name {d.name!r}; use 'digits', 'image_folder' or 'tfds'.")
-        return data.image_iterator(source, image_size=d.image_size, batch_size=local_batch,
+        return data.image_iterator(data.image_source(d), image_size=d.image_size, batch_size=local_batch,
                                    seed=self.config.seed, skip_corrupt=d.skip_corrupt,
                                    num_workers=d.num_workers, process_index=index,
                                    process_count=count)
