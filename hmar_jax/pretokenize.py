@@ -19,12 +19,20 @@ from ml_collections import config_flags
 
 from hmar_jax import data, metric_writers, token_cache, trainer
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "The training workdir (for its tokenizer).")
-_OUT = flags.DEFINE_string("out", None, "Directory to write the token cache to.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --out.")
-flags.mark_flags_as_required(["config", "workdir", "out"])
+
+def _define_flags() -> dict:
+    """The CLI's absl flags, defined only when run as a program: ``--config`` and
+    ``--workdir`` are also ``hmar_jax.train``'s, and absl refuses a flag defined twice in
+    one process (the tests import both modules)."""
+    defined = {
+        "config": config_flags.DEFINE_config_file("config", None, "Training config file.",
+                                                  lock_config=True),
+        "workdir": flags.DEFINE_string("workdir", None, "The training workdir (for its tokenizer)."),
+        "out": flags.DEFINE_string("out", None, "Directory to write the token cache to."),
+        "overwrite": flags.DEFINE_bool("overwrite", False, "Replace an existing --out."),
+    }
+    flags.mark_flags_as_required(["config", "workdir", "out"])
+    return defined
 
 
 def dataset_batches(config, batch_size: int):
@@ -61,18 +69,21 @@ def pretokenize(config, workdir: str, out: str, overwrite: bool = False) -> dict
     return manifest
 
 
-def main(argv):
+def main(argv, defined: dict):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     metric_writers.quiet_library_logs()
+    out = defined["out"].value
     try:
-        manifest = pretokenize(_CONFIG.value, _WORKDIR.value, _OUT.value, _OVERWRITE.value)
+        manifest = pretokenize(defined["config"].value, defined["workdir"].value, out,
+                               defined["overwrite"].value)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         raise SystemExit(f"error: {err}") from None
+    size_mib = np.dtype(np.uint16).itemsize * manifest["num_examples"] * manifest["seq_len"] / 2**20
     print(f"wrote {manifest['num_examples']} examples x {manifest['seq_len']} tokens "
-          f"({np.dtype(np.uint16).itemsize * manifest['num_examples'] * manifest['seq_len'] / 2**20:.1f} "
-          f"MiB) to {_OUT.value}")
+          f"({size_mib:.1f} MiB) to {out}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    _flags = _define_flags()
+    app.run(lambda argv: main(argv, _flags))

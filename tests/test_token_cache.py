@@ -109,3 +109,12 @@ def test_image_folder_is_encoded_once_centre_cropped(tmp_path, tokenizer_export)
     want = token_cache.flatten_indices(vae.encode_to_indices(
         jnp.asarray(data.to_model_range({"image": images, "label": labels})["image"])))
     np.testing.assert_array_equal(np.asarray(tokens), np.asarray(want))
+
+
+def test_the_cli_module_imports_next_to_the_training_cli():
+    """Both CLIs take --config/--workdir; absl refuses a flag defined twice in one process,
+    so pretokenize defines its flags only when run as a program."""
+    import importlib
+
+    importlib.import_module("hmar_jax.train")
+    importlib.import_module("hmar_jax.pretokenize")
