@@ -31,6 +31,7 @@ from flax import nnx
 
 from hmar_jax.layers import AdaLNBeforeHead, AdaLNSelfAttnBlock, InitScales
 from hmar_jax.pallas import ops
+from hmar_jax.frozen_config import config_from_dict
 from hmar_jax.scales import ScaleLayout, resolve_patch_nums
 
 RematPolicy = Literal["none", "block", "dots_saveable"]
@@ -146,11 +147,7 @@ class HMARConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "HMARConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"Unknown HMARConfig keys {unknown}; known keys: {sorted(known)}.")
-        return cls(**values)
+        return config_from_dict(cls, values)
 
     def replace(self, **changes) -> "HMARConfig":
         return dataclasses.replace(self, **changes)

@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from hmar_jax import resample
+from hmar_jax.frozen_config import config_from_dict
 from hmar_jax.scales import ScaleLayout, resolve_patch_nums
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -131,11 +132,7 @@ class VQVAEConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "VQVAEConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"Unknown VQVAEConfig keys {unknown}; known keys: {sorted(known)}.")
-        return cls(**values)
+        return config_from_dict(cls, values)
 
 
 def _conv(cin: int, cout: int, kernel: int, rngs: nnx.Rngs, stride: int = 1, padding=None) -> nnx.Conv:
