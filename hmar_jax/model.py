@@ -29,9 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from hmar_jax.frozen_config import config_from_dict
 from hmar_jax.layers import AdaLNBeforeHead, AdaLNSelfAttnBlock, InitScales
 from hmar_jax.pallas import ops
-from hmar_jax.frozen_config import config_from_dict
 from hmar_jax.scales import ScaleLayout, resolve_patch_nums
 
 RematPolicy = Literal["none", "block", "dots_saveable"]
