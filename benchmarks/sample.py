@@ -145,17 +145,16 @@ def sample_worker(spec: dict) -> dict:
     fn = jax.jit(lambda ms, vs, labels, index: sampling.generate(
         nnx.merge(model_graphdef, ms), nnx.merge(vae_graphdef, vs), labels, index, spec["seed"],
         config))
+    args = (model_state, vae_state, labels, index)
     if lower_only:
-        _compile(result, fn, (model_state, vae_state, labels, index), lower_only=True)
+        _compile(result, fn, args, lower_only=True)
         return result
 
     t0 = time.perf_counter()
-    compiled = fn.lower(model_state, vae_state, labels, index).compile()
+    compiled = fn.lower(*args).compile()
     result.update(xla_memory(compiled))
-
-    def call():
-        return compiled(model_state, vae_state, labels, index)
-
+    make_call = lambda executable: lambda: executable(*args)  # noqa: E731
+    call = make_call(compiled)
     images = jax.block_until_ready(call())
     result["compile_s"] = time.perf_counter() - t0  # first call: trace + compile + one run
     images = np.asarray(images)  # sanity of the first batch
@@ -163,8 +162,7 @@ def sample_worker(spec: dict) -> dict:
     result.update(timing_summary(times), peak_gib=peak_gib(),
                   image_mean=float(images.mean()), image_finite=bool(np.isfinite(images).all()),
                   image_shape=list(images.shape))
-    args = (model_state, vae_state, labels, index)
-    maybe_profile(result, spec, fn, args, lambda executable: lambda: executable(*args))
+    maybe_profile(result, spec, fn, args, make_call)
     return _per_image(result, batch)
 
 

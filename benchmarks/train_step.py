@@ -412,13 +412,14 @@ def train_worker(spec: dict) -> dict:
 
         images_dev = jnp.asarray(images)
         args = (vae_state, images_dev)
-        compiled = _compile(result, jax.jit(tokenize), args, lower_only)
+        tokenize = jax.jit(tokenize)
+        compiled = _compile(result, tokenize, args, lower_only)
         if compiled is None:
             return result
         make_call = lambda executable: lambda: executable(*args)  # noqa: E731
         times = _time_calls(make_call(compiled), spec["warmup"], spec["iters"])
         result.update(timing_summary(times), peak_gib=peak_gib(devices))
-        maybe_profile(result, spec, jax.jit(tokenize), args, make_call)
+        maybe_profile(result, spec, tokenize, args, make_call)
         if precision != "highest":
             result["index_agreement_vs_highest"] = _index_agreement(vae, images_dev, precision)
         return _throughput(result, None, global_batch, n_dev)
@@ -457,7 +458,8 @@ def train_worker(spec: dict) -> dict:
             return loss, grads
 
         args = (trainable, frozen, x, labels_dev, targets, keys[2])
-        compiled = _compile(result, jax.jit(fwdbwd), args, lower_only)
+        fwdbwd = jax.jit(fwdbwd)
+        compiled = _compile(result, fwdbwd, args, lower_only)
         if compiled is None:
             return result
         out = {}
@@ -472,7 +474,7 @@ def train_worker(spec: dict) -> dict:
         times = _time_calls(make_call(compiled), spec["warmup"], spec["iters"])
         result.update(timing_summary(times), peak_gib=peak_gib(devices),
                       loss=float(out["v"][0]))
-        maybe_profile(result, spec, jax.jit(fwdbwd), args, make_call)
+        maybe_profile(result, spec, fwdbwd, args, make_call)
         return _throughput(result, flops, global_batch, n_dev)
 
     if mode not in ("full", "full_pretokenized"):
@@ -591,21 +593,17 @@ def maybe_profile(result: dict, spec: dict, jitted, args: tuple, make_call) -> N
     ``make_call(executable)`` returns the zero-argument call that the timing used."""
     if not spec.get("profile"):
         return
+    import jax
+
     from benchmarks import profiling
 
     try:
         executable = jitted.lower(*args).compile(compiler_options=PROFILE_COMPILER_OPTIONS)
         call = make_call(executable)
-        jax_block(call())  # warm-up (autotuning, first-call allocations)
+        jax.block_until_ready(call())  # warm-up (autotuning, first-call allocations)
         result["device_profile"] = profiling.profile_calls(call, 2, executable.as_text())
     except Exception as err:  # noqa: BLE001 - diagnostics must not lose the timed row
         result["device_profile"] = {"error": f"{type(err).__name__}: {err}"[:300]}
-
-
-def jax_block(value):
-    import jax
-
-    return jax.block_until_ready(value)
 
 
 def _collectives(compiled) -> dict | None:
