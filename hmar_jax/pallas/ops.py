@@ -18,7 +18,8 @@ Backends (``spec.backend``):
   mode (slow; for tests);
 * ``cudnn``: ``jax.nn.dot_product_attention`` with cuDNN's fused attention on GPU (a
   dense mask for the masked patterns, so no tile skipping); XLA's implementation
-  elsewhere. Fast for the unmasked single-scale calls of the sampler.
+  elsewhere. On an H200 it samples d30 as fast as the kernel (648 vs 644 ms a batch),
+  not faster, so ``auto`` does not pick it.
 
 This module owns the ``custom_vjp`` around the kernels' forward and backward. A head
 dim the kernels cannot take (not a power of two >= 16) falls back to the reference
