@@ -16,7 +16,7 @@ instruction. Each instruction is put into one category from its kernel name and 
 
 Returned per call: total device milliseconds (the sum over streams; kernels that overlap
 on different streams count twice), the per-category split and the instructions with
-the most device time. Used by ``--profile`` in ``train_step.py`` and ``sample.py``.
+the most device time, each with its HLO line (output and operand shapes). Used by ``--profile`` in ``train_step.py`` and ``sample.py``.
 """
 
 from __future__ import annotations
@@ -43,6 +43,26 @@ def op_names_from_hlo(hlo_text: str | None) -> dict[str, str]:
     for match in pattern.finditer(hlo_text):
         names.setdefault(match.group(1), match.group(2))
     return names
+
+
+def instruction_lines(hlo_text: str | None, width: int = 400) -> dict[str, str]:
+    """``{instruction name: its HLO line}`` with each operand's shape written after it.
+
+    Layouts and metadata are dropped: ``bf16[64,680,4096] fusion(%a:f32[64,680,4096], ...)``.
+    """
+    if not hlo_text:
+        return {}
+    pattern = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$", re.M)
+    raw: dict[str, str] = {}
+    for match in pattern.finditer(hlo_text):
+        text = re.sub(r",\s*(metadata|backend_config|frontend_attributes)=.*$", "", match.group(2))
+        raw.setdefault(match.group(1), re.sub(r"(?<=\])\{[\d,]*\}", "", text))
+    shapes = {name: text.split(" ", 1)[0] for name, text in raw.items()}
+
+    def with_shape(match):
+        return f"%{match.group(1)}:{shapes.get(match.group(1), '?')}"
+
+    return {name: re.sub(r"%([\w.\-]+)", with_shape, text)[:width] for name, text in raw.items()}
 
 
 def categorize(kernel: str, instruction: str, op_name: str) -> str:
@@ -104,6 +124,7 @@ def device_events(logdir: str):
 
 def summarize(logdir: str, calls: int, hlo_text: str | None = None, top: int = 60) -> dict:
     op_names = op_names_from_hlo(hlo_text)
+    hlo_lines = instruction_lines(hlo_text)
     per_key: dict[str, list] = collections.defaultdict(lambda: [0.0, 0, "", ""])
     for kernel, instruction, ns in device_events(logdir):
         key = instruction or kernel
@@ -121,7 +142,7 @@ def summarize(logdir: str, calls: int, hlo_text: str | None = None, top: int = 6
         categories[category] += ns
         rows.append({"op": key, "category": category, "ms_per_call": ns / 1e6 / calls,
                      "launches_per_call": count / calls, "kernel": kernel[:120],
-                     "op_name": op_name[-160:]})
+                     "op_name": op_name[-160:], "hlo": hlo_lines.get(key, "")})
     rows.sort(key=lambda r: -r["ms_per_call"])
     total = sum(categories.values())
     return {"device_ms_per_call": total / 1e6 / calls,

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hmar_jax.pallas import ops
+from hmar_jax.pallas.reference import hmar_qkv
 
 LOG_MAX_ATTN_SCALE = math.log(100.0)  # clamp of the learnable per-head temperature
 
@@ -53,13 +54,6 @@ def layer_norm(x: jax.Array, eps: float) -> jax.Array:
     mean = jnp.mean(x32, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
     return (x32 - mean) * jax.lax.rsqrt(var + eps)
-
-
-def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-    """``x / max(|x|, eps)`` over the last axis (PyTorch ``F.normalize``), in float32."""
-    x32 = x.astype(jnp.float32)
-    norm = jnp.sqrt(jnp.sum(jnp.square(x32), axis=-1, keepdims=True))
-    return x32 / jnp.maximum(norm, eps)
 
 
 def drop_path(x: jax.Array, rate: jax.Array | float, rng: jax.Array | None) -> jax.Array:
@@ -103,15 +97,15 @@ class SelfAttention(nnx.Module):
         """
         b, length, width = x.shape
         q_bias = self.q_bias[...]
-        bias = jnp.concatenate([q_bias, jnp.zeros_like(q_bias), self.v_bias[...]])  # k has no bias
-        qkv = self.mat_qkv(x)  # in the compute dtype; so are q, k, v and the attention
-        qkv = (qkv + bias.astype(qkv.dtype)).reshape(b, length, 3, self.num_heads,
-                                                     self.head_dim)  # [B, L, 3, N, K]
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, L, N, K]
+        bias = jnp.stack([q_bias, jnp.zeros_like(q_bias), self.v_bias[...]])  # k has no bias
+        bias = bias.reshape(3, self.num_heads, self.head_dim)
+        # The projection stays in the compute dtype; so do q, k, v and the attention.
+        qkv = self.mat_qkv(x).reshape(b, length, 3, self.num_heads, self.head_dim)
         temperature = jnp.exp(jnp.minimum(self.scale_mul[...], LOG_MAX_ATTN_SCALE))  # [N]
-        q = (l2_normalize(q) * temperature[:, None]).astype(v.dtype)  # normalised in float32
-        k = l2_normalize(k).astype(v.dtype)
-        if kv_cache is not None:
+        if kv_cache is None:  # bias, normalisation and temperature run inside the kernel
+            out = ops.hmar_attention(qkv, bias, temperature, spec)
+        else:
+            q, k, v = hmar_qkv(qkv, bias, temperature)  # [B, L, N, K]
             cache_k = jax.lax.dynamic_update_slice_in_dim(kv_cache[0], k.astype(kv_cache[0].dtype),
                                                           cache_start, axis=1)
             cache_v = jax.lax.dynamic_update_slice_in_dim(kv_cache[1], v.astype(kv_cache[1].dtype),
@@ -125,8 +119,6 @@ class SelfAttention(nnx.Module):
             out = ops.attention(q.astype(f32), cache_k[:, :end].astype(f32),
                                 cache_v[:, :end].astype(f32), spec).astype(v.dtype)
             kv_cache = (cache_k, cache_v)
-        else:
-            out = ops.attention(q, k, v, spec)
         return self.proj(out.reshape(b, length, width)), kv_cache
 
 

@@ -10,7 +10,7 @@ from flax import nnx
 
 from hmar_jax.model import HMARTransformer, preset
 from hmar_jax.pallas import kernel_gpu, ops
-from hmar_jax.pallas.reference import reference_attention
+from hmar_jax.pallas.reference import hmar_qkv, reference_attention
 from hmar_jax.scales import ScaleLayout
 
 SMALL_TILES = ops.KernelTiles(ops.KernelLaunch(16, 16), ops.KernelLaunch(16, 32), ops.KernelLaunch(32, 16))
@@ -49,6 +49,45 @@ def test_forward_and_gradients_match_reference(pattern, case, dtype):
         got = np.asarray(got, np.float32)
         assert np.all(np.isfinite(got))
         np.testing.assert_allclose(got, np.asarray(want), atol=tol * np.abs(want).max(), rtol=0)
+
+
+def _packed_inputs(seed, length, dtype, heads=2, head_dim=32, batch=2):
+    keys = jax.random.split(jax.random.key(seed), 4)
+    qkv = jax.random.normal(keys[0], (batch, length, 3, heads, head_dim)).astype(dtype)
+    bias = 0.5 * jax.random.normal(keys[1], (3, heads, head_dim))
+    temperature = jnp.exp(jax.random.uniform(keys[2], (heads,), maxval=np.log(100.0)))
+    do = jax.random.normal(keys[3], (batch, length, heads, head_dim)).astype(dtype)
+    return qkv, bias, temperature, do
+
+
+@pytest.mark.parametrize("pattern", ["block_diagonal", "full"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_packed_attention_with_prologue_matches_reference(pattern, dtype):
+    """``hmar_attention`` on the kernel (bias, q/k normalisation and temperature inside the
+    forward kernel) equals preparing q, k, v with ``hmar_qkv`` and running the reference,
+    in value and in the gradients w.r.t. the packed projection, bias and temperature."""
+    patch_nums = (1, 2, 3, 5) if pattern == "block_diagonal" else (6,)
+    length = ScaleLayout(patch_nums).seq_len
+    qkv, bias, temperature, do = _packed_inputs(3 + len(dtype), length, jnp.dtype(dtype))
+    spec = ops.AttentionSpec(pattern, patch_nums, "pallas", SMALL_TILES)
+    out, vjp = jax.vjp(lambda *a: ops.hmar_attention(*a, spec), qkv, bias, temperature)
+    mask = spec.dense_mask()
+
+    def reference(qkv, bias, temperature):
+        q, k, v = hmar_qkv(qkv, bias, temperature)
+        return reference_attention(*(a.astype(jnp.float32) for a in (q, k, v)), mask)
+
+    ref, ref_vjp = jax.vjp(reference, qkv, bias, temperature)
+    grads, ref_grads = vjp(do), ref_vjp(do.astype(jnp.float32))
+    assert out.shape == do.shape and out.dtype == qkv.dtype
+    assert [g.dtype for g in grads] == [qkv.dtype, jnp.float32, jnp.float32]
+    tol = 2e-5 if dtype == "float32" else 3e-2
+    for got, want in zip((out, *grads), (ref, *ref_grads)):
+        got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+        assert np.all(np.isfinite(got))
+        np.testing.assert_allclose(got, want, atol=tol * np.abs(want).max(), rtol=0)
+    with pytest.raises(ValueError, match=r"qkv \[B, L, 3, N, K\]"):
+        ops.hmar_attention(qkv[:, :, :2], bias, temperature, spec)
 
 
 def test_log_sum_exp_and_full_pattern_with_unequal_lengths():
@@ -155,24 +194,29 @@ def test_model_with_kernel_matches_reference_forward_and_gradients():
         np.testing.assert_allclose(np.asarray(b[...]), np.asarray(a[...]), atol=2e-5, err_msg=str(path))
 
 
-def test_kernel_runs_per_device_under_a_mesh():
+@pytest.mark.parametrize("packed", [False, True])
+def test_kernel_runs_per_device_under_a_mesh(packed):
     # XLA cannot partition a Pallas call: under a batch-sharded mesh the op must run the
     # kernel on each device's slice (no all-gather of q/k/v), with the same values.
     patch_nums = (1, 2, 3, 4)
     layout = ScaleLayout(patch_nums)
-    q, k, v, do = _inputs(11, layout.seq_len, jnp.float32, batch=8)
     spec = ops.AttentionSpec("block_diagonal", patch_nums, "pallas",
                              ops.KernelTiles(*(ops.KernelLaunch(16, 16),) * 3))
+    if packed:  # the packed projection is sharded; bias and temperature are replicated
+        qkv, bias, temperature, do = _packed_inputs(11, layout.seq_len, jnp.float32, batch=8)
+        inputs = (qkv,)
+        loss = lambda qkv: jnp.sum(ops.hmar_attention(qkv, bias, temperature, spec) * do)  # noqa: E731
+    else:
+        q, k, v, do = _inputs(11, layout.seq_len, jnp.float32, batch=8)
+        inputs = (q, k, v)
+        loss = lambda q, k, v: jnp.sum(ops.attention(q, k, v, spec) * do)  # noqa: E731
 
-    def loss(q, k, v):
-        return jnp.sum(ops.attention(q, k, v, spec) * do)
-
-    grad_fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
-    expected = grad_fn(q, k, v)
+    grad_fn = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(len(inputs)))))
+    expected = grad_fn(*inputs)
     mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
     sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
     with jax.set_mesh(mesh):
-        args = [jax.device_put(a, sharded) for a in (q, k, v)]
+        args = [jax.device_put(a, sharded) for a in inputs]
         hlo = grad_fn.lower(*args).compile().as_text()
         got = grad_fn(*args)
     assert "all-gather" not in hlo

@@ -94,8 +94,21 @@ def _tile_loop(plan_ref, block: int, body, init):
     return jax.lax.fori_loop(num_full, num_total, lambda j, c: body(lo + j * block, True, c), carry)
 
 
-def _forward_kernel(plan_ref, row_start_ref, row_end_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
-                    *, block_q: int, block_k: int, scale: float):
+def _l2_normalize_rows(x: jax.Array) -> jax.Array:
+    """Rows of ``x [R, K]`` divided by ``max(|row|, 1e-12)``, in float32."""
+    x32 = x.astype(jnp.float32)
+    norm = jnp.sqrt(jnp.sum(x32 * x32, axis=1))
+    return x32 / jnp.maximum(norm, 1e-12)[:, None]
+
+
+def _forward_kernel(plan_ref, row_start_ref, row_end_ref, q_ref, k_ref, v_ref, *refs,
+                    block_q: int, block_k: int, scale: float, prologue: bool):
+    """With ``prologue`` the refs after v are the q/k/v bias rows ``[K]`` and the head's
+    temperature, applied to each loaded tile as ``reference.hmar_qkv`` does."""
+    if prologue:
+        q_bias_ref, k_bias_ref, v_bias_ref, temperature_ref, o_ref, lse_ref = refs
+    else:
+        o_ref, lse_ref = refs
     first, hi = plan_ref[0], plan_ref[5]
     q_idx = first + jnp.arange(block_q)
     q_valid = q_idx < plan_ref[1]
@@ -103,6 +116,10 @@ def _forward_kernel(plan_ref, row_start_ref, row_end_ref, q_ref, k_ref, v_ref, o
     row_end = _ranges_slice(row_end_ref, first, block_q, q_valid, 0)
     q = _rows(q_ref, first, block_q, q_valid)
     head_dim = q.shape[-1]
+    if prologue:
+        temperature = temperature_ref[0]
+        q = (_l2_normalize_rows(q + q_bias_ref[...][None, :]) * temperature).astype(q.dtype)
+        k_bias, v_bias = k_bias_ref[...][None, :], v_bias_ref[...][None, :]
 
     def body(start, masked, carry):
         acc, m, l = carry
@@ -110,6 +127,9 @@ def _forward_kernel(plan_ref, row_start_ref, row_end_ref, q_ref, k_ref, v_ref, o
         k_valid = k_idx < hi
         k = _rows(k_ref, start, block_k, k_valid)
         v = _rows(v_ref, start, block_k, k_valid)
+        if prologue:
+            k = _l2_normalize_rows(k + k_bias).astype(v.dtype)
+            v = v + v_bias
         s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale  # [bq, bk], base 2
         if masked:
             allowed = (k_idx[None, :] >= row_start[:, None]) & (k_idx[None, :] < row_end[:, None])
@@ -227,6 +247,23 @@ def _params(num_warps: int, num_stages: int):
     return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
+def _forward_call(plan, row_start, row_end, inputs, in_specs, out_shape, *, prologue: bool,
+                  sm_scale: float, block_q: int, block_k: int, num_warps: int, num_stages: int,
+                  interpret: bool):
+    """The forward ``pallas_call`` over ``grid (tiles, B, N)``; ``inputs`` after the ranges."""
+    b, len_q, heads, head_dim = out_shape.shape
+    kernel = functools.partial(_forward_kernel, block_q=block_q, block_k=block_k,
+                               scale=sm_scale * LOG2_E, prologue=prologue)
+    return pl.pallas_call(
+        kernel, grid=(len(plan), b, heads),
+        in_specs=[_plan_spec(), _vector_spec(len_q), _vector_spec(len_q), *in_specs],
+        out_specs=[_head_spec(len_q, head_dim), _stats_spec(len_q)],
+        out_shape=[out_shape, jax.ShapeDtypeStruct((b, heads, len_q), jnp.float32)],
+        compiler_params=_params(num_warps, num_stages), interpret=interpret,
+        name="hmar_block_sparse_attention_fwd",
+    )(jnp.asarray(plan), *_int32(row_start, row_end), *inputs)
+
+
 def forward(q: jax.Array, k: jax.Array, v: jax.Array, row_start: np.ndarray, row_end: np.ndarray,
             *, sm_scale: float = 1.0, block_q: int = 64, block_k: int = 64, num_warps: int = 4,
             num_stages: int = 2, interpret: bool = False) -> tuple[jax.Array, jax.Array]:
@@ -241,22 +278,51 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, row_start: np.ndarray, row
     Returns:
       ``(o [B, Lq, N, K] in q.dtype, lse [B, N, Lq] float32)``.
     """
-    b, len_q, heads, head_dim = q.shape
-    len_k = k.shape[1]
+    len_q, len_k, head_dim = q.shape[1], k.shape[1], q.shape[3]
     plan = plan_tiles(row_start, row_end, block_q, block_k)
-    kernel = functools.partial(_forward_kernel, block_q=block_q, block_k=block_k,
-                               scale=sm_scale * LOG2_E)
-    return pl.pallas_call(
-        kernel, grid=(len(plan), b, heads),
-        in_specs=[_plan_spec(), _vector_spec(len_q), _vector_spec(len_q),
-                  _head_spec(len_q, head_dim), _head_spec(len_k, head_dim),
-                  _head_spec(len_k, head_dim)],
-        out_specs=[_head_spec(len_q, head_dim), _stats_spec(len_q)],
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                   jax.ShapeDtypeStruct((b, heads, len_q), jnp.float32)],
-        compiler_params=_params(num_warps, num_stages), interpret=interpret,
-        name="hmar_block_sparse_attention_fwd",
-    )(jnp.asarray(plan), *_int32(row_start, row_end), q, k, v)
+    specs = [_head_spec(len_q, head_dim), _head_spec(len_k, head_dim), _head_spec(len_k, head_dim)]
+    return _forward_call(plan, row_start, row_end, (q, k, v), specs,
+                         jax.ShapeDtypeStruct(q.shape, q.dtype), prologue=False,
+                         sm_scale=sm_scale, block_q=block_q, block_k=block_k,
+                         num_warps=num_warps, num_stages=num_stages, interpret=interpret)
+
+
+def forward_packed(qkv: jax.Array, qkv_bias: jax.Array, temperature: jax.Array,
+                   row_start: np.ndarray, row_end: np.ndarray, *, sm_scale: float = 1.0,
+                   block_q: int = 64, block_k: int = 64, num_warps: int = 4,
+                   num_stages: int = 2, interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+    """Self-attention forward straight from HMAR's packed projection, with the prologue
+    of ``reference.hmar_qkv`` (bias, L2 normalisation of q and k in float32, per-head
+    temperature on q) applied to every tile as it is loaded, so that q, k and v are
+    never written out.
+
+    Args:
+      qkv: ``[B, L, 3, N, K]``.
+      qkv_bias: ``[3, N, K]`` in qkv's dtype.
+      temperature: float32 ``[N]``.
+      row_start, row_end, sm_scale, block sizes: as ``forward``.
+
+    Returns:
+      ``(o [B, L, N, K] in qkv.dtype, lse [B, N, L] float32)``.
+    """
+    b, length, _, heads, head_dim = qkv.shape
+    plan = plan_tiles(row_start, row_end, block_q, block_k)
+
+    def packed_spec(part):
+        return pl.BlockSpec((None, length, None, None, head_dim), lambda t, b, h: (b, 0, part, h, 0))
+
+    def bias_spec(part):
+        return pl.BlockSpec((None, None, head_dim), lambda t, b, h: (part, h, 0))
+
+    temperature_rows = jnp.broadcast_to(temperature.astype(jnp.float32)[:, None],
+                                        (heads, PLAN_WIDTH))  # a power-of-two block per head
+    specs = [packed_spec(0), packed_spec(1), packed_spec(2), bias_spec(0), bias_spec(1),
+             bias_spec(2), pl.BlockSpec((None, PLAN_WIDTH), lambda t, b, h: (h, 0))]
+    inputs = (qkv, qkv, qkv, qkv_bias, qkv_bias, qkv_bias, temperature_rows)
+    return _forward_call(plan, row_start, row_end, inputs, specs,
+                         jax.ShapeDtypeStruct((b, length, heads, head_dim), qkv.dtype),
+                         prologue=True, sm_scale=sm_scale, block_q=block_q, block_k=block_k,
+                         num_warps=num_warps, num_stages=num_stages, interpret=interpret)
 
 
 def backward_dkdv(q, k, v, do, lse, delta, col_start: np.ndarray, col_end: np.ndarray, *,

@@ -21,6 +21,12 @@ Backends (``spec.backend``):
   elsewhere. On an H200 it samples d30 as fast as the kernel (648 vs 644 ms a batch),
   not faster, so ``auto`` does not pick it.
 
+``hmar_attention(qkv, qkv_bias, temperature, spec)`` is the model's self-attention
+from the packed ``mat_qkv`` output: on GPU (and in interpret mode) the kernel applies
+the bias, q/k normalisation and temperature to each tile it loads
+(``kernel_gpu.forward_packed``), so q, k and v are never written out in the forward
+pass; elsewhere ``reference.hmar_qkv`` prepares them and ``attention`` runs.
+
 This module owns the ``custom_vjp`` around the kernels' forward and backward. A head
 dim the kernels cannot take (not a power of two >= 16) falls back to the reference
 with a one-time warning.
@@ -40,7 +46,7 @@ import numpy as np
 from absl import logging
 
 from hmar_jax.pallas import kernel_gpu
-from hmar_jax.pallas.reference import reference_attention
+from hmar_jax.pallas.reference import hmar_qkv, reference_attention
 from hmar_jax.scales import ScaleLayout
 
 Pattern = Literal["block_diagonal", "block_causal", "full"]
@@ -185,6 +191,36 @@ def _kernel_attention_bwd(plan: _Plan, residuals, do):
 _kernel_attention.defvjp(_kernel_attention_fwd, _kernel_attention_bwd)
 
 
+def _packed_forward(plan: _Plan, qkv, qkv_bias, temperature):
+    length = qkv.shape[1]
+    row_start, row_end, _, _ = _ranges(plan.pattern, plan.patch_nums, length, length)
+    return kernel_gpu.forward_packed(qkv, qkv_bias.astype(qkv.dtype), temperature, row_start,
+                                     row_end, sm_scale=plan.sm_scale,
+                                     interpret=plan.kernel == "interpret",
+                                     **plan.tiles.forward.kwargs())
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _packed_kernel_attention(plan: _Plan, qkv, qkv_bias, temperature):
+    return _packed_forward(plan, qkv, qkv_bias, temperature)[0]
+
+
+def _packed_kernel_attention_fwd(plan: _Plan, qkv, qkv_bias, temperature):
+    o, lse = _packed_forward(plan, qkv, qkv_bias, temperature)
+    return o, (qkv, qkv_bias, temperature, o, lse)
+
+
+def _packed_kernel_attention_bwd(plan: _Plan, residuals, do):
+    # The backward kernels take prepared q, k, v; the prologue's own gradient (bias,
+    # normalisation, temperature) comes from differentiating ``hmar_qkv``.
+    qkv, qkv_bias, temperature, o, lse = residuals
+    (q, k, v), prologue_vjp = jax.vjp(hmar_qkv, qkv, qkv_bias, temperature)
+    return prologue_vjp(_kernel_backward(plan, q, k, v, o, lse, do.astype(o.dtype)))
+
+
+_packed_kernel_attention.defvjp(_packed_kernel_attention_fwd, _packed_kernel_attention_bwd)
+
+
 @functools.lru_cache(maxsize=None)
 def _warn_fallback(reason: str) -> None:
     logging.warning("Block-sparse attention kernel not used (%s); using the reference.", reason)
@@ -213,19 +249,58 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec,
         if q.shape[1] != length or k.shape[1] != length:
             raise ValueError(f"{spec.pattern} attention over patch_nums {spec.patch_nums} needs "
                              f"{length} tokens, got q {q.shape[1]} and k {k.shape[1]}.")
-    kernel = resolve_backend(spec.backend)
-    head_dim = q.shape[-1]
-    if kernel != "reference" and (head_dim < 16 or head_dim & (head_dim - 1)):
-        _warn_fallback(f"head dim {head_dim} is not a power of two >= 16")
-        kernel = "reference"
-    if spec.backend == "auto" and spec.pattern == "full" and k.shape[1] <= SMALL_FULL_KEYS:
-        kernel = "reference"  # the sampler's small scales: one fused XLA op beats a launch grid
+    kernel = _implementation(spec, q.shape[-1], k.shape[1])
     if kernel == "reference":
         return reference_attention(q, k, v, spec.dense_mask(), sm_scale=sm_scale)
     if kernel == "cudnn":
         return fused_dense_attention(q, k, v, spec.dense_mask(), sm_scale=sm_scale)
     plan = _Plan(kernel, spec.pattern, tuple(spec.patch_nums), spec.tiles, float(sm_scale))
-    return _per_batch_shard(functools.partial(_kernel_attention, plan), q, k, v)
+    return _per_batch_shard(functools.partial(_kernel_attention, plan), (q, k, v))
+
+
+def _implementation(spec: AttentionSpec, head_dim: int, len_k: int) -> str:
+    """``reference``, ``cudnn``, ``gpu``, ``tpu`` or ``interpret`` for one call."""
+    kernel = resolve_backend(spec.backend)
+    if kernel != "reference" and (head_dim < 16 or head_dim & (head_dim - 1)):
+        _warn_fallback(f"head dim {head_dim} is not a power of two >= 16")
+        kernel = "reference"
+    if spec.backend == "auto" and spec.pattern == "full" and len_k <= SMALL_FULL_KEYS:
+        kernel = "reference"  # the sampler's small scales: one fused XLA op beats a launch grid
+    return kernel
+
+
+def hmar_attention(qkv: jax.Array, qkv_bias: jax.Array, temperature: jax.Array,
+                   spec: AttentionSpec) -> jax.Array:
+    """HMAR self-attention from the packed projection, differentiable in all three inputs.
+
+    Equals ``attention(*reference.hmar_qkv(qkv, qkv_bias, temperature), spec)``: q and k
+    are L2-normalised (float32) and q is scaled by its head's temperature, so the logits
+    are ``temperature_h cos(q, k)``. The GPU kernel (and interpret mode) does this inside
+    the forward kernel; the TPU kernel, cuDNN and the reference get prepared q, k, v.
+
+    Args:
+      qkv: ``[B, L, 3, N, K]``, the ``mat_qkv`` output without bias (compute dtype).
+      qkv_bias: ``[3, N, K]`` (any float dtype; added in qkv's dtype).
+      temperature: float32 ``[N]``.
+      spec: pattern, scales and backend; L must match ``spec.patch_nums`` unless ``full``.
+
+    Returns:
+      ``[B, L, N, K]`` in qkv's dtype.
+    """
+    b, length, three, heads, head_dim = qkv.shape
+    if three != 3 or qkv_bias.shape != (3, heads, head_dim) or temperature.shape != (heads,):
+        raise ValueError(f"hmar_attention needs qkv [B, L, 3, N, K], bias [3, N, K] and "
+                         f"temperature [N]; got {qkv.shape}, {qkv_bias.shape}, "
+                         f"{temperature.shape}.")
+    kernel = _implementation(spec, head_dim, length)
+    if kernel not in ("gpu", "interpret"):
+        return attention(*hmar_qkv(qkv, qkv_bias, temperature), spec)
+    if spec.pattern != "full" and length != ScaleLayout(spec.patch_nums).seq_len:
+        raise ValueError(f"{spec.pattern} attention over patch_nums {spec.patch_nums} needs "
+                         f"{ScaleLayout(spec.patch_nums).seq_len} tokens, got {length}.")
+    plan = _Plan(kernel, spec.pattern, tuple(spec.patch_nums), spec.tiles, 1.0)
+    return _per_batch_shard(functools.partial(_packed_kernel_attention, plan), (qkv,),
+                            (qkv_bias, temperature))
 
 
 def fused_dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
@@ -238,10 +313,12 @@ def fused_dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
                                         implementation="cudnn" if fused else None)
 
 
-def _per_batch_shard(fn, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """Runs ``fn`` on each device's slice of the batch under the mesh set with
-    ``jax.set_mesh`` (the batch split over every mesh axis, as the trainer and sampler
-    shard it).
+def _per_batch_shard(fn, batched: tuple[jax.Array, ...],
+                     replicated: tuple[jax.Array, ...] = ()) -> jax.Array:
+    """Runs ``fn(*batched, *replicated)`` on each device's slice of the ``batched`` arrays'
+    leading axis under the mesh set with ``jax.set_mesh`` (the batch split over every mesh
+    axis, as the trainer and sampler shard it); ``replicated`` arrays go whole to every
+    device.
 
     XLA cannot partition a Pallas call, so without this a sharded batch would be
     all-gathered and every device would run the kernel on the whole batch. Attention is
@@ -249,8 +326,9 @@ def _per_batch_shard(fn, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     one device, or with a batch the mesh cannot split evenly, ``fn`` runs as is.
     """
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1 or q.shape[0] % mesh.size:
-        return fn(q, k, v)
+    if mesh.empty or mesh.size == 1 or batched[0].shape[0] % mesh.size:
+        return fn(*batched, *replicated)
     batch_spec = jax.sharding.PartitionSpec(mesh.axis_names)
-    return jax.shard_map(fn, mesh=mesh, in_specs=(batch_spec,) * 3, out_specs=batch_spec,
-                         check_vma=False)(q, k, v)
+    in_specs = (batch_spec,) * len(batched) + (jax.sharding.PartitionSpec(),) * len(replicated)
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=batch_spec,
+                         check_vma=False)(*batched, *replicated)
