@@ -153,6 +153,9 @@ def sample_worker(spec: dict) -> dict:
     t0 = time.perf_counter()
     compiled = fn.lower(*args).compile()
     result.update(xla_memory(compiled))
+    # On stderr too, so that a row that fails at run time (OOM) keeps it in its log tail.
+    print("compiled sampler, XLA buffers (GiB):",
+          {k: round(v, 2) for k, v in result.items() if k.startswith("xla_")}, file=sys.stderr)
     make_call = lambda executable: lambda: executable(*args)  # noqa: E731
     call = make_call(compiled)
     images = jax.block_until_ready(call())

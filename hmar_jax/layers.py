@@ -111,13 +111,7 @@ class SelfAttention(nnx.Module):
             cache_v = jax.lax.dynamic_update_slice_in_dim(kv_cache[1], v.astype(kv_cache[1].dtype),
                                                           cache_start, axis=1)
             end = cache_start + length
-            # The cached keys and values are read through float32 copies. Read directly, the
-            # bf16 cache made XLA on GPU keep a second copy of the whole stacked cache (d30,
-            # B64: 37 GiB of temporaries, out of memory); with float32 reads the sampler
-            # measured 29 GiB in total.
-            f32 = jnp.float32
-            out = ops.attention(q.astype(f32), cache_k[:, :end].astype(f32),
-                                cache_v[:, :end].astype(f32), spec).astype(v.dtype)
+            out = ops.attention(q, cache_k[:, :end], cache_v[:, :end], spec)
             kv_cache = (cache_k, cache_v)
         return self.proj(out.reshape(b, length, width)), kv_cache
 

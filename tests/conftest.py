@@ -18,6 +18,12 @@ if not flags.FLAGS.is_parsed():
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 
 
+def pytest_collection_modifyitems(items):
+    """Tests marked ``heavy`` first (stable sort): with ``-n auto`` the workers then share
+    the long tests instead of one of them starting a long test at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("heavy") is None)
+
+
 @pytest.fixture(scope="session")
 def vqvae_fixture() -> dict[str, np.ndarray]:
     """Upstream VAR VQ-VAE outputs (see tests/fixtures/README.md)."""

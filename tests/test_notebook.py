@@ -6,10 +6,12 @@ import os
 import pathlib
 
 import numpy as np
+import pytest
 
 ROOT = pathlib.Path(__file__).parents[1]
 
 
+@pytest.mark.heavy
 def test_sample_notebook_runs_on_the_digits_bundle(monkeypatch, capsys):
     notebook = json.loads((ROOT / "notebooks" / "sample.ipynb").read_text())
     monkeypatch.setenv("HMAR_CHECKPOINT", str(ROOT / "checkpoints" / "digits-demo"))

@@ -17,6 +17,7 @@ def params_of(workdir) -> dict:
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
+@pytest.mark.heavy
 def test_resume_is_exact(tmp_path, tokenizer_export):
     straight = demo_config(**{"tokenizer.export": tokenizer_export, "num_train_steps": 4})
     metrics = trainer.Trainer(straight, str(tmp_path / "a")).run()
@@ -30,6 +31,7 @@ def test_resume_is_exact(tmp_path, tokenizer_export):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.heavy
 def test_stage2_trains_only_the_mask_branch(tmp_path, tokenizer_export):
     stage1 = demo_config(**{"tokenizer.export": tokenizer_export, "num_train_steps": 2})
     trainer.Trainer(stage1, str(tmp_path / "s1")).run()
@@ -124,6 +126,7 @@ def _fingerprints(workdir) -> dict[int, str]:
     return dict(zip(map(int, lines[::2]), lines[1::2]))  # the last entry per step wins
 
 
+@pytest.mark.heavy
 def test_sigkill_and_restart_matches_an_uninterrupted_run(tmp_path, tokenizer_export):
     """A CLI run killed with SIGKILL after a checkpoint, then restarted, ends with the same
     parameters and saw the same batches per step as an uninterrupted run."""
