@@ -1,4 +1,4 @@
-"""Trainer: exact resume, stage-2 freeze, sharded == single-device, config guards."""
+"""Trainer: exact resume after SIGKILL, stage-2 freeze, sharded == single-device, config guards."""
 
 import pathlib
 
@@ -15,20 +15,6 @@ from tiny_runs import demo_config
 def params_of(workdir) -> dict:
     model = checkpointing.load_hmar(pathlib.Path(workdir) / "export")
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
-
-
-@pytest.mark.heavy
-def test_resume_is_exact(tmp_path, tokenizer_export):
-    straight = demo_config(**{"tokenizer.export": tokenizer_export, "num_train_steps": 4})
-    metrics = trainer.Trainer(straight, str(tmp_path / "a")).run()
-    assert np.isfinite(metrics["loss"]) and "ce_per_scale/5" in metrics
-    interrupted = demo_config(**{"tokenizer.export": tokenizer_export, "num_train_steps": 2})
-    trainer.Trainer(interrupted, str(tmp_path / "b")).run()
-    resumed = trainer.Trainer(straight, str(tmp_path / "b"))
-    assert resumed.manager.latest_step() == 2
-    resumed.run()
-    for a, b in zip(jax.tree.leaves(params_of(tmp_path / "a")), jax.tree.leaves(params_of(tmp_path / "b"))):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 @pytest.mark.heavy
@@ -66,6 +52,7 @@ def test_stage2_trains_only_the_mask_branch(tmp_path, tokenizer_export):
 
 @pytest.mark.parametrize("mesh", [(("data", 8), ("fsdp", 1)), (("data", 4), ("fsdp", 2)),
                                   (("data", 2), ("fsdp", 4))])
+@pytest.mark.heavy
 def test_sharded_step_matches_single_device(tmp_path, tokenizer_export, mesh):
     config = demo_config(**{"tokenizer.export": tokenizer_export, "mesh": mesh})
     run = trainer.Trainer(config, str(tmp_path))
@@ -180,7 +167,7 @@ def test_trains_on_an_image_folder(tmp_path, tokenizer_export):
     config = demo_config(**{"tokenizer.export": tokenizer_export, "data.name": "image_folder",
                             "data.root": str(tmp_path / "images"), "num_train_steps": 2})
     metrics = trainer.Trainer(config, str(tmp_path / "run")).run()
-    assert np.isfinite(metrics["loss"]) and metrics["loss"] > 0
+    assert np.isfinite(metrics["loss"]) and metrics["loss"] > 0 and "ce_per_scale/5" in metrics
     with pytest.raises(ValueError, match="Unknown data.name"):
         trainer.Trainer(demo_config(**{"tokenizer.export": tokenizer_export, "data.name": "mnist"}),
                         str(tmp_path / "bad")).make_iterator()

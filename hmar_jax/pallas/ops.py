@@ -174,21 +174,24 @@ def _kernel_backward(plan: _Plan, q, k, v, o, lse, do):
     return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _kernel_attention(plan: _Plan, q, k, v):
-    return _kernel_forward(plan, q, k, v)[0]
+def _kernel_op(forward, backward):
+    """A differentiable op ``op(plan, *inputs) -> o`` from a kernel forward
+    ``forward(plan, *inputs) -> (o, lse)`` and ``backward(plan, *inputs, o, lse, do)``
+    that returns the inputs' cotangents (the forward's inputs, o and lse are saved)."""
 
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+    def op(plan: _Plan, *inputs):
+        return forward(plan, *inputs)[0]
 
-def _kernel_attention_fwd(plan: _Plan, q, k, v):
-    o, lse = _kernel_forward(plan, q, k, v)
-    return o, (q, k, v, o, lse)
+    def op_fwd(plan: _Plan, *inputs):
+        o, lse = forward(plan, *inputs)
+        return o, (*inputs, o, lse)
 
+    def op_bwd(plan: _Plan, residuals, do):
+        return tuple(backward(plan, *residuals, do.astype(residuals[-2].dtype)))
 
-def _kernel_attention_bwd(plan: _Plan, residuals, do):
-    return _kernel_backward(plan, *residuals, do.astype(residuals[3].dtype))
-
-
-_kernel_attention.defvjp(_kernel_attention_fwd, _kernel_attention_bwd)
+    op.defvjp(op_fwd, op_bwd)
+    return op
 
 
 def _packed_forward(plan: _Plan, qkv, qkv_bias, temperature):
@@ -200,25 +203,15 @@ def _packed_forward(plan: _Plan, qkv, qkv_bias, temperature):
                                      **plan.tiles.forward.kwargs())
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _packed_kernel_attention(plan: _Plan, qkv, qkv_bias, temperature):
-    return _packed_forward(plan, qkv, qkv_bias, temperature)[0]
-
-
-def _packed_kernel_attention_fwd(plan: _Plan, qkv, qkv_bias, temperature):
-    o, lse = _packed_forward(plan, qkv, qkv_bias, temperature)
-    return o, (qkv, qkv_bias, temperature, o, lse)
-
-
-def _packed_kernel_attention_bwd(plan: _Plan, residuals, do):
+def _packed_backward(plan: _Plan, qkv, qkv_bias, temperature, o, lse, do):
     # The backward kernels take prepared q, k, v; the prologue's own gradient (bias,
     # normalisation, temperature) comes from differentiating ``hmar_qkv``.
-    qkv, qkv_bias, temperature, o, lse = residuals
     (q, k, v), prologue_vjp = jax.vjp(hmar_qkv, qkv, qkv_bias, temperature)
-    return prologue_vjp(_kernel_backward(plan, q, k, v, o, lse, do.astype(o.dtype)))
+    return prologue_vjp(_kernel_backward(plan, q, k, v, o, lse, do))
 
 
-_packed_kernel_attention.defvjp(_packed_kernel_attention_fwd, _packed_kernel_attention_bwd)
+_kernel_attention = _kernel_op(_kernel_forward, _kernel_backward)
+_packed_kernel_attention = _kernel_op(_packed_forward, _packed_backward)
 
 
 @functools.lru_cache(maxsize=None)
