@@ -13,7 +13,9 @@ apply it. The backward pass mirrors this with per-key query ranges
 
 Arrays stay in the model's ``[B, L, N, K]`` layout (no transposes, no padding): the
 kernels index one head's rows with a stride and use masked loads and stores at the
-sequence end. Matmuls take the input dtype (bf16/fp16; fp32 runs at full IEEE
+sequence end. ``forward_packed`` reads q, k and v as three strided views of HMAR's packed
+projection ``[B, L, 3, N, K]`` and prepares each tile as it is loaded (bias, float32 L2
+normalisation, per-head temperature on q), so the model never writes q, k, v out. Matmuls take the input dtype (bf16/fp16; fp32 runs at full IEEE
 precision) and accumulate in fp32; the softmax runs in base 2 with fp32 statistics and
 the saved log-sum-exp is natural-log ``[B, N, Lq]`` float32.
 
