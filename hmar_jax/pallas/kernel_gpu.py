@@ -15,8 +15,9 @@ Arrays stay in the model's ``[B, L, N, K]`` layout (no transposes, no padding): 
 kernels index one head's rows with a stride and use masked loads and stores at the
 sequence end. ``forward_packed`` reads q, k and v as three strided views of HMAR's packed
 projection ``[B, L, 3, N, K]`` and prepares each tile as it is loaded (bias, float32 L2
-normalisation, per-head temperature on q), so the model never writes q, k, v out. Matmuls take the input dtype (bf16/fp16; fp32 runs at full IEEE
-precision) and accumulate in fp32; the softmax runs in base 2 with fp32 statistics and
+normalisation, per-head temperature on q), so the model never writes q, k, v out.
+Matmuls take the input dtype (bf16/fp16; fp32 runs at full IEEE precision) and
+accumulate in fp32; the softmax runs in base 2 with fp32 statistics and
 the saved log-sum-exp is natural-log ``[B, N, Lq]`` float32.
 
 Dimension letters: B batch, Lq/Lk query/key length, N heads, K head dim.
@@ -307,7 +308,7 @@ def forward_packed(qkv: jax.Array, qkv_bias: jax.Array, temperature: jax.Array,
     Returns:
       ``(o [B, L, N, K] in qkv.dtype, lse [B, N, L] float32)``.
     """
-    b, length, _, heads, head_dim = qkv.shape
+    batch, length, _, heads, head_dim = qkv.shape
     plan = plan_tiles(row_start, row_end, block_q, block_k)
 
     def packed_spec(part):
@@ -322,7 +323,7 @@ def forward_packed(qkv: jax.Array, qkv_bias: jax.Array, temperature: jax.Array,
              bias_spec(2), pl.BlockSpec((None, PLAN_WIDTH), lambda t, b, h: (h, 0))]
     inputs = (qkv, qkv, qkv, qkv_bias, qkv_bias, qkv_bias, temperature_rows)
     return _forward_call(plan, row_start, row_end, inputs, specs,
-                         jax.ShapeDtypeStruct((b, length, heads, head_dim), qkv.dtype),
+                         jax.ShapeDtypeStruct((batch, length, heads, head_dim), qkv.dtype),
                          prologue=True, sm_scale=sm_scale, block_q=block_q, block_k=block_k,
                          num_warps=num_warps, num_stages=num_stages, interpret=interpret)
 
