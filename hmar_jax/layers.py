@@ -111,7 +111,8 @@ class SelfAttention(nnx.Module):
             cache_v = jax.lax.dynamic_update_slice_in_dim(kv_cache[1], v.astype(kv_cache[1].dtype),
                                                           cache_start, axis=1)
             end = cache_start + length
-            out = ops.attention(q, cache_k[:, :end], cache_v[:, :end], spec)
+            out = ops.attention(q, cache_k[:, :end].astype(v.dtype),
+                                cache_v[:, :end].astype(v.dtype), spec)
             kv_cache = (cache_k, cache_v)
         return self.proj(out.reshape(b, length, width)), kv_cache
 
