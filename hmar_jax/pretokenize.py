@@ -45,9 +45,9 @@ def dataset_batches(config, batch_size: int):
             yield data.to_model_range({"image": images[start:start + batch_size],
                                        "label": labels[start:start + batch_size]})
         return
-    yield from data.image_iterator(data.image_source(d), image_size=d.image_size, batch_size=batch_size, seed=0,
-                                   train=False, skip_corrupt=d.skip_corrupt,
-                                   num_workers=d.num_workers)
+    yield from data.image_iterator(data.image_source(d), image_size=d.image_size,
+                                   batch_size=batch_size, seed=0, train=False,
+                                   skip_corrupt=d.skip_corrupt, num_workers=d.num_workers)
 
 
 def pretokenize(config, workdir: str, out: str, overwrite: bool = False) -> dict:

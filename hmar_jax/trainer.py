@@ -269,8 +269,8 @@ class Trainer:
             images, labels = data.digits_split(d.image_size, d.split)
             return data.batched_iterator(images[index::count], labels[index::count], local_batch,
                                          self.config.seed)
-        return data.image_iterator(data.image_source(d), image_size=d.image_size, batch_size=local_batch,
-                                   seed=self.config.seed, skip_corrupt=d.skip_corrupt,
+        return data.image_iterator(data.image_source(d), image_size=d.image_size,
+                                   batch_size=local_batch, seed=self.config.seed, skip_corrupt=d.skip_corrupt,
                                    num_workers=d.num_workers, process_index=index,
                                    process_count=count)
 

@@ -237,11 +237,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec,
       >>> spec = AttentionSpec("block_diagonal", (1, 2, 3))
       >>> out = attention(q, k, v, spec)          # q, k, v: [B, 14, N, K]
     """
-    if spec.pattern != "full":
-        length = ScaleLayout(spec.patch_nums).seq_len
-        if q.shape[1] != length or k.shape[1] != length:
-            raise ValueError(f"{spec.pattern} attention over patch_nums {spec.patch_nums} needs "
-                             f"{length} tokens, got q {q.shape[1]} and k {k.shape[1]}.")
+    _check_length(spec, q.shape[1], k.shape[1])
     kernel = _implementation(spec, q.shape[-1], k.shape[1])
     if kernel == "reference":
         return reference_attention(q, k, v, spec.dense_mask(), sm_scale=sm_scale)
@@ -249,6 +245,15 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec,
         return fused_dense_attention(q, k, v, spec.dense_mask(), sm_scale=sm_scale)
     plan = _Plan(kernel, spec.pattern, tuple(spec.patch_nums), spec.tiles, float(sm_scale))
     return _per_batch_shard(functools.partial(_kernel_attention, plan), (q, k, v))
+
+
+def _check_length(spec: AttentionSpec, len_q: int, len_k: int) -> None:
+    """The masked patterns need exactly the L tokens of ``spec.patch_nums``."""
+    if spec.pattern != "full":
+        length = ScaleLayout(spec.patch_nums).seq_len
+        if len_q != length or len_k != length:
+            raise ValueError(f"{spec.pattern} attention over patch_nums {spec.patch_nums} needs "
+                             f"{length} tokens, got q {len_q} and k {len_k}.")
 
 
 def _implementation(spec: AttentionSpec, head_dim: int, len_k: int) -> str:
@@ -280,7 +285,7 @@ def hmar_attention(qkv: jax.Array, qkv_bias: jax.Array, temperature: jax.Array,
     Returns:
       ``[B, L, N, K]`` in qkv's dtype.
     """
-    b, length, three, heads, head_dim = qkv.shape
+    _, length, three, heads, head_dim = qkv.shape
     if three != 3 or qkv_bias.shape != (3, heads, head_dim) or temperature.shape != (heads,):
         raise ValueError(f"hmar_attention needs qkv [B, L, 3, N, K], bias [3, N, K] and "
                          f"temperature [N]; got {qkv.shape}, {qkv_bias.shape}, "
@@ -288,9 +293,7 @@ def hmar_attention(qkv: jax.Array, qkv_bias: jax.Array, temperature: jax.Array,
     kernel = _implementation(spec, head_dim, length)
     if kernel not in ("gpu", "interpret"):
         return attention(*hmar_qkv(qkv, qkv_bias, temperature), spec)
-    if spec.pattern != "full" and length != ScaleLayout(spec.patch_nums).seq_len:
-        raise ValueError(f"{spec.pattern} attention over patch_nums {spec.patch_nums} needs "
-                         f"{ScaleLayout(spec.patch_nums).seq_len} tokens, got {length}.")
+    _check_length(spec, length, length)
     plan = _Plan(kernel, spec.pattern, tuple(spec.patch_nums), spec.tiles, 1.0)
     return _per_batch_shard(functools.partial(_packed_kernel_attention, plan), (qkv,),
                             (qkv_bias, temperature))
