@@ -15,6 +15,10 @@ randomly initialised d16/d30 transformer. Modes:
 * ``accuracy``: bf16 vs float32 sampling of the same weights, labels and seeds (d16 B8 by
   default; see below).
 
+The transformer's matmul weights are stored in the compute dtype, as ``load_pretrained``
+does (``model.cast_matmul_weights``; ``--cast-weights false`` keeps float32 weights, which
+every pass then converts again).
+
 The timed batch includes everything ``generate_compiled`` does: 10 scales of guided
 next-scale passes over ``[cond; uncond]`` (2B rows), top-k/top-p filtering, the draws,
 the refinement passes and the tokenizer decode to images. Every row runs in its own
@@ -92,7 +96,7 @@ def sample_worker(spec: dict) -> dict:
     from flax import nnx
 
     from hmar_jax import sampling
-    from hmar_jax.model import HMARTransformer
+    from hmar_jax.model import HMARTransformer, cast_matmul_weights
     from hmar_jax.vqvae import VQVAE
 
     mode, batch, lower_only = spec["mode"], spec["batch"], spec.get("lower_only", False)
@@ -127,6 +131,8 @@ def sample_worker(spec: dict) -> dict:
     result.update(remat=cfg.remat, L=cfg.layout.seq_len, depth=cfg.depth, width=cfg.width)
     make_model = lambda: HMARTransformer(cfg, rngs=nnx.Rngs(spec["seed"]))  # noqa: E731
     model = nnx.eval_shape(make_model) if lower_only else init_on_device(make_model)
+    if spec.get("cast_weights", True):  # as load_pretrained does: bf16 matmul weights
+        cast_matmul_weights(model)
     schedule = "auto" if mode == "markov_refine" else None
     config = sampling.SamplingConfig(**SAMPLING, mask_schedule=schedule)
     rng = np.random.default_rng(spec["seed"])
@@ -266,6 +272,7 @@ def build_specs(args) -> list[dict]:
         if mode not in MODES:
             raise SystemExit(f"unknown mode {mode!r}; use {', '.join(MODES)}")
     common = dict(backend=args.backend, scan_blocks=args.scan_blocks, quick=args.quick,
+                  cast_weights=args.cast_weights,
                   iters=args.iters, warmup=args.warmup, seed=0, lower_only=args.lower_only,
                   profile=args.profile)
     specs = []
@@ -389,6 +396,8 @@ def main() -> None:
                              "bfloat16, highest")
     parser.add_argument("--backend", default="auto", help="attention backend (auto: Pallas on GPU)")
     parser.add_argument("--scan-blocks", type=parse_bool, default=True)
+    parser.add_argument("--cast-weights", type=parse_bool, default=True,
+                        help="matmul weights in the compute dtype, as load_pretrained stores them")
     parser.add_argument("--accuracy-model", default=None, help="default d16 (tiny with --quick)")
     parser.add_argument("--accuracy-batch", type=int, default=None,
                         help="default 8 (2 with --quick)")

@@ -99,6 +99,11 @@ def parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
+# Environment variables that change what XLA compiles or how it allocates; kept in the JSON.
+RECORDED_ENV = ("XLA_FLAGS", "XLA_PYTHON_CLIENT_ALLOCATOR", "XLA_PYTHON_CLIENT_PREALLOCATE",
+                "XLA_PYTHON_CLIENT_MEM_FRACTION", "TF_GPU_ALLOCATOR", "CUDA_VISIBLE_DEVICES")
+
+
 def versions() -> dict:
     out = {}
     for name in ("jax", "jaxlib", "flax", "optax", "jax-cuda12-plugin", "jax-cuda13-plugin",
@@ -257,6 +262,7 @@ class Runner:
                    "versions": versions(),
                    "date": self.started.isoformat(timespec="seconds"),
                    "command": [pathlib.Path(sys.argv[0]).name, *sys.argv[1:]],
+                   "environment": {k: v for k, v in os.environ.items() if k in RECORDED_ENV},
                    "settings": settings, "reference": self.reference, "rows": self.rows,
                    **self.extra}
         tmp = path.with_name(path.name + ".tmp")

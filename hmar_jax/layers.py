@@ -150,12 +150,22 @@ class AdaLNSelfAttnBlock(nnx.Module):
                                      jnp.full((4 * width,), init.adaln)])  # gammas, then s/beta
         self.ada_lin.kernel[...] = self.ada_lin.kernel[...] * row_scale
 
+    def modulation(self, cond: jax.Array) -> jax.Array:
+        """``ada_lin(silu(cond))``: ``cond [B, D]`` -> float32 ``[B, 6 C]``."""
+        return self.ada_lin(jax.nn.silu(cond)).astype(jnp.float32)
+
     def __call__(self, x: jax.Array, cond: jax.Array, spec: ops.AttentionSpec, *,
                  drop_rate: jax.Array | float = 0.0, rng: jax.Array | None = None,
-                 kv_cache=None, cache_start: int = 0):
-        """``x [B, L, C]``, ``cond [B, D]`` -> ``(x [B, L, C], kv_cache)``."""
+                 kv_cache=None, cache_start: int = 0, modulation: jax.Array | None = None):
+        """``x [B, L, C]``, ``cond [B, D]`` -> ``(x [B, L, C], kv_cache)``.
+
+        ``modulation`` (``[B, 6 C]``, ``self.modulation(cond)`` computed earlier) skips
+        ``ada_lin``: a sampler computes it once per batch instead of once per pass.
+        """
         b, _, width = x.shape
-        modulation = self.ada_lin(jax.nn.silu(cond)).astype(jnp.float32).reshape(b, 1, 6, width)
+        if modulation is None:
+            modulation = self.modulation(cond)
+        modulation = modulation.reshape(b, 1, 6, width)
         gamma1, gamma2, scale1, scale2, shift1, shift2 = [modulation[:, :, i] for i in range(6)]
         rng_attn, rng_ffn = (None, None) if rng is None else tuple(jax.random.split(rng))
         compute = self.attn.mat_qkv.dtype  # the matmuls' input dtype (they would cast anyway)

@@ -25,7 +25,7 @@ from jax.sharding import Mesh
 
 from hmar_jax import checkpointing, sharding
 from hmar_jax.atomic_io import atomic_directory
-from hmar_jax.model import HMARTransformer
+from hmar_jax.model import HMARTransformer, cast_matmul_weights
 from hmar_jax.sampling import SamplingConfig
 from hmar_jax.vqvae import VQVAE
 
@@ -119,7 +119,8 @@ def read_manifest(directory: str | pathlib.Path) -> dict[str, Any]:
 
 
 def load_pretrained(directory: str | pathlib.Path, *, mesh: Mesh | None = None,
-                    tokenizer_precision: str = "default", **model_overrides) -> Pretrained:
+                    tokenizer_precision: str = "default", cast_weights: bool = True,
+                    **model_overrides) -> Pretrained:
     """Loads a bundle.
 
     Args:
@@ -128,6 +129,10 @@ def load_pretrained(directory: str | pathlib.Path, *, mesh: Mesh | None = None,
         axis, the rest replicated); default: the default device.
       tokenizer_precision: ``default`` (the platform's fast float32, e.g. TF32 on NVIDIA
         GPUs, as PyTorch decodes) or ``highest`` (exact float32).
+      cast_weights: store the transformer's matmul weights in its compute dtype
+        (``model.cast_matmul_weights``: same samples, half the weight memory and no
+        per-pass conversion for a bf16 model); False keeps the float32 weights (to
+        fine-tune them).
       model_overrides: runtime-only model settings, e.g. ``dtype="float32"``,
         ``attention_backend="reference"``.
 
@@ -142,6 +147,8 @@ def load_pretrained(directory: str | pathlib.Path, *, mesh: Mesh | None = None,
     vae = checkpointing.load_tokenizer(directory / manifest["tokenizer"],
                                        precision=tokenizer_precision)
     check_pair(model, vae, f"{directory}: ")
+    if cast_weights:
+        cast_matmul_weights(model)
     if mesh is not None:
         for module in (model, vae):
             state = nnx.state(module)

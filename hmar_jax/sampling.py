@@ -291,6 +291,7 @@ def generate(model: HMARTransformer, vae: VQVAE, labels: jax.Array, sample_index
     schedules = _resolve_schedules(config, model)
     labels2 = jnp.concatenate([labels, jnp.full_like(labels, mcfg.null_class)])  # [cond; uncond]
     keys = sample_keys(seed, labels, sample_index)
+    modulations = model.adaln_modulations(labels2)  # once for all passes
     mask_cfg = config.cfg * 1e-6 if config.mask_cfg is None else config.mask_cfg
     kv_cache = None
     if mcfg.attention_pattern == "block_causal":
@@ -316,9 +317,10 @@ def generate(model: HMARTransformer, vae: VQVAE, labels: jax.Array, sample_index
             x_ns = vae.scale_input(k, f_hat).reshape(batch, tokens_in_scale, -1)  # [B, l, Cv]
             x_ns = jnp.concatenate([x_ns, x_ns])
         if kv_cache is None:
-            logits = model.forward_scale(k, labels2, x_ns)  # [2B, l, V]
+            logits = model.forward_scale(k, labels2, x_ns, modulations=modulations)  # [2B, l, V]
         else:
-            logits, kv_cache = model.forward_scale(k, labels2, x_ns, kv_cache=kv_cache)
+            logits, kv_cache = model.forward_scale(k, labels2, x_ns, kv_cache=kv_cache,
+                                                   modulations=modulations)
         filtered = filter_logits(_guide(logits, config.guidance(k, num_scales)), config.top_k,
                                  config.top_p)
         tokens = draw(k, 0, filtered)  # [B, l]
@@ -336,7 +338,7 @@ def generate(model: HMARTransformer, vae: VQVAE, labels: jax.Array, sample_index
                 x_mask = vae.scale_input(k, embed(k, tokens)).reshape(batch, tokens_in_scale, -1)
                 mask_logits = model.forward_scale(
                     k, labels2, x_ns, x_mask=jnp.concatenate([x_mask, x_mask]),
-                    masked=jnp.concatenate([masked, masked]))
+                    masked=jnp.concatenate([masked, masked]), modulations=modulations)
                 if return_trace:
                     trace[f"mask_logits_s{k}_step{step}"] = mask_logits
                 filtered = filter_logits(_guide(mask_logits, mask_cfg), config.top_k, config.top_p)

@@ -11,7 +11,7 @@ from flax import nnx
 from hmar_jax import sampling
 from hmar_jax.convert import hmar as hmar_convert
 from hmar_jax.convert import vqvae as vqvae_convert
-from hmar_jax.model import HMARTransformer, preset
+from hmar_jax.model import HMARTransformer, cast_matmul_weights, preset
 from hmar_jax.scales import ScaleLayout
 from hmar_jax.vqvae import VQVAE, VQVAEConfig
 
@@ -105,6 +105,42 @@ def test_samples_are_deterministic_per_class_and_index(tiny_pair):
     assert not np.allclose(images[0], images[2])  # another index of the same class differs
     other_seed = np.asarray(sampling.generate_compiled(model, vae, labels, index, seed=8, config=config))
     assert not np.allclose(other_seed, images)
+
+
+def test_matmul_weights_cast_once_give_the_same_samples():
+    """``cast_matmul_weights`` (what load_pretrained does): same images bit for bit, bf16
+    block kernels, float32 heads, less than 60% of the parameter bytes."""
+    vae = VQVAE(VQVAEConfig(vocab_size=64, z_channels=8, ch=16, ch_mult=(1, 2), num_res_blocks=1,
+                            using_sa=False, norm_groups=4, patch_nums=(1, 2, 3, 4)),
+                rngs=nnx.Rngs(0))
+    model = HMARTransformer(preset("tiny", init_head=1.0, dtype="bfloat16"), rngs=nnx.Rngs(1))
+    config = sampling.SamplingConfig(cfg=2.0, top_k=20, top_p=0.95,
+                                     mask_schedule=((1,), (1, 3), (1, 1, 2, 5), (8, 8)))
+    labels, index = jnp.asarray([3, 5, 0, 10]), jnp.asarray([0, 0, 1, 0])
+    param_bytes = lambda: sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))  # noqa: E731
+    before, bytes_before = sampling.generate_compiled(model, vae, labels, index, 7, config), param_bytes()
+    assert cast_matmul_weights(model) is model
+    after = sampling.generate_compiled(model, vae, labels, index, 7, config)
+    np.testing.assert_array_equal(np.asarray(after), np.asarray(before))
+    assert model.blocks.ffn.fc1.kernel.dtype == model.mask_blocks.attn.mat_qkv.kernel.dtype == jnp.bfloat16
+    assert model.blocks.ffn.fc1.bias.dtype == jnp.bfloat16
+    assert model.head.kernel.dtype == model.word_embed.kernel.dtype == jnp.float32
+    assert param_bytes() < 0.6 * bytes_before
+
+
+def test_precomputed_modulations_change_no_pass(tiny_pair):
+    """The sampler's once-per-batch ``adaln_modulations`` give the passes' own values."""
+    model, _ = tiny_pair
+    labels = jnp.asarray([3, 5, 10, 10])
+    modulations = model.adaln_modulations(labels)
+    assert modulations["blocks"].shape == (model.config.depth, 4, 6 * model.config.width)
+    assert modulations["mask_blocks"].shape[0] == model.config.num_mask_layers
+    x_ns = jax.random.normal(jax.random.key(0), (4, 9, model.config.latent_channels))
+    masked = jnp.arange(9)[None].repeat(4, 0) % 2 == 0
+    for kwargs in ({}, {"x_mask": x_ns[::-1], "masked": masked}):
+        own = model.forward_scale(2, labels, x_ns, **kwargs)
+        given = model.forward_scale(2, labels, x_ns, modulations=modulations, **kwargs)
+        np.testing.assert_allclose(given, own, rtol=1e-6, atol=1e-6)
 
 
 def test_schedule_errors(tiny_pair):
