@@ -83,7 +83,8 @@ def model_config(spec: dict, vcfg, **overrides):
 
     kwargs = dict(vocab_size=vcfg.vocab_size, latent_channels=vcfg.z_channels,
                   patch_nums=vcfg.patch_nums, dtype=spec["dtype"],
-                  attention_backend=spec["backend"], scan_blocks=spec["scan_blocks"])
+                  attention_backend=spec["backend"], scan_blocks=spec["scan_blocks"],
+                  gelu_backend=spec.get("gelu_backend", "xla"))
     if spec["mode"] == "var":
         kwargs.update(attention_pattern="block_causal", num_mask_layers=0)
     return preset(spec["model"], **(kwargs | overrides))
@@ -272,7 +273,7 @@ def build_specs(args) -> list[dict]:
         if mode not in MODES:
             raise SystemExit(f"unknown mode {mode!r}; use {', '.join(MODES)}")
     common = dict(backend=args.backend, scan_blocks=args.scan_blocks, quick=args.quick,
-                  cast_weights=args.cast_weights,
+                  cast_weights=args.cast_weights, gelu_backend=args.gelu_backend,
                   iters=args.iters, warmup=args.warmup, seed=0, lower_only=args.lower_only,
                   profile=args.profile)
     specs = []
@@ -396,6 +397,8 @@ def main() -> None:
                              "bfloat16, highest")
     parser.add_argument("--backend", default="auto", help="attention backend (auto: Pallas on GPU)")
     parser.add_argument("--scan-blocks", type=parse_bool, default=True)
+    parser.add_argument("--gelu-backend", default="xla", choices=["xla", "pallas"],
+                        help="the FFN's bias + GELU (model.gelu_backend)")
     parser.add_argument("--cast-weights", type=parse_bool, default=True,
                         help="matmul weights in the compute dtype, as load_pretrained stores them")
     parser.add_argument("--accuracy-model", default=None, help="default d16 (tiny with --quick)")

@@ -357,7 +357,7 @@ def recipe_config(spec: dict):
     config.model.preset = spec["model"]
     overrides = config.model.overrides.to_dict()
     overrides.update(dtype=spec["dtype"], attention_backend=spec["backend"],
-                     scan_blocks=spec["scan_blocks"])
+                     scan_blocks=spec["scan_blocks"], gelu_backend=spec.get("gelu_backend", "xla"))
     if spec["remat"] == "default":
         overrides.pop("remat", None)  # the preset's own value
     else:
@@ -668,7 +668,8 @@ def build_specs(args) -> list[dict]:
         if mode not in MODES:
             raise SystemExit(f"unknown mode {mode!r}; use {', '.join(MODES)}")
     common = dict(dtype=args.dtype, quick=args.quick, iters=args.iters, warmup=args.warmup,
-                  seed=0, lower_only=args.lower_only, profile=args.profile)
+                  seed=0, lower_only=args.lower_only, profile=args.profile,
+                  gelu_backend=args.gelu_backend)
     specs = []
     for model, batch in pairs:
         for mode in modes:
@@ -848,6 +849,8 @@ def main() -> None:
                         help="device counts for weak scaling of the full step, e.g. 1,2 (1 is "
                              "always added when another count is given)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--gelu-backend", default="xla", choices=["xla", "pallas"],
+                        help="the FFN's bias + GELU (model.gelu_backend)")
     parser.add_argument("--tokenizer-precision", default=TOKENIZER_PRECISION,
                         help="comma list of tokenizer precisions for the full and tokenize modes: "
                              "default (TF32 on GPUs, the training configs' setting), bfloat16, "

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hmar_jax.pallas import ops
+from hmar_jax.pallas.bias_gelu import bias_gelu
 from hmar_jax.pallas.reference import hmar_qkv
 
 LOG_MAX_ATTN_SCALE = math.log(100.0)  # clamp of the learnable per-head temperature
@@ -118,15 +119,26 @@ class SelfAttention(nnx.Module):
 
 
 class FeedForward(nnx.Module):
-    """``fc2(gelu_tanh(fc1(x)))``, ``[B, L, C] -> [B, L, C]``."""
+    """``fc2(gelu_tanh(fc1(x)))``, ``[B, L, C] -> [B, L, C]``.
 
-    def __init__(self, width: int, hidden: int, dtype, init: InitScales, rngs: nnx.Rngs):
+    ``gelu_backend="pallas"`` runs fc1's matmul alone and its bias + GELU as one Pallas
+    pass (``hmar_jax.pallas.bias_gelu``, float32 inside); ``"xla"`` is ``nnx.Linear``
+    then ``jax.nn.gelu``, fused by XLA.
+    """
+
+    def __init__(self, width: int, hidden: int, dtype, init: InitScales, rngs: nnx.Rngs,
+                 gelu_backend: str = "xla"):
+        self.gelu_backend = gelu_backend
         self.fc1 = nnx.Linear(width, hidden, dtype=dtype, kernel_init=init.kernel_init, rngs=rngs)
         self.fc2 = nnx.Linear(hidden, width, dtype=dtype, kernel_init=init.kernel_init, rngs=rngs)
         self.fc2.kernel[...] = self.fc2.kernel[...] / math.sqrt(2 * init.depth)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
+        if self.gelu_backend == "xla":
+            return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
+        dtype = self.fc1.dtype or x.dtype
+        h = jnp.matmul(x.astype(dtype), self.fc1.kernel[...].astype(dtype))  # [B, L, hidden]
+        return self.fc2(bias_gelu(h, self.fc1.bias[...], self.gelu_backend))
 
 
 class AdaLNSelfAttnBlock(nnx.Module):
@@ -140,10 +152,11 @@ class AdaLNSelfAttnBlock(nnx.Module):
     """
 
     def __init__(self, width: int, num_heads: int, mlp_ratio: float, cond_width: int,
-                 norm_eps: float, dtype, init: InitScales, rngs: nnx.Rngs):
+                 norm_eps: float, dtype, init: InitScales, rngs: nnx.Rngs,
+                 gelu_backend: str = "xla"):
         self.norm_eps = norm_eps
         self.attn = SelfAttention(width, num_heads, dtype, init, rngs)
-        self.ffn = FeedForward(width, round(width * mlp_ratio), dtype, init, rngs)
+        self.ffn = FeedForward(width, round(width * mlp_ratio), dtype, init, rngs, gelu_backend)
         self.ada_lin = nnx.Linear(cond_width, 6 * width, dtype=dtype, kernel_init=init.kernel_init,
                                   rngs=rngs)
         row_scale = jnp.concatenate([jnp.full((2 * width,), init.adaln_gamma),

@@ -32,6 +32,7 @@ from flax import nnx
 from hmar_jax.frozen_config import config_from_dict
 from hmar_jax.layers import AdaLNBeforeHead, AdaLNSelfAttnBlock, InitScales
 from hmar_jax.pallas import ops
+from hmar_jax.pallas.bias_gelu import GELU_BACKENDS
 from hmar_jax.scales import ScaleLayout, resolve_patch_nums
 
 RematPolicy = Literal["none", "block", "dots_saveable"]
@@ -54,6 +55,8 @@ class HMARConfig:
       num_mask_layers: n, blocks of the masked-refinement tail (0: next-scale only).
       attention_pattern: ``block_diagonal`` (HMAR) or ``block_causal`` (VAR).
       attention_backend: see ``hmar_jax.pallas.ops``.
+      gelu_backend: the FFN's bias + GELU: ``xla`` (XLA's fusion) or ``pallas`` (one
+        Pallas pass each way, ``hmar_jax.pallas.bias_gelu``; interpret mode off GPU).
       drop_path_rate: maximum stochastic-depth rate (linear over blocks); defaults to
         ``0.1 d / 24``.
       norm_eps: LayerNorm epsilon.
@@ -77,6 +80,7 @@ class HMARConfig:
     num_mask_layers: int = 8
     attention_pattern: str = "block_diagonal"
     attention_backend: str = "auto"
+    gelu_backend: str = "xla"
     drop_path_rate: float | None = None
     norm_eps: float = 1e-6
     dtype: str = "auto"
@@ -104,6 +108,9 @@ class HMARConfig:
             raise ValueError(f"Unknown remat policy {self.remat!r}; use 'none', 'block' or "
                              "'dots_saveable'.")
         ops.AttentionSpec(self.attention_pattern, self.patch_nums, self.attention_backend)  # validates
+        if self.gelu_backend not in GELU_BACKENDS:
+            raise ValueError(f"Unknown gelu_backend {self.gelu_backend!r}; use one of "
+                             f"{GELU_BACKENDS}.")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"Unknown dtype {self.dtype!r}; use 'auto', 'float32' or 'bfloat16'.")
 
@@ -138,7 +145,8 @@ class HMARConfig:
         return dataclasses.asdict(self)
 
     # Fields that change how the model runs but not its parameters or outputs' meaning.
-    RUNTIME_FIELDS = ("attention_backend", "dtype", "scan_blocks", "remat", "drop_path_rate")
+    RUNTIME_FIELDS = ("attention_backend", "gelu_backend", "dtype", "scan_blocks", "remat",
+                      "drop_path_rate")
 
     def architecture(self, ignore: tuple[str, ...] = ()) -> dict[str, Any]:
         """The fields that define the parameters and the function (runtime fields dropped)."""
@@ -179,7 +187,7 @@ def _stacked_blocks(cfg: HMARConfig, count: int, init: InitScales, rngs: nnx.Rng
     @nnx.vmap(in_axes=(0,), out_axes=0)
     def create(rngs: nnx.Rngs) -> AdaLNSelfAttnBlock:
         return AdaLNSelfAttnBlock(cfg.width, cfg.num_heads, cfg.mlp_ratio, cfg.width, cfg.norm_eps,
-                                  cfg.compute_dtype, init, rngs)
+                                  cfg.compute_dtype, init, rngs, gelu_backend=cfg.gelu_backend)
 
     return create(rngs)
 

@@ -1,0 +1,91 @@
+"""The FFN's bias + GELU kernel (Pallas interpret mode on CPU) against the jnp expression."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax._src.mesh import AbstractDevice
+
+from hmar_jax.model import HMARTransformer, preset
+from hmar_jax.pallas import bias_gelu as bg
+
+ROWS, COLS = 96, 384  # tiles of [32, 128]: a 3 x 3 grid, so db sums three row tiles
+
+
+def _inputs(dtype):
+    h = (3.0 * jax.random.normal(jax.random.key(0), (ROWS, COLS))).astype(dtype)
+    bias = jax.random.normal(jax.random.key(1), (COLS,), jnp.float32)
+    weights = jax.random.normal(jax.random.key(2), (ROWS, COLS))  # a loss that mixes all outputs
+    return h, bias, weights
+
+
+def test_tiles():
+    assert bg.tiles(ROWS, COLS) == (32, 128)
+    assert bg.tiles(32768, 7680) == (16, 512)   # d30 at the 16x16 scale, B64
+    assert bg.tiles(43520, 4096) == (8, 1024)   # d16 training, B64
+    assert bg.tiles(64, 100) is None and bg.tiles(12, 128) is None
+
+
+@pytest.mark.parametrize("dtype, atol", [(jnp.float32, 1e-5), (jnp.bfloat16, 4e-2)])
+def test_values_and_gradients_match_the_reference(dtype, atol):
+    h, bias, weights = _inputs(dtype)
+    exact = bg.reference_bias_gelu(h.astype(jnp.float32), bias)
+    out = bg.bias_gelu(h, bias, "pallas")
+    assert out.dtype == dtype
+    np.testing.assert_allclose(np.asarray(out, np.float32), exact, atol=atol, rtol=atol)
+
+    def loss(fn, h, bias):
+        return jnp.sum(fn(h, bias).astype(jnp.float32) * weights)
+
+    dh, dbias = jax.grad(lambda h, b: loss(lambda h, b: bg.bias_gelu(h, b, "pallas"), h, b),
+                         argnums=(0, 1))(h, bias)
+    dh_ref, dbias_ref = jax.grad(
+        lambda h, b: loss(bg.reference_bias_gelu, h.astype(jnp.float32), b), argnums=(0, 1))(h, bias)
+    assert dh.dtype == dtype and dbias.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(dh, np.float32), dh_ref, atol=atol, rtol=atol)
+    # db sums 96 rows of dh: float32 inside the kernel, so only the input rounding remains.
+    np.testing.assert_allclose(dbias, dbias_ref, atol=ROWS * atol / 4, rtol=atol)
+
+
+def test_untileable_shapes_and_xla_take_the_jnp_expression():
+    h = jax.random.normal(jax.random.key(0), (4, 5, 100))
+    bias = jnp.linspace(-1, 1, 100)
+    expected = jax.nn.gelu(h + bias, approximate=True)
+    for backend in ("xla", "pallas"):
+        np.testing.assert_array_equal(bg.bias_gelu(h, bias, backend), expected)
+    with pytest.raises(ValueError, match="Unknown GELU backend"):
+        bg.bias_gelu(h, bias, "triton")
+
+
+def test_kernels_lower_for_an_nvidia_gpu():
+    """The Pallas-to-Triton lowering runs on CPU for an abstract H200 (what a GPU run
+    compiles; the Triton compiler itself only runs on the GPU)."""
+    device = AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
+    h = jax.ShapeDtypeStruct((4096, 7680), jnp.bfloat16)
+    bias = jax.ShapeDtypeStruct((7680,), jnp.float32)
+    triton = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    with jax.sharding.use_abstract_mesh(mesh):
+        for fn, args in ((bg.forward, (h, bias)), (bg.backward, (h, bias, h))):
+            exported = jax.export.export(jax.jit(fn), platforms=["cuda"],
+                                         disabled_checks=triton)(*args)
+            assert "xla.gpu.triton" in exported.mlir_module()
+
+
+def test_model_with_the_kernel_matches_the_model_without():
+    cfg = preset("tiny", dtype="float32")
+    plain = HMARTransformer(cfg, rngs=nnx.Rngs(0))
+    fused = HMARTransformer(cfg.replace(gelu_backend="pallas"), rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(3), (2, cfg.layout.seq_len - 1, cfg.latent_channels))
+    labels = jnp.asarray([1, 10])
+
+    def loss(model):
+        return jnp.mean(jnp.square(model(x, labels)))
+
+    (value, grads), (value_ref, grads_ref) = (nnx.value_and_grad(loss)(m) for m in (fused, plain))
+    np.testing.assert_allclose(value, value_ref, rtol=1e-5)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="gelu_backend"):
+        cfg.replace(gelu_backend="cuda")
