@@ -472,12 +472,12 @@ def cast_matmul_weights(module: nnx.Module) -> nnx.Module:
     """Stores every ``nnx.Linear``'s kernel and bias in that layer's compute dtype, in place.
 
     For inference. A Linear with ``dtype=bfloat16`` converts its float32 weights at every
-    call, so a sampler that runs the transformer 14 times per batch reads and converts all
-    of them 14 times (about 5 ms a pass for d30 on an H200: most of the cost of the small
-    scales). Converted once, the outputs are the same bit for bit (the layer would cast to
-    that dtype anyway) and the weights take half the memory. Layers without a compute
-    dtype (the heads, ``word_embed``) keep theirs. Not for training: the optimizer wants
-    the float32 weights.
+    call, and the sampler calls every block 14 times per batch. Stored in bf16, the outputs
+    are the same bit for bit (the layer would cast to that dtype anyway), the weights take
+    half the memory and no pass converts them: for d30 B64 on an H200 the sampler's XLA buffers fall from
+    15.4 to 8.9 GiB and the batch from 631.8 to 617.5 ms. Layers without a compute dtype
+    (the heads, ``word_embed``) keep theirs. Not for training: the optimizer wants the
+    float32 weights.
 
     Returns:
       ``module`` (modified).

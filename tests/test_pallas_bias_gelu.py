@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 from jax._src.mesh import AbstractDevice
 
+from hmar_jax.layers import FeedForward, InitScales
 from hmar_jax.model import HMARTransformer, preset
 from hmar_jax.pallas import bias_gelu as bg
 
@@ -73,19 +74,27 @@ def test_kernels_lower_for_an_nvidia_gpu():
             assert "xla.gpu.triton" in exported.mlir_module()
 
 
-def test_model_with_the_kernel_matches_the_model_without():
-    cfg = preset("tiny", dtype="float32")
-    plain = HMARTransformer(cfg, rngs=nnx.Rngs(0))
-    fused = HMARTransformer(cfg.replace(gelu_backend="pallas"), rngs=nnx.Rngs(0))
-    x = jax.random.normal(jax.random.key(3), (2, cfg.layout.seq_len - 1, cfg.latent_channels))
-    labels = jnp.asarray([1, 10])
+def test_feed_forward_with_the_kernel_matches_xla():
+    """The FFN layer with ``gelu_backend="pallas"`` (fc1 matmul, then the kernel) against
+    ``nnx.Linear`` + ``jax.nn.gelu``: values and gradients of all four parameters."""
+    init = InitScales(std=0.2, depth=2)
+    layers = {backend: FeedForward(32, 128, jnp.float32, init, nnx.Rngs(0), gelu_backend=backend)
+              for backend in ("xla", "pallas")}
+    x = jax.random.normal(jax.random.key(3), (2, 24, 32))
 
-    def loss(model):
-        return jnp.mean(jnp.square(model(x, labels)))
+    def loss(ffn):
+        return jnp.sum(jnp.sin(ffn(x)))
 
-    (value, grads), (value_ref, grads_ref) = (nnx.value_and_grad(loss)(m) for m in (fused, plain))
+    (value, grads), (value_ref, grads_ref) = (nnx.value_and_grad(loss)(layers[b])
+                                              for b in ("pallas", "xla"))
     np.testing.assert_allclose(value, value_ref, rtol=1e-5)
     for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_model_config_reaches_every_block():
+    model = nnx.eval_shape(lambda: HMARTransformer(preset("tiny", gelu_backend="pallas"),
+                                                   rngs=nnx.Rngs(0)))
+    assert model.blocks.ffn.gelu_backend == model.mask_blocks.ffn.gelu_backend == "pallas"
     with pytest.raises(ValueError, match="gelu_backend"):
-        cfg.replace(gelu_backend="cuda")
+        preset("tiny", gelu_backend="cuda")

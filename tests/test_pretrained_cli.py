@@ -6,6 +6,7 @@ import pathlib
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -41,6 +42,11 @@ def test_workdir_export_holds_the_ema_model_tokenizer_and_sampling(run, tokenize
     assert loaded.sampling.mask_schedule is None  # stage 1: no refinement
     assert loaded.sampling.cfg == demo_config().sampling.cfg
     assert loaded.metadata["source"] == {"workdir": "workdir", "stage": 1, "step": 2, "weights": "ema"}
+    # A bf16 model is loaded with bf16 matmul weights unless asked to keep float32 ones.
+    half = pretrained.load_pretrained(bundle, dtype="bfloat16").model
+    assert half.blocks.ffn.fc1.kernel.dtype == jnp.bfloat16 and half.head.kernel.dtype == jnp.float32
+    kept = pretrained.load_pretrained(bundle, dtype="bfloat16", cast_weights=False).model
+    assert kept.blocks.ffn.fc1.kernel.dtype == jnp.float32
 
 
 def test_export_errors(run, tmp_path):
