@@ -26,7 +26,7 @@ demo: env
 	    --config.stage2.parent=$(abspath $(WORKDIR))/stage1/export
 
 test: env
-	$(PY) -m pytest -q -n auto --maxschedchunk 1 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n auto --dist loadscope $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) workdirs .pytest_cache

@@ -19,8 +19,8 @@ FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 
 
 def pytest_collection_modifyitems(items):
-    """Tests marked ``heavy`` first (stable sort): with ``-n auto`` the workers then share
-    the long tests instead of one of them starting a long test at the end."""
+    """Tests marked ``heavy`` first (stable sort): under ``-n auto --dist loadscope`` their
+    modules are handed out first, so no worker starts a long module at the end."""
     items.sort(key=lambda item: item.get_closest_marker("heavy") is None)
 
 
