@@ -56,7 +56,8 @@ class HMARConfig:
       attention_pattern: ``block_diagonal`` (HMAR) or ``block_causal`` (VAR).
       attention_backend: see ``hmar_jax.pallas.ops``.
       gelu_backend: the FFN's bias + GELU: ``xla`` (XLA's fusion) or ``pallas`` (one
-        Pallas pass each way, ``hmar_jax.pallas.bias_gelu``; interpret mode off GPU).
+        Pallas pass each way on GPU, ``hmar_jax.pallas.bias_gelu``; interpret mode on
+        CPU, XLA's fusion on TPU).
       drop_path_rate: maximum stochastic-depth rate (linear over blocks); defaults to
         ``0.1 d / 24``.
       norm_eps: LayerNorm epsilon.

@@ -15,8 +15,9 @@ broadcast, vector loads), in float32 with one rounding at the end:
 
 ``bias_gelu(h, bias, backend)``: ``"xla"`` is ``jax.nn.gelu(h + b, approximate=True)``
 as the model always computed it; ``"pallas"`` runs the Triton kernels on GPU and the
-same kernels in Pallas interpret mode elsewhere (tests). Shapes the kernels do not tile
-(``F`` not a multiple of 128, ``M`` not a multiple of 8) take the ``"xla"`` path.
+same kernels in Pallas interpret mode on CPU (tests). There is no TPU kernel: on TPU, and
+for shapes the kernels do not tile (``F`` not a multiple of 128, ``M`` not a multiple of
+8), ``"pallas"`` takes the ``"xla"`` path (with a one-time warning on TPU).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
@@ -136,6 +138,11 @@ def _pallas_bias_gelu_bwd(interpret, residuals, dy):
 _pallas_bias_gelu.defvjp(_pallas_bias_gelu_fwd, _pallas_bias_gelu_bwd)
 
 
+@functools.lru_cache(maxsize=None)
+def _warn_no_tpu_kernel() -> None:
+    logging.warning("gelu_backend='pallas' has no TPU kernel; XLA's fusion runs instead.")
+
+
 def reference_bias_gelu(h: jax.Array, bias: jax.Array) -> jax.Array:
     """What the model computes without the kernel: bias in ``h``'s dtype, then the GELU."""
     return jax.nn.gelu(h + bias.astype(h.dtype), approximate=True)
@@ -145,9 +152,11 @@ def bias_gelu(h: jax.Array, bias: jax.Array, backend: GeluBackend = "xla") -> ja
     """``gelu_tanh(h + bias)``: ``h [..., F]``, ``bias [F]`` -> ``[..., F]`` in ``h``'s dtype."""
     if backend not in GELU_BACKENDS:
         raise ValueError(f"Unknown GELU backend {backend!r}; use one of {GELU_BACKENDS}.")
-    rows = math.prod(h.shape[:-1])
+    rows, platform = math.prod(h.shape[:-1]), jax.default_backend()
     if backend == "xla" or tiles(rows, h.shape[-1]) is None:
         return reference_bias_gelu(h, bias)
-    interpret = jax.default_backend() != "gpu"
-    flat = _pallas_bias_gelu(h.reshape(rows, h.shape[-1]), bias, interpret)
+    if platform == "tpu":
+        _warn_no_tpu_kernel()
+        return reference_bias_gelu(h, bias)
+    flat = _pallas_bias_gelu(h.reshape(rows, h.shape[-1]), bias, platform != "gpu")
     return flat.reshape(h.shape)
