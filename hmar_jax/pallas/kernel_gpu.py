@@ -34,6 +34,8 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from hmar_jax.pallas.reference import l2_normalize
+
 LOG2_E = math.log2(math.e)
 LN_2 = math.log(2.0)
 
@@ -97,13 +99,6 @@ def _tile_loop(plan_ref, block: int, body, init):
     return jax.lax.fori_loop(num_full, num_total, lambda j, c: body(lo + j * block, True, c), carry)
 
 
-def _l2_normalize_rows(x: jax.Array) -> jax.Array:
-    """Rows of ``x [R, K]`` divided by ``max(|row|, 1e-12)``, in float32."""
-    x32 = x.astype(jnp.float32)
-    norm = jnp.sqrt(jnp.sum(x32 * x32, axis=1))
-    return x32 / jnp.maximum(norm, 1e-12)[:, None]
-
-
 def _forward_kernel(plan_ref, row_start_ref, row_end_ref, q_ref, k_ref, v_ref, *refs,
                     block_q: int, block_k: int, scale: float, prologue: bool):
     """With ``prologue`` the refs after v are the q/k/v bias rows ``[K]`` and the head's
@@ -121,7 +116,7 @@ def _forward_kernel(plan_ref, row_start_ref, row_end_ref, q_ref, k_ref, v_ref, *
     head_dim = q.shape[-1]
     if prologue:
         temperature = temperature_ref[0]
-        q = (_l2_normalize_rows(q + q_bias_ref[...][None, :]) * temperature).astype(q.dtype)
+        q = (l2_normalize(q + q_bias_ref[...][None, :]) * temperature).astype(q.dtype)
         k_bias, v_bias = k_bias_ref[...][None, :], v_bias_ref[...][None, :]
 
     def body(start, masked, carry):
@@ -131,7 +126,7 @@ def _forward_kernel(plan_ref, row_start_ref, row_end_ref, q_ref, k_ref, v_ref, *
         k = _rows(k_ref, start, block_k, k_valid)
         v = _rows(v_ref, start, block_k, k_valid)
         if prologue:
-            k = _l2_normalize_rows(k + k_bias).astype(v.dtype)
+            k = l2_normalize(k + k_bias).astype(v.dtype)
             v = v + v_bias
         s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale  # [bq, bk], base 2
         if masked:
