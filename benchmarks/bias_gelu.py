@@ -20,17 +20,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import sys
-import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.train_step import (  # noqa: E402
-    RECORDED_ENV, _time_calls, device_info, parse_list, timing_summary, versions)
+    _time_calls, parse_list, standalone_header, timing_summary)
 
 # (name, rows M, width C): d30 sampling at the 16x16 and 13x13 scales (2B = 128 rows),
 # d16 training at B64 (64 x 680 tokens), d30 training at B32.
@@ -113,10 +111,7 @@ def main() -> None:
     shapes = QUICK_SHAPES if args.quick else [s for s in SHAPES if s[0] in parse_list(args.shapes)]
     if args.quick:
         args.iters = 2
-    result = {"benchmark": "bias_gelu", **device_info(), "versions": versions(),
-              "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "settings": vars(args),
-              "environment": {k: v for k, v in os.environ.items() if k in RECORDED_ENV},
-              "rows": []}
+    result = standalone_header("bias_gelu", args) | {"rows": []}
     for name, rows, width in shapes:
         result["rows"] += measure(name, rows, width, parse_list(args.num_warps, int), args.iters,
                                   args.bandwidth)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import sys
 import time
@@ -28,8 +27,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.train_step import (  # noqa: E402
-    RECORDED_ENV, _time_calls, device_info, init_on_device, parse_bool, parse_list, timing_summary, vae_config,
-    versions)
+    _time_calls, init_on_device, parse_bool, parse_list, standalone_header, timing_summary,
+    vae_config)
 
 SAMPLING = dict(cfg=1.7, top_k=1000, top_p=0.99)
 
@@ -124,10 +123,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.model, args.batch, args.iters = "d16", 2, 2
-    result = {"benchmark": "scale_cost", **device_info(), "versions": versions(),
-              "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "settings": vars(args),
-              "environment": {k: v for k, v in os.environ.items() if k in RECORDED_ENV},
-              "runs": []}
+    result = standalone_header("scale_cost", args) | {"runs": []}
     for cast in parse_list(args.cast_weights, parse_bool):
         for scan in parse_list(args.scan_blocks, parse_bool):
             print(f"{args.model} B{args.batch} scan_blocks={scan} cast_weights={cast}", flush=True)

@@ -104,6 +104,17 @@ RECORDED_ENV = ("XLA_FLAGS", "XLA_PYTHON_CLIENT_ALLOCATOR", "XLA_PYTHON_CLIENT_P
                 "XLA_PYTHON_CLIENT_MEM_FRACTION", "TF_GPU_ALLOCATOR", "CUDA_VISIBLE_DEVICES")
 
 
+def recorded_environment() -> dict:
+    return {k: v for k, v in os.environ.items() if k in RECORDED_ENV}
+
+
+def standalone_header(benchmark: str, args: argparse.Namespace) -> dict:
+    """The JSON header of a single-process diagnostic (devices seen by this process)."""
+    return {"benchmark": benchmark, **device_info(), "versions": versions(),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "settings": vars(args),
+            "environment": recorded_environment()}
+
+
 def versions() -> dict:
     out = {}
     for name in ("jax", "jaxlib", "flax", "optax", "jax-cuda12-plugin", "jax-cuda13-plugin",
@@ -262,7 +273,7 @@ class Runner:
                    "versions": versions(),
                    "date": self.started.isoformat(timespec="seconds"),
                    "command": [pathlib.Path(sys.argv[0]).name, *sys.argv[1:]],
-                   "environment": {k: v for k, v in os.environ.items() if k in RECORDED_ENV},
+                   "environment": recorded_environment(),
                    "settings": settings, "reference": self.reference, "rows": self.rows,
                    **self.extra}
         tmp = path.with_name(path.name + ".tmp")
