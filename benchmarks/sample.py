@@ -84,7 +84,7 @@ def model_config(spec: dict, vcfg, **overrides):
     kwargs = dict(vocab_size=vcfg.vocab_size, latent_channels=vcfg.z_channels,
                   patch_nums=vcfg.patch_nums, dtype=spec["dtype"],
                   attention_backend=spec["backend"], scan_blocks=spec["scan_blocks"],
-                  gelu_backend=spec.get("gelu_backend", "xla"))
+                  gelu_backend=spec.get("gelu_backend", "auto"))
     if spec["mode"] == "var":
         kwargs.update(attention_pattern="block_causal", num_mask_layers=0)
     return preset(spec["model"], **(kwargs | overrides))
@@ -97,7 +97,7 @@ def sample_worker(spec: dict) -> dict:
     from flax import nnx
 
     from hmar_jax import sampling
-    from hmar_jax.model import HMARTransformer, cast_matmul_weights
+    from hmar_jax.model import HMARTransformer, cast_matmul_weights, unstack_blocks
     from hmar_jax.vqvae import VQVAE
 
     mode, batch, lower_only = spec["mode"], spec["batch"], spec.get("lower_only", False)
@@ -134,6 +134,8 @@ def sample_worker(spec: dict) -> dict:
     model = nnx.eval_shape(make_model) if lower_only else init_on_device(make_model)
     if spec.get("cast_weights", True):  # as load_pretrained does: bf16 matmul weights
         cast_matmul_weights(model)
+    if spec.get("unstack_blocks", False):  # as load_pretrained does: a weight array per block
+        unstack_blocks(model)
     schedule = "auto" if mode == "markov_refine" else None
     config = sampling.SamplingConfig(**SAMPLING, mask_schedule=schedule)
     rng = np.random.default_rng(spec["seed"])
@@ -273,7 +275,8 @@ def build_specs(args) -> list[dict]:
         if mode not in MODES:
             raise SystemExit(f"unknown mode {mode!r}; use {', '.join(MODES)}")
     common = dict(backend=args.backend, scan_blocks=args.scan_blocks, quick=args.quick,
-                  cast_weights=args.cast_weights, gelu_backend=args.gelu_backend,
+                  cast_weights=args.cast_weights, unstack_blocks=args.unstack_blocks,
+                  gelu_backend=args.gelu_backend,
                   iters=args.iters, warmup=args.warmup, seed=0, lower_only=args.lower_only,
                   profile=args.profile)
     specs = []
@@ -397,10 +400,13 @@ def main() -> None:
                              "bfloat16, highest")
     parser.add_argument("--backend", default="auto", help="attention backend (auto: Pallas on GPU)")
     parser.add_argument("--scan-blocks", type=parse_bool, default=True)
-    parser.add_argument("--gelu-backend", default="xla", choices=["xla", "pallas"],
+    parser.add_argument("--gelu-backend", default="auto", choices=["auto", "xla", "pallas"],
                         help="the FFN's bias + GELU (model.gelu_backend)")
     parser.add_argument("--cast-weights", type=parse_bool, default=True,
                         help="matmul weights in the compute dtype, as load_pretrained stores them")
+    parser.add_argument("--unstack-blocks", type=parse_bool, default=False,
+                        help="every block with its own weight arrays, unrolled "
+                             "(model.unstack_blocks)")
     parser.add_argument("--accuracy-model", default=None, help="default d16 (tiny with --quick)")
     parser.add_argument("--accuracy-batch", type=int, default=None,
                         help="default 8 (2 with --quick)")

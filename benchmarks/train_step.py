@@ -35,6 +35,8 @@ The JSON (``--out``) is rewritten after every row.
 ``HMARConfig.remat``); the ImageNet config uses ``block``. ``--devices 1,N`` is
 data-parallel weak scaling: the batch is per device, the global batch N times it, the full
 step is jitted over a ``data`` mesh of N devices; efficiency = img/s(N) / (N img/s(1)).
+``--parallelism fsdp`` shards parameters, gradients and optimizer state over the N
+devices instead (an ``fsdp`` mesh axis of size N, issue #8); the batch is split the same way.
 
 This file also holds the subprocess harness used by ``benchmarks/sample.py``.
 """
@@ -368,7 +370,7 @@ def recipe_config(spec: dict):
     config.model.preset = spec["model"]
     overrides = config.model.overrides.to_dict()
     overrides.update(dtype=spec["dtype"], attention_backend=spec["backend"],
-                     scan_blocks=spec["scan_blocks"], gelu_backend=spec.get("gelu_backend", "xla"))
+                     scan_blocks=spec["scan_blocks"], gelu_backend=spec.get("gelu_backend", "auto"))
     if spec["remat"] == "default":
         overrides.pop("remat", None)  # the preset's own value
     else:
@@ -500,7 +502,10 @@ def train_worker(spec: dict) -> dict:
         config.data.pretokenized = "random tokens (benchmark)"
         images = rng.integers(0, cfg.vocab_size, (global_batch, layout.seq_len)).astype(np.int32)
     # ----- full step: the pieces of Trainer.__init__, without data, checkpoints or workdir -----
-    mesh = sharding.make_mesh((("data", n_dev), ("fsdp", 1)), devices=devices)
+    # data parallel: parameters replicated; fsdp: parameters and optimizer state sharded
+    # over all devices (sharding.param_spec), the batch split over both axes either way.
+    fsdp = n_dev if spec.get("parallelism", "data") == "fsdp" else 1
+    mesh = sharding.make_mesh((("data", n_dev // fsdp), ("fsdp", fsdp)), devices=devices)
     opt = config.optimizer
     schedule = optim.lin0_schedule(opt.peak_lr, config.num_train_steps, opt.warmup_steps,
                                    end_fraction=opt.end_fraction)
@@ -680,7 +685,7 @@ def build_specs(args) -> list[dict]:
             raise SystemExit(f"unknown mode {mode!r}; use {', '.join(MODES)}")
     common = dict(dtype=args.dtype, quick=args.quick, iters=args.iters, warmup=args.warmup,
                   seed=0, lower_only=args.lower_only, profile=args.profile,
-                  gelu_backend=args.gelu_backend)
+                  gelu_backend=args.gelu_backend, parallelism=args.parallelism)
     specs = []
     for model, batch in pairs:
         for mode in modes:
@@ -833,10 +838,11 @@ def print_scaling(rows: list[dict]) -> None:
     multi = [r for r in rows if r.get("status") == "ok" and "img_s" in r and r["devices"] > 1]
     if not multi:
         return
-    print("\n== data-parallel weak scaling (per-device batch fixed) ==")
+    print("\n== weak scaling (per-device batch fixed) ==")
     for r in multi:
         eff = r.get("efficiency")
-        print(f"{r['model']} B{r['batch']}/device x{r['devices']} {r['backend']} "
+        print(f"{r['model']} B{r['batch']}/device x{r['devices']} {r.get('parallelism', 'data')} "
+              f"{r['backend']} "
               f"remat {r['remat']}: "
               f"{r['img_s']:.1f} img/s vs {fmt(r.get('img_s_1_device'), '.1f', 0)} on 1 device, "
               f"efficiency {fmt(eff, '.2f', 0)}; collectives in the step: "
@@ -859,8 +865,11 @@ def main() -> None:
     parser.add_argument("--devices", default="1",
                         help="device counts for weak scaling of the full step, e.g. 1,2 (1 is "
                              "always added when another count is given)")
+    parser.add_argument("--parallelism", default="data", choices=["data", "fsdp"],
+                        help="multi-device full-step rows: data parallel (replicated state) or "
+                             "FSDP (state sharded over all devices)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    parser.add_argument("--gelu-backend", default="xla", choices=["xla", "pallas"],
+    parser.add_argument("--gelu-backend", default="auto", choices=["auto", "xla", "pallas"],
                         help="the FFN's bias + GELU (model.gelu_backend)")
     parser.add_argument("--tokenizer-precision", default=TOKENIZER_PRECISION,
                         help="comma list of tokenizer precisions for the full and tokenize modes: "

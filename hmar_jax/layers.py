@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hmar_jax.pallas import ops
-from hmar_jax.pallas.bias_gelu import bias_gelu
+from hmar_jax.pallas.bias_gelu import bias_gelu, resolve_gelu_backend
 from hmar_jax.pallas.reference import hmar_qkv
 
 LOG_MAX_ATTN_SCALE = math.log(100.0)  # clamp of the learnable per-head temperature
@@ -123,18 +123,19 @@ class FeedForward(nnx.Module):
 
     ``gelu_backend="pallas"`` runs fc1's matmul alone and its bias + GELU as one Pallas
     pass (``hmar_jax.pallas.bias_gelu``, float32 inside); ``"xla"`` is ``nnx.Linear``
-    then ``jax.nn.gelu``, fused by XLA.
+    then ``jax.nn.gelu``, fused by XLA; ``"auto"`` is ``pallas`` on GPU, ``xla``
+    elsewhere (resolved when traced).
     """
 
     def __init__(self, width: int, hidden: int, dtype, init: InitScales, rngs: nnx.Rngs,
-                 gelu_backend: str = "xla"):
+                 gelu_backend: str = "auto"):
         self.gelu_backend = gelu_backend
         self.fc1 = nnx.Linear(width, hidden, dtype=dtype, kernel_init=init.kernel_init, rngs=rngs)
         self.fc2 = nnx.Linear(hidden, width, dtype=dtype, kernel_init=init.kernel_init, rngs=rngs)
         self.fc2.kernel[...] = self.fc2.kernel[...] / math.sqrt(2 * init.depth)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        if self.gelu_backend == "xla":
+        if resolve_gelu_backend(self.gelu_backend) == "xla":
             return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
         dtype = self.fc1.dtype or x.dtype
         h = jnp.matmul(x.astype(dtype), self.fc1.kernel[...].astype(dtype))  # [B, L, hidden]
@@ -153,7 +154,7 @@ class AdaLNSelfAttnBlock(nnx.Module):
 
     def __init__(self, width: int, num_heads: int, mlp_ratio: float, cond_width: int,
                  norm_eps: float, dtype, init: InitScales, rngs: nnx.Rngs,
-                 gelu_backend: str = "xla"):
+                 gelu_backend: str = "auto"):
         self.norm_eps = norm_eps
         self.attn = SelfAttention(width, num_heads, dtype, init, rngs)
         self.ffn = FeedForward(width, round(width * mlp_ratio), dtype, init, rngs, gelu_backend)

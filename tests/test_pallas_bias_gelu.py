@@ -98,3 +98,12 @@ def test_model_config_reaches_every_block():
     assert model.blocks.ffn.gelu_backend == model.mask_blocks.ffn.gelu_backend == "pallas"
     with pytest.raises(ValueError, match="gelu_backend"):
         preset("tiny", gelu_backend="cuda")
+
+
+def test_auto_backend_is_the_kernel_on_gpu_only():
+    assert [bg.resolve_gelu_backend("auto", p) for p in ("gpu", "cpu", "tpu")] == \
+        ["pallas", "xla", "xla"]
+    assert bg.resolve_gelu_backend("pallas", "cpu") == "pallas"
+    assert preset("tiny").gelu_backend == "auto"
+    with pytest.raises(ValueError, match="Unknown GELU backend"):
+        bg.resolve_gelu_backend("triton")
