@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from hmar_jax import sharding
 from hmar_jax.frozen_config import config_from_dict
 from hmar_jax.layers import AdaLNBeforeHead, AdaLNSelfAttnBlock, InitScales
 from hmar_jax.pallas import ops
@@ -301,7 +302,7 @@ class HMARTransformer(nnx.Module):
 
         def body(h, layer):
             layer_params, rate, key, cache, modulation = layer
-            block = nnx.merge(graphdef, layer_params)
+            block = nnx.merge(graphdef, sharding.gather_for_compute(layer_params))
             return block(h, cond, spec, drop_rate=rate, rng=key, kv_cache=cache,
                          cache_start=cache_start, modulation=modulation)
 

@@ -24,6 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from hmar_jax import checkpointing, sharding
+from hmar_jax import model as hmar_model
 from hmar_jax.atomic_io import atomic_directory
 from hmar_jax.model import HMARTransformer, cast_matmul_weights
 from hmar_jax.sampling import SamplingConfig
@@ -120,7 +121,7 @@ def read_manifest(directory: str | pathlib.Path) -> dict[str, Any]:
 
 def load_pretrained(directory: str | pathlib.Path, *, mesh: Mesh | None = None,
                     tokenizer_precision: str = "default", cast_weights: bool = True,
-                    **model_overrides) -> Pretrained:
+                    unstack_blocks: bool = False, **model_overrides) -> Pretrained:
     """Loads a bundle.
 
     Args:
@@ -133,6 +134,11 @@ def load_pretrained(directory: str | pathlib.Path, *, mesh: Mesh | None = None,
         (``model.cast_matmul_weights``: same samples, half the weight memory and no
         per-pass conversion for a bf16 model); False keeps the float32 weights (to
         fine-tune them).
+      unstack_blocks: give every block its own weight arrays (``model.unstack_blocks``):
+        the sampler's blocks then run unrolled and read their weights in place. Faster
+        batches (d30 B64 on an H200: 574.5 instead of 603 ms) for a much longer first
+        compile (174 instead of 39 s), so for long generation runs; the compiled sampler
+        can be kept across runs with ``JAX_COMPILATION_CACHE_DIR``.
       model_overrides: runtime-only model settings, e.g. ``dtype="float32"``,
         ``attention_backend="reference"``.
 
@@ -153,6 +159,8 @@ def load_pretrained(directory: str | pathlib.Path, *, mesh: Mesh | None = None,
         for module in (model, vae):
             state = nnx.state(module)
             nnx.update(module, jax.device_put(state, sharding.tree_shardings(state, mesh)))
+    if unstack_blocks:
+        hmar_model.unstack_blocks(model)
     sampling = manifest.get("sampling")
     return Pretrained(model, vae, None if sampling is None else sampling_from_json(sampling),
                       manifest)

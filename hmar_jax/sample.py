@@ -74,6 +74,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, num_help: str, num_def
     parser.add_argument("--out", required=True, help="output .png (grid) or .npz")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("--unstack-blocks", action="store_true",
+                        help="a weight array per block (pretrained.load_pretrained): faster "
+                             "batches, much longer first compile; for long runs")
 
 
 def check_common_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -91,7 +94,7 @@ def open_bundle(args: argparse.Namespace):
     metric_writers.quiet_library_logs()
     if pathlib.Path(args.out).exists() and not args.overwrite:
         raise FileExistsError(f"{args.out} already exists; choose another --out or pass --overwrite.")
-    bundle = pretrained.load_pretrained(args.checkpoint)
+    bundle = pretrained.load_pretrained(args.checkpoint, unstack_blocks=args.unstack_blocks)
     return bundle, sampling.resolve_preset(args.preset, bundle)
 
 

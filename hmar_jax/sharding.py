@@ -66,6 +66,23 @@ def param_spec(path: tuple, shape: tuple[int, ...], fsdp_size: int,
     return PartitionSpec(*([None] * dim + [FSDP_AXIS]))
 
 
+def gather_for_compute(tree: Any) -> Any:
+    """One layer's parameters, all-gathered (replicated) where they are used.
+
+    Under a mesh with an ``fsdp`` axis > 1 (``jax.set_mesh``), the model calls this on
+    each block's parameters inside the block loop, so XLA all-gathers one block's weights
+    at a time (and reduce-scatters their gradients in the backward) while the
+    activations stay split by batch. Left to itself the partitioner may instead keep the
+    weights sharded and split the matmul outputs by feature, then all-to-all those
+    activations back to batch shards: on two H200s (d30, B32 per GPU) that ran at 0.74
+    weak-scaling efficiency. Without such a mesh: ``tree`` unchanged.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or dict(mesh.shape).get(FSDP_AXIS, 1) == 1:
+        return tree
+    return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, PartitionSpec()), tree)
+
+
 def tree_shardings(tree: Any, mesh: Mesh) -> Any:
     """NamedShardings for every array of ``tree`` (params or optimizer state)."""
     fsdp_size = mesh.shape.get(FSDP_AXIS, 1)

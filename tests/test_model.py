@@ -9,7 +9,7 @@ import optax
 import pytest
 from flax import nnx
 
-from hmar_jax import checkpointing, losses
+from hmar_jax import checkpointing, losses, sharding
 from hmar_jax.convert import torch_pickle
 from hmar_jax.convert.__main__ import main as convert_main
 from hmar_jax.model import (HMARConfig, HMARTransformer, STAGE2_TRAINABLE, count_params,
@@ -242,3 +242,29 @@ def test_remat_and_scan_do_not_change_gradients(tiny_model, remat, scan_blocks):
     nnx.update(variant, nnx.state(tiny_model))
     for (path, a), (_, b) in zip(grads_of(tiny_model), grads_of(variant)):
         np.testing.assert_allclose(np.asarray(b[...]), np.asarray(a[...]), atol=1e-6, err_msg=str(path))
+
+
+def test_fsdp_gathers_weights_instead_of_moving_activations(tiny_model):
+    """With parameters FSDP-sharded and the batch split over a (2, 4) CPU mesh, the compiled
+    gradient step all-gathers each block's weights (``sharding.gather_for_compute``) and
+    has no all-to-all of activations; the gradients equal the unsharded ones."""
+    layout = tiny_model.config.layout
+    x = jax.random.normal(jax.random.key(1), (8, layout.seq_len - 1, 8))
+    labels = jnp.arange(8) % 11
+    graphdef, params = nnx.split(tiny_model)
+
+    def loss_fn(params, x, labels):
+        return jnp.mean(nnx.merge(graphdef, params)(x, labels) ** 2)
+
+    mesh = sharding.make_mesh((("data", 2), ("fsdp", 4)))
+    placed = jax.device_put(params, sharding.tree_shardings(params, mesh))
+    batch = sharding.batch_sharding(mesh)
+    with jax.set_mesh(mesh):
+        step = jax.jit(jax.grad(loss_fn))
+        compiled = step.lower(placed, jax.device_put(x, batch), jax.device_put(labels, batch)).compile()
+        grads = compiled(placed, jax.device_put(x, batch), jax.device_put(labels, batch))
+    hlo = compiled.as_text()
+    assert "all-gather" in hlo and "all-to-all" not in hlo
+    want = jax.grad(loss_fn)(params, x, labels)
+    for got, ref in zip(jax.tree.leaves(grads), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-6, rtol=1e-5)

@@ -124,7 +124,7 @@ def run_generate(args: argparse.Namespace) -> int:
     # Placed once, replicated over the local devices exactly as generate_batches shards
     # its sampler, so the per-chunk calls below do not copy the weights again.
     local_mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()), ("data",))
-    pre = load_pretrained(args.checkpoint, mesh=local_mesh)
+    pre = load_pretrained(args.checkpoint, mesh=local_mesh, unstack_blocks=args.unstack_blocks)
     config = sampling.resolve_preset(args.preset, pre)
     plan = generation.GenerationPlan(pre.model.config.num_classes, args.per_class, args.chunk)
     run_info = {"checkpoint": str(pathlib.Path(args.checkpoint).absolute()),
@@ -167,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chunk", type=int, default=1000,
                      help="samples per resumable chunk in <out>.parts/")
     gen.add_argument("--batch-size", type=int, default=64, help="sampler batch size")
+    gen.add_argument("--unstack-blocks", action="store_true",
+                     help="a weight array per block (pretrained.load_pretrained): ~5%% faster "
+                          "batches at d30, ~2 more minutes of compile")
     gen.set_defaults(run=run_generate)
 
     met = sub.add_parser("metrics", help="IS, FID, sFID, precision, recall of a sample npz")
