@@ -57,7 +57,7 @@ def param_spec(path: tuple, shape: tuple[int, ...], fsdp_size: int,
     """FSDP spec for one array: its largest ``fsdp``-divisible dim, or replicated."""
     if fsdp_size <= 1 or math.prod(shape) < min_size:
         return PartitionSpec()
-    names = [str(getattr(p, "key", getattr(p, "name", p))) for p in path]
+    names = [_path_name(p) for p in path]
     first = 1 if any(n in STACKED for n in names) else 0  # keep the layer axis whole
     candidates = [d for d in range(first, len(shape)) if shape[d] % fsdp_size == 0]
     if not candidates:
@@ -81,6 +81,28 @@ def gather_for_compute(tree: Any) -> Any:
     if mesh.empty or dict(mesh.shape).get(FSDP_AXIS, 1) == 1:
         return tree
     return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, PartitionSpec()), tree)
+
+
+def gather_outside_blocks(tree: Any) -> Any:
+    """``gather_for_compute`` for every array of a model state except the stacked blocks
+    (``STACKED``), which the model gathers one block at a time. For the embeddings, the
+    heads and the other arrays used once per forward (a few tens of MB at d30): sharded
+    along the width, the class embedding alone made the start token feature-sharded and
+    cost all-to-alls of activations."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or dict(mesh.shape).get(FSDP_AXIS, 1) == 1:
+        return tree
+
+    def leaf(path, value):
+        if any(_path_name(p) in STACKED for p in path):
+            return value
+        return jax.lax.with_sharding_constraint(value, PartitionSpec())
+
+    return jax.tree_util.tree_map_with_path(leaf, tree)
+
+
+def _path_name(entry) -> str:
+    return str(getattr(entry, "key", getattr(entry, "name", entry)))
 
 
 def tree_shardings(tree: Any, mesh: Mesh) -> Any:

@@ -109,7 +109,8 @@ def make_step(graphdef, vae_graphdef, cfg: HMARConfig, config: ml_collections.Co
             masked = losses.sample_stage2_mask(mask_rng, layout)[None]  # [1, L-1]
 
         def loss_fn(trainable):
-            model = nnx.merge(graphdef, trainable, state.frozen)
+            # FSDP: gather the non-block weights here; the model gathers each block's own.
+            model = nnx.merge(graphdef, *sharding.gather_outside_blocks((trainable, state.frozen)))
             if stage == 1:
                 logits = model(x_ns, labels, rng=path_rng)
                 return losses.scale_weighted_cross_entropy(logits, targets, weights, layout)

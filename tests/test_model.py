@@ -244,25 +244,31 @@ def test_remat_and_scan_do_not_change_gradients(tiny_model, remat, scan_blocks):
         np.testing.assert_allclose(np.asarray(b[...]), np.asarray(a[...]), atol=1e-6, err_msg=str(path))
 
 
-def test_fsdp_gathers_weights_instead_of_moving_activations(tiny_model):
+def test_fsdp_gathers_weights_instead_of_moving_activations():
     """With parameters FSDP-sharded and the batch split over a (2, 4) CPU mesh, the compiled
-    gradient step all-gathers each block's weights (``sharding.gather_for_compute``) and
-    has no all-to-all of activations; the gradients equal the unsharded ones."""
-    layout = tiny_model.config.layout
+    gradient step all-gathers weights (each block's inside the block loop, the rest once:
+    ``sharding.gather_outside_blocks``, as the trainer's loss does) and has no all-to-all
+    of activations; the gradients equal the unsharded ones. Width 128 and 200 classes, so
+    the class embedding and the head are sharded too."""
+    model = HMARTransformer(preset("tiny", width=128, vocab_size=256, num_classes=200),
+                            rngs=nnx.Rngs(0))
+    layout = model.config.layout
     x = jax.random.normal(jax.random.key(1), (8, layout.seq_len - 1, 8))
     labels = jnp.arange(8) % 11
-    graphdef, params = nnx.split(tiny_model)
+    graphdef, params = nnx.split(model)
 
     def loss_fn(params, x, labels):
-        return jnp.mean(nnx.merge(graphdef, params)(x, labels) ** 2)
+        model = nnx.merge(graphdef, sharding.gather_outside_blocks(params))
+        return jnp.mean(model(x, labels) ** 2)
 
     mesh = sharding.make_mesh((("data", 2), ("fsdp", 4)))
     placed = jax.device_put(params, sharding.tree_shardings(params, mesh))
+    assert "fsdp" in tuple(placed["class_emb"]["embedding"][...].sharding.spec)
     batch = sharding.batch_sharding(mesh)
+    inputs = (jax.device_put(x, batch), jax.device_put(labels, batch))
     with jax.set_mesh(mesh):
-        step = jax.jit(jax.grad(loss_fn))
-        compiled = step.lower(placed, jax.device_put(x, batch), jax.device_put(labels, batch)).compile()
-        grads = compiled(placed, jax.device_put(x, batch), jax.device_put(labels, batch))
+        compiled = jax.jit(jax.grad(loss_fn)).lower(placed, *inputs).compile()
+        grads = compiled(placed, *inputs)
     hlo = compiled.as_text()
     assert "all-gather" in hlo and "all-to-all" not in hlo
     want = jax.grad(loss_fn)(params, x, labels)
