@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="samples per resumable chunk in <out>.parts/")
     gen.add_argument("--batch-size", type=int, default=64, help="sampler batch size")
     gen.add_argument("--unstack-blocks", action="store_true",
-                     help="a weight array per block (pretrained.load_pretrained): ~5%% faster "
+                     help="a weight array per block (pretrained.load_pretrained): 2-5%% faster "
                           "batches at d30, ~2 more minutes of compile")
     gen.set_defaults(run=run_generate)
 
