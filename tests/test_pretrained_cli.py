@@ -49,6 +49,7 @@ def test_workdir_export_holds_the_ema_model_tokenizer_and_sampling(run, tokenize
     assert kept.blocks.ffn.fc1.kernel.dtype == jnp.float32
     unstacked = pretrained.load_pretrained(bundle, unstack_blocks=True).model
     assert isinstance(unstacked.blocks, nnx.List) and len(unstacked.blocks) == loaded.model.config.depth
+    assert isinstance(unstacked.mask_blocks, nnx.List)
     np.testing.assert_array_equal(unstacked.blocks[1].attn.mat_qkv.kernel[...],
                                   loaded.model.blocks.attn.mat_qkv.kernel[...][1])
 
@@ -115,7 +116,7 @@ def test_sample_cli_writes_npz_and_png(run, tmp_path):
     loaded = pretrained.load_pretrained(bundle)
     direct = sampling.generate_batches(loaded.model, loaded.vae, labels, index, seed=5,
                                        config=loaded.sampling)
-    np.testing.assert_array_equal(images, direct)  # per-block weights: the same samples
+    np.testing.assert_array_equal(images, direct)  # per-block weights (unstacked): same samples
     png = tmp_path / "grid.png"
     assert sample.main(["--checkpoint", str(bundle), "--classes", "all", "--num", "2",
                         "--out", str(png)]) == 0
