@@ -149,7 +149,25 @@ def summarize(logdir: str, calls: int, hlo_text: str | None = None, top: int = 6
             "launches_per_call": sum(r["launches_per_call"] for r in rows),
             "category_ms_per_call": {k: v / 1e6 / calls
                                      for k, v in sorted(categories.items(), key=lambda kv: -kv[1])},
-            "top_ops": rows[:top]}
+            "top_ops": rows[:top],
+            "by_op_name": group_by_op_name(rows)[:top]}
+
+
+def group_by_op_name(rows: list[dict]) -> list[dict]:
+    """The ops summed per (category, JAX op_name), costliest first.
+
+    Every block runs the same source lines, so one op_name collects, e.g., a LayerNorm
+    fusion of all blocks (unrolled, or the one instruction of a scan body): the per-source
+    split that ``top_ops`` spreads over many rows."""
+    groups: dict[tuple[str, str], dict] = {}
+    for row in rows:
+        group = groups.setdefault((row["category"], row["op_name"]), {
+            "category": row["category"], "op_name": row["op_name"], "ms_per_call": 0.0,
+            "launches_per_call": 0.0, "instructions": 0, "example_hlo": row["hlo"][:200]})
+        group["ms_per_call"] += row["ms_per_call"]
+        group["launches_per_call"] += row["launches_per_call"]
+        group["instructions"] += 1
+    return sorted(groups.values(), key=lambda g: -g["ms_per_call"])
 
 
 def profile_calls(call, calls: int = 2, hlo_text: str | None = None, top: int = 60) -> dict:
