@@ -84,7 +84,8 @@ def model_config(spec: dict, vcfg, **overrides):
     kwargs = dict(vocab_size=vcfg.vocab_size, latent_channels=vcfg.z_channels,
                   patch_nums=vcfg.patch_nums, dtype=spec["dtype"],
                   attention_backend=spec["backend"], scan_blocks=spec["scan_blocks"],
-                  gelu_backend=spec.get("gelu_backend", "auto"))
+                  gelu_backend=spec.get("gelu_backend", "auto"),
+                  norm_backend=spec.get("norm_backend", "auto"))
     if spec["mode"] == "var":
         kwargs.update(attention_pattern="block_causal", num_mask_layers=0)
     return preset(spec["model"], **(kwargs | overrides))
@@ -276,7 +277,7 @@ def build_specs(args) -> list[dict]:
             raise SystemExit(f"unknown mode {mode!r}; use {', '.join(MODES)}")
     common = dict(backend=args.backend, scan_blocks=args.scan_blocks, quick=args.quick,
                   cast_weights=args.cast_weights, unstack_blocks=args.unstack_blocks,
-                  gelu_backend=args.gelu_backend,
+                  gelu_backend=args.gelu_backend, norm_backend=args.norm_backend,
                   iters=args.iters, warmup=args.warmup, seed=0, lower_only=args.lower_only,
                   profile=args.profile)
     specs = []
@@ -402,6 +403,8 @@ def main() -> None:
     parser.add_argument("--scan-blocks", type=parse_bool, default=True)
     parser.add_argument("--gelu-backend", default="auto", choices=["auto", "xla", "pallas"],
                         help="the FFN's bias + GELU (model.gelu_backend)")
+    parser.add_argument("--norm-backend", default="auto", choices=["auto", "xla", "pallas"],
+                        help="the blocks' LayerNorm + modulation (model.norm_backend)")
     parser.add_argument("--cast-weights", type=parse_bool, default=True,
                         help="matmul weights in the compute dtype, as load_pretrained stores them")
     parser.add_argument("--unstack-blocks", type=parse_bool, default=False,

@@ -370,7 +370,8 @@ def recipe_config(spec: dict):
     config.model.preset = spec["model"]
     overrides = config.model.overrides.to_dict()
     overrides.update(dtype=spec["dtype"], attention_backend=spec["backend"],
-                     scan_blocks=spec["scan_blocks"], gelu_backend=spec.get("gelu_backend", "auto"))
+                     scan_blocks=spec["scan_blocks"], gelu_backend=spec.get("gelu_backend", "auto"),
+                     norm_backend=spec.get("norm_backend", "auto"))
     if spec["remat"] == "default":
         overrides.pop("remat", None)  # the preset's own value
     else:
@@ -685,7 +686,8 @@ def build_specs(args) -> list[dict]:
             raise SystemExit(f"unknown mode {mode!r}; use {', '.join(MODES)}")
     common = dict(dtype=args.dtype, quick=args.quick, iters=args.iters, warmup=args.warmup,
                   seed=0, lower_only=args.lower_only, profile=args.profile,
-                  gelu_backend=args.gelu_backend, parallelism=args.parallelism)
+                  gelu_backend=args.gelu_backend, norm_backend=args.norm_backend,
+                  parallelism=args.parallelism)
     specs = []
     for model, batch in pairs:
         for mode in modes:
@@ -871,6 +873,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--gelu-backend", default="auto", choices=["auto", "xla", "pallas"],
                         help="the FFN's bias + GELU (model.gelu_backend)")
+    parser.add_argument("--norm-backend", default="auto", choices=["auto", "xla", "pallas"],
+                        help="the blocks' LayerNorm + modulation (model.norm_backend)")
     parser.add_argument("--tokenizer-precision", default=TOKENIZER_PRECISION,
                         help="comma list of tokenizer precisions for the full and tokenize modes: "
                              "default (TF32 on GPUs, the training configs' setting), bfloat16, "

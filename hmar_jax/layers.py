@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hmar_jax.pallas import ops
+from hmar_jax.pallas.adaln import add_layer_norm_modulate, layer_norm, layer_norm_modulate
 from hmar_jax.pallas.bias_gelu import bias_gelu, resolve_gelu_backend
 from hmar_jax.pallas.reference import hmar_qkv
 
@@ -49,22 +50,15 @@ class InitScales:
         return nnx.initializers.normal(self.std)
 
 
-def layer_norm(x: jax.Array, eps: float) -> jax.Array:
-    """LayerNorm without affine parameters, computed in float32. ``[..., C]``."""
-    x32 = x.astype(jnp.float32)
-    mean = jnp.mean(x32, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-    return (x32 - mean) * jax.lax.rsqrt(var + eps)
-
-
-def drop_path(x: jax.Array, rate: jax.Array | float, rng: jax.Array | None) -> jax.Array:
-    """Per-sample stochastic depth on ``[B, ...]``, scaled by 1/keep. No-op without rng."""
+def drop_path_factor(rate: jax.Array | float, rng: jax.Array | None, batch: int
+                     ) -> jax.Array | float:
+    """Per-sample stochastic depth as a factor ``[B, 1]``: 1/keep for a kept sample, 0 for a
+    dropped one (1.0 without rng). Multiplies a residual branch's per-sample gate."""
     if rng is None:
-        return x
+        return 1.0
     keep = 1.0 - rate
-    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-    mask = jax.random.bernoulli(rng, keep, shape)
-    return jnp.where(mask, x / jnp.maximum(keep, 1e-6), 0.0).astype(x.dtype)
+    mask = jax.random.bernoulli(rng, keep, (batch, 1))
+    return jnp.where(mask, 1.0 / jnp.maximum(keep, 1e-6), 0.0)
 
 
 class SelfAttention(nnx.Module):
@@ -150,12 +144,16 @@ class AdaLNSelfAttnBlock(nnx.Module):
 
         x = x + drop_path(attn(LN(x) (1 + scale1) + shift1) gamma1)
         x = x + drop_path(ffn(LN(x) (1 + scale2) + shift2) gamma2)
+
+    The LayerNorms, modulations and the first residual add run as the fused ops of
+    ``hmar_jax.pallas.adaln`` (``norm_backend``: Pallas kernels on GPU, XLA elsewhere).
     """
 
     def __init__(self, width: int, num_heads: int, mlp_ratio: float, cond_width: int,
                  norm_eps: float, dtype, init: InitScales, rngs: nnx.Rngs,
-                 gelu_backend: str = "auto"):
+                 gelu_backend: str = "auto", norm_backend: str = "auto"):
         self.norm_eps = norm_eps
+        self.norm_backend = norm_backend
         self.attn = SelfAttention(width, num_heads, dtype, init, rngs)
         self.ffn = FeedForward(width, round(width * mlp_ratio), dtype, init, rngs, gelu_backend)
         self.ada_lin = nnx.Linear(cond_width, 6 * width, dtype=dtype, kernel_init=init.kernel_init,
@@ -179,15 +177,17 @@ class AdaLNSelfAttnBlock(nnx.Module):
         b, _, width = x.shape
         if modulation is None:
             modulation = self.modulation(cond)
-        modulation = modulation.reshape(b, 1, 6, width)
-        gamma1, gamma2, scale1, scale2, shift1, shift2 = [modulation[:, :, i] for i in range(6)]
+        modulation = modulation.reshape(b, 6, width)
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = [modulation[:, i] for i in range(6)]
         rng_attn, rng_ffn = (None, None) if rng is None else tuple(jax.random.split(rng))
         compute = self.attn.mat_qkv.dtype  # the matmuls' input dtype (they would cast anyway)
-        h = (layer_norm(x, self.norm_eps) * (1 + scale1) + shift1).astype(compute)
+        norm = dict(eps=self.norm_eps, out_dtype=compute or x.dtype, backend=self.norm_backend)
+        h = layer_norm_modulate(x, scale1, shift1, **norm)
         h, kv_cache = self.attn(h, spec, kv_cache, cache_start)
-        x = x + drop_path((h * gamma1).astype(x.dtype), drop_rate, rng_attn)
-        h = (layer_norm(x, self.norm_eps) * (1 + scale2) + shift2).astype(compute)
-        x = x + drop_path((self.ffn(h) * gamma2).astype(x.dtype), drop_rate, rng_ffn)
+        gate1 = gamma1 * drop_path_factor(drop_rate, rng_attn, b)
+        x, h = add_layer_norm_modulate(x, h, gate1, scale2, shift2, **norm)
+        gate2 = gamma2 * drop_path_factor(drop_rate, rng_ffn, b)
+        x = x + (self.ffn(h) * gate2[:, None]).astype(x.dtype)
         return x, kv_cache
 
 

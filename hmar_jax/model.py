@@ -33,6 +33,7 @@ from hmar_jax import sharding
 from hmar_jax.frozen_config import config_from_dict
 from hmar_jax.layers import AdaLNBeforeHead, AdaLNSelfAttnBlock, InitScales
 from hmar_jax.pallas import ops
+from hmar_jax.pallas.adaln import NORM_BACKENDS
 from hmar_jax.pallas.bias_gelu import GELU_BACKENDS
 from hmar_jax.scales import ScaleLayout, resolve_patch_nums
 
@@ -59,6 +60,9 @@ class HMARConfig:
       gelu_backend: the FFN's bias + GELU: ``xla`` (XLA's fusion), ``pallas`` (one
         Pallas pass each way on GPU, ``hmar_jax.pallas.bias_gelu``; interpret mode on
         CPU, XLA's fusion on TPU) or ``auto`` (``pallas`` on GPU, ``xla`` elsewhere).
+      norm_backend: the blocks' LayerNorm + AdaLN modulation (+ the attention's residual
+        add): ``xla``, ``pallas`` (fused Pallas passes, ``hmar_jax.pallas.adaln``;
+        interpret mode on CPU, XLA on TPU) or ``auto`` (``pallas`` on GPU).
       drop_path_rate: maximum stochastic-depth rate (linear over blocks); defaults to
         ``0.1 d / 24``.
       norm_eps: LayerNorm epsilon.
@@ -83,6 +87,7 @@ class HMARConfig:
     attention_pattern: str = "block_diagonal"
     attention_backend: str = "auto"
     gelu_backend: str = "auto"
+    norm_backend: str = "auto"
     drop_path_rate: float | None = None
     norm_eps: float = 1e-6
     dtype: str = "auto"
@@ -113,6 +118,9 @@ class HMARConfig:
         if self.gelu_backend not in GELU_BACKENDS:
             raise ValueError(f"Unknown gelu_backend {self.gelu_backend!r}; use one of "
                              f"{GELU_BACKENDS}.")
+        if self.norm_backend not in NORM_BACKENDS:
+            raise ValueError(f"Unknown norm_backend {self.norm_backend!r}; use one of "
+                             f"{NORM_BACKENDS}.")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"Unknown dtype {self.dtype!r}; use 'auto', 'float32' or 'bfloat16'.")
 
@@ -147,8 +155,8 @@ class HMARConfig:
         return dataclasses.asdict(self)
 
     # Fields that change how the model runs but not its parameters or outputs' meaning.
-    RUNTIME_FIELDS = ("attention_backend", "gelu_backend", "dtype", "scan_blocks", "remat",
-                      "drop_path_rate")
+    RUNTIME_FIELDS = ("attention_backend", "gelu_backend", "norm_backend", "dtype", "scan_blocks",
+                      "remat", "drop_path_rate")
 
     def architecture(self, ignore: tuple[str, ...] = ()) -> dict[str, Any]:
         """The fields that define the parameters and the function (runtime fields dropped)."""
@@ -189,7 +197,8 @@ def _stacked_blocks(cfg: HMARConfig, count: int, init: InitScales, rngs: nnx.Rng
     @nnx.vmap(in_axes=(0,), out_axes=0)
     def create(rngs: nnx.Rngs) -> AdaLNSelfAttnBlock:
         return AdaLNSelfAttnBlock(cfg.width, cfg.num_heads, cfg.mlp_ratio, cfg.width, cfg.norm_eps,
-                                  cfg.compute_dtype, init, rngs, gelu_backend=cfg.gelu_backend)
+                                  cfg.compute_dtype, init, rngs, gelu_backend=cfg.gelu_backend,
+                                  norm_backend=cfg.norm_backend)
 
     return create(rngs)
 

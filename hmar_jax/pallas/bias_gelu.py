@@ -35,6 +35,8 @@ from absl import logging
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from hmar_jax.pallas.per_batch import per_batch_shard
+
 GeluBackend = Literal["auto", "xla", "pallas"]
 GELU_BACKENDS: tuple[str, ...] = ("auto", "xla", "pallas")
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -161,13 +163,22 @@ def resolve_gelu_backend(backend: GeluBackend, platform: str | None = None) -> s
 
 
 def bias_gelu(h: jax.Array, bias: jax.Array, backend: GeluBackend = "auto") -> jax.Array:
-    """``gelu_tanh(h + bias)``: ``h [..., F]``, ``bias [F]`` -> ``[..., F]`` in ``h``'s dtype."""
-    rows, platform = math.prod(h.shape[:-1]), jax.default_backend()
+    """``gelu_tanh(h + bias)``: ``h [..., F]``, ``bias [F]`` -> ``[..., F]`` in ``h``'s dtype.
+
+    Under a mesh the kernels run on each device's share of ``h``'s leading (batch) axis."""
+    platform = jax.default_backend()
     backend = resolve_gelu_backend(backend, platform)
-    if backend == "xla" or tiles(rows, h.shape[-1]) is None:
+    if backend == "xla":
         return reference_bias_gelu(h, bias)
     if platform == "tpu":
         _warn_no_tpu_kernel()
         return reference_bias_gelu(h, bias)
-    flat = _pallas_bias_gelu(h.reshape(rows, h.shape[-1]), bias, platform != "gpu")
-    return flat.reshape(h.shape)
+
+    def local(h, bias):  # this device's rows
+        rows = math.prod(h.shape[:-1])
+        if tiles(rows, h.shape[-1]) is None:
+            return reference_bias_gelu(h, bias)
+        flat = _pallas_bias_gelu(h.reshape(rows, h.shape[-1]), bias, platform != "gpu")
+        return flat.reshape(h.shape)
+
+    return per_batch_shard(local, (h,), (bias,))

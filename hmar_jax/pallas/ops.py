@@ -46,6 +46,7 @@ import numpy as np
 from absl import logging
 
 from hmar_jax.pallas import kernel_gpu
+from hmar_jax.pallas.per_batch import per_batch_shard
 from hmar_jax.pallas.reference import hmar_qkv, reference_attention
 from hmar_jax.scales import ScaleLayout
 
@@ -244,7 +245,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec,
     if kernel == "cudnn":
         return fused_dense_attention(q, k, v, spec.dense_mask(), sm_scale=sm_scale)
     plan = _Plan(kernel, spec.pattern, tuple(spec.patch_nums), spec.tiles, float(sm_scale))
-    return _per_batch_shard(functools.partial(_kernel_attention, plan), (q, k, v))
+    return per_batch_shard(functools.partial(_kernel_attention, plan), (q, k, v))
 
 
 def _check_length(spec: AttentionSpec, len_q: int, len_k: int) -> None:
@@ -295,7 +296,7 @@ def hmar_attention(qkv: jax.Array, qkv_bias: jax.Array, temperature: jax.Array,
         return attention(*hmar_qkv(qkv, qkv_bias, temperature), spec)
     _check_length(spec, length, length)
     plan = _Plan(kernel, spec.pattern, tuple(spec.patch_nums), spec.tiles, 1.0)
-    return _per_batch_shard(functools.partial(_packed_kernel_attention, plan), (qkv,),
+    return per_batch_shard(functools.partial(_packed_kernel_attention, plan), (qkv,),
                             (qkv_bias, temperature))
 
 
@@ -307,24 +308,3 @@ def fused_dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     mask = None if mask is None else mask[None, None]
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=sm_scale,
                                         implementation="cudnn" if fused else None)
-
-
-def _per_batch_shard(fn, batched: tuple[jax.Array, ...],
-                     replicated: tuple[jax.Array, ...] = ()) -> jax.Array:
-    """Runs ``fn(*batched, *replicated)`` on each device's slice of the ``batched`` arrays'
-    leading axis under the mesh set with ``jax.set_mesh`` (the batch split over every mesh
-    axis, as the trainer and sampler shard it); ``replicated`` arrays go whole to every
-    device.
-
-    XLA cannot partition a Pallas call, so without this a sharded batch would be
-    all-gathered and every device would run the kernel on the whole batch. Attention is
-    independent per example, so the kernel needs no communication. Without a mesh, with
-    one device, or with a batch the mesh cannot split evenly, ``fn`` runs as is.
-    """
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1 or batched[0].shape[0] % mesh.size:
-        return fn(*batched, *replicated)
-    batch_spec = jax.sharding.PartitionSpec(mesh.axis_names)
-    in_specs = (batch_spec,) * len(batched) + (jax.sharding.PartitionSpec(),) * len(replicated)
-    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=batch_spec,
-                         check_vma=False)(*batched, *replicated)

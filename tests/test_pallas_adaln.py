@@ -1,0 +1,133 @@
+"""AdaLN LayerNorm + modulation kernels (Pallas interpret mode on CPU) against the jnp ops."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from hmar_jax.layers import AdaLNSelfAttnBlock, InitScales
+from hmar_jax.model import preset
+from hmar_jax.pallas import adaln, ops
+
+EPS = 1e-6
+
+
+def _inputs(batch, length, width):
+    keys = jax.random.split(jax.random.key(0), 8)
+    shape, vec = (batch, length, width), (batch, width)
+    x = 2.0 * jax.random.normal(keys[0], shape) + 0.5  # a non-zero mean per row
+    branch = jax.random.normal(keys[1], shape).astype(jnp.bfloat16)
+    gate, scale, shift = (0.5 * jax.random.normal(k, vec) for k in keys[2:5])
+    weights = (jax.random.normal(keys[5], shape), jax.random.normal(keys[6], shape))
+    return x, branch, gate, scale, shift, weights
+
+
+def test_tiling_plan():
+    assert adaln.tiles(680, 1024) and adaln.tiles(680, 1920) and adaln.tiles(256, 1920)
+    assert not adaln.tiles(169, 1920) and not adaln.tiles(680, 64)
+    assert adaln.sub_blocks(680) == 5 and adaln.sub_blocks(256) == 4 and adaln.sub_blocks(8) == 1
+
+
+# length 40: five 8-row sub-blocks in one backward program; 16: two programs per sample.
+@pytest.mark.parametrize("length, width", [(40, 256), (16, 128)])
+@pytest.mark.parametrize("out_dtype", [jnp.float32, jnp.bfloat16])
+def test_add_layer_norm_modulate_matches_the_reference(length, width, out_dtype):
+    x, branch, gate, scale, shift, (w_x, w_h) = _inputs(2, length, width)
+    norm = dict(eps=EPS, out_dtype=out_dtype)
+
+    def loss(backend, *args):
+        x_out, h = adaln.add_layer_norm_modulate(*args, **norm, backend=backend)
+        h1 = adaln.layer_norm_modulate(x_out, 0.5 * args[3], args[4], **norm, backend=backend)
+        return (jnp.sum(x_out * w_x) + jnp.sum(h.astype(jnp.float32) * w_h)
+                + jnp.sum(h1.astype(jnp.float32) * w_x * w_h), (x_out, h, h1))
+
+    args = (x, branch, gate, scale, shift)
+    grad = lambda backend: jax.jit(jax.grad(  # noqa: E731
+        lambda *a: loss(backend, *a), argnums=range(5), has_aux=True))(*args)
+    (grads, outs), (grads_ref, outs_ref) = grad("pallas"), grad("xla")
+    for out, ref in zip(outs, outs_ref):
+        assert out.dtype == ref.dtype
+        # bf16 outputs: the kernel rounds once from float32, as the reference does
+        tol = 1e-5 if out.dtype == jnp.float32 else 1e-2
+        np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32),
+                                   atol=tol, rtol=tol)
+    for g, g_ref, arg in zip(grads, grads_ref, args):
+        assert g.shape == arg.shape and g.dtype == arg.dtype
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(g_ref, np.float32),
+                                   atol=2e-3 if g.dtype == jnp.bfloat16 else 2e-4, rtol=1e-2)
+
+
+def test_untileable_shapes_and_xla_take_the_reference():
+    x, _, _, scale, shift, _ = _inputs(2, 5, 100)
+    expected = adaln.reference_layer_norm_modulate(x, scale, shift, eps=EPS, out_dtype=jnp.float32)
+    for backend in ("xla", "pallas", "auto"):
+        out = adaln.layer_norm_modulate(x, scale, shift, eps=EPS, out_dtype=jnp.float32,
+                                        backend=backend)
+        np.testing.assert_array_equal(out, expected)
+    with pytest.raises(ValueError, match="Unknown norm backend"):
+        adaln.layer_norm_modulate(x, scale, shift, eps=EPS, out_dtype=jnp.float32, backend="cuda")
+    assert [adaln.resolve_norm_backend("auto", p) for p in ("gpu", "cpu", "tpu")] == \
+        ["pallas", "xla", "xla"]
+    with pytest.raises(ValueError, match="norm_backend"):
+        preset("tiny", norm_backend="triton")
+
+
+def test_block_with_kernels_matches_xla_with_drop_path():
+    """A whole block (attention, FFN, stochastic depth on) with ``norm_backend="pallas"``
+    against ``"xla"``: same outputs and parameter gradients."""
+    width, patch_nums = 128, (2, 6)  # 40 tokens: the kernels tile
+    spec = ops.AttentionSpec("block_diagonal", patch_nums, "reference")
+    init = InitScales(std=0.05, depth=2, adaln_gamma=0.5)
+    x = jax.random.normal(jax.random.key(1), (3, 40, width))
+    cond = jax.random.normal(jax.random.key(2), (3, width))
+    results = {}
+    for backend in ("xla", "pallas"):
+        block = AdaLNSelfAttnBlock(width, 2, 4.0, width, EPS, jnp.float32, init, nnx.Rngs(0),
+                                   gelu_backend="xla", norm_backend=backend)
+        graphdef, params = nnx.split(block)
+
+        def loss(params, x):
+            out, _ = nnx.merge(graphdef, params)(x, cond, spec, drop_rate=0.5,
+                                                 rng=jax.random.key(3))
+            return jnp.sum(jnp.sin(out)), out
+
+        results[backend] = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(params, x)
+    (grads, out), (grads_ref, out_ref) = results["pallas"], results["xla"]
+    np.testing.assert_allclose(out, out_ref, atol=1e-5, rtol=1e-5)
+    flat, flat_ref = jax.tree.leaves(grads), jax.tree.leaves(grads_ref)
+    assert len(flat) == len(flat_ref) > 5
+    for g, g_ref in zip(flat, flat_ref):
+        np.testing.assert_allclose(g, g_ref, atol=1e-4, rtol=1e-3)
+
+
+def test_kernels_run_on_each_devices_share_of_the_batch():
+    """Under a data-parallel mesh of 4 CPU devices the Pallas calls (AdaLN norms, bias +
+    GELU) run per device: no all-gather of activations in the compiled gradient, and the
+    gradients (the bias's summed over devices) equal the single-device ones."""
+    from hmar_jax import sharding
+    from hmar_jax.pallas import bias_gelu as bg
+
+    x, branch, gate, scale, shift, (w_x, w_h) = _inputs(8, 16, 128)
+    bias = jax.random.normal(jax.random.key(9), (128,))
+    norm = dict(eps=EPS, out_dtype=jnp.float32, backend="pallas")
+
+    def loss(x, branch, gate, scale, shift, bias):
+        x_out, h = adaln.add_layer_norm_modulate(x, branch, gate, scale, shift, **norm)
+        h = adaln.layer_norm_modulate(x_out + bg.bias_gelu(h, bias, "pallas"), scale, shift,
+                                      **norm)
+        return jnp.sum(h * w_h) + jnp.sum(x_out * w_x)
+
+    args = (x, branch, gate, scale, shift, bias)
+    want = jax.jit(jax.grad(loss, argnums=range(6)))(*args)
+    mesh = sharding.make_mesh((("data", 4),), jax.devices()[:4])
+    batch = sharding.batch_sharding(mesh)
+    placed = [jax.device_put(a, batch) for a in args[:5]] + [bias]
+    with jax.set_mesh(mesh):
+        compiled = jax.jit(jax.grad(loss, argnums=range(6))).lower(*placed).compile()
+        grads = compiled(*placed)
+    hlo = compiled.as_text()
+    assert "all-gather" not in hlo and "all-reduce" in hlo  # only the bias gradient's sum
+    for got, ref in zip(grads, want):
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(ref, np.float32),
+                                   atol=1e-4, rtol=1e-4)
