@@ -65,15 +65,18 @@ def instruction_lines(hlo_text: str | None, width: int = 400) -> dict[str, str]:
     return {name: re.sub(r"%([\w.\-]+)", with_shape, text)[:width] for name, text in raw.items()}
 
 
-def categorize(kernel: str, instruction: str, op_name: str) -> str:
-    """One category per instruction: names first, then the op_name of the fused root."""
+def categorize(kernel: str, instruction: str, op_name: str, hlo: str = "") -> str:
+    """One category per instruction: names first, then the op_name of the fused root.
+
+    ``hlo``, the instruction's line, settles cuBLAS calls whose first kernel is a workspace
+    memset and whose op_name is a transpose (the weight-gradient matmuls of a backward)."""
     names = f"{kernel} {instruction}"
     if _ATTENTION.search(names):
         return "attention"
     if _COLLECTIVE.search(names):
         return "collective"
     if (op_name.endswith("dot_general") or re.match(r"(dot|gemm|cublas)", instruction)
-            or _MATMUL_KERNEL.search(names)):
+            or _MATMUL_KERNEL.search(names) or "__cublas" in hlo):
         return "matmul"
     if op_name.endswith("conv_general_dilated") or _CONV_KERNEL.search(names):
         return "convolution"
@@ -138,7 +141,7 @@ def summarize(logdir: str, calls: int, hlo_text: str | None = None, top: int = 6
     categories: dict[str, float] = collections.defaultdict(float)
     rows = []
     for key, (ns, count, kernel, op_name) in per_key.items():
-        category = categorize(kernel, key, op_name)
+        category = categorize(kernel, key, op_name, hlo_lines.get(key, ""))
         categories[category] += ns
         rows.append({"op": key, "category": category, "ms_per_call": ns / 1e6 / calls,
                      "launches_per_call": count / calls, "kernel": kernel[:120],

@@ -24,13 +24,16 @@ def _inputs(batch, length, width):
 
 
 def test_tiling_plan():
+    assert [adaln.tile_rows(w) for w in (1024, 1920, 256, 64)] == [4, 2, 8, 8]
     assert adaln.tiles(680, 1024) and adaln.tiles(680, 1920) and adaln.tiles(256, 1920)
-    assert not adaln.tiles(169, 1920) and not adaln.tiles(680, 64)
-    assert adaln.sub_blocks(680) == 5 and adaln.sub_blocks(256) == 4 and adaln.sub_blocks(8) == 1
+    assert not adaln.tiles(169, 1920) and not adaln.tiles(30, 64) and not adaln.tiles(16, 8)
+    assert adaln.sub_blocks(680, 1024) == 10 and adaln.sub_blocks(40, 256) == 5
+    assert adaln.sub_blocks(16, 128) == 2
 
 
-# length 40: five 8-row sub-blocks in one backward program; 16: two programs per sample.
-@pytest.mark.parametrize("length, width", [(40, 256), (16, 128)])
+# (40, 256): five 8-row tiles in one backward program; (16, 128): two tiles per program;
+# (24, 320): 320 columns in tiles of 512 (masked), 8 rows.
+@pytest.mark.parametrize("length, width", [(40, 256), (16, 128), (24, 320)])
 @pytest.mark.parametrize("out_dtype", [jnp.float32, jnp.bfloat16])
 def test_add_layer_norm_modulate_matches_the_reference(length, width, out_dtype):
     x, branch, gate, scale, shift, (w_x, w_h) = _inputs(2, length, width)

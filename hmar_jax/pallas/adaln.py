@@ -14,18 +14,19 @@ residual add, transposes), forward, in the rematerialised forward and in the bac
 in the session-7 profile of the d16 step they were about 2.6 ms of each block's
 forward+backward against a bandwidth floor of about 1 ms (``benchmarks/README.md``).
 
-The kernels here read every input once from HBM: a program owns ``ROWS`` rows of one
-sample and walks their ``C`` columns in 128-wide chunks three times (sum, centred sum of
-squares, output), the second and third walks hitting L2. The backward recomputes the
-normalised values from the saved per-row mean and reciprocal std and returns, besides
-``dx`` (and ``dbranch``), the per-sample sums over rows of the modulation gradients as
-per-program partial sums that XLA adds up. Statistics and gradients are float32.
+The kernels here read every input once and write every output once: a program holds a
+tile of ``[rows, next_pow2(C)]`` float32 values of one sample in registers (masked past
+``C``), so the statistics, the normalisation and the residual add need no second pass.
+The backward recomputes the normalised values from the saved per-row mean and reciprocal
+std and returns, besides ``dx`` (and ``dbranch``), the per-sample sums over rows of the
+modulation gradients as per-program partial sums that XLA adds up. Statistics and
+gradients are float32.
 
 ``backend``: ``"xla"`` is the plain jnp the model computed before (the reference);
 ``"pallas"`` runs the Triton kernels on GPU and the same kernels in Pallas interpret
 mode on CPU (tests); ``"auto"`` (default) is ``"pallas"`` on GPU and ``"xla"``
-elsewhere. Shapes the kernels do not tile (``C`` not a multiple of 128, ``L`` not a
-multiple of 8) and TPUs (no Mosaic kernel) take the ``"xla"`` path. Under a mesh each
+elsewhere. Shapes the kernels do not tile (``L`` not a multiple of the tile's rows,
+``C < 16``) and TPUs (no Mosaic kernel) take the ``"xla"`` path. Under a mesh each
 device runs the kernels on its share of the batch (``per_batch_shard``).
 """
 
@@ -43,9 +44,10 @@ from hmar_jax.pallas.per_batch import per_batch_shard
 
 NormBackend = Literal["auto", "xla", "pallas"]
 NORM_BACKENDS: tuple[str, ...] = ("auto", "xla", "pallas")
-ROWS = 8  # rows per load: every load and store is a [ROWS, COLS] tile
-COLS = 128
-MAX_SUB_BLOCKS = 5  # backward: ROWS-row sub-blocks per program (fewer partial sums)
+TILE_ELEMENTS = 4096  # a program's tile: [rows, next_pow2(C)] float32 values in registers
+MAX_ROWS = 8
+MAX_SUB_BLOCKS = 10  # backward: tiles per program (fewer per-program partial sums)
+MIN_WIDTH = 16
 
 
 # --------------------------------------------------------------------------- reference
@@ -71,50 +73,59 @@ def reference_add_layer_norm_modulate(x, branch, gate, scale, shift, *, eps: flo
 
 # --------------------------------------------------------------------------- kernels
 
-def _chunk(c: int) -> pl.Slice:
-    return pl.ds(c * COLS, COLS)
+class _Tile:
+    """Loads and stores of ``[rows, block_cols]`` tiles, ``block_cols = next_pow2(width)``;
+    the columns past ``width`` read as 0 and are not written."""
+
+    def __init__(self, width: int):
+        self.width = width
+        self.block_cols = pl.next_power_of_2(width)
+        self.cols = jnp.arange(self.block_cols)
+        self.valid = self.cols < width
+
+    def load(self, ref, rows: pl.Slice | None = None):
+        if rows is None:  # a [B]-indexed vector ref: [width]
+            return plgpu.load(ref.at[pl.ds(0, self.block_cols)], mask=self.valid,
+                              other=0.0).astype(jnp.float32)
+        return plgpu.load(ref.at[rows, pl.ds(0, self.block_cols)], mask=self.valid[None, :],
+                          other=0.0).astype(jnp.float32)
+
+    def store(self, ref, value, rows: pl.Slice | None = None):
+        if rows is None:
+            plgpu.store(ref.at[pl.ds(0, self.block_cols)], value.astype(ref.dtype),
+                        mask=self.valid)
+        else:
+            plgpu.store(ref.at[rows, pl.ds(0, self.block_cols)], value.astype(ref.dtype),
+                        mask=self.valid[None, :])
 
 
-def _residual(x_ref, branch_ref, gate_ref, rows, c):
-    """``x + branch gate`` of one ``[ROWS, COLS]`` tile, float32."""
-    x = x_ref[rows, _chunk(c)].astype(jnp.float32)
-    if branch_ref is not None:
-        gate = gate_ref[_chunk(c)].astype(jnp.float32)
-        x = x + branch_ref[rows, _chunk(c)].astype(jnp.float32) * gate[None, :]
-    return x
+def _normalise(x, tile: _Tile, eps: float):
+    """``(x - mean) rstd`` per row of a float32 tile (0 in the padding columns), mean, rstd."""
+    mean = jnp.sum(x, axis=1) / tile.width
+    centred = jnp.where(tile.valid[None, :], x - mean[:, None], 0.0)
+    rstd = jax.lax.rsqrt(jnp.sum(centred * centred, axis=1) / tile.width + eps)
+    return centred * rstd[:, None], mean, rstd
 
 
-def _row_statistics(x_ref, branch_ref, gate_ref, rows, chunks: int, eps: float):
-    total = sum(jnp.sum(_residual(x_ref, branch_ref, gate_ref, rows, c), axis=1)
-                for c in range(chunks))
-    mean = total / (chunks * COLS)
-    centred = sum(jnp.sum(jnp.square(_residual(x_ref, branch_ref, gate_ref, rows, c)
-                                     - mean[:, None]), axis=1) for c in range(chunks))
-    return mean, jax.lax.rsqrt(centred / (chunks * COLS) + eps)
-
-
-def _forward_kernel(*refs, eps: float, chunks: int, with_branch: bool):
+def _forward_kernel(*refs, eps: float, width: int, rows: int, with_branch: bool):
     if with_branch:
         x_ref, branch_ref, gate_ref, scale_ref, shift_ref, x_out_ref, h_ref, mean_ref, rstd_ref = refs
     else:
         x_ref, scale_ref, shift_ref, h_ref, mean_ref, rstd_ref = refs
-        branch_ref = gate_ref = x_out_ref = None
-    rows = pl.ds(0, ROWS)
-    mean, rstd = _row_statistics(x_ref, branch_ref, gate_ref, rows, chunks, eps)
-    for c in range(chunks):
-        x = _residual(x_ref, branch_ref, gate_ref, rows, c)
-        if x_out_ref is not None:
-            x_out_ref[rows, _chunk(c)] = x.astype(x_out_ref.dtype)
-        scale = 1.0 + scale_ref[_chunk(c)].astype(jnp.float32)
-        shift = shift_ref[_chunk(c)].astype(jnp.float32)
-        h = (x - mean[:, None]) * rstd[:, None] * scale[None, :] + shift[None, :]
-        h_ref[rows, _chunk(c)] = h.astype(h_ref.dtype)
-    mean_ref[rows] = mean
-    rstd_ref[rows] = rstd
+    tile, block = _Tile(width), pl.ds(0, rows)
+    x = tile.load(x_ref, block)
+    if with_branch:
+        x = x + tile.load(branch_ref, block) * tile.load(gate_ref)[None, :]
+        tile.store(x_out_ref, x, block)
+    n, mean, rstd = _normalise(x, tile, eps)
+    h = n * (1.0 + tile.load(scale_ref))[None, :] + tile.load(shift_ref)[None, :]
+    tile.store(h_ref, h, block)
+    mean_ref[block] = mean
+    rstd_ref[block] = rstd
 
 
-def _backward_kernel(*refs, chunks: int, sub_blocks: int, with_branch: bool):
-    """Per program ``sub_blocks * ROWS`` rows of one sample.
+def _backward_kernel(*refs, width: int, rows: int, sub_blocks: int, with_branch: bool):
+    """Per program ``sub_blocks`` tiles of ``rows`` rows of one sample.
 
     With ``n = (x' - mean) rstd`` and ``dn = dh (1 + scale)``:
     ``dx' = rstd (dn - mean_C(dn) - n mean_C(dn n)) + dx'_out``, ``dx = dx'``,
@@ -126,60 +137,54 @@ def _backward_kernel(*refs, chunks: int, sub_blocks: int, with_branch: bool):
          dx_ref, dbranch_ref, dscale_ref, dshift_ref, dgate_ref) = refs
     else:
         x_ref, scale_ref, mean_ref, rstd_ref, dh_ref, dx_ref, dscale_ref, dshift_ref = refs
-        branch_ref = gate_ref = dx_out_ref = dbranch_ref = dgate_ref = None
-    width = chunks * COLS
-    zeros = jnp.zeros((COLS,), jnp.float32)
-    dscale, dshift, dgate = [zeros] * chunks, [zeros] * chunks, [zeros] * chunks
-    scales = [1.0 + scale_ref[_chunk(c)].astype(jnp.float32) for c in range(chunks)]
-
-    def normalised(rows, c, mean, rstd):
-        x = _residual(x_ref, branch_ref, gate_ref, rows, c)
-        return (x - mean[:, None]) * rstd[:, None]
-
+    tile = _Tile(width)
+    scale = 1.0 + tile.load(scale_ref)
+    gate = tile.load(gate_ref) if with_branch else None
+    zeros = jnp.zeros((tile.block_cols,), jnp.float32)
+    dscale, dshift, dgate = zeros, zeros, zeros
     for s in range(sub_blocks):
-        rows = pl.ds(s * ROWS, ROWS)
-        mean, rstd = mean_ref[rows], rstd_ref[rows]
-        sum_dn = jnp.zeros((ROWS,), jnp.float32)
-        sum_dn_n = jnp.zeros((ROWS,), jnp.float32)
-        for c in range(chunks):
-            n = normalised(rows, c, mean, rstd)
-            dh = dh_ref[rows, _chunk(c)].astype(jnp.float32)
-            dn = dh * scales[c][None, :]
-            sum_dn = sum_dn + jnp.sum(dn, axis=1)
-            sum_dn_n = sum_dn_n + jnp.sum(dn * n, axis=1)
-            dscale[c] = dscale[c] + jnp.sum(dh * n, axis=0)
-            dshift[c] = dshift[c] + jnp.sum(dh, axis=0)
-        mean_dn, mean_dn_n = sum_dn / width, sum_dn_n / width
-        for c in range(chunks):
-            n = normalised(rows, c, mean, rstd)
-            dn = dh_ref[rows, _chunk(c)].astype(jnp.float32) * scales[c][None, :]
-            dx = rstd[:, None] * (dn - mean_dn[:, None] - n * mean_dn_n[:, None])
-            if with_branch:
-                dx = dx + dx_out_ref[rows, _chunk(c)].astype(jnp.float32)
-                gate = gate_ref[_chunk(c)].astype(jnp.float32)
-                dbranch_ref[rows, _chunk(c)] = (dx * gate[None, :]).astype(dbranch_ref.dtype)
-                branch = branch_ref[rows, _chunk(c)].astype(jnp.float32)
-                dgate[c] = dgate[c] + jnp.sum(dx * branch, axis=0)
-            dx_ref[rows, _chunk(c)] = dx.astype(dx_ref.dtype)
-    for c in range(chunks):
-        dscale_ref[_chunk(c)] = dscale[c]
-        dshift_ref[_chunk(c)] = dshift[c]
+        block = pl.ds(s * rows, rows)
+        x = tile.load(x_ref, block)
         if with_branch:
-            dgate_ref[_chunk(c)] = dgate[c]
+            branch = tile.load(branch_ref, block)
+            x = x + branch * gate[None, :]
+        mean, rstd = mean_ref[block], rstd_ref[block]
+        n = jnp.where(tile.valid[None, :], (x - mean[:, None]) * rstd[:, None], 0.0)
+        dh = tile.load(dh_ref, block)
+        dn = dh * scale[None, :]
+        mean_dn = jnp.sum(dn, axis=1) / width
+        mean_dn_n = jnp.sum(dn * n, axis=1) / width
+        dx = rstd[:, None] * (dn - mean_dn[:, None] - n * mean_dn_n[:, None])
+        dscale = dscale + jnp.sum(dh * n, axis=0)
+        dshift = dshift + jnp.sum(dh, axis=0)
+        if with_branch:
+            dx = dx + tile.load(dx_out_ref, block)
+            tile.store(dbranch_ref, dx * gate[None, :], block)
+            dgate = dgate + jnp.sum(dx * branch, axis=0)
+        tile.store(dx_ref, dx, block)
+    tile.store(dscale_ref, dscale)
+    tile.store(dshift_ref, dshift)
+    if with_branch:
+        tile.store(dgate_ref, dgate)
 
 
 # --------------------------------------------------------------------------- pallas calls
 
+def tile_rows(width: int) -> int:
+    """Rows per tile: ``TILE_ELEMENTS / next_pow2(width)``, between 1 and ``MAX_ROWS``."""
+    return max(1, min(MAX_ROWS, TILE_ELEMENTS // pl.next_power_of_2(width)))
+
+
 def tiles(length: int, width: int) -> bool:
-    """Whether the kernels take ``[B, length, width]``: ``width % 128 == 0``, ``length % 8 == 0``."""
-    return width % COLS == 0 and length % ROWS == 0
+    """Whether the kernels take ``[B, length, width]``: whole tiles of rows per sample."""
+    return width >= MIN_WIDTH and length % tile_rows(width) == 0
 
 
-def sub_blocks(length: int) -> int:
-    """``ROWS``-row sub-blocks per backward program: the largest count <= ``MAX_SUB_BLOCKS``
-    dividing ``length / ROWS``."""
-    blocks = length // ROWS
-    return next(k for k in range(MAX_SUB_BLOCKS, 0, -1) if blocks % k == 0)
+def sub_blocks(length: int, width: int) -> int:
+    """Tiles per backward program: the largest count <= ``MAX_SUB_BLOCKS`` dividing the
+    sample's tiles (fewer programs, fewer per-program partial sums)."""
+    count = length // tile_rows(width)
+    return next(k for k in range(MAX_SUB_BLOCKS, 0, -1) if count % k == 0)
 
 
 def _params(num_warps: int):
@@ -190,10 +195,10 @@ def forward(x, branch, gate, scale, shift, *, eps: float, out_dtype, interpret: 
             num_warps: int = 4):
     """``(x' or None, h, mean [B, L], rstd [B, L])``; ``branch``/``gate`` None: no add."""
     batch, length, width = x.shape
-    with_branch = branch is not None
-    matrix = pl.BlockSpec((None, ROWS, width), lambda b, j: (b, j, 0))
+    with_branch, rows = branch is not None, tile_rows(width)
+    matrix = pl.BlockSpec((None, rows, width), lambda b, j: (b, j, 0))
     vector = pl.BlockSpec((None, width), lambda b, j: (b, 0))
-    stats = pl.BlockSpec((None, ROWS), lambda b, j: (b, j))
+    stats = pl.BlockSpec((None, rows), lambda b, j: (b, j))
     stat_shape = jax.ShapeDtypeStruct((batch, length), jnp.float32)
     h_shape = jax.ShapeDtypeStruct(x.shape, out_dtype)
     if with_branch:
@@ -203,10 +208,10 @@ def forward(x, branch, gate, scale, shift, *, eps: float, out_dtype, interpret: 
     else:
         inputs, in_specs = (x, scale, shift), [matrix, vector, vector]
         out_shape, out_specs = [h_shape, stat_shape, stat_shape], [matrix, stats, stats]
-    kernel = functools.partial(_forward_kernel, eps=eps, chunks=width // COLS,
+    kernel = functools.partial(_forward_kernel, eps=eps, width=width, rows=rows,
                                with_branch=with_branch)
     outs = pl.pallas_call(
-        kernel, grid=(batch, length // ROWS), in_specs=in_specs, out_specs=out_specs,
+        kernel, grid=(batch, length // rows), in_specs=in_specs, out_specs=out_specs,
         out_shape=out_shape, compiler_params=_params(num_warps), interpret=interpret,
         name="hmar_adaln_fwd")(*inputs)
     return tuple(outs) if with_branch else (None, *outs)
@@ -217,12 +222,12 @@ def backward(x, branch, gate, scale, mean, rstd, dh, dx_out, *, interpret: bool 
     """Gradients of ``forward``: ``(dx, dbranch, dgate, dscale, dshift)`` (the branch
     terms None without a branch)."""
     batch, length, width = x.shape
-    with_branch = branch is not None
-    rows = sub_blocks(length) * ROWS
-    programs = length // rows
-    matrix = pl.BlockSpec((None, rows, width), lambda b, j: (b, j, 0))
+    with_branch, rows = branch is not None, tile_rows(width)
+    count = sub_blocks(length, width)
+    programs = length // (rows * count)
+    matrix = pl.BlockSpec((None, rows * count, width), lambda b, j: (b, j, 0))
     vector = pl.BlockSpec((None, width), lambda b, j: (b, 0))
-    stats = pl.BlockSpec((None, rows), lambda b, j: (b, j))
+    stats = pl.BlockSpec((None, rows * count), lambda b, j: (b, j))
     partial = pl.BlockSpec((None, None, width), lambda b, j: (b, j, 0))
     partial_shape = jax.ShapeDtypeStruct((batch, programs, width), jnp.float32)
     dx_shape = jax.ShapeDtypeStruct(x.shape, x.dtype)
@@ -236,8 +241,8 @@ def backward(x, branch, gate, scale, mean, rstd, dh, dx_out, *, interpret: bool 
         inputs = (x, scale, mean, rstd, dh)
         in_specs = [matrix, vector, stats, stats, matrix]
         out_shape, out_specs = [dx_shape, partial_shape, partial_shape], [matrix, partial, partial]
-    kernel = functools.partial(_backward_kernel, chunks=width // COLS,
-                               sub_blocks=rows // ROWS, with_branch=with_branch)
+    kernel = functools.partial(_backward_kernel, width=width, rows=rows, sub_blocks=count,
+                               with_branch=with_branch)
     outs = pl.pallas_call(
         kernel, grid=(batch, programs), in_specs=in_specs, out_specs=out_specs,
         out_shape=out_shape, compiler_params=_params(num_warps), interpret=interpret,
