@@ -85,7 +85,7 @@ def model_config(spec: dict, vcfg, **overrides):
                   patch_nums=vcfg.patch_nums, dtype=spec["dtype"],
                   attention_backend=spec["backend"], scan_blocks=spec["scan_blocks"],
                   gelu_backend=spec.get("gelu_backend", "auto"),
-                  norm_backend=spec.get("norm_backend", "auto"))
+                  norm_backend=spec.get("norm_backend", "xla"))
     if spec["mode"] == "var":
         kwargs.update(attention_pattern="block_causal", num_mask_layers=0)
     return preset(spec["model"], **(kwargs | overrides))
@@ -403,7 +403,7 @@ def main() -> None:
     parser.add_argument("--scan-blocks", type=parse_bool, default=True)
     parser.add_argument("--gelu-backend", default="auto", choices=["auto", "xla", "pallas"],
                         help="the FFN's bias + GELU (model.gelu_backend)")
-    parser.add_argument("--norm-backend", default="auto", choices=["auto", "xla", "pallas"],
+    parser.add_argument("--norm-backend", default="xla", choices=["auto", "xla", "pallas"],
                         help="the blocks' LayerNorm + modulation (model.norm_backend)")
     parser.add_argument("--cast-weights", type=parse_bool, default=True,
                         help="matmul weights in the compute dtype, as load_pretrained stores them")

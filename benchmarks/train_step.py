@@ -371,7 +371,7 @@ def recipe_config(spec: dict):
     overrides = config.model.overrides.to_dict()
     overrides.update(dtype=spec["dtype"], attention_backend=spec["backend"],
                      scan_blocks=spec["scan_blocks"], gelu_backend=spec.get("gelu_backend", "auto"),
-                     norm_backend=spec.get("norm_backend", "auto"))
+                     norm_backend=spec.get("norm_backend", "xla"))
     if spec["remat"] == "default":
         overrides.pop("remat", None)  # the preset's own value
     else:
@@ -873,7 +873,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--gelu-backend", default="auto", choices=["auto", "xla", "pallas"],
                         help="the FFN's bias + GELU (model.gelu_backend)")
-    parser.add_argument("--norm-backend", default="auto", choices=["auto", "xla", "pallas"],
+    parser.add_argument("--norm-backend", default="xla", choices=["auto", "xla", "pallas"],
                         help="the blocks' LayerNorm + modulation (model.norm_backend)")
     parser.add_argument("--tokenizer-precision", default=TOKENIZER_PRECISION,
                         help="comma list of tokenizer precisions for the full and tokenize modes: "

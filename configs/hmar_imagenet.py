@@ -92,7 +92,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.overrides = ml_collections.ConfigDict(dict(
         num_classes=1000, num_mask_layers=MASK_LAYERS, init_adaln_gamma=recipe["alng"],
         remat="block", dtype="auto", attention_backend="auto", scan_blocks=True,
-        gelu_backend="auto", norm_backend="auto"))
+        gelu_backend="auto", norm_backend="xla"))
 
     config.loss = ml_collections.ConfigDict()
     config.loss.weighting = "lognorm"

@@ -146,12 +146,12 @@ class AdaLNSelfAttnBlock(nnx.Module):
         x = x + drop_path(ffn(LN(x) (1 + scale2) + shift2) gamma2)
 
     The LayerNorms, modulations and the first residual add run as the fused ops of
-    ``hmar_jax.pallas.adaln`` (``norm_backend``: Pallas kernels on GPU, XLA elsewhere).
+    ``hmar_jax.pallas.adaln`` (``norm_backend``: XLA's fusions or the Pallas kernels).
     """
 
     def __init__(self, width: int, num_heads: int, mlp_ratio: float, cond_width: int,
                  norm_eps: float, dtype, init: InitScales, rngs: nnx.Rngs,
-                 gelu_backend: str = "auto", norm_backend: str = "auto"):
+                 gelu_backend: str = "auto", norm_backend: str = "xla"):
         self.norm_eps = norm_eps
         self.norm_backend = norm_backend
         self.attn = SelfAttention(width, num_heads, dtype, init, rngs)
