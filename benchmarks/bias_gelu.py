@@ -18,8 +18,6 @@ to ``--bandwidth``; each Pallas row its largest difference from the float32 expr
 
 from __future__ import annotations
 
-import argparse
-import json
 import pathlib
 import sys
 
@@ -28,7 +26,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.train_step import (  # noqa: E402
-    _time_calls, parse_list, standalone_header, timing_summary)
+    _time_calls, elementwise_benchmark_main, timing_summary)
 
 # (name, rows M, width C): d30 sampling at the 16x16 and 13x13 scales (2B = 128 rows),
 # d16 training at B64 (64 x 680 tokens), d30 training at B32.
@@ -98,26 +96,5 @@ def measure(name: str, rows: int, width: int, num_warps: list[int], iters: int,
     return rows_out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", default=",".join(s[0] for s in SHAPES),
-                        help="comma list of " + ", ".join(s[0] for s in SHAPES))
-    parser.add_argument("--num-warps", default="4,8")
-    parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--bandwidth", type=float, default=4.8, help="HBM TB/s, for the print")
-    parser.add_argument("--quick", action="store_true", help="tiny shape, interpret mode on CPU")
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args()
-    shapes = QUICK_SHAPES if args.quick else [s for s in SHAPES if s[0] in parse_list(args.shapes)]
-    if args.quick:
-        args.iters = 2
-    result = standalone_header("bias_gelu", args) | {"rows": []}
-    for name, rows, width in shapes:
-        result["rows"] += measure(name, rows, width, parse_list(args.num_warps, int), args.iters,
-                                  args.bandwidth)
-    if args.out:
-        pathlib.Path(args.out).write_text(json.dumps(result, indent=1))
-
-
 if __name__ == "__main__":
-    main()
+    elementwise_benchmark_main("bias_gelu", __doc__, SHAPES, QUICK_SHAPES, measure)

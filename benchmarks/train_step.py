@@ -117,6 +117,30 @@ def standalone_header(benchmark: str, args: argparse.Namespace) -> dict:
             "environment": recorded_environment()}
 
 
+def elementwise_benchmark_main(benchmark: str, doc: str, shapes: tuple, quick_shapes: tuple,
+                               measure) -> None:
+    """Command line of the per-shape kernel benchmarks (``bias_gelu.py``, ``adaln.py``):
+    ``measure(*shape[1:], num_warps, iters, bandwidth)`` returns a shape's rows."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--shapes", default=",".join(s[0] for s in shapes),
+                        help="comma list of " + ", ".join(s[0] for s in shapes))
+    parser.add_argument("--num-warps", default="4,8")
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--bandwidth", type=float, default=4.8, help="HBM TB/s, for the print")
+    parser.add_argument("--quick", action="store_true", help="tiny shape, interpret mode on CPU")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    chosen = quick_shapes if args.quick else [s for s in shapes if s[0] in parse_list(args.shapes)]
+    if args.quick:
+        args.iters = 2
+    result = standalone_header(benchmark, args) | {"rows": []}
+    for shape in chosen:
+        result["rows"] += measure(*shape, parse_list(args.num_warps, int), args.iters,
+                                  args.bandwidth)
+    if args.out:
+        pathlib.Path(args.out).write_text(json.dumps(result, indent=1))
+
+
 def versions() -> dict:
     out = {}
     for name in ("jax", "jaxlib", "flax", "optax", "jax-cuda12-plugin", "jax-cuda13-plugin",

@@ -39,17 +39,17 @@ on its share of the batch (``per_batch_shard``).
 from __future__ import annotations
 
 import functools
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from hmar_jax.pallas.backend_choice import KERNEL_BACKENDS, KernelBackend, resolve_kernel_backend
 from hmar_jax.pallas.per_batch import per_batch_shard
 
-NormBackend = Literal["auto", "xla", "pallas"]
-NORM_BACKENDS: tuple[str, ...] = ("auto", "xla", "pallas")
+NormBackend = KernelBackend
+NORM_BACKENDS = KERNEL_BACKENDS
 TILE_ELEMENTS = 4096  # a program's tile: [rows, next_pow2(C)] float32 values in registers
 MAX_ROWS = 8
 MAX_SUB_BLOCKS = 10  # backward: tiles per program (fewer per-program partial sums)
@@ -312,11 +312,7 @@ _add_layer_norm_modulate.defvjp(_add_layer_norm_modulate_fwd, _add_layer_norm_mo
 
 def resolve_norm_backend(backend: NormBackend, platform: str | None = None) -> str:
     """``auto`` -> ``pallas`` on GPU, ``xla`` elsewhere; other names unchanged."""
-    if backend not in NORM_BACKENDS:
-        raise ValueError(f"Unknown norm backend {backend!r}; use one of {NORM_BACKENDS}.")
-    if backend == "auto":
-        return "pallas" if (platform or jax.default_backend()) == "gpu" else "xla"
-    return backend
+    return resolve_kernel_backend(backend, "norm", platform)
 
 
 # Each device runs the kernels on its share of the batch (every input is per sample).

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -35,10 +34,11 @@ from absl import logging
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from hmar_jax.pallas.backend_choice import KERNEL_BACKENDS, KernelBackend, resolve_kernel_backend
 from hmar_jax.pallas.per_batch import per_batch_shard
 
-GeluBackend = Literal["auto", "xla", "pallas"]
-GELU_BACKENDS: tuple[str, ...] = ("auto", "xla", "pallas")
+GeluBackend = KernelBackend
+GELU_BACKENDS = KERNEL_BACKENDS
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _CUBIC = 0.044715
 TILE_ELEMENTS = 8192  # elements per program: 16 KiB of bf16 in and out
@@ -155,11 +155,7 @@ def reference_bias_gelu(h: jax.Array, bias: jax.Array) -> jax.Array:
 
 def resolve_gelu_backend(backend: GeluBackend, platform: str | None = None) -> str:
     """``auto`` -> ``pallas`` on GPU, ``xla`` elsewhere; other names unchanged."""
-    if backend not in GELU_BACKENDS:
-        raise ValueError(f"Unknown GELU backend {backend!r}; use one of {GELU_BACKENDS}.")
-    if backend == "auto":
-        return "pallas" if (platform or jax.default_backend()) == "gpu" else "xla"
-    return backend
+    return resolve_kernel_backend(backend, "GELU", platform)
 
 
 def bias_gelu(h: jax.Array, bias: jax.Array, backend: GeluBackend = "auto") -> jax.Array:
