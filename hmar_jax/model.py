@@ -37,7 +37,8 @@ from hmar_jax.pallas.adaln import NORM_BACKENDS
 from hmar_jax.pallas.bias_gelu import GELU_BACKENDS
 from hmar_jax.scales import ScaleLayout, resolve_patch_nums
 
-RematPolicy = Literal["none", "block", "dots_saveable"]
+RematPolicy = Literal["none", "block", "dots_saveable", "dots_attention_saveable"]
+REMAT_POLICIES: tuple[str, ...] = ("none", "block", "dots_saveable", "dots_attention_saveable")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,8 +73,10 @@ class HMARConfig:
         (bfloat16 on GPU/TPU, float32 on CPU). Params, norms, softmax, embeddings, the
         head and its logits stay float32.
       scan_blocks: run the blocks with ``lax.scan`` (fast compile) instead of unrolled.
-      remat: rematerialisation per block: ``none``, ``block`` (save nothing) or
-        ``dots_saveable`` (keep matmul outputs).
+      remat: rematerialisation per block: ``none``, ``block`` (save nothing),
+        ``dots_saveable`` (keep matmul outputs) or ``dots_attention_saveable`` (also keep
+        the attention kernel's output and row statistics, ``[B, L, C]`` + ``[B, N, L]``
+        per block, so the backward does not run the attention forward again).
       init_adaln, init_adaln_gamma, init_head: upstream init multipliers.
     """
 
@@ -113,9 +116,8 @@ class HMARConfig:
         if not 0 <= self.num_mask_layers <= self.depth:
             raise ValueError(f"num_mask_layers must be in [0, depth={self.depth}], "
                              f"got {self.num_mask_layers}.")
-        if self.remat not in ("none", "block", "dots_saveable"):
-            raise ValueError(f"Unknown remat policy {self.remat!r}; use 'none', 'block' or "
-                             "'dots_saveable'.")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"Unknown remat policy {self.remat!r}; use one of {REMAT_POLICIES}.")
         ops.AttentionSpec(self.attention_pattern, self.patch_nums, self.attention_backend)  # validates
         if self.gelu_backend not in GELU_BACKENDS:
             raise ValueError(f"Unknown gelu_backend {self.gelu_backend!r}; use one of "
@@ -171,6 +173,11 @@ class HMARConfig:
 
     def replace(self, **changes) -> "HMARConfig":
         return dataclasses.replace(self, **changes)
+
+
+_DOTS_AND_ATTENTION_SAVEABLE = jax.checkpoint_policies.save_from_both_policies(
+    jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    jax.checkpoint_policies.save_only_these_names(*ops.ATTENTION_RESIDUAL_NAMES))
 
 
 # Upstream sizes (width 64 d, heads d) and the gamma init per depth from the HMAR configs.
@@ -321,6 +328,8 @@ class HMARTransformer(nnx.Module):
             body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
         elif cfg.remat == "dots_saveable":
             body = jax.checkpoint(body, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+        elif cfg.remat == "dots_attention_saveable":
+            body = jax.checkpoint(body, policy=_DOTS_AND_ATTENTION_SAVEABLE)
         x = x.astype(jnp.float32)
         scan = cfg.scan_blocks and not per_block
         if scan and kv_cache is not None:

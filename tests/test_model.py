@@ -14,6 +14,7 @@ from hmar_jax.convert import torch_pickle
 from hmar_jax.convert.__main__ import main as convert_main
 from hmar_jax.model import (HMARConfig, HMARTransformer, STAGE2_TRAINABLE, count_params,
                             is_mask_branch, preset)
+from hmar_jax.pallas import ops
 
 TOL = dict(atol=1e-4, rtol=1e-4)
 CFG_LABELS = jnp.asarray([7, 10, 10, 10])  # generate(): [cond labels; null class]
@@ -224,7 +225,8 @@ def test_bfloat16_compute_keeps_float32_logits_and_stays_close(tiny_model):
     assert 0 < rel < 2e-2
 
 
-@pytest.mark.parametrize("remat, scan_blocks", [("block", True), ("dots_saveable", True), ("none", False)])
+@pytest.mark.parametrize("remat, scan_blocks", [("block", True), ("dots_saveable", True), ("none", False),
+                                                ("dots_attention_saveable", True)])
 def test_remat_and_scan_do_not_change_gradients(tiny_model, remat, scan_blocks):
     layout = tiny_model.config.layout
     x = jax.random.normal(jax.random.key(1), (2, layout.seq_len - 1, 8))
@@ -274,3 +276,23 @@ def test_fsdp_gathers_weights_instead_of_moving_activations():
     want = jax.jit(jax.grad(loss_fn))(params, x, labels)
     for got, ref in zip(jax.tree.leaves(grads), jax.tree.leaves(want)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-6, rtol=1e-5)
+
+
+def test_dots_attention_saveable_keeps_the_attention_output(capsys):
+    """``remat="dots_attention_saveable"`` saves the attention kernel's output and row
+    statistics of every block, so the backward need not run the kernel's forward again
+    (its gradients are checked with the other policies above)."""
+    saved = {}
+    for remat in ("dots_saveable", "dots_attention_saveable"):
+        cfg = preset("tiny", remat=remat, attention_backend="pallas", scan_blocks=False)
+        graphdef, params = nnx.split(HMARTransformer(cfg, rngs=nnx.Rngs(0)))
+        x = jax.random.normal(jax.random.key(1), (2, cfg.layout.seq_len - 1, 8))
+
+        def loss(params):
+            return jnp.mean(nnx.merge(graphdef, params)(x, jnp.asarray([1, 2])) ** 2)
+
+        jax.ad_checkpoint.print_saved_residuals(loss, params)
+        printed = capsys.readouterr().out
+        saved[remat] = [printed.count(f"named '{name}'") for name in ops.ATTENTION_RESIDUAL_NAMES]
+    depth = preset("tiny").depth
+    assert saved == {"dots_saveable": [0, 0], "dots_attention_saveable": [depth, depth]}

@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from jax.ad_checkpoint import checkpoint_name
 
 from hmar_jax.pallas import kernel_gpu
 from hmar_jax.pallas.per_batch import per_batch_shard
@@ -175,10 +176,17 @@ def _kernel_backward(plan: _Plan, q, k, v, o, lse, do):
     return dq, dk, dv
 
 
+# Names of the kernel's saved outputs, for ``jax.checkpoint`` policies: a remat policy
+# that saves them (``remat="dots_attention_saveable"``) keeps the backward from running
+# the attention forward again.
+ATTENTION_RESIDUAL_NAMES = ("hmar_attention_out", "hmar_attention_lse")
+
+
 def _kernel_op(forward, backward):
     """A differentiable op ``op(plan, *inputs) -> o`` from a kernel forward
     ``forward(plan, *inputs) -> (o, lse)`` and ``backward(plan, *inputs, o, lse, do)``
-    that returns the inputs' cotangents (the forward's inputs, o and lse are saved)."""
+    that returns the inputs' cotangents (the forward's inputs, o and lse are saved, o and
+    lse under ``ATTENTION_RESIDUAL_NAMES``)."""
 
     @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
     def op(plan: _Plan, *inputs):
@@ -186,7 +194,8 @@ def _kernel_op(forward, backward):
 
     def op_fwd(plan: _Plan, *inputs):
         o, lse = forward(plan, *inputs)
-        return o, (*inputs, o, lse)
+        saved = [checkpoint_name(r, name) for r, name in zip((o, lse), ATTENTION_RESIDUAL_NAMES)]
+        return o, (*inputs, *saved)
 
     def op_bwd(plan: _Plan, residuals, do):
         return tuple(backward(plan, *residuals, do.astype(residuals[-2].dtype)))
