@@ -38,7 +38,10 @@ def _to_dtype(tree, dtype):
 
 def _with_precision(method):
     """Runs a VQVAE method's convolutions and matmuls at ``config.precision``; for
-    ``bfloat16`` on a bf16 copy of the weights and inputs, returning float32."""
+    ``bfloat16`` on a bf16 copy of the weights and inputs, returning float32, with the
+    GroupNorms' mean and variance from one pass (``E[x^2] - E[x]^2`` in float32; the
+    other precisions keep PyTorch's two-pass variance). In the d16 B64 training step's
+    encode the two-pass statistics took 7.0 of 41 ms on an H200."""
 
     @functools.wraps(method)
     def wrapped(self, *args, **kwargs):
@@ -48,6 +51,9 @@ def _with_precision(method):
             graphdef, state = nnx.split(self)
             copy = nnx.merge(graphdef, _to_dtype(state, jnp.bfloat16))
             object.__setattr__(copy, "_bf16_copy", True)
+            for _, module in nnx.iter_modules(copy):
+                if isinstance(module, nnx.GroupNorm):  # one read for both statistics
+                    module.use_fast_variance = True
             out = method(copy, *_to_dtype(args, jnp.bfloat16), **_to_dtype(kwargs, jnp.bfloat16))
             return _to_dtype(out, jnp.float32)
         precision = "highest" if self.config.precision == "highest" else None
@@ -79,8 +85,8 @@ class VQVAEConfig:
       precision: convolutions and attention: ``highest`` (exact float32, the parity
         setting) or ``default`` (the platform's fast float32: TF32 on NVIDIA GPUs, as
         PyTorch uses for cuDNN convolutions; bf16 passes on TPU) or ``bfloat16`` (bf16
-        weights and activations, float32 results; fastest, for decoding samples). A
-        runtime choice: it does not change the stored weights. The codebook search runs
+        weights and activations, float32 results, one-pass GroupNorm statistics;
+        fastest, for decoding samples and the training step's encode). A runtime choice: it does not change the stored weights. The codebook search runs
         at highest precision (in bf16 under ``bfloat16``).
     """
 
