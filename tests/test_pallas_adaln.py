@@ -104,10 +104,12 @@ def test_block_with_kernels_matches_xla_with_drop_path():
         np.testing.assert_allclose(g, g_ref, atol=1e-4, rtol=1e-3)
 
 
-def test_kernels_run_on_each_devices_share_of_the_batch():
-    """Under a data-parallel mesh of 4 CPU devices the Pallas calls (AdaLN norms, bias +
-    GELU) run per device: no all-gather of activations in the compiled gradient, and the
-    gradients (the bias's summed over devices) equal the single-device ones."""
+@pytest.mark.parametrize("mesh_spec", [(("data", 4),), (("data", 2), ("fsdp", 2))])
+def test_kernels_run_on_each_devices_share_of_the_batch(mesh_spec):
+    """Under a 4-device CPU mesh (data parallel, or data x fsdp with the batch split over
+    both axes as the trainer splits it) the Pallas calls (AdaLN norms, bias + GELU) run per
+    device: no all-gather of activations in the compiled gradient, and the gradients (the
+    bias's summed over devices) equal the single-device ones."""
     from hmar_jax import sharding
     from hmar_jax.pallas import bias_gelu as bg
 
@@ -123,7 +125,7 @@ def test_kernels_run_on_each_devices_share_of_the_batch():
 
     args = (x, branch, gate, scale, shift, bias)
     want = jax.jit(jax.grad(loss, argnums=range(6)))(*args)
-    mesh = sharding.make_mesh((("data", 4),), jax.devices()[:4])
+    mesh = sharding.make_mesh(mesh_spec, jax.devices()[:4])
     batch = sharding.batch_sharding(mesh)
     placed = [jax.device_put(a, batch) for a in args[:5]] + [bias]
     with jax.set_mesh(mesh):
