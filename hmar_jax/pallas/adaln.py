@@ -42,6 +42,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
@@ -324,12 +325,20 @@ def _local_add_layer_norm_modulate(x, branch, gate, scale, shift, *, eps, out_dt
     return _add_layer_norm_modulate(x, branch, gate, scale, shift, eps, out_dtype, interpret)
 
 
+@functools.lru_cache(maxsize=None)
+def _warn_no_tpu_kernel() -> None:
+    logging.warning("norm_backend='pallas' has no TPU kernel; XLA's fusion runs instead.")
+
+
 def _use_kernel(backend: NormBackend, x: jax.Array) -> tuple[bool, bool]:
     """``(run the kernels, in interpret mode)`` for ``x [B, L, C]``."""
     platform = jax.default_backend()
-    use = (resolve_norm_backend(backend, platform) == "pallas" and platform != "tpu"
-           and x.ndim == 3 and tiles(*x.shape[1:]))
-    return use, platform != "gpu"
+    if resolve_norm_backend(backend, platform) != "pallas":
+        return False, False
+    if platform == "tpu":
+        _warn_no_tpu_kernel()
+        return False, False
+    return x.ndim == 3 and tiles(*x.shape[1:]), platform != "gpu"
 
 
 def layer_norm_modulate(x: jax.Array, scale: jax.Array, shift: jax.Array, *, eps: float,
