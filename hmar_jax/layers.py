@@ -15,6 +15,7 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from hmar_jax.pallas import ops
 from hmar_jax.pallas.adaln import add_layer_norm_modulate, layer_norm, layer_norm_modulate
@@ -22,6 +23,10 @@ from hmar_jax.pallas.bias_gelu import bias_gelu, resolve_gelu_backend
 from hmar_jax.pallas.reference import hmar_qkv
 
 LOG_MAX_ATTN_SCALE = math.log(100.0)  # clamp of the learnable per-head temperature
+# Names of the two residual branches' outputs (attention ``proj``, FFN ``fc2``), for remat
+# policies that keep them (``HMARConfig.remat="projections_saveable"``).
+ATTENTION_PROJ_NAME = "hmar_attention_proj"
+FFN_OUT_NAME = "hmar_ffn_out"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +114,8 @@ class SelfAttention(nnx.Module):
             out = ops.attention(q, cache_k[:, :end].astype(v.dtype),
                                 cache_v[:, :end].astype(v.dtype), spec)
             kv_cache = (cache_k, cache_v)
-        return self.proj(out.reshape(b, length, width)), kv_cache
+        out = checkpoint_name(self.proj(out.reshape(b, length, width)), ATTENTION_PROJ_NAME)
+        return out, kv_cache
 
 
 class FeedForward(nnx.Module):
@@ -130,10 +136,12 @@ class FeedForward(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if resolve_gelu_backend(self.gelu_backend) == "xla":
-            return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
+            out = self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
+            return checkpoint_name(out, FFN_OUT_NAME)
         dtype = self.fc1.dtype or x.dtype
         h = jnp.matmul(x.astype(dtype), self.fc1.kernel[...].astype(dtype))  # [B, L, hidden]
-        return self.fc2(bias_gelu(h, self.fc1.bias[...], self.gelu_backend))
+        return checkpoint_name(self.fc2(bias_gelu(h, self.fc1.bias[...], self.gelu_backend)),
+                               FFN_OUT_NAME)
 
 
 class AdaLNSelfAttnBlock(nnx.Module):

@@ -31,14 +31,17 @@ from flax import nnx
 
 from hmar_jax import sharding
 from hmar_jax.frozen_config import config_from_dict
-from hmar_jax.layers import AdaLNBeforeHead, AdaLNSelfAttnBlock, InitScales
+from hmar_jax.layers import (ATTENTION_PROJ_NAME, FFN_OUT_NAME, AdaLNBeforeHead, AdaLNSelfAttnBlock,
+                             InitScales)
 from hmar_jax.pallas import ops
 from hmar_jax.pallas.adaln import NORM_BACKENDS
 from hmar_jax.pallas.bias_gelu import GELU_BACKENDS
 from hmar_jax.scales import ScaleLayout, resolve_patch_nums
 
-RematPolicy = Literal["none", "block", "dots_saveable", "dots_attention_saveable"]
-REMAT_POLICIES: tuple[str, ...] = ("none", "block", "dots_saveable", "dots_attention_saveable")
+RematPolicy = Literal["none", "block", "dots_saveable", "dots_attention_saveable",
+                      "projections_saveable"]
+REMAT_POLICIES: tuple[str, ...] = ("none", "block", "dots_saveable", "dots_attention_saveable",
+                                   "projections_saveable")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +79,10 @@ class HMARConfig:
       remat: rematerialisation per block: ``none``, ``block`` (save nothing),
         ``dots_saveable`` (keep matmul outputs) or ``dots_attention_saveable`` (also keep
         the attention kernel's output and row statistics, ``[B, L, C]`` + ``[B, N, L]``
-        per block, so the backward does not run the attention forward again).
+        per block, so the backward does not run the attention forward again) or
+        ``projections_saveable`` (keep only the attention kernel's outputs and the two
+        branch outputs, ``proj`` and ``fc2``: the backward recomputes the ``qkv`` and
+        ``fc1`` matmuls; about a third of ``dots_saveable``'s saved activations).
       init_adaln, init_adaln_gamma, init_head: upstream init multipliers.
     """
 
@@ -178,6 +184,8 @@ class HMARConfig:
 _DOTS_AND_ATTENTION_SAVEABLE = jax.checkpoint_policies.save_from_both_policies(
     jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     jax.checkpoint_policies.save_only_these_names(*ops.ATTENTION_RESIDUAL_NAMES))
+_PROJECTIONS_SAVEABLE = jax.checkpoint_policies.save_only_these_names(
+    *ops.ATTENTION_RESIDUAL_NAMES, ATTENTION_PROJ_NAME, FFN_OUT_NAME)
 
 
 # Upstream sizes (width 64 d, heads d) and the gamma init per depth from the HMAR configs.
@@ -330,6 +338,8 @@ class HMARTransformer(nnx.Module):
             body = jax.checkpoint(body, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
         elif cfg.remat == "dots_attention_saveable":
             body = jax.checkpoint(body, policy=_DOTS_AND_ATTENTION_SAVEABLE)
+        elif cfg.remat == "projections_saveable":
+            body = jax.checkpoint(body, policy=_PROJECTIONS_SAVEABLE)
         x = x.astype(jnp.float32)
         scan = cfg.scan_blocks and not per_block
         if scan and kv_cache is not None:

@@ -9,7 +9,7 @@ import optax
 import pytest
 from flax import nnx
 
-from hmar_jax import checkpointing, losses, sharding
+from hmar_jax import checkpointing, layers, losses, sharding
 from hmar_jax.convert import torch_pickle
 from hmar_jax.convert.__main__ import main as convert_main
 from hmar_jax.model import (HMARConfig, HMARTransformer, STAGE2_TRAINABLE, count_params,
@@ -226,7 +226,8 @@ def test_bfloat16_compute_keeps_float32_logits_and_stays_close(tiny_model):
 
 
 @pytest.mark.parametrize("remat, scan_blocks", [("block", True), ("dots_saveable", True), ("none", False),
-                                                ("dots_attention_saveable", True)])
+                                                ("dots_attention_saveable", True),
+                                                ("projections_saveable", False)])
 def test_remat_and_scan_do_not_change_gradients(tiny_model, remat, scan_blocks):
     layout = tiny_model.config.layout
     x = jax.random.normal(jax.random.key(1), (2, layout.seq_len - 1, 8))
@@ -278,12 +279,14 @@ def test_fsdp_gathers_weights_instead_of_moving_activations():
         np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-6, rtol=1e-5)
 
 
-def test_dots_attention_saveable_keeps_the_attention_output(capsys):
-    """``remat="dots_attention_saveable"`` saves the attention kernel's output and row
-    statistics of every block, so the backward need not run the kernel's forward again
-    (its gradients are checked with the other policies above)."""
-    saved = {}
-    for remat in ("dots_saveable", "dots_attention_saveable"):
+def test_named_remat_policies_keep_what_they_say(capsys):
+    """``dots_attention_saveable`` saves the attention kernel's output and row statistics of
+    every block on top of the matmul outputs (so the backward need not run the kernel's
+    forward again); ``projections_saveable`` saves those and the two branch outputs only,
+    fewer residuals than ``dots_saveable``. (Gradients: checked with the other policies.)"""
+    names = (*ops.ATTENTION_RESIDUAL_NAMES, layers.ATTENTION_PROJ_NAME, layers.FFN_OUT_NAME)
+    saved, count = {}, {}
+    for remat in ("dots_saveable", "dots_attention_saveable", "projections_saveable"):
         cfg = preset("tiny", remat=remat, attention_backend="pallas", scan_blocks=False)
         graphdef, params = nnx.split(HMARTransformer(cfg, rngs=nnx.Rngs(0)))
         x = jax.random.normal(jax.random.key(1), (2, cfg.layout.seq_len - 1, 8))
@@ -293,6 +296,9 @@ def test_dots_attention_saveable_keeps_the_attention_output(capsys):
 
         jax.ad_checkpoint.print_saved_residuals(loss, params)
         printed = capsys.readouterr().out
-        saved[remat] = [printed.count(f"named '{name}'") for name in ops.ATTENTION_RESIDUAL_NAMES]
-    depth = preset("tiny").depth
-    assert saved == {"dots_saveable": [0, 0], "dots_attention_saveable": [depth, depth]}
+        saved[remat] = [printed.count(f"named '{name}'") for name in names]
+        count[remat] = len(printed.strip().splitlines())
+    d = preset("tiny").depth
+    assert saved == {"dots_saveable": [0, 0, 0, 0], "dots_attention_saveable": [d, d, 0, 0],
+                     "projections_saveable": [d, d, d, d]}
+    assert count["projections_saveable"] < count["dots_saveable"] < count["dots_attention_saveable"]
