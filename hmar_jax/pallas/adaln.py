@@ -316,15 +316,6 @@ def resolve_norm_backend(backend: NormBackend, platform: str | None = None) -> s
     return resolve_kernel_backend(backend, "norm", platform)
 
 
-# Each device runs the kernels on its share of the batch (every input is per sample).
-def _local_layer_norm_modulate(x, scale, shift, *, eps, out_dtype, interpret):
-    return _layer_norm_modulate(x, scale, shift, eps, out_dtype, interpret)
-
-
-def _local_add_layer_norm_modulate(x, branch, gate, scale, shift, *, eps, out_dtype, interpret):
-    return _add_layer_norm_modulate(x, branch, gate, scale, shift, eps, out_dtype, interpret)
-
-
 @functools.lru_cache(maxsize=None)
 def _warn_no_tpu_kernel() -> None:
     logging.warning("norm_backend='pallas' has no TPU kernel; XLA's fusion runs instead.")
@@ -347,9 +338,9 @@ def layer_norm_modulate(x: jax.Array, scale: jax.Array, shift: jax.Array, *, eps
     use, interpret = _use_kernel(backend, x)
     if not use:
         return reference_layer_norm_modulate(x, scale, shift, eps=eps, out_dtype=out_dtype)
-    return per_batch_shard(functools.partial(_local_layer_norm_modulate, eps=eps,
-                                             out_dtype=jnp.dtype(out_dtype), interpret=interpret),
-                           (x, scale, shift))
+    out_dtype = jnp.dtype(out_dtype)  # every input is per sample: each device its share
+    return per_batch_shard(lambda *batched: _layer_norm_modulate(*batched, eps, out_dtype,
+                                                                 interpret), (x, scale, shift))
 
 
 def add_layer_norm_modulate(x: jax.Array, branch: jax.Array, gate: jax.Array, scale: jax.Array,
@@ -364,6 +355,7 @@ def add_layer_norm_modulate(x: jax.Array, branch: jax.Array, gate: jax.Array, sc
     if not use:
         return reference_add_layer_norm_modulate(x, branch, gate, scale, shift, eps=eps,
                                                  out_dtype=out_dtype)
-    return per_batch_shard(functools.partial(_local_add_layer_norm_modulate, eps=eps,
-                                             out_dtype=jnp.dtype(out_dtype), interpret=interpret),
+    out_dtype = jnp.dtype(out_dtype)  # every input is per sample: each device its share
+    return per_batch_shard(lambda *batched: _add_layer_norm_modulate(*batched, eps, out_dtype,
+                                                                     interpret),
                            (x, branch, gate, scale, shift))
