@@ -403,6 +403,7 @@ def recipe_config(spec: dict):
     if spec["quick"]:
         overrides.update(num_mask_layers=1, num_classes=10)
     config.model.overrides = ml_collections.ConfigDict(overrides)
+    config.optimizer.mu_dtype = spec.get("mu_dtype", "float32")
     return config
 
 
@@ -531,12 +532,7 @@ def train_worker(spec: dict) -> dict:
     # over all devices (sharding.param_spec), the batch split over both axes either way.
     fsdp = n_dev if spec.get("parallelism", "data") == "fsdp" else 1
     mesh = sharding.make_mesh((("data", n_dev // fsdp), ("fsdp", fsdp)), devices=devices)
-    opt = config.optimizer
-    schedule = optim.lin0_schedule(opt.peak_lr, config.num_train_steps, opt.warmup_steps,
-                                   end_fraction=opt.end_fraction)
-    tx = optim.adamw(schedule, abstract_trainable, weight_decay=opt.weight_decay,
-                     weight_decay_end=opt.weight_decay_end, total_steps=config.num_train_steps,
-                     grad_clip=opt.grad_clip, b1=opt.b1, b2=opt.b2)
+    tx, schedule = optim.from_config(config.optimizer, abstract_trainable, config.num_train_steps)
     vae_graphdef, vae_state = nnx.split(vae)
     if not lower_only:
         vae_state = jax.device_put(vae_state, sharding.replicated(mesh))
@@ -711,7 +707,7 @@ def build_specs(args) -> list[dict]:
     common = dict(dtype=args.dtype, quick=args.quick, iters=args.iters, warmup=args.warmup,
                   seed=0, lower_only=args.lower_only, profile=args.profile,
                   gelu_backend=args.gelu_backend, norm_backend=args.norm_backend,
-                  parallelism=args.parallelism)
+                  mu_dtype=args.mu_dtype, parallelism=args.parallelism)
     specs = []
     for model, batch in pairs:
         for mode in modes:
@@ -899,6 +895,8 @@ def main() -> None:
                         help="the FFN's bias + GELU (model.gelu_backend)")
     parser.add_argument("--norm-backend", default="xla", choices=["auto", "xla", "pallas"],
                         help="the blocks' LayerNorm + modulation (model.norm_backend)")
+    parser.add_argument("--mu-dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="AdamW's first-moment dtype (optimizer.mu_dtype) in the full step")
     parser.add_argument("--tokenizer-precision", default=TOKENIZER_PRECISION,
                         help="comma list of tokenizer precisions for the full and tokenize modes: "
                              "default (TF32 on GPUs, the training configs' setting), bfloat16, "

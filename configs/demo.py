@@ -72,6 +72,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optimizer.grad_clip = 2.0
     config.optimizer.b1 = 0.9
     config.optimizer.b2 = 0.95
+    config.optimizer.mu_dtype = "float32"  # "bfloat16": first moment in bf16 (memory option)
 
     config.stage2 = ml_collections.ConfigDict()
     config.stage2.parent = ""              # stage-1 export directory (required for stage 2)

@@ -8,6 +8,8 @@
   the remaining steps, then linear decay to ``end_fraction`` x peak.
 * Weight decay follows a cosine from ``weight_decay`` to ``weight_decay_end`` over the
   run (constant when they are equal, as in most upstream configs).
+* The moments are float32 as upstream's; ``mu_dtype="bfloat16"`` stores the first moment
+  in bfloat16 (half its memory: 4 GB less at d30) as a memory option.
 """
 
 from __future__ import annotations
@@ -73,15 +75,32 @@ def scheduled_weight_decay(schedule: optax.Schedule) -> optax.GradientTransforma
     return optax.GradientTransformation(init, update)
 
 
+MU_DTYPES = ("float32", "bfloat16")
+
+
 def adamw(schedule: optax.Schedule, params: Any, *, weight_decay: float, grad_clip: float,
           b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
-          weight_decay_end: float | None = None, total_steps: int = 1
-          ) -> optax.GradientTransformation:
+          weight_decay_end: float | None = None, total_steps: int = 1,
+          mu_dtype: str = "float32") -> optax.GradientTransformation:
     """Clipped AdamW with the upstream decay groups for ``params``' tree."""
+    if mu_dtype not in MU_DTYPES:
+        raise ValueError(f"Unknown optimizer.mu_dtype {mu_dtype!r}; use one of {MU_DTYPES}.")
     end = weight_decay if weight_decay_end is None else weight_decay_end
     decay = cosine_weight_decay(weight_decay, end, total_steps)
     return optax.chain(
         optax.clip_by_global_norm(grad_clip),
-        optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+        optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=jnp.dtype(mu_dtype)),
         optax.masked(scheduled_weight_decay(decay), decay_mask(params)),
         optax.scale_by_learning_rate(schedule))
+
+
+def from_config(optimizer: Any, params: Any, total_steps: int
+                ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """``(AdamW, lr schedule)`` from a training config's ``optimizer`` block."""
+    schedule = lin0_schedule(optimizer.peak_lr, total_steps, optimizer.warmup_steps,
+                             end_fraction=optimizer.end_fraction)
+    tx = adamw(schedule, params, weight_decay=optimizer.weight_decay,
+               weight_decay_end=optimizer.weight_decay_end, total_steps=total_steps,
+               grad_clip=optimizer.grad_clip, b1=optimizer.b1, b2=optimizer.b2,
+               mu_dtype=optimizer.mu_dtype)
+    return tx, schedule

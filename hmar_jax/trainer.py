@@ -155,15 +155,8 @@ class Trainer:
         abstract_model = nnx.eval_shape(lambda: HMARTransformer(self.cfg, rngs=nnx.Rngs(0)))
         self.filter = trainable_filter(config.stage)
         self.graphdef, abstract_trainable, _ = nnx.split(abstract_model, self.filter, ...)
-        self.schedule = optim.lin0_schedule(
-            config.optimizer.peak_lr, config.num_train_steps, config.optimizer.warmup_steps,
-            end_fraction=config.optimizer.end_fraction)
-        self.tx = optim.adamw(self.schedule, abstract_trainable,
-                              weight_decay=config.optimizer.weight_decay,
-                              weight_decay_end=config.optimizer.weight_decay_end,
-                              total_steps=config.num_train_steps,
-                              grad_clip=config.optimizer.grad_clip,
-                              b1=config.optimizer.b1, b2=config.optimizer.b2)
+        self.tx, self.schedule = optim.from_config(config.optimizer, abstract_trainable,
+                                                   config.num_train_steps)
         self.vae_graphdef, vae_state = nnx.split(self.vae)
         self.vae_state = jax.device_put(vae_state, sharding.replicated(self.mesh))
         self.state_shardings = sharding.tree_shardings(jax.eval_shape(self._init_state), self.mesh)

@@ -3,6 +3,7 @@
 import pathlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -108,6 +109,33 @@ def test_weight_decay_groups_and_schedule():
     decay = optim.cosine_weight_decay(0.05, 0.08, total_steps=101)
     assert float(decay(0)) == pytest.approx(0.05) and float(decay(100)) == pytest.approx(0.08)
     assert float(decay(50)) == pytest.approx(0.065)
+
+
+def test_bfloat16_first_moment_keeps_the_update_close():
+    import ml_collections
+
+    params = {"w": jnp.linspace(-1.0, 1.0, 64).reshape(8, 8), "bias": jnp.zeros((8,))}
+    grads = jax.tree.map(lambda p: 0.1 * jnp.cos(3 * p) + 0.01, params)
+    opt = ml_collections.ConfigDict(dict(peak_lr=1e-3, warmup_steps=0, end_fraction=0.1,
+                                         weight_decay=0.05, weight_decay_end=0.05, grad_clip=2.0,
+                                         b1=0.9, b2=0.95, mu_dtype="float32"))
+    updates = {}
+    for mu_dtype in optim.MU_DTYPES:
+        opt.mu_dtype = mu_dtype
+        tx, _ = optim.from_config(opt, params, total_steps=10)
+        state = tx.init(params)
+        adam = [s for s in jax.tree.leaves(state, is_leaf=lambda x: hasattr(x, "mu"))
+                if hasattr(s, "mu")][0]
+        assert {leaf.dtype for leaf in jax.tree.leaves(adam.mu)} == {jnp.dtype(mu_dtype)}
+        assert {leaf.dtype for leaf in jax.tree.leaves(adam.nu)} == {jnp.dtype("float32")}
+        for _ in range(3):
+            updates[mu_dtype], state = tx.update(grads, state, params)
+    for name in params:
+        np.testing.assert_allclose(updates["bfloat16"][name], updates["float32"][name],
+                                   rtol=1e-2, atol=1e-8)
+    opt.mu_dtype = "float16"
+    with pytest.raises(ValueError, match="optimizer.mu_dtype"):
+        optim.from_config(opt, params, total_steps=10)
 
 
 def test_mesh_errors():
