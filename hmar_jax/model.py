@@ -323,6 +323,13 @@ class HMARTransformer(nnx.Module):
         modulations = None if modulations is None else modulations[layers]
         if count == 0:
             return x, kv_cache
+        scan = cfg.scan_blocks and not per_block
+        if modulations is None and not scan and not per_block:
+            # Unrolled, each block's ``ada_lin`` matmul has only B rows; XLA then lays its
+            # [B, 6C] output out batch-minor and carries that layout into the residual
+            # stream's elementwise fusions (``f32[L, C, B]``). Computed in a loop over
+            # the stack, as the scan does, the vectors stay row-major.
+            modulations = _stack_modulations(graphdef, params, cond)
         rates = jnp.asarray(self._drop_rates()[rate_offset:rate_offset + count])
         keys = jax.random.split(rng, count) if rng is not None else None
 
@@ -341,7 +348,6 @@ class HMARTransformer(nnx.Module):
         elif cfg.remat == "projections_saveable":
             body = jax.checkpoint(body, policy=_PROJECTIONS_SAVEABLE)
         x = x.astype(jnp.float32)
-        scan = cfg.scan_blocks and not per_block
         if scan and kv_cache is not None:
             # The cache rides in the carry and each layer's slot is updated in place (as a
             # scanned output it would be copied whole at every scale).
@@ -400,8 +406,7 @@ class HMARTransformer(nnx.Module):
         def stacked(stack: nnx.Module) -> jax.Array:
             if isinstance(stack, nnx.List):  # unstack_blocks
                 return jnp.stack([block.modulation(cond) for block in stack])
-            graphdef, params = nnx.split(stack)
-            return jax.lax.map(lambda p: nnx.merge(graphdef, p).modulation(cond), params)
+            return _stack_modulations(*nnx.split(stack), cond)
 
         out = {"blocks": stacked(self.blocks)}
         if self.mask_blocks is not None:
@@ -498,6 +503,12 @@ class HMARTransformer(nnx.Module):
 
 
 # ----- parameter groups -----------------------------------------------------------------------
+def _stack_modulations(graphdef, params, cond: jax.Array) -> jax.Array:
+    """``[layers, B, 6 C]``: each stacked block's ``modulation(cond)``, in a loop over layers."""
+    return jax.lax.map(
+        lambda p: nnx.merge(graphdef, sharding.gather_for_compute(p)).modulation(cond), params)
+
+
 MASK_BRANCH = ("mask_blocks", "mask_head_nm", "mask_head", "mask_embed")
 
 
