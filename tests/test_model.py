@@ -247,14 +247,16 @@ def test_remat_and_scan_do_not_change_gradients(tiny_model, remat, scan_blocks):
         np.testing.assert_allclose(np.asarray(b[...]), np.asarray(a[...]), atol=1e-6, err_msg=str(path))
 
 
-def test_fsdp_gathers_weights_instead_of_moving_activations():
+@pytest.mark.parametrize("scan_blocks", [True, False])
+def test_fsdp_gathers_weights_instead_of_moving_activations(scan_blocks):
     """With parameters FSDP-sharded and the batch split over a (2, 4) CPU mesh, the compiled
     gradient step all-gathers weights (each block's inside the block loop, the rest once:
     ``sharding.gather_outside_blocks``, as the trainer's loss does) and has no all-to-all
     of activations; the gradients equal the unsharded ones. Width 128 and 200 classes, so
-    the class embedding and the head are sharded too."""
-    model = HMARTransformer(preset("tiny", width=128, vocab_size=256, num_classes=200),
-                            rngs=nnx.Rngs(0))
+    the class embedding and the head are sharded too. Unrolled, the AdaLN vectors of the
+    whole stack are computed in a loop before the blocks, gathering each ``ada_lin``."""
+    model = HMARTransformer(preset("tiny", width=128, vocab_size=256, num_classes=200,
+                                   scan_blocks=scan_blocks), rngs=nnx.Rngs(0))
     layout = model.config.layout
     x = jax.random.normal(jax.random.key(1), (8, layout.seq_len - 1, 8))
     labels = jnp.arange(8) % 11
