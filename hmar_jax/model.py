@@ -366,11 +366,14 @@ class HMARTransformer(nnx.Module):
             return x, kv_cache
         if scan:
             return jax.lax.scan(body, x, (params, rates, keys, kv_cache, modulations))
+        layer_params = params if per_block else _unstack_layers(params, count)
+        layer_modulations = [None] * count if modulations is None else _unstack_layers(
+            modulations, count)
         caches = []
         for i in range(count):
             take = lambda tree: None if tree is None else jax.tree.map(lambda a: a[i], tree)  # noqa: E731
-            x, cache = body(x, (params[i] if per_block else take(params), rates[i], take(keys),
-                                take(kv_cache), take(modulations)))
+            x, cache = body(x, (layer_params[i], rates[i], take(keys), take(kv_cache),
+                                layer_modulations[i]))
             caches.append(cache)
         stacked = None if kv_cache is None else jax.tree.map(lambda *a: jnp.stack(a), *caches)
         return x, stacked
@@ -503,6 +506,20 @@ class HMARTransformer(nnx.Module):
 
 
 # ----- parameter groups -----------------------------------------------------------------------
+def _unstack_layers(tree, count: int) -> list:
+    """``count`` trees of one layer each from a tree stacked on a leading layer axis.
+
+    ``lax.split`` makes the gradient of the stack one concatenate per leaf. Indexing layer
+    by layer made it a sum of ``count`` zero-padded copies, which XLA fuses into one pass
+    that ran at about a tenth of the memory bandwidth (the d30 fc1 gradient: 10.9 ms on an
+    H200, ``benchmarks/README.md``).
+    """
+    leaves, treedef = jax.tree.flatten(tree)
+    pieces = [jax.lax.split(leaf, (1,) * count) for leaf in leaves]
+    return [treedef.unflatten([piece[i].reshape(piece[i].shape[1:]) for piece in pieces])
+            for i in range(count)]
+
+
 def _stack_modulations(graphdef, params, cond: jax.Array) -> jax.Array:
     """``[layers, B, 6 C]``: each stacked block's ``modulation(cond)``, in a loop over layers."""
     return jax.lax.map(
