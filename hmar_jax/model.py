@@ -505,7 +505,7 @@ class HMARTransformer(nnx.Module):
         return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
 
 
-# ----- parameter groups -----------------------------------------------------------------------
+# ----- block-stack helpers --------------------------------------------------------------------
 def _unstack_layers(tree, count: int) -> list:
     """``count`` trees of one layer each from a tree stacked on a leading layer axis.
 
@@ -526,6 +526,7 @@ def _stack_modulations(graphdef, params, cond: jax.Array) -> jax.Array:
         lambda p: nnx.merge(graphdef, sharding.gather_for_compute(p)).modulation(cond), params)
 
 
+# ----- parameter groups -----------------------------------------------------------------------
 MASK_BRANCH = ("mask_blocks", "mask_head_nm", "mask_head", "mask_embed")
 
 
