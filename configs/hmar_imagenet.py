@@ -91,7 +91,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.preset = args["variant"]
     # 256 px: the fastest measured on an H200 (benchmarks/README.md): matmul outputs kept,
     # blocks unrolled (d16 B64 23.6 GiB, d30 B32 65.6 GiB per GPU). For less memory:
-    # remat=projections_saveable (+ optimizer.mu_dtype=bfloat16: d30 B32 50.7 GiB scanned)
+    # remat=projections_saveable (+ optimizer.mu_dtype=bfloat16: d30 B32 48.3 GiB unrolled)
     # or remat=block. 512 px (L = 2240, not measured): block remat, scanned.
     fast = args["res"] == 256
     config.model.overrides = ml_collections.ConfigDict(dict(

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import jax
 import jax.numpy as jnp
@@ -40,8 +40,7 @@ from hmar_jax.scales import ScaleLayout, resolve_patch_nums
 
 RematPolicy = Literal["none", "block", "dots_saveable", "dots_attention_saveable",
                       "projections_saveable"]
-REMAT_POLICIES: tuple[str, ...] = ("none", "block", "dots_saveable", "dots_attention_saveable",
-                                   "projections_saveable")
+REMAT_POLICIES: tuple[str, ...] = get_args(RematPolicy)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,11 +180,15 @@ class HMARConfig:
         return dataclasses.replace(self, **changes)
 
 
-_DOTS_AND_ATTENTION_SAVEABLE = jax.checkpoint_policies.save_from_both_policies(
-    jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    jax.checkpoint_policies.save_only_these_names(*ops.ATTENTION_RESIDUAL_NAMES))
-_PROJECTIONS_SAVEABLE = jax.checkpoint_policies.save_only_these_names(
-    *ops.ATTENTION_RESIDUAL_NAMES, ATTENTION_PROJ_NAME, FFN_OUT_NAME)
+_CHECKPOINT_POLICIES = {  # HMARConfig.remat -> what jax.checkpoint keeps ("none": no checkpoint)
+    "block": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots_attention_saveable": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(*ops.ATTENTION_RESIDUAL_NAMES)),
+    "projections_saveable": jax.checkpoint_policies.save_only_these_names(
+        *ops.ATTENTION_RESIDUAL_NAMES, ATTENTION_PROJ_NAME, FFN_OUT_NAME),
+}
 
 
 # Upstream sizes (width 64 d, heads d) and the gamma init per depth from the HMAR configs.
@@ -339,14 +342,8 @@ class HMARTransformer(nnx.Module):
             return block(h, cond, spec, drop_rate=rate, rng=key, kv_cache=cache,
                          cache_start=cache_start, modulation=modulation)
 
-        if cfg.remat == "block":
-            body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-        elif cfg.remat == "dots_saveable":
-            body = jax.checkpoint(body, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-        elif cfg.remat == "dots_attention_saveable":
-            body = jax.checkpoint(body, policy=_DOTS_AND_ATTENTION_SAVEABLE)
-        elif cfg.remat == "projections_saveable":
-            body = jax.checkpoint(body, policy=_PROJECTIONS_SAVEABLE)
+        if cfg.remat in _CHECKPOINT_POLICIES:
+            body = jax.checkpoint(body, policy=_CHECKPOINT_POLICIES[cfg.remat])
         x = x.astype(jnp.float32)
         if scan and kv_cache is not None:
             # The cache rides in the carry and each layer's slot is updated in place (as a
