@@ -1,10 +1,8 @@
 """GPU (Triton) block-sparse attention kernel in Pallas interpret mode vs the jnp reference."""
 
-import collections
 import zlib
 
 import jax
-import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -62,14 +60,13 @@ def _packed_inputs(seed, length, dtype, heads=2, head_dim=32, batch=2):
     return qkv, bias, temperature, do
 
 
-@pytest.mark.parametrize("pattern", ["block_diagonal", "block_causal", "full"])
+@pytest.mark.parametrize("pattern", ["block_diagonal", "full"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_packed_attention_with_prologue_matches_reference(pattern, dtype):
     """``hmar_attention`` on the kernel (bias, q/k normalisation and temperature inside the
-    forward and both backward kernels) equals preparing q, k, v with ``hmar_qkv`` and
-    running the reference, in value and in the gradients w.r.t. the packed projection,
-    bias and temperature."""
-    patch_nums = (6,) if pattern == "full" else (1, 2, 3, 5)
+    forward kernel) equals preparing q, k, v with ``hmar_qkv`` and running the reference,
+    in value and in the gradients w.r.t. the packed projection, bias and temperature."""
+    patch_nums = (1, 2, 3, 5) if pattern == "block_diagonal" else (6,)
     length = ScaleLayout(patch_nums).seq_len
     qkv, bias, temperature, do = _packed_inputs(3 + len(dtype), length, jnp.dtype(dtype))
     spec = ops.AttentionSpec(pattern, patch_nums, "pallas", SMALL_TILES)
@@ -91,37 +88,6 @@ def test_packed_attention_with_prologue_matches_reference(pattern, dtype):
         np.testing.assert_allclose(got, want, atol=tol * np.abs(want).max(), rtol=0)
     with pytest.raises(ValueError, match=r"qkv \[B, L, 3, N, K\]"):
         ops.hmar_attention(qkv[:, :, :2], bias, temperature, spec)
-
-
-def _primitives_outside_kernels(jaxpr) -> collections.Counter:
-    """Primitive names of a jaxpr and its sub-jaxprs, not looking inside ``pallas_call``."""
-    found = collections.Counter()
-    for eqn in jaxpr.eqns:
-        found[eqn.primitive.name] += 1
-        if eqn.primitive.name == "pallas_call":
-            found[str(eqn.params["name"])] += 1
-            continue
-        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-            found.update(_primitives_outside_kernels(sub))
-    return found
-
-
-def test_packed_gradient_runs_the_prologue_only_inside_the_kernels():
-    """The packed backward never prepares q, k, v (or their gradients) outside the kernels:
-    no normalisation (sqrt) in XLA, one packed dK/dV and one packed dQ kernel."""
-    qkv, bias, temperature, do = _packed_inputs(5, 14, jnp.bfloat16)
-    spec = ops.AttentionSpec("block_diagonal", (1, 2, 3), "pallas", SMALL_TILES)
-
-    def loss(qkv, bias, temperature):
-        out = ops.hmar_attention(qkv, bias, temperature, spec).astype(jnp.float32)
-        return jnp.sum(out * do)
-
-    found = _primitives_outside_kernels(
-        jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(qkv, bias, temperature).jaxpr)
-    assert found["sqrt"] == 0 and found["rsqrt"] == 0
-    assert found["hmar_block_sparse_attention_packed_dkdv"] == 1
-    assert found["hmar_block_sparse_attention_packed_dq"] == 1
-    assert found["pallas_call"] == 3  # forward, dK/dV, dQ
 
 
 def test_log_sum_exp_and_full_pattern_with_unequal_lengths():

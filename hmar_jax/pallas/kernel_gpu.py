@@ -34,7 +34,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from hmar_jax.pallas.reference import L2_EPS
+from hmar_jax.pallas.reference import l2_normalize
 
 LOG2_E = math.log2(math.e)
 LN_2 = math.log(2.0)
@@ -99,35 +99,6 @@ def _tile_loop(plan_ref, block: int, body, init):
     return jax.lax.fori_loop(num_full, num_total, lambda j, c: body(lo + j * block, True, c), carry)
 
 
-def _prologue_q(q, q_bias_ref, temperature_ref):
-    """The q tile as the model attends with it: ``(bf16/fp16 q, q_hat f32, |q + bias| f32)``
-    where q = temperature * q_hat and q_hat = (q + bias) / |q + bias| (``reference.hmar_qkv``)."""
-    q_hat, norm = _normalized(q + q_bias_ref[...][None, :])
-    return (q_hat * temperature_ref[0]).astype(q.dtype), q_hat, norm
-
-
-def _prologue_kv(k, v, k_bias_ref, v_bias_ref):
-    """Key and value tiles as the model attends with them: ``(k, v, k_hat f32, |k + bias|)``."""
-    k_hat, norm = _normalized(k + k_bias_ref[...][None, :])
-    v = v + v_bias_ref[...][None, :]
-    return k_hat.astype(v.dtype), v, k_hat, norm
-
-
-def _normalized(x, eps: float = L2_EPS):
-    """``(x / max(|x|, eps), |x|)`` over the last axis in float32 (``reference.l2_normalize``)."""
-    x32 = x.astype(jnp.float32)
-    norm = jnp.sqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True))
-    return x32 / jnp.maximum(norm, eps), norm
-
-
-def _normalize_vjp(grad, x_hat, norm, eps: float = L2_EPS):
-    """Gradient w.r.t. x of ``x / max(|x|, eps)`` given the gradient w.r.t. the result:
-    the component of ``grad`` orthogonal to ``x_hat``, over ``|x|`` (``grad / eps`` for rows
-    whose norm is below eps, as JAX differentiates the ``maximum``)."""
-    orthogonal = grad - x_hat * jnp.sum(grad * x_hat, axis=-1, keepdims=True)
-    return jnp.where(norm > eps, orthogonal / jnp.maximum(norm, eps), grad / eps)
-
-
 def _forward_kernel(plan_ref, row_start_ref, row_end_ref, q_ref, k_ref, v_ref, *refs,
                     block_q: int, block_k: int, scale: float, prologue: bool):
     """With ``prologue`` the refs after v are the q/k/v bias rows ``[K]`` and the head's
@@ -144,7 +115,9 @@ def _forward_kernel(plan_ref, row_start_ref, row_end_ref, q_ref, k_ref, v_ref, *
     q = _rows(q_ref, first, block_q, q_valid)
     head_dim = q.shape[-1]
     if prologue:
-        q = _prologue_q(q, q_bias_ref, temperature_ref)[0]
+        temperature = temperature_ref[0]
+        q = (l2_normalize(q + q_bias_ref[...][None, :]) * temperature).astype(q.dtype)
+        k_bias, v_bias = k_bias_ref[...][None, :], v_bias_ref[...][None, :]
 
     def body(start, masked, carry):
         acc, m, l = carry
@@ -153,7 +126,8 @@ def _forward_kernel(plan_ref, row_start_ref, row_end_ref, q_ref, k_ref, v_ref, *
         k = _rows(k_ref, start, block_k, k_valid)
         v = _rows(v_ref, start, block_k, k_valid)
         if prologue:
-            k, v = _prologue_kv(k, v, k_bias_ref, v_bias_ref)[:2]
+            k = l2_normalize(k + k_bias).astype(v.dtype)
+            v = v + v_bias
         s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale  # [bq, bk], base 2
         if masked:
             allowed = (k_idx[None, :] >= row_start[:, None]) & (k_idx[None, :] < row_end[:, None])
@@ -177,15 +151,8 @@ def _forward_kernel(plan_ref, row_start_ref, row_end_ref, q_ref, k_ref, v_ref, *
 
 
 def _dkdv_kernel(plan_ref, col_start_ref, col_end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
-                 delta_ref, *refs, block_q: int, block_k: int, scale: float, sm_scale: float,
-                 prologue: bool):
-    """With ``prologue`` q, k and v are the packed projection's raw parts: each tile gets
-    the forward's prologue as it is loaded, and dK is returned w.r.t. the raw k (through
-    the L2 normalisation); the refs after delta are then the bias rows and temperature."""
-    if prologue:
-        q_bias_ref, k_bias_ref, v_bias_ref, temperature_ref, dk_ref, dv_ref = refs
-    else:
-        dk_ref, dv_ref = refs
+                 delta_ref, dk_ref, dv_ref, *, block_q: int, block_k: int, scale: float,
+                 sm_scale: float):
     first, hi = plan_ref[0], plan_ref[5]
     k_idx = first + jnp.arange(block_k)
     k_valid = k_idx < plan_ref[1]
@@ -193,16 +160,12 @@ def _dkdv_kernel(plan_ref, col_start_ref, col_end_ref, q_ref, k_ref, v_ref, do_r
     col_end = _ranges_slice(col_end_ref, first, block_k, k_valid, 0)
     k = _rows(k_ref, first, block_k, k_valid)
     v = _rows(v_ref, first, block_k, k_valid)
-    if prologue:
-        k, v, k_hat, k_norm = _prologue_kv(k, v, k_bias_ref, v_bias_ref)
 
     def body(start, masked, carry):
         dk, dv = carry
         q_idx = start + jnp.arange(block_q)
         q_valid = q_idx < hi
         q = _rows(q_ref, start, block_q, q_valid)
-        if prologue:
-            q = _prologue_q(q, q_bias_ref, temperature_ref)[0]
         do = _rows(do_ref, start, block_q, q_valid)
         lse = _ranges_slice(lse_ref, start, block_q, q_valid, 0.0) * LOG2_E
         delta = _ranges_slice(delta_ref, start, block_q, q_valid, 0.0)
@@ -219,31 +182,19 @@ def _dkdv_kernel(plan_ref, col_start_ref, col_end_ref, q_ref, k_ref, v_ref, do_r
 
     zeros = jnp.zeros((block_k, k.shape[-1]), jnp.float32)
     dk, dv = _tile_loop(plan_ref, block_q, body, (zeros, zeros))
-    dk = dk * sm_scale
-    if prologue:
-        dk = _normalize_vjp(dk, k_hat, k_norm)
-    plgpu.store(dk_ref.at[pl.ds(first, block_k), :], dk.astype(dk_ref.dtype), mask=k_valid[:, None])
+    plgpu.store(dk_ref.at[pl.ds(first, block_k), :], (dk * sm_scale).astype(dk_ref.dtype),
+                mask=k_valid[:, None])
     plgpu.store(dv_ref.at[pl.ds(first, block_k), :], dv.astype(dv_ref.dtype), mask=k_valid[:, None])
 
 
 def _dq_kernel(plan_ref, row_start_ref, row_end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
-               delta_ref, *refs, block_q: int, block_k: int, scale: float, sm_scale: float,
-               prologue: bool):
-    """With ``prologue`` (packed inputs, as ``_dkdv_kernel``) dQ is returned w.r.t. the raw
-    q, and a second output holds each row's share of the temperature gradient,
-    ``sum(dq * q_hat)``, as float32 ``[Lq]`` per (batch, head)."""
-    if prologue:
-        q_bias_ref, k_bias_ref, v_bias_ref, temperature_ref, dq_ref, dtemperature_ref = refs
-    else:
-        (dq_ref,) = refs
+               delta_ref, dq_ref, *, block_q: int, block_k: int, scale: float, sm_scale: float):
     first, hi = plan_ref[0], plan_ref[5]
     q_idx = first + jnp.arange(block_q)
     q_valid = q_idx < plan_ref[1]
     row_start = _ranges_slice(row_start_ref, first, block_q, q_valid, 2 ** 30)
     row_end = _ranges_slice(row_end_ref, first, block_q, q_valid, 0)
     q = _rows(q_ref, first, block_q, q_valid)
-    if prologue:
-        q, q_hat, q_norm = _prologue_q(q, q_bias_ref, temperature_ref)
     do = _rows(do_ref, first, block_q, q_valid)
     lse = _ranges_slice(lse_ref, first, block_q, q_valid, 0.0) * LOG2_E
     delta = _ranges_slice(delta_ref, first, block_q, q_valid, 0.0)
@@ -253,8 +204,6 @@ def _dq_kernel(plan_ref, row_start_ref, row_end_ref, q_ref, k_ref, v_ref, do_ref
         k_valid = k_idx < hi
         k = _rows(k_ref, start, block_k, k_valid)
         v = _rows(v_ref, start, block_k, k_valid)
-        if prologue:
-            k, v = _prologue_kv(k, v, k_bias_ref, v_bias_ref)[:2]
         s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale
         p = jnp.exp2(s - lse[:, None])
         if masked:
@@ -265,12 +214,8 @@ def _dq_kernel(plan_ref, row_start_ref, row_end_ref, q_ref, k_ref, v_ref, do_ref
         return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
     dq = _tile_loop(plan_ref, block_k, body, jnp.zeros((block_q, q.shape[-1]), jnp.float32))
-    dq = dq * sm_scale
-    if prologue:  # q = temperature * q_hat
-        plgpu.store(dtemperature_ref.at[pl.ds(first, block_q)], jnp.sum(dq * q_hat, axis=1),
-                    mask=q_valid)
-        dq = _normalize_vjp(dq * temperature_ref[0], q_hat, q_norm)
-    plgpu.store(dq_ref.at[pl.ds(first, block_q), :], dq.astype(dq_ref.dtype), mask=q_valid[:, None])
+    plgpu.store(dq_ref.at[pl.ds(first, block_q), :], (dq * sm_scale).astype(dq_ref.dtype),
+                mask=q_valid[:, None])
 
 
 def _head_spec(length: int, head_dim: int) -> pl.BlockSpec:
@@ -287,6 +232,13 @@ def _plan_spec() -> pl.BlockSpec:
 
 def _stats_spec(length: int) -> pl.BlockSpec:
     return pl.BlockSpec((None, None, length), lambda t, b, h: (b, h, 0))
+
+
+def _backward_in_specs(range_len: int, len_q: int, len_k: int, head_dim: int) -> list:
+    """plan, two range vectors, q, k, v, do, lse, delta (both backward kernels)."""
+    return [_plan_spec(), _vector_spec(range_len), _vector_spec(range_len),
+            _head_spec(len_q, head_dim), _head_spec(len_k, head_dim), _head_spec(len_k, head_dim),
+            _head_spec(len_q, head_dim), _stats_spec(len_q), _stats_spec(len_q)]
 
 
 def _params(num_warps: int, num_stages: int):
@@ -333,27 +285,6 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, row_start: np.ndarray, row
                          num_warps=num_warps, num_stages=num_stages, interpret=interpret)
 
 
-def _packed_operands(qkv: jax.Array, qkv_bias: jax.Array, temperature: jax.Array):
-    """Specs and arrays of a packed call: ``(q, k, v specs, q, k, v arrays, prologue specs,
-    prologue arrays)``. q, k and v are three strided views of ``qkv [B, L, 3, N, K]``; the
-    prologue operands are the three bias rows ``[K]`` and the head's temperature."""
-    length, heads, head_dim = qkv.shape[1], qkv.shape[3], qkv.shape[4]
-
-    def packed_spec(part):
-        return pl.BlockSpec((None, length, None, None, head_dim), lambda t, b, h: (b, 0, part, h, 0))
-
-    def bias_spec(part):
-        return pl.BlockSpec((None, None, head_dim), lambda t, b, h: (part, h, 0))
-
-    temperature_rows = jnp.broadcast_to(temperature.astype(jnp.float32)[:, None],
-                                        (heads, PLAN_WIDTH))  # a power-of-two block per head
-    prologue_specs = [bias_spec(0), bias_spec(1), bias_spec(2),
-                      pl.BlockSpec((None, PLAN_WIDTH), lambda t, b, h: (h, 0))]
-    bias = qkv_bias.astype(qkv.dtype)
-    return ([packed_spec(0), packed_spec(1), packed_spec(2)], [qkv] * 3, prologue_specs,
-            [bias, bias, bias, temperature_rows])
-
-
 def forward_packed(qkv: jax.Array, qkv_bias: jax.Array, temperature: jax.Array,
                    row_start: np.ndarray, row_end: np.ndarray, *, sm_scale: float = 1.0,
                    block_q: int = 64, block_k: int = 64, num_warps: int = 4,
@@ -365,7 +296,7 @@ def forward_packed(qkv: jax.Array, qkv_bias: jax.Array, temperature: jax.Array,
 
     Args:
       qkv: ``[B, L, 3, N, K]``.
-      qkv_bias: ``[3, N, K]`` (added in qkv's dtype).
+      qkv_bias: ``[3, N, K]`` in qkv's dtype.
       temperature: float32 ``[N]``.
       row_start, row_end, sm_scale, block sizes: as ``forward``.
 
@@ -374,30 +305,22 @@ def forward_packed(qkv: jax.Array, qkv_bias: jax.Array, temperature: jax.Array,
     """
     batch, length, _, heads, head_dim = qkv.shape
     plan = plan_tiles(row_start, row_end, block_q, block_k)
-    qkv_specs, qkv_inputs, prologue_specs, prologue_inputs = _packed_operands(qkv, qkv_bias,
-                                                                              temperature)
-    return _forward_call(plan, row_start, row_end, (*qkv_inputs, *prologue_inputs),
-                         [*qkv_specs, *prologue_specs],
+
+    def packed_spec(part):
+        return pl.BlockSpec((None, length, None, None, head_dim), lambda t, b, h: (b, 0, part, h, 0))
+
+    def bias_spec(part):
+        return pl.BlockSpec((None, None, head_dim), lambda t, b, h: (part, h, 0))
+
+    temperature_rows = jnp.broadcast_to(temperature.astype(jnp.float32)[:, None],
+                                        (heads, PLAN_WIDTH))  # a power-of-two block per head
+    specs = [packed_spec(0), packed_spec(1), packed_spec(2), bias_spec(0), bias_spec(1),
+             bias_spec(2), pl.BlockSpec((None, PLAN_WIDTH), lambda t, b, h: (h, 0))]
+    inputs = (qkv, qkv, qkv, qkv_bias, qkv_bias, qkv_bias, temperature_rows)
+    return _forward_call(plan, row_start, row_end, inputs, specs,
                          jax.ShapeDtypeStruct((batch, length, heads, head_dim), qkv.dtype),
                          prologue=True, sm_scale=sm_scale, block_q=block_q, block_k=block_k,
                          num_warps=num_warps, num_stages=num_stages, interpret=interpret)
-
-
-def _backward_call(kernel, name: str, plan, ranges, qkv_specs, qkv_inputs, do, lse, delta,
-                   prologue_specs, prologue_inputs, out_specs, out_shape, *, num_warps: int,
-                   num_stages: int, interpret: bool):
-    """A backward ``pallas_call`` over ``grid (tiles, B, N)``: operands plan, the two range
-    vectors, q, k, v, do, lse, delta, then the prologue's (if any)."""
-    batch, len_q, heads, head_dim = do.shape
-    range_len = len(ranges[0])
-    return pl.pallas_call(
-        kernel, grid=(len(plan), batch, heads),
-        in_specs=[_plan_spec(), _vector_spec(range_len), _vector_spec(range_len), *qkv_specs,
-                  _head_spec(len_q, head_dim), _stats_spec(len_q), _stats_spec(len_q),
-                  *prologue_specs],
-        out_specs=out_specs, out_shape=out_shape,
-        compiler_params=_params(num_warps, num_stages), interpret=interpret, name=name,
-    )(jnp.asarray(plan), *_int32(*ranges), *qkv_inputs, do, lse, delta, *prologue_inputs)
 
 
 def backward_dkdv(q, k, v, do, lse, delta, col_start: np.ndarray, col_end: np.ndarray, *,
@@ -408,86 +331,38 @@ def backward_dkdv(q, k, v, do, lse, delta, col_start: np.ndarray, col_end: np.nd
     ``delta [B, N, Lq]`` is ``sum(o * do, -1)``; ``col_start``/``col_end`` (host int ``[Lk]``)
     give, per key j, the queries ``[col_start[j], col_end[j])`` that attend it.
     """
-    len_q, len_k, head_dim = q.shape[1], k.shape[1], q.shape[3]
-    specs = [_head_spec(len_q, head_dim), _head_spec(len_k, head_dim), _head_spec(len_k, head_dim)]
-    kernel = functools.partial(_dkdv_kernel, block_q=block_q, block_k=block_k,
-                               scale=sm_scale * LOG2_E, sm_scale=sm_scale, prologue=False)
-    return _backward_call(
-        kernel, "hmar_block_sparse_attention_dkdv", plan_tiles(col_start, col_end, block_k, block_q),
-        (col_start, col_end), specs, (q, k, v), do, lse, delta, [], [],
-        [_head_spec(len_k, head_dim)] * 2,
-        [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        num_warps=num_warps, num_stages=num_stages, interpret=interpret)
+    b, len_q, heads, head_dim = q.shape
+    len_k = k.shape[1]
+    plan = plan_tiles(col_start, col_end, block_k, block_q)
+    return pl.pallas_call(
+        functools.partial(_dkdv_kernel, block_q=block_q, block_k=block_k,
+                          scale=sm_scale * LOG2_E, sm_scale=sm_scale),
+        grid=(len(plan), b, heads),
+        in_specs=_backward_in_specs(len_k, len_q, len_k, head_dim),
+        out_specs=[_head_spec(len_k, head_dim), _head_spec(len_k, head_dim)],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        compiler_params=_params(num_warps, num_stages), interpret=interpret,
+        name="hmar_block_sparse_attention_dkdv",
+    )(jnp.asarray(plan), *_int32(col_start, col_end), q, k, v, do, lse, delta)
 
 
 def backward_dq(q, k, v, do, lse, delta, row_start: np.ndarray, row_end: np.ndarray, *,
                 sm_scale: float = 1.0, block_q: int = 64, block_k: int = 64, num_warps: int = 4,
                 num_stages: int = 2, interpret: bool = False) -> jax.Array:
     """dQ: one program per planned query tile, looping over its key steps like the forward."""
-    len_q, len_k, head_dim = q.shape[1], k.shape[1], q.shape[3]
-    specs = [_head_spec(len_q, head_dim), _head_spec(len_k, head_dim), _head_spec(len_k, head_dim)]
-    kernel = functools.partial(_dq_kernel, block_q=block_q, block_k=block_k,
-                               scale=sm_scale * LOG2_E, sm_scale=sm_scale, prologue=False)
-    return _backward_call(
-        kernel, "hmar_block_sparse_attention_dq", plan_tiles(row_start, row_end, block_q, block_k),
-        (row_start, row_end), specs, (q, k, v), do, lse, delta, [], [],
-        _head_spec(len_q, head_dim), jax.ShapeDtypeStruct(q.shape, q.dtype),
-        num_warps=num_warps, num_stages=num_stages, interpret=interpret)
-
-
-def backward_packed(qkv: jax.Array, qkv_bias: jax.Array, temperature: jax.Array, o: jax.Array,
-                    lse: jax.Array, do: jax.Array, row_start: np.ndarray, row_end: np.ndarray,
-                    col_start: np.ndarray, col_end: np.ndarray, *, sm_scale: float = 1.0,
-                    dkdv_launch: dict | None = None, dq_launch: dict | None = None,
-                    interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Gradients of ``forward_packed`` w.r.t. its three inputs, with the prologue inside
-    the kernels: both backward kernels prepare the tiles they load from the packed
-    projection as the forward does, and return dQ and dK through the L2 normalisation
-    (and the temperature), so neither the prepared q, k, v nor their gradients are
-    written out.
-
-    Args:
-      qkv, qkv_bias, temperature, row_start, row_end, sm_scale: as ``forward_packed``.
-      o, lse: ``forward_packed``'s outputs; do: ``[B, L, N, K]``, the gradient w.r.t. o.
-      col_start, col_end: host int ``[L]``; the queries ``[col_start[j], col_end[j])``
-        attend key j.
-      dkdv_launch, dq_launch: tile sizes and launch settings of the two kernels
-        (``block_q``, ``block_k``, ``num_warps``, ``num_stages``).
-
-    Returns:
-      ``(dqkv [B, L, 3, N, K] in qkv.dtype, dbias [3, N, K] in qkv_bias.dtype,
-      dtemperature [N] in temperature.dtype)``.
-    """
-    length = qkv.shape[1]
-    dkdv_launch = {"block_q": 64, "block_k": 64, "num_warps": 4, "num_stages": 2,
-                   **(dkdv_launch or {})}
-    dq_launch = {"block_q": 64, "block_k": 64, "num_warps": 4, "num_stages": 2, **(dq_launch or {})}
-    delta = softmax_delta(o, do)
-    operands = _packed_operands(qkv, qkv_bias, temperature)
-    head = _head_spec(length, qkv.shape[4])
-    grad_shape = jax.ShapeDtypeStruct(do.shape, qkv.dtype)
-
-    def kernel(body, launch):
-        return functools.partial(body, block_q=launch["block_q"], block_k=launch["block_k"],
-                                 scale=sm_scale * LOG2_E, sm_scale=sm_scale, prologue=True)
-
-    dk, dv = _backward_call(
-        kernel(_dkdv_kernel, dkdv_launch), "hmar_block_sparse_attention_packed_dkdv",
-        plan_tiles(col_start, col_end, dkdv_launch["block_k"], dkdv_launch["block_q"]),
-        (col_start, col_end), operands[0], operands[1], do, lse, delta, operands[2], operands[3],
-        [head, head], [grad_shape, grad_shape], num_warps=dkdv_launch["num_warps"],
-        num_stages=dkdv_launch["num_stages"], interpret=interpret)
-    dq, temperature_rows = _backward_call(
-        kernel(_dq_kernel, dq_launch), "hmar_block_sparse_attention_packed_dq",
-        plan_tiles(row_start, row_end, dq_launch["block_q"], dq_launch["block_k"]),
-        (row_start, row_end), operands[0], operands[1], do, lse, delta, operands[2], operands[3],
-        [head, _stats_spec(length)], [grad_shape, jax.ShapeDtypeStruct(lse.shape, jnp.float32)],
-        num_warps=dq_launch["num_warps"], num_stages=dq_launch["num_stages"],
-        interpret=interpret)
-    dqkv = jnp.stack([dq, dk, dv], axis=2)  # [B, L, 3, N, K]
-    dbias = jnp.sum(dqkv.astype(jnp.float32), axis=(0, 1)).astype(qkv_bias.dtype)
-    dtemperature = jnp.sum(temperature_rows, axis=(0, 2)).astype(temperature.dtype)
-    return dqkv, dbias, dtemperature
+    b, len_q, heads, head_dim = q.shape
+    len_k = k.shape[1]
+    plan = plan_tiles(row_start, row_end, block_q, block_k)
+    return pl.pallas_call(
+        functools.partial(_dq_kernel, block_q=block_q, block_k=block_k,
+                          scale=sm_scale * LOG2_E, sm_scale=sm_scale),
+        grid=(len(plan), b, heads),
+        in_specs=_backward_in_specs(len_q, len_q, len_k, head_dim),
+        out_specs=_head_spec(len_q, head_dim),
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=_params(num_warps, num_stages), interpret=interpret,
+        name="hmar_block_sparse_attention_dq",
+    )(jnp.asarray(plan), *_int32(row_start, row_end), q, k, v, do, lse, delta)
 
 
 def _int32(*arrays) -> list[jax.Array]:

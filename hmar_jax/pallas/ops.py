@@ -24,9 +24,8 @@ Backends (``spec.backend``):
 ``hmar_attention(qkv, qkv_bias, temperature, spec)`` is the model's self-attention
 from the packed ``mat_qkv`` output: on GPU (and in interpret mode) the kernel applies
 the bias, q/k normalisation and temperature to each tile it loads
-(``kernel_gpu.forward_packed``) and both backward kernels redo it on the tiles they
-load and return the gradients through it (``kernel_gpu.backward_packed``), so q, k and v
-are never written out; elsewhere ``reference.hmar_qkv`` prepares them and ``attention`` runs.
+(``kernel_gpu.forward_packed``), so q, k and v are never written out in the forward
+pass; elsewhere ``reference.hmar_qkv`` prepares them and ``attention`` runs.
 
 This module owns the ``custom_vjp`` around the kernels' forward and backward. A head
 dim the kernels cannot take (not a power of two >= 16) falls back to the reference
@@ -215,15 +214,10 @@ def _packed_forward(plan: _Plan, qkv, qkv_bias, temperature):
 
 
 def _packed_backward(plan: _Plan, qkv, qkv_bias, temperature, o, lse, do):
-    # The kernels redo the prologue on the tiles they load and return the gradients of
-    # the packed projection, bias and temperature (through the normalisation).
-    row_start, row_end, col_start, col_end = _ranges(plan.pattern, plan.patch_nums,
-                                                     qkv.shape[1], qkv.shape[1])
-    return kernel_gpu.backward_packed(qkv, qkv_bias, temperature, o, lse, do, row_start, row_end,
-                                      col_start, col_end, sm_scale=plan.sm_scale,
-                                      dkdv_launch=plan.tiles.dkdv.kwargs(),
-                                      dq_launch=plan.tiles.dq.kwargs(),
-                                      interpret=plan.kernel == "interpret")
+    # The backward kernels take prepared q, k, v; the prologue's own gradient (bias,
+    # normalisation, temperature) comes from differentiating ``hmar_qkv``.
+    (q, k, v), prologue_vjp = jax.vjp(hmar_qkv, qkv, qkv_bias, temperature)
+    return prologue_vjp(_kernel_backward(plan, q, k, v, o, lse, do))
 
 
 _kernel_attention = _kernel_op(_kernel_forward, _kernel_backward)

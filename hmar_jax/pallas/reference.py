@@ -33,10 +33,7 @@ def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Arra
     return jnp.einsum("bnqs,bsnk->bqnk", weights, v, preferred_element_type=jnp.float32).astype(v.dtype)
 
 
-L2_EPS = 1e-12  # PyTorch ``F.normalize``'s default
-
-
-def l2_normalize(x: jax.Array, eps: float = L2_EPS) -> jax.Array:
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
     """``x / max(|x|, eps)`` over the last axis (PyTorch ``F.normalize``), in float32."""
     x32 = x.astype(jnp.float32)
     norm = jnp.sqrt(jnp.sum(jnp.square(x32), axis=-1, keepdims=True))
