@@ -33,8 +33,9 @@ def test_imagenet_recipes_match_upstream(variant, batch, peak_lr, epochs, wd_end
     assert stage2.stage == 2 and stage2.num_train_steps == 100 * steps_per_epoch
     assert stage2.model.overrides.num_mask_layers == 8 and stage2.data.image_size == 512
     # 256 px: the measured fastest (matmul outputs kept, unrolled); 512 px: the lean default
-    assert (config.model.overrides.remat, config.model.overrides.scan_blocks) == ("dots_saveable", False)
-    assert (stage2.model.overrides.remat, stage2.model.overrides.scan_blocks) == ("block", True)
+    fast, lean = config.model.overrides, stage2.model.overrides
+    assert (fast.remat, fast.scan_blocks, fast.norm_backend) == ("dots_saveable", False, "auto")
+    assert (lean.remat, lean.scan_blocks, lean.norm_backend) == ("block", True, "xla")
 
 
 def test_config_arguments_are_checked():

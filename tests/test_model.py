@@ -4,6 +4,7 @@ import json
 import re
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -308,13 +309,24 @@ def test_fsdp_gathers_weights_instead_of_moving_activations(scan_blocks):
         np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-6, rtol=1e-5)
 
 
-def test_named_remat_policies_keep_what_they_say(capsys):
+def _forward_kernel_calls(jaxpr) -> int:
+    """Attention forward kernels in a jaxpr and its sub-jaxprs (rematerialised ones too)."""
+    calls = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            calls += str(eqn.params["name"]) == ops.FORWARD_KERNEL_NAME
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            calls += _forward_kernel_calls(sub)
+    return calls
+
+
+def test_remat_policies_keep_what_they_say(capsys):
     """``dots_attention_saveable`` saves the attention kernel's output and row statistics of
-    every block on top of the matmul outputs (so the backward need not run the kernel's
-    forward again); ``projections_saveable`` saves those and the two branch outputs only,
+    every block on top of the matmul outputs, and the backward does not run the kernel's
+    forward again; ``projections_saveable`` saves those and the two branch outputs only,
     fewer residuals than ``dots_saveable``. (Gradients: checked with the other policies.)"""
-    names = (*ops.ATTENTION_RESIDUAL_NAMES, layers.ATTENTION_PROJ_NAME, layers.FFN_OUT_NAME)
-    saved, count = {}, {}
+    names = (layers.ATTENTION_PROJ_NAME, layers.FFN_OUT_NAME)
+    saved, count, forward_kernels = {}, {}, {}
     for remat in ("dots_saveable", "dots_attention_saveable", "projections_saveable"):
         cfg = preset("tiny", remat=remat, attention_backend="pallas", scan_blocks=False)
         graphdef, params = nnx.split(HMARTransformer(cfg, rngs=nnx.Rngs(0)))
@@ -325,9 +337,13 @@ def test_named_remat_policies_keep_what_they_say(capsys):
 
         jax.ad_checkpoint.print_saved_residuals(loss, params)
         printed = capsys.readouterr().out
-        saved[remat] = [printed.count(f"named '{name}'") for name in names]
+        saved[remat] = [printed.count("output of pallas_call"),
+                        *(printed.count(f"named '{name}'") for name in names)]
         count[remat] = len(printed.strip().splitlines())
+        forward_kernels[remat] = _forward_kernel_calls(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
     d = preset("tiny").depth
-    assert saved == {"dots_saveable": [0, 0, 0, 0], "dots_attention_saveable": [d, d, 0, 0],
-                     "projections_saveable": [d, d, d, d]}
+    assert saved == {"dots_saveable": [0, 0, 0], "dots_attention_saveable": [2 * d, 0, 0],
+                     "projections_saveable": [2 * d, d, d]}
     assert count["projections_saveable"] < count["dots_saveable"] < count["dots_attention_saveable"]
+    assert forward_kernels == {"dots_saveable": 2 * d, "dots_attention_saveable": d,
+                               "projections_saveable": d}

@@ -44,7 +44,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from jax.ad_checkpoint import checkpoint_name
 
 from hmar_jax.pallas import kernel_gpu
 from hmar_jax.pallas.per_batch import per_batch_shard
@@ -176,17 +175,25 @@ def _kernel_backward(plan: _Plan, q, k, v, o, lse, do):
     return dq, dk, dv
 
 
-# Names of the kernel's saved outputs, for ``jax.checkpoint`` policies: a remat policy
-# that saves them (``remat="dots_attention_saveable"``) keeps the backward from running
-# the attention forward again.
-ATTENTION_RESIDUAL_NAMES = ("hmar_attention_out", "hmar_attention_lse")
+FORWARD_KERNEL_NAME = "hmar_block_sparse_attention_fwd"  # the GPU and TPU forward kernels
+
+
+def forward_kernel_saveable(prim, *_, **params) -> bool:
+    """``jax.checkpoint`` policy: keep the outputs of the attention forward kernel (o and
+    its row log-sum-exp), so the backward does not run the kernel again.
+
+    Selecting the kernel's own outputs is what makes this work: a Pallas call is never
+    dropped from a rematerialised region (pallas_call's dead-code rule keeps every call),
+    so with o and the log-sum-exp merely saved by name the rerun stays, unused, in the
+    compiled backward."""
+    return prim.name == "pallas_call" and str(params.get("name")) == FORWARD_KERNEL_NAME
 
 
 def _kernel_op(forward, backward):
     """A differentiable op ``op(plan, *inputs) -> o`` from a kernel forward
     ``forward(plan, *inputs) -> (o, lse)`` and ``backward(plan, *inputs, o, lse, do)``
-    that returns the inputs' cotangents (the forward's inputs, o and lse are saved, o and
-    lse under ``ATTENTION_RESIDUAL_NAMES``)."""
+    that returns the inputs' cotangents (the forward's inputs, o and lse are saved;
+    ``forward_kernel_saveable`` keeps o and lse through a ``jax.checkpoint``)."""
 
     @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
     def op(plan: _Plan, *inputs):
@@ -194,8 +201,7 @@ def _kernel_op(forward, backward):
 
     def op_fwd(plan: _Plan, *inputs):
         o, lse = forward(plan, *inputs)
-        saved = [checkpoint_name(r, name) for r, name in zip((o, lse), ATTENTION_RESIDUAL_NAMES)]
-        return o, (*inputs, *saved)
+        return o, (*inputs, o, lse)
 
     def op_bwd(plan: _Plan, residuals, do):
         return tuple(backward(plan, *residuals, do.astype(residuals[-2].dtype)))
