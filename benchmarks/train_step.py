@@ -404,6 +404,7 @@ def recipe_config(spec: dict):
         overrides.update(num_mask_layers=1, num_classes=10)
     config.model.overrides = ml_collections.ConfigDict(overrides)
     config.optimizer.mu_dtype = spec.get("mu_dtype", "float32")
+    config.microbatches = spec.get("microbatches", 1)
     return config
 
 
@@ -704,10 +705,19 @@ def build_specs(args) -> list[dict]:
     for mode in modes:
         if mode not in MODES:
             raise SystemExit(f"unknown mode {mode!r}; use {', '.join(MODES)}")
+    for model, batch in pairs:
+        if args.microbatches < 1 or batch % args.microbatches:
+            raise SystemExit(f"--microbatches {args.microbatches} must divide the batch "
+                             f"{batch} ({model}x{batch}).")
+        for n in devices if args.global_batch else []:
+            if args.global_batch % (n * batch):
+                raise SystemExit(f"--global-batch {args.global_batch} must be a multiple of "
+                                 f"{n} devices x {batch} images per pass ({model}x{batch}).")
     common = dict(dtype=args.dtype, quick=args.quick, iters=args.iters, warmup=args.warmup,
                   seed=0, lower_only=args.lower_only, profile=args.profile,
                   gelu_backend=args.gelu_backend, norm_backend=args.norm_backend,
-                  mu_dtype=args.mu_dtype, parallelism=args.parallelism)
+                  mu_dtype=args.mu_dtype, parallelism=args.parallelism,
+                  microbatches=args.microbatches)
     specs = []
     for model, batch in pairs:
         for mode in modes:
@@ -717,9 +727,14 @@ def build_specs(args) -> list[dict]:
                         for n in (devices if mode.startswith("full") else [1]):
                             encodes = mode in ("full", "tokenize")
                             for tok in (precisions if encodes else [None]):
-                                specs.append(dict(common, model=model, batch=batch, mode=mode,
-                                                  backend=backend, remat=remat, scan_blocks=scan,
-                                                  devices=n, tokenizer_precision=tok))
+                                spec = dict(common, model=model, batch=batch, mode=mode,
+                                            backend=backend, remat=remat, scan_blocks=scan,
+                                            devices=n, tokenizer_precision=tok)
+                                if args.global_batch and mode.startswith("full"):
+                                    per_device = args.global_batch // n
+                                    spec.update(batch=per_device, microbatches=per_device // batch,
+                                                fixed_global_batch=args.global_batch)
+                                specs.append(spec)
     model_order = {m: i for i, m in enumerate(dict.fromkeys(m for m, _ in pairs))}
     mode_rank = {mode: i for i, mode in enumerate(MODES)}
 
@@ -735,7 +750,7 @@ def build_specs(args) -> list[dict]:
 
 # ===================================== parent: output =========================================
 
-HEADER = (f"{'model':>5} {'B':>4} {'dev':>3} {'backend':>9} {'mode':>17} {'remat':>13} {'scan':>4} {'tok':>4} "
+HEADER = (f"{'model':>5} {'B':>6} {'dev':>3} {'backend':>9} {'mode':>17} {'remat':>13} {'scan':>4} {'tok':>4} "
           f"{'ms med':>8} {'ms min':>8} {'img/s':>8} {'TFLOP/s':>8} {'MFU':>6} {'XLA GiB':>8} {'peak GiB':>8} "
           f"{'comp s':>7} {'loss':>7} {'eff':>5}  status")
 
@@ -744,7 +759,8 @@ TOKENIZER_SHORT = {"default": "tf32", "bfloat16": "bf16", "highest": "f32"}
 
 
 def format_row(r: dict) -> str:
-    text = (f"{r['model']:>5} {r['batch']:>4} {r['devices']:>3} {r['backend']:>9} {r['mode']:>17} "
+    batch = r["batch"] if r.get("microbatches", 1) == 1 else f"{r['batch']}/{r['microbatches']}"
+    text = (f"{r['model']:>5} {batch:>6} {r['devices']:>3} {r['backend']:>9} {r['mode']:>17} "
             f"{str(r.get('remat')):>13} {('y' if r['scan_blocks'] else 'n'):>4} "
             f"{TOKENIZER_SHORT.get(r.get('tokenizer_precision'), '-'):>4} "
             f"{fmt(r.get('ms_median'), '.1f', 8)} {fmt(r.get('ms_min'), '.1f', 8)} "
@@ -762,10 +778,12 @@ def add_efficiency(row: dict, rows: list[dict]) -> None:
     """Weak-scaling efficiency of an N-device row against its 1-device twin."""
     if row.get("status") != "ok" or "img_s" not in row or row["devices"] == 1:
         return
-    same = ("model", "batch", "backend", "mode", "remat", "scan_blocks")
+    same = ("model", "batch", "backend", "mode", "remat", "scan_blocks", "microbatches")
+    if row.get("fixed_global_batch"):  # strong scaling: the twin has the same global batch
+        same = ("model", "backend", "mode", "remat", "scan_blocks", "fixed_global_batch")
     for other in rows:
         if (other.get("status") == "ok" and "img_s" in other and other["devices"] == 1
-                and all(other[k] == row[k] for k in same)):
+                and all(other.get(k) == row.get(k) for k in same)):
             row["efficiency"] = row["img_s"] / (row["devices"] * other["img_s"])
             row["img_s_1_device"] = other["img_s"]
 
@@ -860,15 +878,18 @@ def print_scaling(rows: list[dict]) -> None:
     multi = [r for r in rows if r.get("status") == "ok" and "img_s" in r and r["devices"] > 1]
     if not multi:
         return
-    print("\n== weak scaling (per-device batch fixed) ==")
-    for r in multi:
-        eff = r.get("efficiency")
-        print(f"{r['model']} B{r['batch']}/device x{r['devices']} {r.get('parallelism', 'data')} "
-              f"{r['backend']} "
-              f"remat {r['remat']}: "
-              f"{r['img_s']:.1f} img/s vs {fmt(r.get('img_s_1_device'), '.1f', 0)} on 1 device, "
-              f"efficiency {fmt(eff, '.2f', 0)}; collectives in the step: "
-              f"{r.get('hlo_collectives')}")
+    for strong in (False, True):
+        group = [r for r in multi if bool(r.get("fixed_global_batch")) == strong]
+        if group:
+            print("\n== strong scaling (global batch fixed) ==" if strong
+                  else "\n== weak scaling (per-device batch fixed) ==")
+        for r in group:
+            passes = f" in {r['microbatches']} passes" if r.get("microbatches", 1) > 1 else ""
+            print(f"{r['model']} B{r['batch']}/device{passes} x{r['devices']} "
+                  f"{r.get('parallelism', 'data')} {r['backend']} remat {r['remat']}: "
+                  f"{r['img_s']:.1f} img/s vs {fmt(r.get('img_s_1_device'), '.1f', 0)} on 1 device, "
+                  f"efficiency {fmt(r.get('efficiency'), '.2f', 0)}; collectives in the step: "
+                  f"{r.get('hlo_collectives')}")
 
 
 def main() -> None:
@@ -895,6 +916,14 @@ def main() -> None:
                         help="the FFN's bias + GELU (model.gelu_backend)")
     parser.add_argument("--norm-backend", default="xla", choices=["auto", "xla", "pallas"],
                         help="the blocks' LayerNorm + modulation (model.norm_backend)")
+    parser.add_argument("--global-batch", type=int, default=None,
+                        help="strong scaling of the full step: for each --devices count N the "
+                             "per-device batch is GLOBAL/N, run in passes of the pair's batch "
+                             "(microbatches GLOBAL/N/B); efficiency against 1 device at the same "
+                             "global batch")
+    parser.add_argument("--microbatches", type=int, default=1,
+                        help="full step: each device's batch runs as this many sequential "
+                             "microbatches, one update (config.microbatches; B/k per pass)")
     parser.add_argument("--mu-dtype", default="float32", choices=["float32", "bfloat16"],
                         help="AdamW's first-moment dtype (optimizer.mu_dtype) in the full step")
     parser.add_argument("--tokenizer-precision", default=TOKENIZER_PRECISION,

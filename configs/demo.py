@@ -78,6 +78,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.stage2.parent = ""              # stage-1 export directory (required for stage 2)
 
     config.batch_size = 48
+    config.microbatches = 1                # k > 1: k sequential parts, one update (less memory)
     config.num_train_steps = 1200 if config.stage == 1 else 120
     config.ema_decay = 0.999
     config.log_every_steps = 50

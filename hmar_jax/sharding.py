@@ -48,6 +48,17 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(mesh.axis_names))
 
 
+def split_like_batch(x: jax.Array, axis: int) -> jax.Array:
+    """``x`` with ``axis`` split over every axis of the mesh set with ``jax.set_mesh``, as
+    the batch is (e.g. the rows of stacked microbatches); unchanged without a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    spec = [None] * x.ndim
+    spec[axis] = mesh.axis_names
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 

@@ -85,18 +85,23 @@ def load_or_train_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.
 
 def make_step(graphdef, vae_graphdef, cfg: HMARConfig, config: ml_collections.ConfigDict,
               tx: optax.GradientTransformation, schedule):
+    """The jittable ``train_step(state, vae_state, inputs, labels) -> (state, metrics)``.
+
+    With ``config.microbatches = k > 1`` the batch is split into k microbatches that are
+    encoded, run forward and backward one after another (``lax.scan``); their mean
+    gradient makes one optimizer update, as for the whole batch, with the activation
+    memory of one microbatch. Each device keeps its own rows: microbatch i takes rows
+    ``i, i + k, i + 2k, ...`` of the global batch.
+    """
     layout = cfg.layout
     weights = jnp.asarray(layout.token_loss_weights(config.loss.weighting))
     stage, ema_decay = config.stage, config.ema_decay
-
     pretokenized = bool(config.data.pretokenized)
+    microbatches = config.microbatches
 
-    def train_step(state: TrainState, vae_state, inputs: jax.Array, labels: jax.Array):
-        """``inputs``: images f32 ``[B, H, W, 3]`` in [-1, 1], or with
-        ``config.data.pretokenized`` cached token indices int32 ``[B, L]``."""
-        rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
+    def loss_and_grads(state: TrainState, vae, inputs, labels, rng):
+        """Mean loss, metrics and gradients of one (micro)batch."""
         drop_rng, path_rng, mask_rng = jax.random.split(rng, 3)
-        vae = nnx.merge(vae_graphdef, vae_state)
         if pretokenized:
             indices = token_cache.split_indices(inputs, layout.patch_nums)
         else:
@@ -118,10 +123,39 @@ def make_step(graphdef, vae_graphdef, cfg: HMARConfig, config: ml_collections.Co
             return losses.masked_cross_entropy(logits, targets, masked)
 
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
+        return dict(metrics, loss=loss), grads
+
+    def accumulated(state: TrainState, vae, inputs, labels, rng):
+        """Mean metrics and gradients over the microbatches, one at a time."""
+
+        def rows(x):  # [B, ...] -> [k, B/k, ...], microbatch i = rows i, i + k, ...
+            x = x.reshape(x.shape[0] // microbatches, microbatches, *x.shape[1:]).swapaxes(0, 1)
+            return sharding.split_like_batch(x, axis=1)
+
+        def add(total, micro):
+            inputs, labels, index = micro
+            out = loss_and_grads(state, vae, inputs, labels, jax.random.fold_in(rng, index))
+            return jax.tree.map(lambda t, o: t + o.astype(t.dtype) / microbatches, total, out), None
+
+        micro = (rows(inputs), rows(labels), jnp.arange(microbatches))
+        shapes = jax.eval_shape(lambda m: loss_and_grads(state, vae, *m, rng),
+                                jax.tree.map(lambda x: x[0], micro)[:2])
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes)
+        return jax.lax.scan(add, zeros, micro)[0]
+
+    def train_step(state: TrainState, vae_state, inputs: jax.Array, labels: jax.Array):
+        """``inputs``: images f32 ``[B, H, W, 3]`` in [-1, 1], or with
+        ``config.data.pretokenized`` cached token indices int32 ``[B, L]``."""
+        rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
+        vae = nnx.merge(vae_graphdef, vae_state)
+        if microbatches == 1:
+            metrics, grads = loss_and_grads(state, vae, inputs, labels, rng)
+        else:
+            metrics, grads = accumulated(state, vae, inputs, labels, rng)
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
         ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, state.ema, trainable)
-        metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
+        metrics = dict(metrics, grad_norm=optax.tree.norm(grads),
                        param_norm=optax.tree.norm(trainable), learning_rate=schedule(state.step))
         new_state = TrainState(state.step + 1, trainable, state.frozen, opt_state, ema)
         return new_state, metrics
@@ -151,6 +185,7 @@ class Trainer:
             raise ValueError(f"The tokenizer takes {self.vae.config.image_size} px images but "
                              f"data.image_size={config.data.image_size}.")
         self.cfg = model_config(config, self.vae.config)
+        self._check_batch_split()
         self._check_workdir_config()
         abstract_model = nnx.eval_shape(lambda: HMARTransformer(self.cfg, rngs=nnx.Rngs(0)))
         self.filter = trainable_filter(config.stage)
@@ -229,6 +264,16 @@ class Trainer:
         return sampling.SamplingConfig(cfg=sc.cfg, top_k=sc.top_k, top_p=sc.top_p,
                                        mask_schedule="auto" if self.config.stage == 2 else None,
                                        mask_cfg=sc.mask_cfg)
+
+    def _check_batch_split(self) -> None:
+        """The batch must split into ``microbatches`` equal parts, each even over the devices."""
+        batch, micro, devices = self.config.batch_size, self.config.microbatches, self.mesh.devices.size
+        if micro < 1 or batch % micro:
+            raise ValueError(f"microbatches={micro} must be >= 1 and divide batch_size={batch}.")
+        if (batch // micro) % devices:
+            raise ValueError(f"Each microbatch of {batch // micro} images (batch_size={batch} / "
+                             f"microbatches={micro}) must split evenly over the {devices} devices; "
+                             f"change batch_size or microbatches.")
 
     def _check_workdir_config(self) -> None:
         path = self.workdir / "hmar_train_config.json"

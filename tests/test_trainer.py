@@ -85,6 +85,33 @@ def test_sharded_step_matches_single_device(tmp_path, tokenizer_export, mesh, si
     assert float(metrics["grad_norm"]) == pytest.approx(grad_norm, rel=1e-4)
 
 
+@pytest.mark.heavy
+def test_microbatches_make_the_same_update(tmp_path, tokenizer_export):
+    """``microbatches=2`` (two sequential halves, mean gradient) on a 4x2 data x FSDP mesh
+    gives the loss, gradient norm and parameters of one pass over the whole batch on the
+    8-device data mesh; a batch that does not split is refused."""
+    changes = {"tokenizer.export": tokenizer_export, "loss.label_dropout": 0.0, "batch_size": 16}
+    results = {}
+    for name, extra in (("whole", {}),
+                        ("halves", {"microbatches": 2, "mesh": (("data", 4), ("fsdp", 2))})):
+        run = trainer.Trainer(demo_config(**changes, **extra), str(tmp_path / name))
+        images, labels = run._global_batch(next(run.make_iterator()))
+        with jax.set_mesh(run.mesh):
+            state, metrics = run.train_step(run.initial_state(), run.vae_state, images, labels)
+        results[name] = (float(metrics["loss"]), float(metrics["grad_norm"]),
+                         jax.device_get(state.trainable))
+    loss, grad_norm, params = results["whole"]
+    got_loss, got_norm, got_params = results["halves"]
+    assert got_loss == pytest.approx(loss, rel=1e-5)
+    assert got_norm == pytest.approx(grad_norm, rel=1e-4)
+    for got, want in zip(jax.tree.leaves(got_params), jax.tree.leaves(params)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="must split evenly over the 8 devices"):
+        trainer.Trainer(demo_config(**changes, microbatches=4), str(tmp_path / "uneven"))
+    with pytest.raises(ValueError, match="divide batch_size=16"):
+        trainer.Trainer(demo_config(**changes, microbatches=3), str(tmp_path / "odd"))
+
+
 def test_workdir_of_another_model_is_refused(tmp_path, tokenizer_export):
     trainer.Trainer(demo_config(**{"tokenizer.export": tokenizer_export}), str(tmp_path))
     other = demo_config(**{"tokenizer.export": tokenizer_export, "model.overrides.width": 128})
