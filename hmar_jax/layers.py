@@ -27,6 +27,8 @@ LOG_MAX_ATTN_SCALE = math.log(100.0)  # clamp of the learnable per-head temperat
 # policies that keep them (``HMARConfig.remat="projections_saveable"``).
 ATTENTION_PROJ_NAME = "hmar_attention_proj"
 FFN_OUT_NAME = "hmar_ffn_out"
+GELU_OUT_NAME = "hmar_gelu_out"  # the fc2 input
+NORM_OUT_NAME = "hmar_norm_out"  # the modulated LayerNorm outputs (qkv and fc1 inputs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,12 +138,12 @@ class FeedForward(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if resolve_gelu_backend(self.gelu_backend) == "xla":
-            out = self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
-            return checkpoint_name(out, FFN_OUT_NAME)
-        dtype = self.fc1.dtype or x.dtype
-        h = jnp.matmul(x.astype(dtype), self.fc1.kernel[...].astype(dtype))  # [B, L, hidden]
-        return checkpoint_name(self.fc2(bias_gelu(h, self.fc1.bias[...], self.gelu_backend)),
-                               FFN_OUT_NAME)
+            hidden = jax.nn.gelu(self.fc1(x), approximate=True)
+        else:
+            dtype = self.fc1.dtype or x.dtype
+            h = jnp.matmul(x.astype(dtype), self.fc1.kernel[...].astype(dtype))  # [B, L, hidden]
+            hidden = bias_gelu(h, self.fc1.bias[...], self.gelu_backend)
+        return checkpoint_name(self.fc2(checkpoint_name(hidden, GELU_OUT_NAME)), FFN_OUT_NAME)
 
 
 class AdaLNSelfAttnBlock(nnx.Module):
@@ -190,12 +192,12 @@ class AdaLNSelfAttnBlock(nnx.Module):
         rng_attn, rng_ffn = (None, None) if rng is None else tuple(jax.random.split(rng))
         compute = self.attn.mat_qkv.dtype  # the matmuls' input dtype (they would cast anyway)
         norm = dict(eps=self.norm_eps, out_dtype=compute or x.dtype, backend=self.norm_backend)
-        h = layer_norm_modulate(x, scale1, shift1, **norm)
+        h = checkpoint_name(layer_norm_modulate(x, scale1, shift1, **norm), NORM_OUT_NAME)
         h, kv_cache = self.attn(h, spec, kv_cache, cache_start)
         gate1 = gamma1 * drop_path_factor(drop_rate, rng_attn, b)
         x, h = add_layer_norm_modulate(x, h, gate1, scale2, shift2, **norm)
         gate2 = gamma2 * drop_path_factor(drop_rate, rng_ffn, b)
-        x = x + (self.ffn(h) * gate2[:, None]).astype(x.dtype)
+        x = x + (self.ffn(checkpoint_name(h, NORM_OUT_NAME)) * gate2[:, None]).astype(x.dtype)
         return x, kv_cache
 
 

@@ -31,15 +31,15 @@ from flax import nnx
 
 from hmar_jax import sharding
 from hmar_jax.frozen_config import config_from_dict
-from hmar_jax.layers import (ATTENTION_PROJ_NAME, FFN_OUT_NAME, AdaLNBeforeHead, AdaLNSelfAttnBlock,
-                             InitScales)
-from hmar_jax.pallas import ops
+from hmar_jax.layers import (ATTENTION_PROJ_NAME, FFN_OUT_NAME, GELU_OUT_NAME, NORM_OUT_NAME,
+                             AdaLNBeforeHead, AdaLNSelfAttnBlock, InitScales)
+from hmar_jax.pallas import adaln, bias_gelu, ops
 from hmar_jax.pallas.adaln import NORM_BACKENDS
 from hmar_jax.pallas.bias_gelu import GELU_BACKENDS
 from hmar_jax.scales import ScaleLayout, resolve_patch_nums
 
 RematPolicy = Literal["none", "block", "dots_saveable", "dots_attention_saveable",
-                      "projections_saveable"]
+                      "projections_saveable", "activations_saveable"]
 REMAT_POLICIES: tuple[str, ...] = get_args(RematPolicy)
 
 
@@ -82,7 +82,11 @@ class HMARConfig:
         per block, so the backward does not run the attention forward again) or
         ``projections_saveable`` (keep only the attention kernel's outputs and the two
         branch outputs, ``proj`` and ``fc2``: the backward recomputes the ``qkv`` and
-        ``fc1`` matmuls; about a third of ``dots_saveable``'s saved activations).
+        ``fc1`` matmuls; about a third of ``dots_saveable``'s saved activations) or
+        ``activations_saveable`` (``dots_attention_saveable`` plus the two modulated
+        LayerNorm outputs and the GELU output, ``[B, L, C]`` twice and ``[B, L, 4 C]`` in
+        the compute dtype per block, and the norm kernels' outputs: the backward reruns
+        no kernel and no normalisation).
       init_adaln, init_adaln_gamma, init_head: upstream init multipliers.
     """
 
@@ -181,14 +185,35 @@ class HMARConfig:
         return dataclasses.replace(self, **changes)
 
 
+def _kernel_outputs_saveable(*kernel_names: str):
+    """``jax.checkpoint`` policy: keep the outputs of the named Pallas kernels.
+
+    Selecting a kernel's own outputs is what keeps it from running again: a Pallas call is
+    never dropped from a rematerialised region (pallas_call's dead-code rule keeps every
+    call), so with its outputs merely saved by name (``checkpoint_name`` on them) the rerun
+    stays in the compiled backward, unused."""
+    names = frozenset(kernel_names)
+
+    def policy(prim, *_, **params) -> bool:
+        return prim.name == "pallas_call" and str(params.get("name")) in names
+
+    return policy
+
+
+_POLICIES = jax.checkpoint_policies
+_DOTS = _POLICIES.dots_with_no_batch_dims_saveable
+_ATTENTION_OUT = _kernel_outputs_saveable(ops.FORWARD_KERNEL_NAME)
 _CHECKPOINT_POLICIES = {  # HMARConfig.remat -> what jax.checkpoint keeps ("none": no checkpoint)
-    "block": jax.checkpoint_policies.nothing_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "dots_attention_saveable": jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.dots_with_no_batch_dims_saveable, ops.forward_kernel_saveable),
-    "projections_saveable": jax.checkpoint_policies.save_from_both_policies(
-        ops.forward_kernel_saveable,
-        jax.checkpoint_policies.save_only_these_names(ATTENTION_PROJ_NAME, FFN_OUT_NAME)),
+    "block": _POLICIES.nothing_saveable,
+    "dots_saveable": _DOTS,
+    "dots_attention_saveable": _POLICIES.save_from_both_policies(_DOTS, _ATTENTION_OUT),
+    "projections_saveable": _POLICIES.save_from_both_policies(
+        _ATTENTION_OUT, _POLICIES.save_only_these_names(ATTENTION_PROJ_NAME, FFN_OUT_NAME)),
+    "activations_saveable": _POLICIES.save_from_both_policies(
+        _POLICIES.save_from_both_policies(_DOTS, _POLICIES.save_only_these_names(
+            NORM_OUT_NAME, GELU_OUT_NAME)),
+        _kernel_outputs_saveable(ops.FORWARD_KERNEL_NAME, adaln.FORWARD_KERNEL_NAME,
+                                 bias_gelu.FORWARD_KERNEL_NAME)),
 }
 
 

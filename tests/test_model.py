@@ -1,5 +1,6 @@
 """HMAR transformer: upstream parity, the Markov property, VAR mode, sizes, stage-2 freeze."""
 
+import collections
 import json
 import re
 
@@ -16,7 +17,7 @@ from hmar_jax.convert import torch_pickle
 from hmar_jax.convert.__main__ import main as convert_main
 from hmar_jax.model import (HMARConfig, HMARTransformer, STAGE2_TRAINABLE, count_params,
                             is_mask_branch, preset)
-from hmar_jax.pallas import ops
+from hmar_jax.pallas import adaln, bias_gelu, ops
 
 TOL = dict(atol=1e-4, rtol=1e-4)
 CFG_LABELS = jnp.asarray([7, 10, 10, 10])  # generate(): [cond labels; null class]
@@ -309,14 +310,14 @@ def test_fsdp_gathers_weights_instead_of_moving_activations(scan_blocks):
         np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-6, rtol=1e-5)
 
 
-def _forward_kernel_calls(jaxpr) -> int:
-    """Attention forward kernels in a jaxpr and its sub-jaxprs (rematerialised ones too)."""
-    calls = 0
+def _kernel_calls(jaxpr) -> collections.Counter:
+    """Pallas calls by kernel name in a jaxpr and its sub-jaxprs (rematerialised ones too)."""
+    calls = collections.Counter()
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "pallas_call":
-            calls += str(eqn.params["name"]) == ops.FORWARD_KERNEL_NAME
+            calls[str(eqn.params["name"])] += 1
         for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-            calls += _forward_kernel_calls(sub)
+            calls.update(_kernel_calls(sub))
     return calls
 
 
@@ -340,10 +341,32 @@ def test_remat_policies_keep_what_they_say(capsys):
         saved[remat] = [printed.count("output of pallas_call"),
                         *(printed.count(f"named '{name}'") for name in names)]
         count[remat] = len(printed.strip().splitlines())
-        forward_kernels[remat] = _forward_kernel_calls(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+        calls = _kernel_calls(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+        forward_kernels[remat] = calls[ops.FORWARD_KERNEL_NAME]
     d = preset("tiny").depth
     assert saved == {"dots_saveable": [0, 0, 0], "dots_attention_saveable": [2 * d, 0, 0],
                      "projections_saveable": [2 * d, d, d]}
     assert count["projections_saveable"] < count["dots_saveable"] < count["dots_attention_saveable"]
     assert forward_kernels == {"dots_saveable": 2 * d, "dots_attention_saveable": d,
                                "projections_saveable": d}
+
+
+def test_activations_policy_reruns_no_kernel():
+    """``activations_saveable`` keeps every kernel's forward outputs (attention, AdaLN norms,
+    bias + GELU) and the named activations: the gradient runs each forward kernel once,
+    where ``dots_saveable`` runs each twice. (A policy changes no value.)"""
+    counts = {}
+    for remat in ("dots_saveable", "activations_saveable"):
+        cfg = preset("tiny", width=128, patch_nums=(2, 6), remat=remat, scan_blocks=False,
+                     attention_backend="pallas", gelu_backend="pallas", norm_backend="pallas")
+        graphdef, params = nnx.split(HMARTransformer(cfg, rngs=nnx.Rngs(0)))
+        x = jax.random.normal(jax.random.key(1), (2, cfg.layout.seq_len - 1, 8))
+
+        def loss(params):
+            return jnp.mean(nnx.merge(graphdef, params)(x, jnp.asarray([1, 2])) ** 2)
+
+        counts[remat] = _kernel_calls(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+    d = preset("tiny").depth
+    forward = (ops.FORWARD_KERNEL_NAME, adaln.FORWARD_KERNEL_NAME, bias_gelu.FORWARD_KERNEL_NAME)
+    assert [counts["dots_saveable"][k] for k in forward] == [2 * d, 4 * d, 2 * d]
+    assert [counts["activations_saveable"][k] for k in forward] == [d, 2 * d, d]

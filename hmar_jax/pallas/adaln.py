@@ -50,6 +50,7 @@ from hmar_jax.pallas.backend_choice import KERNEL_BACKENDS, KernelBackend, resol
 from hmar_jax.pallas.per_batch import per_batch_shard
 
 NormBackend = KernelBackend
+FORWARD_KERNEL_NAME = "hmar_adaln_fwd"  # for remat policies that keep its outputs
 NORM_BACKENDS = KERNEL_BACKENDS
 TILE_ELEMENTS = 4096  # a program's tile: [rows, next_pow2(C)] float32 values in registers
 MAX_ROWS = 8
@@ -220,7 +221,7 @@ def forward(x, branch, gate, scale, shift, *, eps: float, out_dtype, interpret: 
     outs = pl.pallas_call(
         kernel, grid=(batch, length // rows), in_specs=in_specs, out_specs=out_specs,
         out_shape=out_shape, compiler_params=_params(num_warps), interpret=interpret,
-        name="hmar_adaln_fwd")(*inputs)
+        name=FORWARD_KERNEL_NAME)(*inputs)
     return tuple(outs) if with_branch else (None, *outs)
 
 

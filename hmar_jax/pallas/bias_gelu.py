@@ -38,6 +38,7 @@ from hmar_jax.pallas.backend_choice import KERNEL_BACKENDS, KernelBackend, resol
 from hmar_jax.pallas.per_batch import per_batch_shard
 
 GeluBackend = KernelBackend
+FORWARD_KERNEL_NAME = "hmar_bias_gelu_fwd"  # for remat policies that keep its output
 GELU_BACKENDS = KERNEL_BACKENDS
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _CUBIC = 0.044715
@@ -106,7 +107,7 @@ def forward(h: jax.Array, bias: jax.Array, *, interpret: bool = False,
         in_specs=[matrix, vector], out_specs=matrix,
         out_shape=jax.ShapeDtypeStruct(h.shape, h.dtype),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
-        interpret=interpret, name="hmar_bias_gelu_fwd")(h, bias)
+        interpret=interpret, name=FORWARD_KERNEL_NAME)(h, bias)
 
 
 def backward(h: jax.Array, bias: jax.Array, dy: jax.Array, *, interpret: bool = False,

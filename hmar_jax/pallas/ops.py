@@ -175,25 +175,14 @@ def _kernel_backward(plan: _Plan, q, k, v, o, lse, do):
     return dq, dk, dv
 
 
-FORWARD_KERNEL_NAME = "hmar_block_sparse_attention_fwd"  # the GPU and TPU forward kernels
-
-
-def forward_kernel_saveable(prim, *_, **params) -> bool:
-    """``jax.checkpoint`` policy: keep the outputs of the attention forward kernel (o and
-    its row log-sum-exp), so the backward does not run the kernel again.
-
-    Selecting the kernel's own outputs is what makes this work: a Pallas call is never
-    dropped from a rematerialised region (pallas_call's dead-code rule keeps every call),
-    so with o and the log-sum-exp merely saved by name the rerun stays, unused, in the
-    compiled backward."""
-    return prim.name == "pallas_call" and str(params.get("name")) == FORWARD_KERNEL_NAME
+# The GPU and TPU forward kernels' name, for remat policies that keep their outputs.
+FORWARD_KERNEL_NAME = "hmar_block_sparse_attention_fwd"
 
 
 def _kernel_op(forward, backward):
     """A differentiable op ``op(plan, *inputs) -> o`` from a kernel forward
     ``forward(plan, *inputs) -> (o, lse)`` and ``backward(plan, *inputs, o, lse, do)``
-    that returns the inputs' cotangents (the forward's inputs, o and lse are saved;
-    ``forward_kernel_saveable`` keeps o and lse through a ``jax.checkpoint``)."""
+    that returns the inputs' cotangents (the forward's inputs, o and lse are saved)."""
 
     @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
     def op(plan: _Plan, *inputs):
