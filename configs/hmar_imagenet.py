@@ -13,6 +13,7 @@ released VQ-VAE converted with
 Launch, one GPU node (8 GPUs) or a local machine:
   launch/local.sh configs/hmar_imagenet.py:variant=d16 /data/runs/hmar-d16 \\
       --config.tokenizer.export=checkpoints/vae --config.data.data_dir=/data/tfds
+(d30 on one 8-GPU node: its 1024-image batch is 128 per GPU; add --config.microbatches=4.)
 SLURM (one process per GPU) or a TPU pod slice:
   sbatch --nodes=4 --ntasks-per-node=8 --gpus-per-task=1 launch/slurm_gpu.sh \\
       configs/hmar_imagenet.py:variant=d30 /shared/runs/hmar-d30 --config.tokenizer.export=...
