@@ -1,4 +1,5 @@
-"""GPU (Triton) block-sparse attention kernel in Pallas interpret mode vs the jnp reference."""
+"""GPU (Triton) block-sparse attention kernel in Pallas interpret mode vs the jnp reference
+(with ``JAX_PLATFORMS=cuda`` on a GPU the same tests run the compiled kernels)."""
 
 import zlib
 
@@ -12,6 +13,15 @@ from hmar_jax.model import HMARTransformer, preset
 from hmar_jax.pallas import kernel_gpu, ops
 from hmar_jax.pallas.reference import hmar_qkv, reference_attention
 from hmar_jax.scales import ScaleLayout
+
+@pytest.fixture(autouse=True)
+def exact_float32_matmuls():
+    """Float32 references at full precision: on a GPU (``JAX_PLATFORMS=cuda``, where these
+    tests also run the real kernels) XLA's default float32 matmul is TF32, whose error
+    (~1e-3) would swamp the float32 tolerances; on CPU this changes nothing."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
 
 SMALL_TILES = ops.KernelTiles(ops.KernelLaunch(16, 16), ops.KernelLaunch(16, 32), ops.KernelLaunch(32, 16))
 CASES = [  # patch_nums, tiles; blocks straddle tile edges in all of them
