@@ -750,7 +750,7 @@ def build_specs(args) -> list[dict]:
 
 # ===================================== parent: output =========================================
 
-HEADER = (f"{'model':>5} {'B':>6} {'dev':>3} {'backend':>9} {'mode':>17} {'remat':>13} {'scan':>4} {'tok':>4} "
+HEADER = (f"{'model':>5} {'B':>6} {'dev':>3} {'backend':>9} {'mode':>17} {'remat':>20} {'scan':>4} {'tok':>4} "
           f"{'ms med':>8} {'ms min':>8} {'img/s':>8} {'TFLOP/s':>8} {'MFU':>6} {'XLA GiB':>8} {'peak GiB':>8} "
           f"{'comp s':>7} {'loss':>7} {'eff':>5}  status")
 
@@ -761,7 +761,7 @@ TOKENIZER_SHORT = {"default": "tf32", "bfloat16": "bf16", "highest": "f32"}
 def format_row(r: dict) -> str:
     batch = r["batch"] if r.get("microbatches", 1) == 1 else f"{r['batch']}/{r['microbatches']}"
     text = (f"{r['model']:>5} {batch:>6} {r['devices']:>3} {r['backend']:>9} {r['mode']:>17} "
-            f"{str(r.get('remat')):>13} {('y' if r['scan_blocks'] else 'n'):>4} "
+            f"{str(r.get('remat')):>20} {('y' if r['scan_blocks'] else 'n'):>4} "
             f"{TOKENIZER_SHORT.get(r.get('tokenizer_precision'), '-'):>4} "
             f"{fmt(r.get('ms_median'), '.1f', 8)} {fmt(r.get('ms_min'), '.1f', 8)} "
             f"{fmt(r.get('img_s'), '.1f', 8)} {fmt(r.get('tflops'), '.1f', 8)} "
