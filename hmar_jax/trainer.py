@@ -185,7 +185,6 @@ class Trainer:
             raise ValueError(f"The tokenizer takes {self.vae.config.image_size} px images but "
                              f"data.image_size={config.data.image_size}.")
         self.cfg = model_config(config, self.vae.config)
-        self._check_batch_split()
         self._check_workdir_config()
         abstract_model = nnx.eval_shape(lambda: HMARTransformer(self.cfg, rngs=nnx.Rngs(0)))
         self.filter = trainable_filter(config.stage)
@@ -266,7 +265,8 @@ class Trainer:
                                        mask_cfg=sc.mask_cfg)
 
     def _check_batch_split(self) -> None:
-        """The batch must split into ``microbatches`` equal parts, each even over the devices."""
+        """Training needs the batch to split into ``microbatches`` equal parts, each even over
+        the devices (checked when a run starts: restoring or exporting does not need it)."""
         batch, micro, devices = self.config.batch_size, self.config.microbatches, self.mesh.devices.size
         if micro < 1 or batch % micro:
             raise ValueError(f"microbatches={micro} must be >= 1 and divide batch_size={batch}.")
@@ -322,6 +322,7 @@ class Trainer:
         """Trains to ``config.num_train_steps`` (resuming from the newest checkpoint) and
         exports the EMA model to ``workdir/export``; returns the last logged metrics."""
         config = self.config
+        self._check_batch_split()
         iterator = self.make_iterator()
         restored = self.restore_latest(with_data=True)
         if restored is None:

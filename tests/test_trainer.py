@@ -107,9 +107,9 @@ def test_microbatches_make_the_same_update(tmp_path, tokenizer_export):
     for got, want in zip(jax.tree.leaves(got_params), jax.tree.leaves(params)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="must split evenly over the 8 devices"):
-        trainer.Trainer(demo_config(**changes, microbatches=4), str(tmp_path / "uneven"))
+        trainer.Trainer(demo_config(**changes, microbatches=4), str(tmp_path / "uneven")).run()
     with pytest.raises(ValueError, match="divide batch_size=16"):
-        trainer.Trainer(demo_config(**changes, microbatches=3), str(tmp_path / "odd"))
+        trainer.Trainer(demo_config(**changes, microbatches=3), str(tmp_path / "odd")).run()
 
 
 def test_workdir_of_another_model_is_refused(tmp_path, tokenizer_export):
