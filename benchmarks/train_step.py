@@ -924,8 +924,9 @@ def main() -> None:
     parser.add_argument("--microbatches", type=int, default=1,
                         help="full step: each device's batch runs as this many sequential "
                              "microbatches, one update (config.microbatches; B/k per pass)")
-    parser.add_argument("--mu-dtype", default="float32", choices=["float32", "bfloat16"],
-                        help="AdamW's first-moment dtype (optimizer.mu_dtype) in the full step")
+    parser.add_argument("--mu-dtype", default="float32",
+                        help="AdamW's first-moment dtype (optimizer.mu_dtype, one of "
+                             "hmar_jax.optim.MU_DTYPES) in the full step")
     parser.add_argument("--tokenizer-precision", default=TOKENIZER_PRECISION,
                         help="comma list of tokenizer precisions for the full and tokenize modes: "
                              "default (TF32 on GPUs, the training configs' setting), bfloat16, "
@@ -944,9 +945,15 @@ def main() -> None:
         args.out = str(REPO / "benchmarks" / "results" /
                        ("train_step_quick.json" if args.quick else "train_step.json"))
     from hmar_jax.model import REMAT_POLICIES  # imports jax, initialises no backend
+    from hmar_jax.optim import MU_DTYPES
     for remat in parse_list(args.remat):
         if remat != "default" and remat not in REMAT_POLICIES:
             raise SystemExit(f"unknown remat policy {remat!r}")
+    if args.mu_dtype not in MU_DTYPES:
+        raise SystemExit(f"unknown --mu-dtype {args.mu_dtype!r}; use one of {MU_DTYPES}")
+    if args.global_batch and args.microbatches != 1:
+        raise SystemExit("--global-batch sets each row's microbatches itself (global batch / "
+                         "devices / the pair's batch); leave --microbatches out.")
     specs = build_specs(args)
     runner = Runner(pathlib.Path(__file__).resolve(), "train_step", args, REFERENCE, format_row,
                     HEADER)

@@ -14,6 +14,7 @@ from hmar_jax.pallas import kernel_gpu, ops
 from hmar_jax.pallas.reference import hmar_qkv, reference_attention
 from hmar_jax.scales import ScaleLayout
 
+
 @pytest.fixture(autouse=True)
 def exact_float32_matmuls():
     """Float32 references at full precision: on a GPU (``JAX_PLATFORMS=cuda``, where these
