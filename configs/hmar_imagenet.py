@@ -90,16 +90,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.model = ml_collections.ConfigDict()
     config.model.preset = args["variant"]
-    # 256 px: the fastest measured on an H200 (benchmarks/README.md): matmul outputs kept,
-    # blocks unrolled, the Pallas AdaLN kernels on GPU (d16 B64 23.6 GiB, d30 B32 65.4 GiB
-    # per GPU). For less memory: remat=projections_saveable (+ optimizer.mu_dtype=bfloat16:
-    # d30 B32 48.3 GiB) or remat=block. d16 without remat (remat=none) is faster still at
-    # 35-37 GiB. 512 px (L = 2240, not measured): block remat, scanned.
+    # 256 px: the fastest measured on an H200 that fits with room to spare
+    # (benchmarks/README.md): matmul and attention outputs kept, blocks unrolled, the Pallas
+    # AdaLN kernels on GPU (d16 B64 189 ms at 25.1 GiB, d30 B32 419 ms at 67.9 GiB per GPU).
+    # Faster at d16: remat=activations_saveable (184 ms, 33.1 GiB; at d30 no faster, 80 GiB)
+    # or remat=none (180 ms, 37 GiB). Less memory: remat=projections_saveable
+    # (+ optimizer.mu_dtype=bfloat16: d30 B32 48.3 GiB), remat=none with
+    # config.microbatches=2 (d16 B64 in two passes of 32: 21.1 GiB at 190 ms) or remat=block.
+    # 512 px (L = 2240, not measured): block remat, scanned.
     fast = args["res"] == 256
     config.model.overrides = ml_collections.ConfigDict(dict(
         num_classes=1000, num_mask_layers=MASK_LAYERS, init_adaln_gamma=recipe["alng"],
-        remat="dots_saveable" if fast else "block", dtype="auto", attention_backend="auto",
-        scan_blocks=not fast, gelu_backend="auto", norm_backend="auto" if fast else "xla"))
+        remat="dots_attention_saveable" if fast else "block", dtype="auto",
+        attention_backend="auto", scan_blocks=not fast, gelu_backend="auto",
+        norm_backend="auto" if fast else "xla"))
 
     config.loss = ml_collections.ConfigDict()
     config.loss.weighting = "lognorm"

@@ -18,6 +18,29 @@ if not flags.FLAGS.is_parsed():
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 
 
+def pytest_runtest_setup(item):
+    """``@pytest.mark.devices(n)``: the mesh tests need n devices. The CPU run forces 8; the
+    kernel tests can also run on one GPU (``JAX_PLATFORMS=cuda``), where these are skipped."""
+    marker = item.get_closest_marker("devices")
+    if marker is not None:
+        import jax
+
+        if jax.device_count() < marker.args[0]:
+            pytest.skip(f"needs {marker.args[0]} devices, {jax.device_count()} present")
+
+
+@pytest.fixture
+def exact_float32_matmuls():
+    """Float32 matmuls at full precision, for the kernel test modules (``pytestmark``). On
+    CPU this changes nothing; on a GPU (the kernel tests also run there with
+    ``JAX_PLATFORMS=cuda``) XLA's default float32 matmul is TF32, whose rounding (~1e-3)
+    would swamp the float32 tolerances of kernel-vs-XLA checks."""
+    import jax
+
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
 def pytest_collection_modifyitems(items):
     """Tests marked ``heavy`` first (stable sort): under ``-n auto --dist loadscope`` their
     modules are handed out first, so no worker starts a long module at the end."""

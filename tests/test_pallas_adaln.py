@@ -10,6 +10,8 @@ from hmar_jax.layers import AdaLNSelfAttnBlock, InitScales
 from hmar_jax.model import preset
 from hmar_jax.pallas import adaln, ops
 
+pytestmark = pytest.mark.usefixtures("exact_float32_matmuls")  # exact references on a GPU too
+
 EPS = 1e-6
 
 
@@ -104,6 +106,7 @@ def test_block_with_kernels_matches_xla_with_drop_path():
         np.testing.assert_allclose(g, g_ref, atol=1e-4, rtol=1e-3)
 
 
+@pytest.mark.devices(4)
 @pytest.mark.parametrize("mesh_spec", [(("data", 4),), (("data", 2), ("fsdp", 2))])
 def test_kernels_run_on_each_devices_share_of_the_batch(mesh_spec):
     """Under a 4-device CPU mesh (data parallel, or data x fsdp with the batch split over

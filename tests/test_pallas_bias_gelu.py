@@ -11,6 +11,8 @@ from hmar_jax.layers import FeedForward, InitScales
 from hmar_jax.model import HMARTransformer, preset
 from hmar_jax.pallas import bias_gelu as bg
 
+pytestmark = pytest.mark.usefixtures("exact_float32_matmuls")  # exact references on a GPU too
+
 ROWS, COLS = 96, 384  # tiles of [32, 128]: a 3 x 3 grid, so db sums three row tiles
 
 
