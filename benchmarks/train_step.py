@@ -912,10 +912,12 @@ def main() -> None:
                         help="multi-device full-step rows: data parallel (replicated state) or "
                              "FSDP (state sharded over all devices)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    parser.add_argument("--gelu-backend", default="auto", choices=["auto", "xla", "pallas"],
-                        help="the FFN's bias + GELU (model.gelu_backend)")
-    parser.add_argument("--norm-backend", default="xla", choices=["auto", "xla", "pallas"],
-                        help="the blocks' LayerNorm + modulation (model.norm_backend)")
+    parser.add_argument("--gelu-backend", default="auto",
+                        help="the FFN's bias + GELU (model.gelu_backend: "
+                             "hmar_jax.pallas.backend_choice.KERNEL_BACKENDS)")
+    parser.add_argument("--norm-backend", default="xla",
+                        help="the blocks' LayerNorm + modulation (model.norm_backend: "
+                             "hmar_jax.pallas.backend_choice.KERNEL_BACKENDS)")
     parser.add_argument("--global-batch", type=int, default=None,
                         help="strong scaling of the full step: for each --devices count N the "
                              "per-device batch is GLOBAL/N, run in passes of the pair's batch "
@@ -946,6 +948,11 @@ def main() -> None:
                        ("train_step_quick.json" if args.quick else "train_step.json"))
     from hmar_jax.model import REMAT_POLICIES  # imports jax, initialises no backend
     from hmar_jax.optim import MU_DTYPES
+    from hmar_jax.pallas.backend_choice import KERNEL_BACKENDS
+    for flag in ("gelu_backend", "norm_backend"):
+        if getattr(args, flag) not in KERNEL_BACKENDS:
+            raise SystemExit(f"unknown --{flag.replace('_', '-')} {getattr(args, flag)!r}; "
+                             f"use one of {KERNEL_BACKENDS}")
     for remat in parse_list(args.remat):
         if remat != "default" and remat not in REMAT_POLICIES:
             raise SystemExit(f"unknown remat policy {remat!r}")
