@@ -136,14 +136,17 @@ def test_markov_property_full_sequence_equals_each_scale_alone(tiny_model, scan_
     layout = model.config.layout
     x = jax.random.normal(jax.random.key(1), (3, layout.seq_len - 1, 8))
     labels = jnp.asarray([0, 5, 10])
-    full = model(x, labels)
+    forward = nnx.jit(lambda model, x: model(x, labels))
+    forward_scale = nnx.jit(lambda model, x_k, k: model.forward_scale(k, labels, x_k),
+                            static_argnums=2)
+    full = forward(model, x)
     assert float(jnp.std(full)) > 0.1  # non-trivial outputs
     for k in range(layout.num_scales):
         x_k = None if k == 0 else x[:, layout.input_slice(k)]
-        np.testing.assert_allclose(np.asarray(model.forward_scale(k, labels, x_k)),
+        np.testing.assert_allclose(np.asarray(forward_scale(model, x_k, k)),
                                    np.asarray(full[:, layout.token_slice(k)]), atol=1e-5)
     # Changing scale 1's inputs changes scale 1's logits and no other scale's.
-    changed = model(x.at[:, layout.input_slice(1)].add(1.0), labels)
+    changed = forward(model, x.at[:, layout.input_slice(1)].add(1.0))
     assert float(jnp.abs(changed - full)[:, layout.token_slice(1)].max()) > 1e-3
     for k in (0, 2, 3):
         np.testing.assert_array_equal(np.asarray(changed[:, layout.token_slice(k)]),
@@ -192,7 +195,7 @@ def test_stage2_freeze_updates_only_the_mask_branch(tiny_model):
         logits = model.forward_masked(x, x * 0.5, masked, jnp.asarray([1, 2]), rng=jax.random.key(5))
         return losses.masked_cross_entropy(logits, targets, masked)[0]
 
-    grads = nnx.grad(loss_fn, argnums=nnx.DiffState(0, STAGE2_TRAINABLE))(model)
+    grads = nnx.jit(nnx.grad(loss_fn, argnums=nnx.DiffState(0, STAGE2_TRAINABLE)))(model)
     grad_paths = [p for p, _ in nnx.to_flat_state(grads)]
     assert grad_paths and all(is_mask_branch(p) for p in grad_paths)
     optimizer.update(model, grads)
@@ -228,25 +231,36 @@ def test_bfloat16_compute_keeps_float32_logits_and_stays_close(tiny_model):
     assert 0 < rel < 2e-2
 
 
-@pytest.mark.parametrize("remat, scan_blocks", [("block", True), ("dots_saveable", True), ("none", False),
-                                                ("dots_attention_saveable", True),
-                                                ("projections_saveable", False)])
-def test_remat_and_scan_do_not_change_gradients(tiny_model, remat, scan_blocks):
-    layout = tiny_model.config.layout
+def _remat_check_gradients(model):
+    """Parameter gradients of a stage-1 loss on fixed inputs (jitted), flat by path."""
+    layout = model.config.layout
     x = jax.random.normal(jax.random.key(1), (2, layout.seq_len - 1, 8))
     targets = jax.random.randint(jax.random.key(2), (2, layout.seq_len), 0, 64)
     weights = jnp.asarray(layout.token_loss_weights("lognorm"))
 
+    @nnx.jit
     def grads_of(model):
         def loss_fn(model):
             logits = model(x, jnp.asarray([1, 10]), rng=jax.random.key(3))
             return losses.scale_weighted_cross_entropy(logits, targets, weights, layout)[0]
-        return nnx.to_flat_state(nnx.grad(loss_fn)(model))
+        return nnx.grad(loss_fn)(model)
 
+    return nnx.to_flat_state(grads_of(model))
+
+
+@pytest.fixture(scope="module")
+def tiny_model_gradients(tiny_model):
+    return _remat_check_gradients(tiny_model)  # scanned, no remat: the reference
+
+
+@pytest.mark.parametrize("remat, scan_blocks", [("block", True), ("dots_saveable", True), ("none", False),
+                                                ("dots_attention_saveable", True),
+                                                ("projections_saveable", False)])
+def test_remat_and_scan_do_not_change_gradients(tiny_model, tiny_model_gradients, remat, scan_blocks):
     variant = HMARTransformer(tiny_model.config.replace(remat=remat, scan_blocks=scan_blocks),
                               rngs=nnx.Rngs(1))
     nnx.update(variant, nnx.state(tiny_model))
-    for (path, a), (_, b) in zip(grads_of(tiny_model), grads_of(variant)):
+    for (path, a), (_, b) in zip(tiny_model_gradients, _remat_check_gradients(variant)):
         np.testing.assert_allclose(np.asarray(b[...]), np.asarray(a[...]), atol=1e-6, err_msg=str(path))
 
 
