@@ -5,6 +5,11 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the run, inherited by the xdist workers and by the CLI
+# subprocesses some tests start: many tests compile the same tiny training step (a SIGKILLed
+# run and its restart compile it three times). Kept in .pytest_cache (``make clean``).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache", "jax_cache"))
 
 import pathlib  # noqa: E402
 
