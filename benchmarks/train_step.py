@@ -705,10 +705,13 @@ def build_specs(args) -> list[dict]:
     for mode in modes:
         if mode not in MODES:
             raise SystemExit(f"unknown mode {mode!r}; use {', '.join(MODES)}")
+    from hmar_jax.sharding import check_batch_split
     for model, batch in pairs:
-        if args.microbatches < 1 or batch % args.microbatches:
-            raise SystemExit(f"--microbatches {args.microbatches} must divide the batch "
-                             f"{batch} ({model}x{batch}).")
+        for n in devices:  # each device runs the pair's batch
+            try:
+                check_batch_split(batch * n, args.microbatches, n)
+            except ValueError as err:
+                raise SystemExit(f"--microbatches, {model}x{batch} on {n} devices: {err}") from None
         for n in devices if args.global_batch else []:
             if args.global_batch % (n * batch):
                 raise SystemExit(f"--global-batch {args.global_batch} must be a multiple of "

@@ -48,6 +48,18 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(mesh.axis_names))
 
 
+def check_batch_split(batch_size: int, microbatches: int, devices: int) -> None:
+    """Refuses a global batch that does not split into ``microbatches`` equal parts, each
+    even over the ``devices`` (one error naming the numbers and the fix)."""
+    if microbatches < 1 or batch_size % microbatches:
+        raise ValueError(f"microbatches={microbatches} must be >= 1 and divide "
+                         f"batch_size={batch_size}.")
+    if (batch_size // microbatches) % devices:
+        raise ValueError(f"Each microbatch of {batch_size // microbatches} images (batch_size="
+                         f"{batch_size} / microbatches={microbatches}) must split evenly over the "
+                         f"{devices} devices; change batch_size or microbatches.")
+
+
 def split_like_batch(x: jax.Array, axis: int) -> jax.Array:
     """``x`` with ``axis`` split over every axis of the mesh set with ``jax.set_mesh``, as
     the batch is (e.g. the rows of stacked microbatches); unchanged without a mesh."""

@@ -264,17 +264,6 @@ class Trainer:
                                        mask_schedule="auto" if self.config.stage == 2 else None,
                                        mask_cfg=sc.mask_cfg)
 
-    def _check_batch_split(self) -> None:
-        """Training needs the batch to split into ``microbatches`` equal parts, each even over
-        the devices (checked when a run starts: restoring or exporting does not need it)."""
-        batch, micro, devices = self.config.batch_size, self.config.microbatches, self.mesh.devices.size
-        if micro < 1 or batch % micro:
-            raise ValueError(f"microbatches={micro} must be >= 1 and divide batch_size={batch}.")
-        if (batch // micro) % devices:
-            raise ValueError(f"Each microbatch of {batch // micro} images (batch_size={batch} / "
-                             f"microbatches={micro}) must split evenly over the {devices} devices; "
-                             f"change batch_size or microbatches.")
-
     def _check_workdir_config(self) -> None:
         path = self.workdir / "hmar_train_config.json"
         current = {"stage": self.config.stage, "model": self.cfg.architecture()}
@@ -322,7 +311,8 @@ class Trainer:
         """Trains to ``config.num_train_steps`` (resuming from the newest checkpoint) and
         exports the EMA model to ``workdir/export``; returns the last logged metrics."""
         config = self.config
-        self._check_batch_split()
+        # Training needs the batch split evenly (restoring or exporting does not).
+        sharding.check_batch_split(config.batch_size, config.microbatches, self.mesh.devices.size)
         iterator = self.make_iterator()
         restored = self.restore_latest(with_data=True)
         if restored is None:
