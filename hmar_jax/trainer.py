@@ -155,8 +155,9 @@ def make_step(graphdef, vae_graphdef, cfg: HMARConfig, config: ml_collections.Co
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
         ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, state.ema, trainable)
-        metrics = dict(metrics, grad_norm=optax.tree.norm(grads),
-                       param_norm=optax.tree.norm(trainable), learning_rate=schedule(state.step))
+        # No parameter norm here: its read of the new parameters kept XLA from fusing the EMA
+        # into the AdamW update (one more pass over the parameters each step); the loop logs it.
+        metrics = dict(metrics, grad_norm=optax.tree.norm(grads), learning_rate=schedule(state.step))
         new_state = TrainState(state.step + 1, trainable, state.frozen, opt_state, ema)
         return new_state, metrics
 
@@ -199,6 +200,7 @@ class Trainer:
         self.train_step = jax.jit(
             step, in_shardings=(self.state_shardings, None, self.batch_sharding, self.batch_sharding),
             out_shardings=(self.state_shardings, None), donate_argnums=0)
+        self.param_norm = jax.jit(optax.tree.norm)  # global L2 norm of the trainable parameters
         self.manager = ocp.CheckpointManager(
             self.workdir / "checkpoints",
             options=ocp.CheckpointManagerOptions(max_to_keep=config.max_checkpoints_to_keep,
@@ -341,6 +343,7 @@ class Trainer:
                 state, metrics = self.train_step(state, self.vae_state, inputs, labels)
                 if step % config.log_every_steps == 0 or step == config.num_train_steps:
                     last = _scalar_metrics(jax.device_get(metrics))
+                    last["param_norm"] = float(self.param_norm(state.trainable))
                     if not np.isfinite(last["loss"]):
                         raise FloatingPointError(
                             f"Non-finite loss at step {step} (finite up to step "

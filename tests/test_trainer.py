@@ -5,6 +5,7 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -231,8 +232,12 @@ def test_trains_on_an_image_folder(tmp_path, tokenizer_export):
                 tmp_path / "images" / name / f"{i}.png")
     config = demo_config(**{"tokenizer.export": tokenizer_export, "data.name": "image_folder",
                             "data.root": str(tmp_path / "images"), "num_train_steps": 2})
-    metrics = trainer.Trainer(config, str(tmp_path / "run")).run()
+    run = trainer.Trainer(config, str(tmp_path / "run"))
+    metrics = run.run()
     assert np.isfinite(metrics["loss"]) and metrics["loss"] > 0 and "ce_per_scale/5" in metrics
+    # The logged parameter norm is that of the trained (not the EMA) parameters.
+    trained = run.restore_latest().trainable
+    assert metrics["param_norm"] == pytest.approx(float(optax.tree.norm(trained)), rel=1e-6)
     with pytest.raises(ValueError, match="Unknown data.name"):
         trainer.Trainer(demo_config(**{"tokenizer.export": tokenizer_export, "data.name": "mnist"}),
                         str(tmp_path / "bad")).make_iterator()
