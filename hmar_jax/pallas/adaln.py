@@ -178,21 +178,22 @@ def _backward_kernel(*refs, width: int, rows: int, sub_blocks: int, with_branch:
 
 # --------------------------------------------------------------------------- pallas calls
 
-def tile_rows(width: int) -> int:
-    """Rows per tile: ``TILE_ELEMENTS / next_pow2(width)``, between 1 and ``MAX_ROWS``."""
-    return max(1, min(MAX_ROWS, TILE_ELEMENTS // pl.next_power_of_2(width)))
+def tile_rows(width: int, tile_elements: int = TILE_ELEMENTS) -> int:
+    """Rows per tile: ``tile_elements / next_pow2(width)``, between 1 and ``MAX_ROWS``."""
+    return max(1, min(MAX_ROWS, tile_elements // pl.next_power_of_2(width)))
 
 
-def tiles(length: int, width: int) -> bool:
+def tiles(length: int, width: int, tile_elements: int = TILE_ELEMENTS) -> bool:
     """Whether the kernels take ``[B, length, width]``: whole tiles of rows per sample."""
-    return width >= MIN_WIDTH and length % tile_rows(width) == 0
+    return width >= MIN_WIDTH and length % tile_rows(width, tile_elements) == 0
 
 
-def sub_blocks(length: int, width: int) -> int:
-    """Tiles per backward program: the largest count <= ``MAX_SUB_BLOCKS`` dividing the
+def sub_blocks(length: int, width: int, tile_elements: int = TILE_ELEMENTS,
+               max_sub_blocks: int = MAX_SUB_BLOCKS) -> int:
+    """Tiles per backward program: the largest count <= ``max_sub_blocks`` dividing the
     sample's tiles (fewer programs, fewer per-program partial sums)."""
-    count = length // tile_rows(width)
-    return next(k for k in range(MAX_SUB_BLOCKS, 0, -1) if count % k == 0)
+    count = length // tile_rows(width, tile_elements)
+    return next(k for k in range(max_sub_blocks, 0, -1) if count % k == 0)
 
 
 def _params(num_warps: int):
@@ -226,12 +227,14 @@ def forward(x, branch, gate, scale, shift, *, eps: float, out_dtype, interpret: 
 
 
 def backward(x, branch, gate, scale, mean, rstd, dh, dx_out, *, interpret: bool = False,
-             num_warps: int = 4):
+             num_warps: int = 4, tile_elements: int = TILE_ELEMENTS,
+             max_sub_blocks: int = MAX_SUB_BLOCKS):
     """Gradients of ``forward``: ``(dx, dbranch, dgate, dscale, dshift)`` (the branch
-    terms None without a branch)."""
+    terms None without a branch). ``length`` must be a multiple of
+    ``tile_rows(width, tile_elements)``."""
     batch, length, width = x.shape
-    with_branch, rows = branch is not None, tile_rows(width)
-    count = sub_blocks(length, width)
+    with_branch, rows = branch is not None, tile_rows(width, tile_elements)
+    count = sub_blocks(length, width, tile_elements, max_sub_blocks)
     programs = length // (rows * count)
     matrix = pl.BlockSpec((None, rows * count, width), lambda b, j: (b, j, 0))
     vector = pl.BlockSpec((None, width), lambda b, j: (b, 0))
