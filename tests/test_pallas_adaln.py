@@ -29,7 +29,7 @@ def test_tiling_plan():
     assert [adaln.tile_rows(w) for w in (1024, 1920, 256, 64)] == [4, 2, 8, 8]
     assert adaln.tiles(680, 1024) and adaln.tiles(680, 1920) and adaln.tiles(256, 1920)
     assert not adaln.tiles(169, 1920) and not adaln.tiles(30, 64) and not adaln.tiles(16, 8)
-    assert adaln.sub_blocks(680, 1024) == 10 and adaln.sub_blocks(40, 256) == 5
+    assert adaln.sub_blocks(680, 1024) == 5 and adaln.sub_blocks(40, 256) == 5
     assert adaln.sub_blocks(16, 128) == 2
 
 
