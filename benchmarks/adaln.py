@@ -37,12 +37,12 @@ BYTES_PER_ELEMENT = {("ln", "forward"): 4 + 2, ("ln", "backward"): 4 + 2 + 4,
                      ("add_ln", "backward"): 4 + 2 + 2 + 4 + 4 + 2}
 
 
-def measure(name: str, batch: int, length: int, width: int, num_warps: list[int], iters: int,
-            bandwidth: float) -> list[dict]:
+def random_inputs(batch: int, length: int, width: int):
+    """``(x, branch, gate, scale, shift, dh, dx_out)`` as the blocks pass them: the float32
+    residual stream ``x`` and ``dx_out`` ``[B, L, C]``, bf16 ``branch`` and ``dh``, float32
+    ``[B, C]`` modulation vectors."""
     import jax
     import jax.numpy as jnp
-
-    from hmar_jax.pallas import adaln
 
     keys = jax.random.split(jax.random.key(0), 8)
     shape, vec = (batch, length, width), (batch, width)
@@ -51,6 +51,17 @@ def measure(name: str, batch: int, length: int, width: int, num_warps: list[int]
     gate, scale, shift = (0.3 * jax.random.normal(k, vec, jnp.float32) for k in keys[2:5])
     dh = jax.random.normal(keys[5], shape, jnp.bfloat16)
     dx_out = jax.random.normal(keys[6], shape, jnp.float32)
+    return x, branch, gate, scale, shift, dh, dx_out
+
+
+def measure(name: str, batch: int, length: int, width: int, num_warps: list[int], iters: int,
+            bandwidth: float) -> list[dict]:
+    import jax
+    import jax.numpy as jnp
+
+    from hmar_jax.pallas import adaln
+
+    x, branch, gate, scale, shift, dh, dx_out = random_inputs(batch, length, width)
     interpret = jax.default_backend() != "gpu"
     norm = dict(eps=1e-6, out_dtype=jnp.bfloat16)
     elements = batch * length * width

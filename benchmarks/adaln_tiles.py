@@ -21,28 +21,16 @@ import itertools
 import json
 import pathlib
 import sys
-import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.adaln import BYTES_PER_ELEMENT  # noqa: E402
-from benchmarks.train_step import parse_list, standalone_header  # noqa: E402
+from benchmarks.adaln import BYTES_PER_ELEMENT, random_inputs  # noqa: E402
+from benchmarks.train_step import _time_back_to_back, parse_list, standalone_header  # noqa: E402
 
 SHAPES = (("d16_train_b64", 64, 680, 1024), ("d30_train_b32", 32, 680, 1920))
 QUICK_SHAPES = (("quick", 2, 16, 256),)
-
-
-def _back_to_back_ms(fn, args, calls: int) -> float:
-    import jax
-
-    jax.block_until_ready(fn(*args))
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        out = fn(*args)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - t0) * 1e3 / calls
 
 
 def measure(name: str, batch: int, length: int, width: int, args) -> list[dict]:
@@ -51,13 +39,7 @@ def measure(name: str, batch: int, length: int, width: int, args) -> list[dict]:
 
     from hmar_jax.pallas import adaln
 
-    keys = jax.random.split(jax.random.key(0), 8)
-    shape, vec = (batch, length, width), (batch, width)
-    x = jax.random.normal(keys[0], shape, jnp.float32)
-    branch = jax.random.normal(keys[1], shape, jnp.bfloat16)
-    gate, scale, shift = (0.3 * jax.random.normal(k, vec, jnp.float32) for k in keys[2:5])
-    dh = jax.random.normal(keys[5], shape, jnp.bfloat16)
-    dx_out = jax.random.normal(keys[6], shape, jnp.float32)
+    x, branch, gate, scale, shift, dh, dx_out = random_inputs(batch, length, width)
     interpret = jax.default_backend() != "gpu"
     _, _, mean, rstd = adaln.forward(x, branch, gate, scale, shift, eps=1e-6,
                                      out_dtype=jnp.bfloat16, interpret=interpret)
@@ -82,7 +64,7 @@ def measure(name: str, batch: int, length: int, width: int, args) -> list[dict]:
             else:
                 error = max(float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
                             for a, b in zip(outs, reference[(op, "default")]))
-            ms = _back_to_back_ms(fn, operands, args.calls)
+            ms = _time_back_to_back(lambda: fn(*operands), args.calls)
             moved = BYTES_PER_ELEMENT[(op, "backward")] * elements
             row = {"shape": name, "batch": batch, "length": length, "width": width, "op": op,
                    "tile_elements": tile_elements, "max_sub_blocks": max_sub, "num_warps": warps,

@@ -27,6 +27,9 @@ backward (d16 B64: 0.41 vs 0.65 ms without the add, 0.68 vs 0.87 ms with it; d30
 the add, 0.32 vs 0.38 ms with it); the training step takes the same time with them (d16
 B64 forward+backward 169.2 vs 169.7 ms, d30 B32 423.4 vs 424.4 ms): inside the step
 XLA fuses its passes with their neighbours. So the model's default is ``"xla"``.
+A later sweep of the backward's tiling (``benchmarks/adaln_tiles.py``, calls back to back)
+found 10 tiles per program 1.7x slower than 5 for the add variant (0.49 against 0.29 ms at
+d16 B64 and d30 B32; 2.8 and 2.5 TB/s), hence ``MAX_SUB_BLOCKS = 5``.
 
 ``backend``: ``"xla"`` is the plain jnp the model computed before (the reference);
 ``"pallas"`` runs the Triton kernels on GPU and the same kernels in Pallas interpret
