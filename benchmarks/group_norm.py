@@ -1,4 +1,4 @@
-"""The tokenizer encoder's GroupNorm + SiLU in bf16: flax's module against a per-channel form.
+"""The tokenizer encoder's GroupNorm + SiLU in bf16: flax's module, the jnp one-pass form, the Pallas kernels.
 
 In the d16 B64 training step's encode (H200 profile, `results/train_profile_tokenize_d16_h200.json`)
 the GroupNorm statistics took 7.0 ms and the normalise + SiLU pass 6.5 ms next to 25 ms of
@@ -6,20 +6,25 @@ convolutions, about half the bandwidth such passes can reach. For each activatio
 the encoder (bf16, 32 groups, median of ``--iters``) this times:
 
 * ``flax``: ``nnx.GroupNorm(use_fast_variance=True)`` then ``nnx.silu``, as the bf16 encode
-  runs it now;
-* ``channel_sums``: per-channel sums of x and x^2 in float32 (one read), combined into the
-  group statistics on the small ``[B, C]`` arrays, then ``silu(x a + b)`` with a per
-  (batch, channel) scale and shift (one read, one write).
+  ran before the kernels;
+* ``reference``: ``hmar_jax.pallas.group_norm.reference_group_norm`` (per-channel float32
+  sums of x and x^2, group statistics on ``[B, C]``, then ``silu(x a + b)``), the ``xla``
+  backend;
+* ``pallas``: the module's two Triton kernels (statistics, then normalise + SiLU), per
+  ``--num-warps`` and per tiling (``--tile-elements`` x ``--max-tiles``); ``pallas_stats``
+  the statistics kernel alone (one read of x).
 
-Each row prints the effective bandwidth (two reads and a write of x over the time) and
-the largest difference from a float32 two-pass GroupNorm + SiLU of the same input.
+Each row prints the effective bandwidth (two reads and a write of x over the time; one
+read for ``pallas_stats``) and the largest difference from a float32 two-pass GroupNorm +
+SiLU of the same input.
 
-  python benchmarks/group_norm.py --out benchmarks/results/group_norm_h200.json
-  python benchmarks/group_norm.py --quick          # CPU smoke run, tiny shape
+  python benchmarks/group_norm.py --out benchmarks/results/group_norm_pallas_h200.json
+  python benchmarks/group_norm.py --quick          # CPU smoke run, tiny shape, interpret mode
 """
 
 from __future__ import annotations
 
+import functools
 import pathlib
 import sys
 
@@ -40,37 +45,19 @@ SHAPES = (("b64_256px_160", 64, 256, 160), ("b64_128px_160", 64, 128, 160),
 QUICK_SHAPES = (("quick", 2, 8, 64),)
 
 
-def channel_sums_group_norm_silu(x, scale, bias, groups: int = GROUPS, eps: float = EPS):
-    """``silu(GroupNorm(x))`` for ``x [B, H, W, C]``: one read for per-channel sums, one
-    read and one write for ``silu(x a + b)``; statistics in float32, output in x's dtype."""
-    import jax
-    import jax.numpy as jnp
-
-    b, h, w, c = x.shape
-    x32 = x.astype(jnp.float32)
-    sums = jnp.sum(x32, axis=(1, 2))                    # [B, C]
-    squares = jnp.sum(x32 * x32, axis=(1, 2))           # [B, C]
-    count = h * w * (c // groups)
-    mean = sums.reshape(b, groups, -1).sum(-1) / count  # [B, G]
-    var = jnp.maximum(squares.reshape(b, groups, -1).sum(-1) / count - mean * mean, 0.0)
-    rstd = jax.lax.rsqrt(var + eps)
-    per_channel = lambda g: jnp.repeat(g, c // groups, axis=1)  # noqa: E731  [B, G] -> [B, C]
-    a = per_channel(rstd) * scale.astype(jnp.float32)
-    shift = bias.astype(jnp.float32) - per_channel(mean) * a
-    return jax.nn.silu(x32 * a[:, None, None] + shift[:, None, None]).astype(x.dtype)
-
-
 def measure(name: str, batch: int, side: int, channels: int, num_warps: list[int], iters: int,
-            bandwidth: float) -> list[dict]:
-    del num_warps  # no kernel here
+            bandwidth: float, tilings: list[tuple[int, int]]) -> list[dict]:
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
+    from hmar_jax.pallas import group_norm as ops
+
     keys = jax.random.split(jax.random.key(0), 3)
     x = (2.0 * jax.random.normal(keys[0], (batch, side, side, channels)) + 0.5).astype(jnp.bfloat16)
-    scale = 1.0 + 0.1 * jax.random.normal(keys[1], (channels,))
-    bias = 0.1 * jax.random.normal(keys[2], (channels,))
+    scale = (1.0 + 0.1 * jax.random.normal(keys[1], (channels,))).astype(jnp.bfloat16)
+    bias = (0.1 * jax.random.normal(keys[2], (channels,))).astype(jnp.bfloat16)
+    interpret = jax.default_backend() != "gpu"
 
     def flax_norm(fast: bool, dtype):
         norm = nnx.GroupNorm(channels, num_groups=GROUPS, epsilon=EPS, use_fast_variance=fast,
@@ -82,25 +69,53 @@ def measure(name: str, batch: int, side: int, channels: int, num_warps: list[int
     exact_norm = flax_norm(False, jnp.float32)
     exact = jax.jit(lambda x: nnx.silu(exact_norm(x)))(x.astype(jnp.float32))
     fast_norm = flax_norm(True, jnp.bfloat16)
+    flat = lambda x: x.reshape(batch, side * side, channels)  # noqa: E731
     variants = {
-        "flax": lambda x: nnx.silu(fast_norm(x)),
-        "channel_sums": lambda x: channel_sums_group_norm_silu(x, scale.astype(jnp.bfloat16),
-                                                               bias.astype(jnp.bfloat16)),
+        "flax": ({}, lambda x: nnx.silu(fast_norm(x))),
+        "reference": ({}, lambda x: ops.reference_group_norm(x, scale, bias, groups=GROUPS,
+                                                             eps=EPS, silu=True)),
     }
+    for warps in num_warps:
+        for elements, max_tiles in tilings:
+            tiling = dict(num_warps=warps, tile_elements=elements, max_tiles=max_tiles)
+            variants[f"pallas_w{warps}_t{elements}x{max_tiles}"] = (tiling, functools.partial(
+                lambda x, tiling: ops.group_norm_kernels(flat(x), scale, bias, GROUPS, EPS, True,
+                                                         interpret, **tiling).reshape(x.shape),
+                tiling=tiling))
+    warps, (elements, max_tiles) = num_warps[0], tilings[0]
+    stats_tiling = dict(num_warps=warps, tile_elements=elements, max_tiles=max_tiles)
+    variants["pallas_stats"] = (stats_tiling, lambda x: ops.channel_sums(
+        flat(x), interpret=interpret, **stats_tiling))
     rows = []
-    for variant, fn in variants.items():
+    for variant, (tiling, fn) in variants.items():
         jitted = jax.jit(fn)
         out = jax.block_until_ready(jitted(x))
         stats = timing_summary(_time_calls(lambda: jitted(x), 2, iters))
-        error = float(jnp.max(jnp.abs(out.astype(jnp.float32) - exact)))
+        passes = 1 if variant == "pallas_stats" else 3
+        error = None if variant == "pallas_stats" else float(
+            jnp.max(jnp.abs(out.astype(jnp.float32) - exact)))
         row = {"shape": name, "batch": batch, "side": side, "channels": channels,
-               "variant": variant, **stats, "tb_per_s": 3 * x.nbytes / (stats["ms_median"] * 1e-3) / 1e12,
-               "max_abs_error_vs_f32": error, "output_dtype": str(out.dtype)}
+               "variant": variant, **tiling, **stats,
+               "tb_per_s": passes * x.nbytes / (stats["ms_median"] * 1e-3) / 1e12,
+               "max_abs_error_vs_f32": error}
         rows.append(row)
-        print(f"  {name:<16} {variant:<13} {stats['ms_median']:8.3f} ms  "
-              f"{row['tb_per_s']:5.2f} TB/s of {bandwidth}   max |error| {error:.3g}", flush=True)
+        shown = "-" if error is None else f"{error:.3g}"
+        print(f"  {name:<16} {variant:<24} {stats['ms_median']:8.3f} ms  "
+              f"{row['tb_per_s']:5.2f} TB/s of {bandwidth}   max |error| {shown}", flush=True)
     return rows
 
 
+def parse_tilings(text: str) -> list[tuple[int, int]]:
+    """``"4096x16,8192x8"`` -> ``[(4096, 16), (8192, 8)]`` (tile elements x tiles per program)."""
+    return [tuple(int(v) for v in item.split("x")) for item in text.split(",") if item]
+
+
+def add_arguments(parser) -> list[str]:
+    parser.add_argument("--tilings", type=parse_tilings, default="4096x16,8192x16,4096x32,2048x16",
+                        help="comma list of tile elements x tiles per program for the kernels "
+                             "(the first is the stats-only row's)")
+    return ["tilings"]
+
+
 if __name__ == "__main__":
-    elementwise_benchmark_main("group_norm", __doc__, SHAPES, QUICK_SHAPES, measure)
+    elementwise_benchmark_main("group_norm", __doc__, SHAPES, QUICK_SHAPES, measure, add_arguments)

@@ -118,9 +118,11 @@ def standalone_header(benchmark: str, args: argparse.Namespace) -> dict:
 
 
 def elementwise_benchmark_main(benchmark: str, doc: str, shapes: tuple, quick_shapes: tuple,
-                               measure) -> None:
+                               measure, add_arguments=None) -> None:
     """Command line of the per-shape kernel benchmarks (``bias_gelu.py``, ``adaln.py``):
-    ``measure(*shape[1:], num_warps, iters, bandwidth)`` returns a shape's rows."""
+    ``measure(*shape[1:], num_warps, iters, bandwidth, **extra)`` returns a shape's rows;
+    ``add_arguments(parser)`` adds a benchmark's own options and returns their ``dest``
+    names, passed to ``measure`` as ``extra``."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--shapes", default=",".join(s[0] for s in shapes),
                         help="comma list of " + ", ".join(s[0] for s in shapes))
@@ -129,14 +131,16 @@ def elementwise_benchmark_main(benchmark: str, doc: str, shapes: tuple, quick_sh
     parser.add_argument("--bandwidth", type=float, default=4.8, help="HBM TB/s, for the print")
     parser.add_argument("--quick", action="store_true", help="tiny shape, interpret mode on CPU")
     parser.add_argument("--out", default=None)
+    extra_names = add_arguments(parser) if add_arguments else []
     args = parser.parse_args()
+    extra = {name: getattr(args, name) for name in extra_names}
     chosen = quick_shapes if args.quick else [s for s in shapes if s[0] in parse_list(args.shapes)]
     if args.quick:
         args.iters = 2
     result = standalone_header(benchmark, args) | {"rows": []}
     for shape in chosen:
         result["rows"] += measure(*shape, parse_list(args.num_warps, int), args.iters,
-                                  args.bandwidth)
+                                  args.bandwidth, **extra)
     if args.out:
         pathlib.Path(args.out).write_text(json.dumps(result, indent=1))
 
@@ -359,14 +363,14 @@ def quick_vae_config():
 TOKENIZER_PRECISION = "default"
 
 
-def vae_config(quick: bool, precision: str = TOKENIZER_PRECISION):
+def vae_config(quick: bool, precision: str = TOKENIZER_PRECISION, norm_backend: str = "auto"):
     import dataclasses
 
     from hmar_jax.vqvae import VQVAEConfig
 
     # VQVAEConfig() = vae_ch160v4096z32
     config = quick_vae_config() if quick else VQVAEConfig()
-    return dataclasses.replace(config, precision=precision)
+    return dataclasses.replace(config, precision=precision, norm_backend=norm_backend)
 
 
 def init_on_device(ctor):
@@ -395,7 +399,8 @@ def recipe_config(spec: dict):
     overrides = config.model.overrides.to_dict()
     overrides.update(dtype=spec["dtype"], attention_backend=spec["backend"],
                      scan_blocks=spec["scan_blocks"], gelu_backend=spec.get("gelu_backend", "auto"),
-                     norm_backend=spec.get("norm_backend", "xla"))
+                     norm_backend=spec.get("norm_backend", "xla"),
+                     head_dtype=spec.get("head_dtype", "float32"))
     if spec["remat"] == "default":
         overrides.pop("remat", None)  # the preset's own value
     else:
@@ -435,7 +440,9 @@ def train_worker(spec: dict) -> dict:
     config = recipe_config(spec)
     lower_only = spec.get("lower_only", False)
     precision = spec.get("tokenizer_precision") or TOKENIZER_PRECISION
-    make_vae = lambda: VQVAE(vae_config(spec["quick"], precision), rngs=nnx.Rngs(0))  # noqa: E731
+    norm_backend = spec.get("tokenizer_norm_backend", "auto")
+    make_vae = lambda: VQVAE(vae_config(spec["quick"], precision, norm_backend),  # noqa: E731
+                             rngs=nnx.Rngs(0))
     vae = nnx.eval_shape(make_vae) if lower_only else init_on_device(make_vae)
     cfg = model_config(config, vae.config)
     layout = cfg.layout
@@ -736,8 +743,9 @@ def build_specs(args) -> list[dict]:
     common = dict(dtype=args.dtype, quick=args.quick, iters=args.iters, warmup=args.warmup,
                   seed=0, lower_only=args.lower_only, profile=args.profile,
                   gelu_backend=args.gelu_backend, norm_backend=args.norm_backend,
-                  mu_dtype=args.mu_dtype, parallelism=args.parallelism,
-                  microbatches=args.microbatches)
+                  tokenizer_norm_backend=args.tokenizer_norm_backend, mu_dtype=args.mu_dtype,
+                  head_dtype=args.head_dtype,
+                  parallelism=args.parallelism, microbatches=args.microbatches)
     specs = []
     for model, batch in pairs:
         for mode in modes:
@@ -964,6 +972,11 @@ def main() -> None:
                         help="comma list of tokenizer precisions for the full and tokenize modes: "
                              "default (TF32 on GPUs, the training configs' setting), bfloat16, "
                              "highest")
+    parser.add_argument("--head-dtype", default="float32", choices=("auto", "float32", "bfloat16"),
+                        help="the output head's matmuls (model.head_dtype)")
+    parser.add_argument("--tokenizer-norm-backend", default="auto",
+                        help="the tokenizer's GroupNorm + SiLU under bfloat16 precision "
+                             "(VQVAEConfig.norm_backend: auto, xla, pallas)")
     add_harness_flags(parser, "benchmarks/results/train_step.json", default_budget=540,
                       default_timeout=300, default_iters=10, default_warmup=2)
     args = parser.parse_args()
@@ -980,7 +993,7 @@ def main() -> None:
     from hmar_jax.model import REMAT_POLICIES  # imports jax, initialises no backend
     from hmar_jax.optim import MU_DTYPES
     from hmar_jax.pallas.backend_choice import KERNEL_BACKENDS
-    for flag in ("gelu_backend", "norm_backend"):
+    for flag in ("gelu_backend", "norm_backend", "tokenizer_norm_backend"):
         if getattr(args, flag) not in KERNEL_BACKENDS:
             raise SystemExit(f"unknown --{flag.replace('_', '-')} {getattr(args, flag)!r}; "
                              f"use one of {KERNEL_BACKENDS}")

@@ -103,7 +103,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     fast = args["res"] == 256
     config.model.overrides = ml_collections.ConfigDict(dict(
         num_classes=1000, num_mask_layers=MASK_LAYERS, init_adaln_gamma=recipe["alng"],
-        remat="dots_attention_saveable" if fast else "block", dtype="auto",
+        remat="dots_attention_saveable" if fast else "block", dtype="auto", head_dtype="auto",
         attention_backend="auto", scan_blocks=not fast, gelu_backend="auto",
         norm_backend="auto" if fast else "xla"))
 

@@ -10,6 +10,7 @@ K head dim, V vocabulary.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -199,6 +200,50 @@ class AdaLNSelfAttnBlock(nnx.Module):
         gate2 = gamma2 * drop_path_factor(drop_rate, rng_ffn, b)
         x = x + (self.ffn(checkpoint_name(h, NORM_OUT_NAME)) * gate2[:, None]).astype(x.dtype)
         return x, kv_cache
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def matmul_in_dtype(x: jax.Array, kernel: jax.Array, dtype) -> jax.Array:
+    """``x @ kernel`` (``[..., C] x [C, V]``) on ``dtype`` operands with float32 accumulation
+    and a float32 result; the backward's two matmuls take ``dtype`` operands too (the
+    float32 cotangent cast once), and the gradients come back in the inputs' dtypes."""
+    return jnp.dot(x.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def _matmul_in_dtype_fwd(x, kernel, dtype):
+    low_x, low_kernel = x.astype(dtype), kernel.astype(dtype)
+    out = jnp.dot(low_x, low_kernel, preferred_element_type=jnp.float32)
+    dtypes = (jnp.zeros((0,), x.dtype), jnp.zeros((0,), kernel.dtype))  # the inputs' dtypes
+    return out, (low_x, low_kernel, dtypes)
+
+
+def _matmul_in_dtype_bwd(dtype, residuals, cotangent):
+    low_x, low_kernel, (x_like, kernel_like) = residuals
+    low_cotangent = cotangent.astype(dtype)
+    dx = jnp.dot(low_cotangent, low_kernel.T, preferred_element_type=jnp.float32)
+    width, vocab = low_kernel.shape
+    dkernel = jnp.dot(low_x.reshape(-1, width).T, low_cotangent.reshape(-1, vocab),
+                      preferred_element_type=jnp.float32)
+    return dx.astype(x_like.dtype), dkernel.astype(kernel_like.dtype)
+
+
+matmul_in_dtype.defvjp(_matmul_in_dtype_fwd, _matmul_in_dtype_bwd)
+
+
+class Head(nnx.Linear):
+    """The output head ``[B, L, C] -> [B, L, V]``: ``nnx.Linear`` (float32 parameters and
+    logits) whose matmul runs on ``matmul_dtype`` operands (``HMARConfig.head_dtype``)."""
+
+    def __init__(self, in_features: int, out_features: int, *, matmul_dtype: str = "float32",
+                 **kwargs):
+        super().__init__(in_features, out_features, **kwargs)
+        self.matmul_dtype = matmul_dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.matmul_dtype == "float32":
+            return super().__call__(x)
+        logits = matmul_in_dtype(x, self.kernel[...], jnp.dtype(self.matmul_dtype))
+        return logits + self.bias[...].astype(jnp.float32)
 
 
 class AdaLNBeforeHead(nnx.Module):

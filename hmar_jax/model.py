@@ -32,7 +32,7 @@ from flax import nnx
 from hmar_jax import sharding
 from hmar_jax.frozen_config import config_from_dict
 from hmar_jax.layers import (ATTENTION_PROJ_NAME, FFN_OUT_NAME, GELU_OUT_NAME, NORM_OUT_NAME,
-                             AdaLNBeforeHead, AdaLNSelfAttnBlock, InitScales)
+                             AdaLNBeforeHead, AdaLNSelfAttnBlock, Head, InitScales)
 from hmar_jax.pallas import adaln, bias_gelu, ops
 from hmar_jax.pallas.adaln import NORM_BACKENDS
 from hmar_jax.pallas.bias_gelu import GELU_BACKENDS
@@ -74,7 +74,12 @@ class HMARConfig:
       norm_eps: LayerNorm epsilon.
       dtype: compute dtype of the block matmuls: ``float32``, ``bfloat16`` or ``auto``
         (bfloat16 on GPU/TPU, float32 on CPU). Params, norms, softmax, embeddings, the
-        head and its logits stay float32.
+        head's input and logits stay float32 (``head_dtype`` sets the head's matmul).
+      head_dtype: the output head's matmuls (forward and both backward ones):
+        ``float32`` (default; TF32 on NVIDIA GPUs at default precision), ``bfloat16``
+        (bf16 operands, float32 accumulation and logits, as upstream's fp16 autocast runs
+        its head) or ``auto`` (the blocks' ``compute_dtype``). On an H200 the bf16 head
+        made the d16 B64 training step 2.3 ms faster (175.3 -> 173.0 ms).
       scan_blocks: run the blocks with ``lax.scan`` (fast compile) instead of unrolled.
       remat: rematerialisation per block: ``none``, ``block`` (save nothing),
         ``dots_saveable`` (keep matmul outputs) or ``dots_attention_saveable`` (also keep
@@ -106,6 +111,7 @@ class HMARConfig:
     drop_path_rate: float | None = None
     norm_eps: float = 1e-6
     dtype: str = "auto"
+    head_dtype: str = "float32"
     scan_blocks: bool = True
     remat: RematPolicy = "none"
     init_adaln: float = 0.5
@@ -137,6 +143,9 @@ class HMARConfig:
                              f"{NORM_BACKENDS}.")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"Unknown dtype {self.dtype!r}; use 'auto', 'float32' or 'bfloat16'.")
+        if self.head_dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"Unknown head_dtype {self.head_dtype!r}; use 'auto', 'float32' "
+                             "or 'bfloat16'.")
 
     @property
     def compute_dtype(self) -> jnp.dtype:
@@ -144,6 +153,11 @@ class HMARConfig:
         if self.dtype == "auto":
             return jnp.dtype(jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32)
         return jnp.dtype(self.dtype)
+
+    @property
+    def head_compute_dtype(self) -> jnp.dtype:
+        """The head's matmul dtype, resolving ``auto`` to ``compute_dtype``."""
+        return self.compute_dtype if self.head_dtype == "auto" else jnp.dtype(self.head_dtype)
 
     @property
     def layout(self) -> ScaleLayout:
@@ -169,8 +183,8 @@ class HMARConfig:
         return dataclasses.asdict(self)
 
     # Fields that change how the model runs but not its parameters or outputs' meaning.
-    RUNTIME_FIELDS = ("attention_backend", "gelu_backend", "norm_backend", "dtype", "scan_blocks",
-                      "remat", "drop_path_rate")
+    RUNTIME_FIELDS = ("attention_backend", "gelu_backend", "norm_backend", "dtype", "head_dtype",
+                      "scan_blocks", "remat", "drop_path_rate")
 
     def architecture(self, ignore: tuple[str, ...] = ()) -> dict[str, Any]:
         """The fields that define the parameters and the function (runtime fields dropped)."""
@@ -283,7 +297,8 @@ class HMARTransformer(nnx.Module):
     @staticmethod
     def _make_head(cfg: HMARConfig, init: InitScales, rngs: nnx.Rngs):
         norm = AdaLNBeforeHead(cfg.width, cfg.width, cfg.norm_eps, init, rngs)
-        head = nnx.Linear(cfg.width, cfg.vocab_size, kernel_init=init.kernel_init, rngs=rngs)
+        head = Head(cfg.width, cfg.vocab_size, matmul_dtype=cfg.head_compute_dtype.name,
+                    kernel_init=init.kernel_init, rngs=rngs)
         head.kernel[...] = head.kernel[...] * init.head
         return norm, head
 

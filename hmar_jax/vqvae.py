@@ -26,6 +26,7 @@ from flax import nnx
 
 from hmar_jax import resample
 from hmar_jax.frozen_config import config_from_dict
+from hmar_jax.pallas import group_norm as group_norm_ops
 from hmar_jax.scales import ScaleLayout, resolve_patch_nums
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -40,8 +41,9 @@ def _with_precision(method):
     """Runs a VQVAE method's convolutions and matmuls at ``config.precision``; for
     ``bfloat16`` on a bf16 copy of the weights and inputs, returning float32, with the
     GroupNorms' mean and variance from one pass (``E[x^2] - E[x]^2`` in float32; the
-    other precisions keep PyTorch's two-pass variance). In the d16 B64 training step's
-    encode the two-pass statistics took 7.0 of 41 ms on an H200."""
+    other precisions keep PyTorch's two-pass variance), computed by
+    ``hmar_jax.pallas.group_norm`` as ``config.norm_backend`` chooses. In the d16 B64
+    training step's encode the two-pass statistics took 7.0 of 41 ms on an H200."""
 
     @functools.wraps(method)
     def wrapped(self, *args, **kwargs):
@@ -52,8 +54,9 @@ def _with_precision(method):
             copy = nnx.merge(graphdef, _to_dtype(state, jnp.bfloat16))
             object.__setattr__(copy, "_bf16_copy", True)
             for _, module in nnx.iter_modules(copy):
-                if isinstance(module, nnx.GroupNorm):  # one read for both statistics
+                if isinstance(module, GroupNorm):  # one read for both statistics
                     module.use_fast_variance = True
+                    module.kernel_backend = self.config.norm_backend
             out = method(copy, *_to_dtype(args, jnp.bfloat16), **_to_dtype(kwargs, jnp.bfloat16))
             return _to_dtype(out, jnp.float32)
         precision = "highest" if self.config.precision == "highest" else None
@@ -88,6 +91,9 @@ class VQVAEConfig:
         weights and activations, float32 results, one-pass GroupNorm statistics;
         fastest, for decoding samples and the training step's encode). A runtime choice: it does not change the stored weights. The codebook search runs
         at highest precision (in bf16 under ``bfloat16``).
+      norm_backend: the GroupNorms (+ SiLU) under ``bfloat16`` precision: ``xla`` (jnp),
+        ``pallas`` (``hmar_jax.pallas.group_norm``'s kernels) or ``auto`` (``pallas`` on
+        GPU). A runtime choice like ``precision``; the other precisions use flax's module.
     """
 
     vocab_size: int = 4096
@@ -104,11 +110,15 @@ class VQVAEConfig:
     beta: float = 0.25
     patch_nums: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
     precision: str = "highest"
+    norm_backend: str = "auto"
 
     def __post_init__(self):
         if self.precision not in ("highest", "default", "bfloat16"):
             raise ValueError(f"Unknown tokenizer precision {self.precision!r}; use 'highest', "
                              "'default' or 'bfloat16'.")
+        if self.norm_backend not in group_norm_ops.GROUP_NORM_BACKENDS:
+            raise ValueError(f"Unknown tokenizer norm_backend {self.norm_backend!r}; use one of "
+                             f"{group_norm_ops.GROUP_NORM_BACKENDS}.")
         object.__setattr__(self, "ch_mult", tuple(int(m) for m in self.ch_mult))
         object.__setattr__(self, "patch_nums", resolve_patch_nums(self.patch_nums))
         widths = {self.ch * m for m in self.ch_mult}
@@ -141,18 +151,63 @@ class VQVAEConfig:
         return config_from_dict(cls, values)
 
 
-def _conv(cin: int, cout: int, kernel: int, rngs: nnx.Rngs, stride: int = 1, padding=None) -> nnx.Conv:
+PATCH_MATMUL_MAX_CHANNELS = 4  # Conv: inputs this narrow (the image) run as a patch matmul
+
+
+class Conv(nnx.Conv):
+    """``nnx.Conv`` (``[B, H, W, Cin] -> [B, H', W', Cout]``); a stride-1 convolution of an
+    input with at most ``PATCH_MATMUL_MAX_CHANNELS`` channels (the encoder's ``conv_in`` on
+    RGB) runs as one matmul of its ``[B, H, W, k k Cin]`` patches with the kernel reshaped to
+    ``[k k Cin, Cout]``: the same sums, in another order. cuDNN took 1.8 ms for the 3-channel
+    ``conv_in`` of the d16 B64 training step's encode on an H200, a pass whose output alone
+    is 1.3 GB (0.3 ms of writes)."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kh, kw, cin, cout = self.kernel.shape
+        unit = lambda v: v is None or v == 1 or tuple(v) == (1, 1)  # noqa: E731
+        if (cin > PATCH_MATMUL_MAX_CHANNELS or kh * kw == 1 or not unit(self.strides)
+                or not unit(self.kernel_dilation) or not unit(self.input_dilation)
+                or self.feature_group_count != 1 or isinstance(self.padding, str)):
+            return super().__call__(x)
+        padded = jnp.pad(x, ((0, 0), *self.padding, (0, 0)))
+        height, width = padded.shape[1] - kh + 1, padded.shape[2] - kw + 1
+        patches = jnp.concatenate([padded[:, dy:dy + height, dx:dx + width]
+                                   for dy in range(kh) for dx in range(kw)], axis=-1)
+        kernel = self.kernel[...].reshape(kh * kw * cin, cout)  # rows ordered (dy, dx, c)
+        y = jnp.dot(patches, kernel.astype(jnp.result_type(patches, kernel)),
+                    precision=self.precision)
+        return y if self.bias is None else y + self.bias[...]
+
+
+def _conv(cin: int, cout: int, kernel: int, rngs: nnx.Rngs, stride: int = 1, padding=None) -> Conv:
     pad = kernel // 2 if padding is None else padding
     if isinstance(pad, int):
         pad = ((pad, pad), (pad, pad))
-    return nnx.Conv(cin, cout, (kernel, kernel), strides=(stride, stride), padding=pad,
-                    rngs=rngs)  # precision: VQVAE._precision
+    return Conv(cin, cout, (kernel, kernel), strides=(stride, stride), padding=pad,
+                rngs=rngs)  # precision: VQVAE._precision
 
 
-def _group_norm(channels: int, groups: int, rngs: nnx.Rngs) -> nnx.GroupNorm:
+class GroupNorm(nnx.GroupNorm):
+    """``nnx.GroupNorm`` (``[B, H, W, C]``) with the SiLU that follows it as an option.
+
+    With one-pass statistics (the ``bfloat16`` copy, see ``_with_precision``) it runs
+    ``hmar_jax.pallas.group_norm`` with ``kernel_backend``; otherwise flax's module."""
+
+    kernel_backend: str = "xla"
+
+    def __call__(self, x: jax.Array, *, silu: bool = False) -> jax.Array:
+        if self.use_fast_variance:
+            return group_norm_ops.group_norm(x, self.scale[...], self.bias[...],
+                                             groups=self.num_groups, eps=self.epsilon,
+                                             silu=silu, backend=self.kernel_backend)
+        y = super().__call__(x)
+        return nnx.silu(y) if silu else y
+
+
+def _group_norm(channels: int, groups: int, rngs: nnx.Rngs) -> GroupNorm:
     # Two-pass variance (use_fast_variance=False) to match PyTorch's GroupNorm.
-    return nnx.GroupNorm(channels, num_groups=groups, epsilon=1e-6,
-                         use_fast_variance=False, rngs=rngs)
+    return GroupNorm(channels, num_groups=groups, epsilon=1e-6, use_fast_variance=False,
+                     rngs=rngs)
 
 
 class ResnetBlock(nnx.Module):
@@ -166,8 +221,8 @@ class ResnetBlock(nnx.Module):
         self.nin_shortcut = _conv(cin, cout, 1, rngs) if cin != cout else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = self.conv1(nnx.silu(self.norm1(x)))
-        h = self.conv2(nnx.silu(self.norm2(h)))
+        h = self.conv1(self.norm1(x, silu=True))
+        h = self.conv2(self.norm2(h, silu=True))
         shortcut = x if self.nin_shortcut is None else self.nin_shortcut(x)
         return shortcut + h
 
@@ -264,7 +319,7 @@ class Encoder(nnx.Module):
         h = self.conv_in(x)
         for level in self.down:
             h = level(h)
-        return self.conv_out(nnx.silu(self.norm_out(self.mid(h))))
+        return self.conv_out(self.norm_out(self.mid(h), silu=True))
 
 
 class Decoder(nnx.Module):
@@ -290,7 +345,7 @@ class Decoder(nnx.Module):
         h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
             h = level(h)
-        return self.conv_out(nnx.silu(self.norm_out(h)))
+        return self.conv_out(self.norm_out(h, silu=True))
 
 
 class ResidualRefiner(nnx.Module):

@@ -231,6 +231,31 @@ def test_bfloat16_compute_keeps_float32_logits_and_stays_close(tiny_model):
     assert 0 < rel < 2e-2
 
 
+def test_bfloat16_head_keeps_float32_logits_and_gradients_close(tiny_model, tiny_model_gradients):
+    """``head_dtype="bfloat16"``: the head's three matmuls take bf16 operands (float32
+    accumulation); logits and gradients stay float32, within 1% and 2% of the float32
+    head's."""
+    variant = HMARTransformer(tiny_model.config.replace(head_dtype="bfloat16"), rngs=nnx.Rngs(1))
+    nnx.update(variant, nnx.state(tiny_model))
+    layout = tiny_model.config.layout
+    x = jax.random.normal(jax.random.key(1), (2, layout.seq_len - 1, 8))
+    labels = jnp.asarray([1, 10])
+    reference, logits = tiny_model(x, labels), variant(x, labels)
+    assert logits.dtype == jnp.float32
+    rel = float(jnp.linalg.norm(logits - reference) / jnp.linalg.norm(reference))
+    assert 0 < rel < 1e-2
+    gradients = _remat_check_gradients(variant)
+    head_loss = lambda h, kernel: jnp.sum(layers.matmul_in_dtype(h, kernel, jnp.bfloat16) ** 2)  # noqa: E731
+    jaxpr = jax.make_jaxpr(jax.grad(head_loss, argnums=(0, 1)))(
+        jnp.ones((2, 3, 64)), variant.head.kernel[...])
+    dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
+    assert len(dots) == 3 and all(v.aval.dtype == jnp.bfloat16 for e in dots for v in e.invars)
+    for (path, ref), (_, grad) in zip(tiny_model_gradients, gradients):
+        assert grad[...].dtype == jnp.float32
+        error = float(jnp.linalg.norm(grad[...] - ref[...]))
+        assert error <= 2e-2 * float(jnp.linalg.norm(ref[...])) + 1e-7, (path, error)
+
+
 def _remat_check_gradients(model):
     """Parameter gradients of a stage-1 loss on fixed inputs (jitted), flat by path."""
     layout = model.config.layout

@@ -159,3 +159,28 @@ def test_config_rejects_unknown_keys_and_bad_widths():
         VQVAEConfig.from_dict({"chanels": 3})
     with pytest.raises(ValueError, match="norm_groups"):
         VQVAEConfig(ch=48)
+
+
+@pytest.mark.parametrize("padding, kernel", [(((1, 1), (1, 1)), 3), (((0, 1), (2, 0)), 2)])
+def test_narrow_input_convolution_runs_as_a_patch_matmul(padding, kernel):
+    """``vqvae.Conv`` on 3 channels (the encoder's ``conv_in``) is one matmul over patches
+    with the same result as flax's convolution (float32 at highest precision, and bf16);
+    wider inputs and strided convolutions stay convolutions."""
+    from hmar_jax.vqvae import Conv
+
+    ours = Conv(3, 8, (kernel, kernel), padding=padding, rngs=nnx.Rngs(0))
+    flax_conv = nnx.Conv(3, 8, (kernel, kernel), padding=padding, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (2, 9, 7, 3))
+    assert "conv_general_dilated" not in str(jax.make_jaxpr(ours)(x))
+    with jax.default_matmul_precision("highest"):
+        np.testing.assert_allclose(ours(x), flax_conv(x), atol=2e-6, rtol=1e-6)
+    bf16 = lambda module: nnx.merge(*jax.tree.map(  # noqa: E731
+        lambda a: a.astype(jnp.bfloat16), nnx.split(module)))
+    got, want = bf16(ours)(x.astype(jnp.bfloat16)), bf16(flax_conv)(x.astype(jnp.bfloat16))
+    assert got.dtype == want.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                               atol=3e-2, rtol=2e-2)
+    wide = Conv(16, 8, (3, 3), padding=padding, rngs=nnx.Rngs(0))
+    strided = Conv(3, 8, (3, 3), strides=(2, 2), padding=padding, rngs=nnx.Rngs(0))
+    assert "conv_general_dilated" in str(jax.make_jaxpr(wide)(jnp.ones((1, 8, 8, 16))))
+    assert "conv_general_dilated" in str(jax.make_jaxpr(strided)(x))
