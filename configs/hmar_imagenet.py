@@ -92,10 +92,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.preset = args["variant"]
     # 256 px: the fastest measured on an H200 that fits with room to spare
     # (benchmarks/README.md): matmul and attention outputs kept, blocks unrolled, the Pallas
-    # AdaLN kernels on GPU (d16 B64 188 ms at 25.1 GiB, d30 B32 414 ms at 67.9 GiB per GPU).
+    # AdaLN kernels on GPU, the head's matmuls in bf16 (head_dtype=auto) (d16 B64 186 ms at
+    # 24.7 GiB, d30 B32 421 ms at 67.7 GiB per GPU).
     # Faster: remat=activations_saveable (d16 184 ms, 33.1 GiB; d30 with
-    # optimizer.mu_dtype=bfloat16 398-410 ms, 77 GiB, which needs
-    # XLA_PYTHON_CLIENT_MEM_FRACTION=0.95) or remat=none at d16 (180 ms, 37 GiB). Less
+    # optimizer.mu_dtype=bfloat16 393-406 ms, 76 GiB, which needs
+    # XLA_PYTHON_CLIENT_MEM_FRACTION=0.95) or remat=none at d16 (173-180 ms, 35 GiB). Less
     # memory: remat=projections_saveable
     # (+ optimizer.mu_dtype=bfloat16: d30 B32 48.3 GiB), remat=none with
     # config.microbatches=2 (d16 B64 in two passes of 32: 21.1 GiB at 190 ms) or remat=block.
