@@ -218,16 +218,21 @@ def test_bad_inputs_are_clear_errors(tiny_model):
         preset("d17")
 
 
-def test_bfloat16_compute_keeps_float32_logits_and_stays_close(tiny_model):
-    fast = HMARTransformer(tiny_model.config.replace(dtype="bfloat16"), rngs=nnx.Rngs(1))
-    nnx.update(fast, nnx.state(tiny_model))
-    assert fast.blocks.attn.mat_qkv.kernel[...].dtype == jnp.float32  # params stay float32
-    layout = tiny_model.config.layout
-    x = jax.random.normal(jax.random.key(1), (2, layout.seq_len - 1, 8))
+def _variant_with_relative_logit_error(tiny_model, **changes):
+    """``(model with the config changes and tiny_model's weights, relative L2 difference of
+    its float32 logits from tiny_model's)`` on fixed inputs."""
+    variant = HMARTransformer(tiny_model.config.replace(**changes), rngs=nnx.Rngs(1))
+    nnx.update(variant, nnx.state(tiny_model))
+    x = jax.random.normal(jax.random.key(1), (2, tiny_model.config.layout.seq_len - 1, 8))
     labels = jnp.asarray([1, 10])
-    reference, logits = tiny_model(x, labels), fast(x, labels)
+    reference, logits = tiny_model(x, labels), variant(x, labels)
     assert logits.dtype == jnp.float32
-    rel = float(jnp.linalg.norm(logits - reference) / jnp.linalg.norm(reference))
+    return variant, float(jnp.linalg.norm(logits - reference) / jnp.linalg.norm(reference))
+
+
+def test_bfloat16_compute_keeps_float32_logits_and_stays_close(tiny_model):
+    fast, rel = _variant_with_relative_logit_error(tiny_model, dtype="bfloat16")
+    assert fast.blocks.attn.mat_qkv.kernel[...].dtype == jnp.float32  # params stay float32
     assert 0 < rel < 2e-2
 
 
@@ -235,14 +240,7 @@ def test_bfloat16_head_keeps_float32_logits_and_gradients_close(tiny_model, tiny
     """``head_dtype="bfloat16"``: the head's three matmuls take bf16 operands (float32
     accumulation); logits and gradients stay float32, within 1% and 2% of the float32
     head's."""
-    variant = HMARTransformer(tiny_model.config.replace(head_dtype="bfloat16"), rngs=nnx.Rngs(1))
-    nnx.update(variant, nnx.state(tiny_model))
-    layout = tiny_model.config.layout
-    x = jax.random.normal(jax.random.key(1), (2, layout.seq_len - 1, 8))
-    labels = jnp.asarray([1, 10])
-    reference, logits = tiny_model(x, labels), variant(x, labels)
-    assert logits.dtype == jnp.float32
-    rel = float(jnp.linalg.norm(logits - reference) / jnp.linalg.norm(reference))
+    variant, rel = _variant_with_relative_logit_error(tiny_model, head_dtype="bfloat16")
     assert 0 < rel < 1e-2
     gradients = _remat_check_gradients(variant)
     head_loss = lambda h, kernel: jnp.sum(layers.matmul_in_dtype(h, kernel, jnp.bfloat16) ** 2)  # noqa: E731
