@@ -125,6 +125,76 @@ def device_events(logdir: str):
         yield from host_ops
 
 
+def _planes(logdir: str):
+    import jax
+
+    for path in pathlib.Path(logdir).rglob("*.xplane.pb"):
+        yield from jax.profiler.ProfileData.from_file(str(path)).planes
+
+
+def _host_events_at(host_events: list, at_ns: float, limit: int = 4) -> list[str]:
+    """The shortest host events (name, microseconds) that were running at ``at_ns``."""
+    running = [(end - start, name) for start, end, name in host_events if start <= at_ns <= end]
+    return [f"{name[:50]} ({ns / 1e3:.0f}us)" for ns, name in sorted(running)[:limit]]
+
+
+GAP_BUCKETS_US = (5, 20, 100, 1000)
+
+
+def idle_gaps(logdir: str, calls: int, top: int = 15) -> dict:
+    """Where the device sat idle: the timeline view of the traced calls.
+
+    The kernels of every stream of a device are merged into busy intervals, from the first
+    kernel of the trace to the last; the rest is idle time: launch gaps, host
+    synchronisation (a while loop reading its predicate, a device-to-host copy), the host
+    work between two synchronised calls. Returned per device: span, busy and idle
+    milliseconds per call, the idle time and count of gaps per size bucket (microseconds),
+    and the ``top`` longest gaps, each with the instruction before and after it, where it
+    fell (ms from the first kernel) and the shortest host events (XLA's thunks, CUDA driver
+    calls, the Python dispatch) running in its middle. The line names are listed too."""
+    planes = list(_planes(logdir))
+    host_events = [(e.start_ns, e.end_ns, e.name) for plane in planes
+                   if plane.name == "/host:CPU" for line in plane.lines for e in line.events]
+    devices = []
+    for plane in planes:
+        if not plane.name.startswith("/device:"):
+            continue
+        kernels = sorted((e.start_ns, e.end_ns, _stat(e, "hlo_op") or e.name)
+                         for line in plane.lines
+                         if not any(skip in line.name for skip in _SKIPPED_LINES)
+                         for e in line.events)
+        if not kernels:
+            continue
+        busy, gaps = 0.0, []
+        cur_start, cur_end, cur_name = kernels[0]
+        for k_start, k_end, name in kernels[1:]:
+            if k_start > cur_end:
+                busy += cur_end - cur_start
+                gaps.append((k_start - cur_end, cur_name, name, cur_end))
+                cur_start = k_start
+            if k_end >= cur_end:
+                cur_end, cur_name = k_end, name
+        busy += cur_end - cur_start
+        first, span = kernels[0][0], cur_end - kernels[0][0]
+        buckets = collections.OrderedDict()
+        lower = 0
+        for upper in GAP_BUCKETS_US + (float("inf"),):
+            inside = [g[0] for g in gaps if lower * 1e3 <= g[0] < upper * 1e3]
+            buckets[f"{lower}-{upper}us"] = {"count_per_call": len(inside) / calls,
+                                             "ms_per_call": sum(inside) / 1e6 / calls}
+            lower = upper
+        gaps.sort(key=lambda g: -g[0])
+        devices.append({
+            "device": plane.name, "lines": sorted({line.name for line in plane.lines}),
+            "span_ms_per_call": span / 1e6 / calls, "busy_ms_per_call": busy / 1e6 / calls,
+            "idle_ms_per_call": (span - busy) / 1e6 / calls, "gap_buckets": buckets,
+            "longest_gaps": [{"us": g[0] / 1e3, "at_ms": (g[3] - first) / 1e6,
+                              "after": g[1][:60], "before": g[2][:60],
+                              "host_busy_with": _host_events_at(host_events, g[3] + g[0] / 2)}
+                             for g in gaps[:top]]})
+    return {"devices": devices}
+
+
 def summarize(logdir: str, calls: int, hlo_text: str | None = None, top: int = 60) -> dict:
     op_names = op_names_from_hlo(hlo_text)
     hlo_lines = instruction_lines(hlo_text)
@@ -181,7 +251,12 @@ def profile_calls(call, calls: int = 2, hlo_text: str | None = None, top: int = 
         with jax.profiler.trace(logdir):
             for _ in range(calls):
                 jax.block_until_ready(call())
-        return summarize(logdir, calls, hlo_text, top)
+        summary = summarize(logdir, calls, hlo_text, top)
+        try:
+            summary["timeline"] = idle_gaps(logdir, calls)
+        except Exception as err:  # noqa: BLE001 - the breakdown stands without it
+            summary["timeline"] = {"error": f"{type(err).__name__}: {err}"[:300]}
+        return summary
 
 
 def format_profile(profile: dict, top: int = 30) -> str:
@@ -192,6 +267,16 @@ def format_profile(profile: dict, top: int = 30) -> str:
     split = ", ".join(f"{k} {v:.1f}" for k, v in profile["category_ms_per_call"].items())
     lines = [f"    profile: device {profile['device_ms_per_call']:.1f} ms/call, "
              f"{profile['launches_per_call']:.0f} launches/call; {split}"]
+    for run in profile.get("timeline", {}).get("devices", []):
+        idle = ", ".join(f"{name} {b['ms_per_call']:.2f} ms in {b['count_per_call']:.0f}"
+                         for name, b in run["gap_buckets"].items())
+        lines.append(f"    timeline per call: span {run['span_ms_per_call']:.1f} ms, busy "
+                     f"{run['busy_ms_per_call']:.1f}, idle {run['idle_ms_per_call']:.1f} "
+                     f"(gaps {idle})")
+        for gap in run["longest_gaps"][:8]:
+            lines.append(f"      gap {gap['us']:8.0f} us at {gap['at_ms']:7.1f} ms  "
+                         f"{gap['after'][:30]} -> {gap['before'][:30]}  host: "
+                         f"{'; '.join(gap['host_busy_with'][:2])[:110]}")
     for row in profile["top_ops"][:top]:
         lines.append(f"      {row['ms_per_call']:8.2f} ms x{row['launches_per_call']:<5.0f} "
                      f"{row['category']:>11} {row['op'][:40]:<40} {row['op_name'][-90:]}")

@@ -61,6 +61,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from benchmarks.gpu_monitor import GpuMonitor, format_summary  # noqa: E402 (needs REPO)
+
 PEAK_TFLOPS = 790.0  # H200 bf16 dense
 GIB = 2.0 ** 30
 KEY_PAIRS = (("d16", 64), ("d30", 32))  # the rows that come first
@@ -284,6 +286,8 @@ class Runner:
                 finish_row(row, self.rows)
             self.rows.append(row)
             print(self.format_row(row), flush=True)
+            if row.get("gpu_during_timing"):
+                print(format_summary(row["gpu_during_timing"]), flush=True)
             if row.get("device_profile"):
                 from benchmarks.profiling import format_profile
 
@@ -470,8 +474,10 @@ def train_worker(spec: dict) -> dict:
         if compiled is None:
             return result
         make_call = lambda executable: lambda: executable(*args)  # noqa: E731
-        times = _time_calls(make_call(compiled), spec["warmup"], spec["iters"])
-        result.update(timing_summary(times), peak_gib=peak_gib(devices))
+        with GpuMonitor() as monitor:
+            times = _time_calls(make_call(compiled), spec["warmup"], spec["iters"])
+        result.update(timing_summary(times), peak_gib=peak_gib(devices),
+                      gpu_during_timing=monitor.summary())
         maybe_profile(result, spec, tokenize, args, make_call)
         if precision != "highest":
             result["index_agreement_vs_highest"] = _index_agreement(vae, images_dev, precision)
@@ -524,9 +530,10 @@ def train_worker(spec: dict) -> dict:
                 return out["v"]
             return call
 
-        times = _time_calls(make_call(compiled), spec["warmup"], spec["iters"])
+        with GpuMonitor() as monitor:
+            times = _time_calls(make_call(compiled), spec["warmup"], spec["iters"])
         result.update(timing_summary(times), peak_gib=peak_gib(devices),
-                      loss=float(out["v"][0]))
+                      loss=float(out["v"][0]), gpu_during_timing=monitor.summary())
         maybe_profile(result, spec, fwdbwd, args, make_call)
         return _throughput(result, flops, global_batch, n_dev)
 
@@ -579,8 +586,10 @@ def train_worker(spec: dict) -> dict:
                 return holder["metrics"]["loss"]
             return call
 
-        times = _time_calls(make_call(compiled), spec["warmup"], spec["iters"])
-        result["ms_back_to_back"] = _time_back_to_back(make_call(compiled), spec["iters"])
+        with GpuMonitor() as monitor:
+            times = _time_calls(make_call(compiled), spec["warmup"], spec["iters"])
+            result["ms_back_to_back"] = _time_back_to_back(make_call(compiled), spec["iters"])
+        result["gpu_during_timing"] = monitor.summary()
         peak = peak_gib(devices)
         maybe_profile(result, spec, train_step,
                       (holder["state"], vae_state, images_dev, labels_dev), make_call)

@@ -371,8 +371,8 @@ class HMARTransformer(nnx.Module):
         if modulations is None and not scan and not per_block:
             # Unrolled, each block's ``ada_lin`` matmul has only B rows; XLA then lays its
             # [B, 6C] output out batch-minor and carries that layout into the residual
-            # stream's elementwise fusions (``f32[L, C, B]``). Computed in a loop over
-            # the stack, as the scan does, the vectors stay row-major.
+            # stream's elementwise fusions (``f32[L, C, B]``). Computed for the whole
+            # stack first (a batched matmul, as the scan's body does), they stay row-major.
             modulations = _stack_modulations(graphdef, params, cond)
         rates = jnp.asarray(self._drop_rates()[rate_offset:rate_offset + count])
         keys = jax.random.split(rng, count) if rng is not None else None
@@ -559,9 +559,20 @@ def _unstack_layers(tree, count: int) -> list:
 
 
 def _stack_modulations(graphdef, params, cond: jax.Array) -> jax.Array:
-    """``[layers, B, 6 C]``: each stacked block's ``modulation(cond)``, in a loop over layers."""
-    return jax.lax.map(
-        lambda p: nnx.merge(graphdef, sharding.gather_for_compute(p)).modulation(cond), params)
+    """``[layers, B, 6 C]``: each stacked block's ``modulation(cond)``.
+
+    One batched matmul over the stacked ``ada_lin`` weights (``vmap``). Under an FSDP mesh
+    a loop over the layers (``lax.map``) instead, so that one block's weights are gathered
+    at a time (the whole d30 stack is 1.3 GB in bf16). The loop cost the unsharded d16 B64
+    training step about 200 more kernel launches and 1-2 ms on an H200
+    (``benchmarks/README.md``, session 13)."""
+    def modulation(layer_params):
+        block = nnx.merge(graphdef, sharding.gather_for_compute(layer_params))
+        return block.modulation(cond)
+
+    if sharding.fsdp_mesh_is_set():
+        return jax.lax.map(modulation, params)
+    return jax.vmap(modulation)(params)
 
 
 # ----- parameter groups -----------------------------------------------------------------------

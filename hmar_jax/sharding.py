@@ -100,7 +100,7 @@ def gather_for_compute(tree: Any) -> Any:
     shards (14 all-to-alls in the d30 training step on two H200s). Without such a mesh:
     ``tree`` unchanged.
     """
-    if not _fsdp_mesh_is_set():
+    if not fsdp_mesh_is_set():
         return tree
     return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, PartitionSpec()), tree)
 
@@ -111,7 +111,7 @@ def gather_outside_blocks(tree: Any) -> Any:
     heads and the other arrays used once per forward (a few tens of MB at d30): sharded
     along the width, the class embedding alone made the start token feature-sharded and
     cost all-to-alls of activations."""
-    if not _fsdp_mesh_is_set():
+    if not fsdp_mesh_is_set():
         return tree
 
     def leaf(path, value):
@@ -122,7 +122,8 @@ def gather_outside_blocks(tree: Any) -> Any:
     return jax.tree_util.tree_map_with_path(leaf, tree)
 
 
-def _fsdp_mesh_is_set() -> bool:
+def fsdp_mesh_is_set() -> bool:
+    """Whether the current mesh (``jax.set_mesh``) has an ``fsdp`` axis of size > 1."""
     mesh = jax.sharding.get_abstract_mesh()
     return not mesh.empty and dict(mesh.shape).get(FSDP_AXIS, 1) > 1
 

@@ -308,7 +308,7 @@ def test_unrolled_stack_gradients_are_one_concatenate_per_leaf():
     def shapes(module):
         return {"x".join(map(str, a.shape)) for a in jax.tree.leaves(nnx.state(module))}
 
-    stacked, looped = shapes(model.blocks), shapes(model.blocks.ada_lin)  # ada_lin: a lax.map
+    stacked, looped = shapes(model.blocks), shapes(model.blocks.ada_lin)  # ada_lin: one batched dot
     assert not stacked & result_shapes("pad")
     assert stacked - looped <= result_shapes("concatenate")
 

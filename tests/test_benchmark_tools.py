@@ -1,0 +1,65 @@
+"""The benchmark scripts' measuring tools: the GPU clock/power summary and the profile's
+idle-gap timeline (synthetic inputs; the GPU runs are in benchmarks/results)."""
+
+from types import SimpleNamespace
+
+import pytest
+
+from benchmarks import gpu_monitor, profiling
+
+
+def test_gpu_monitor_summarizes_clocks_power_and_power_cap_per_visible_gpu():
+    # index, SM MHz, max SM MHz, power W, power limit W, temperature C, clock-limit reasons
+    lines = ["0, 1980, 1980, 310.5, 700.00, 40, 0x0000000000000000",
+             "0, 1590, 1980, 695.0, 700.00, 57, 0x0000000000000004",
+             "0, 1650, 1980, 699.5, 700.00, 58, 0x0000000000000004",
+             "0, 1500, 1980, 700.0, 700.00, 58, 0x0000000000000004",
+             "1, 345, 1980, 75.0, 700.00, 30, 0x0000000000000001",
+             "garbage line",
+             "0, [N/A], 1980, [N/A], 700.00, 58, [N/A]"]
+    summary = gpu_monitor.summarize(lines, indices={"0"})
+    assert list(summary) == ["gpu0"]
+    gpu = summary["gpu0"]
+    assert gpu["samples"] == 5
+    assert gpu["sm_mhz_median"] == pytest.approx(1620.0)  # of the four readable clocks
+    assert (gpu["sm_mhz_min"], gpu["sm_mhz_max"], gpu["sm_mhz_gpu_max"]) == (1500, 1980, 1980)
+    assert gpu["power_w_mean"] == pytest.approx((310.5 + 695 + 699.5 + 700) / 4, abs=0.1)
+    assert (gpu["power_w_max"], gpu["power_w_limit"], gpu["temperature_c_max"]) == (700, 700, 58)
+    assert gpu["fraction_of_samples"]["sw_power_cap"] == 0.75
+    assert gpu["fraction_of_samples"]["hw_slowdown"] == 0.0
+    assert "power-capped in 75% of samples" in gpu_monitor.format_summary(summary)
+    assert set(gpu_monitor.summarize(lines)) == {"gpu0", "gpu1"}
+    assert gpu_monitor.format_summary({}) == ""
+
+
+def test_gpu_monitor_without_nvidia_smi_is_empty(monkeypatch):
+    monkeypatch.setattr(gpu_monitor.shutil, "which", lambda name: None)
+    with gpu_monitor.GpuMonitor() as monitor:
+        pass
+    assert monitor.summary() == {}
+
+
+def _event(start, end, name, op=None):
+    return SimpleNamespace(start_ns=start, end_ns=end, name=name,
+                           stats=[("hlo_op", op)] if op else [])
+
+
+def test_idle_gaps_merges_streams_and_names_the_gaps(monkeypatch):
+    device = SimpleNamespace(name="/device:GPU:0", lines=[
+        SimpleNamespace(name="Stream #13(Compute)", events=[
+            _event(0, 100_000, "k1", "fusion.a"), _event(100_500, 300_000, "k2", "gemm.b"),
+            _event(2_300_000, 2_400_000, "k4", "fusion.d")]),
+        SimpleNamespace(name="Stream #14(Compute)", events=[_event(150_000, 400_000, "k3", "c")]),
+        SimpleNamespace(name="XLA Ops", events=[_event(0, 10**9, "whole")])])  # skipped line
+    host = SimpleNamespace(name="/host:CPU", lines=[SimpleNamespace(name="thread", events=[
+        _event(400_000, 2_300_000, "WhileThunk"), _event(0, 10**8, "PjitFunction")])])
+    monkeypatch.setattr(profiling, "_planes", lambda logdir: [device, host])
+    (run,) = profiling.idle_gaps("unused", calls=1)["devices"]
+    assert run["span_ms_per_call"] == pytest.approx(2.4)
+    assert run["busy_ms_per_call"] == pytest.approx(0.4995)
+    assert run["idle_ms_per_call"] == pytest.approx(1.9005)
+    assert run["gap_buckets"]["0-5us"] == {"count_per_call": 1.0, "ms_per_call": 0.0005}
+    assert run["gap_buckets"]["1000-infus"]["count_per_call"] == 1.0
+    longest = run["longest_gaps"][0]
+    assert (longest["us"], longest["after"], longest["before"]) == (1900.0, "c", "fusion.d")
+    assert longest["host_busy_with"][0].startswith("WhileThunk")
