@@ -404,7 +404,8 @@ def recipe_config(spec: dict):
     overrides.update(dtype=spec["dtype"], attention_backend=spec["backend"],
                      scan_blocks=spec["scan_blocks"], gelu_backend=spec.get("gelu_backend", "auto"),
                      norm_backend=spec.get("norm_backend", "xla"),
-                     head_dtype=spec.get("head_dtype", "float32"))
+                     head_dtype=spec.get("head_dtype", "float32"),
+                     attention_prologue_backend=spec.get("prologue_backend", "xla"))
     if spec["remat"] == "default":
         overrides.pop("remat", None)  # the preset's own value
     else:
@@ -753,7 +754,7 @@ def build_specs(args) -> list[dict]:
                   seed=0, lower_only=args.lower_only, profile=args.profile,
                   gelu_backend=args.gelu_backend, norm_backend=args.norm_backend,
                   tokenizer_norm_backend=args.tokenizer_norm_backend, mu_dtype=args.mu_dtype,
-                  head_dtype=args.head_dtype,
+                  head_dtype=args.head_dtype, prologue_backend=args.prologue_backend,
                   parallelism=args.parallelism, microbatches=args.microbatches)
     specs = []
     for model, batch in pairs:
@@ -963,6 +964,9 @@ def main() -> None:
     parser.add_argument("--gelu-backend", default="auto",
                         help="the FFN's bias + GELU (model.gelu_backend: "
                              "hmar_jax.pallas.backend_choice.KERNEL_BACKENDS)")
+    parser.add_argument("--prologue-backend", default="xla", choices=["xla", "pallas"],
+                        help="the backward of the attention's q/k/v prologue "
+                             "(model.attention_prologue_backend; hmar_jax/pallas/qkv_prologue.py)")
     parser.add_argument("--norm-backend", default="xla",
                         help="the blocks' LayerNorm + modulation (model.norm_backend: "
                              "hmar_jax.pallas.backend_choice.KERNEL_BACKENDS)")

@@ -158,6 +158,8 @@ class AdaLNSelfAttnBlock(nnx.Module):
 
     The LayerNorms, modulations and the first residual add run as the fused ops of
     ``hmar_jax.pallas.adaln`` (``norm_backend``: XLA's fusions or the Pallas kernels).
+    ``forward_deferred`` leaves the second add to the next block's first LayerNorm (the
+    unrolled stack runs its blocks that way).
     """
 
     def __init__(self, width: int, num_heads: int, mlp_ratio: float, cond_width: int,
@@ -185,6 +187,25 @@ class AdaLNSelfAttnBlock(nnx.Module):
         ``modulation`` (``[B, 6 C]``, ``self.modulation(cond)`` computed earlier) skips
         ``ada_lin``: a sampler computes it once per batch instead of once per pass.
         """
+        x, kv_cache, pending = self.forward_deferred(
+            x, cond, spec, drop_rate=drop_rate, rng=rng, kv_cache=kv_cache,
+            cache_start=cache_start, modulation=modulation)
+        return finish_residual(x, pending), kv_cache
+
+    def forward_deferred(self, x: jax.Array, cond: jax.Array, spec: ops.AttentionSpec, *,
+                         pending: tuple[jax.Array, jax.Array] | None = None,
+                         drop_rate: jax.Array | float = 0.0, rng: jax.Array | None = None,
+                         kv_cache=None, cache_start: int = 0,
+                         modulation: jax.Array | None = None):
+        """The block with its last residual add left to the next block.
+
+        ``pending``: the previous block's unfinished add, ``(branch [B, L, C], gate [B, C])``
+        with the stream ``x + branch * gate``; it runs inside this block's first LayerNorm
+        (``add_layer_norm_modulate``: with the Pallas kernels one float32 read and write of
+        the residual stream less per block, forward and backward). Returns ``(x, kv_cache,
+        pending)``, this block's FFN branch and gate pending; ``finish_residual`` adds them
+        after the last block. Same values as ``__call__`` block after block.
+        """
         b, _, width = x.shape
         if modulation is None:
             modulation = self.modulation(cond)
@@ -193,13 +214,24 @@ class AdaLNSelfAttnBlock(nnx.Module):
         rng_attn, rng_ffn = (None, None) if rng is None else tuple(jax.random.split(rng))
         compute = self.attn.mat_qkv.dtype  # the matmuls' input dtype (they would cast anyway)
         norm = dict(eps=self.norm_eps, out_dtype=compute or x.dtype, backend=self.norm_backend)
-        h = checkpoint_name(layer_norm_modulate(x, scale1, shift1, **norm), NORM_OUT_NAME)
-        h, kv_cache = self.attn(h, spec, kv_cache, cache_start)
+        if pending is None:
+            h = layer_norm_modulate(x, scale1, shift1, **norm)
+        else:
+            x, h = add_layer_norm_modulate(x, *pending, scale1, shift1, **norm)
+        h, kv_cache = self.attn(checkpoint_name(h, NORM_OUT_NAME), spec, kv_cache, cache_start)
         gate1 = gamma1 * drop_path_factor(drop_rate, rng_attn, b)
         x, h = add_layer_norm_modulate(x, h, gate1, scale2, shift2, **norm)
         gate2 = gamma2 * drop_path_factor(drop_rate, rng_ffn, b)
-        x = x + (self.ffn(checkpoint_name(h, NORM_OUT_NAME)) * gate2[:, None]).astype(x.dtype)
-        return x, kv_cache
+        return x, kv_cache, (self.ffn(checkpoint_name(h, NORM_OUT_NAME)), gate2)
+
+
+def finish_residual(x: jax.Array, pending: tuple[jax.Array, jax.Array] | None) -> jax.Array:
+    """``x + branch * gate`` of a block's deferred add (``[B, L, C]``, gate ``[B, C]``), in
+    ``x``'s dtype; ``x`` when nothing is pending."""
+    if pending is None:
+        return x
+    branch, gate = pending
+    return x + (branch * gate[:, None]).astype(x.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))

@@ -32,7 +32,8 @@ from flax import nnx
 from hmar_jax import sharding
 from hmar_jax.frozen_config import config_from_dict
 from hmar_jax.layers import (ATTENTION_PROJ_NAME, FFN_OUT_NAME, GELU_OUT_NAME, NORM_OUT_NAME,
-                             AdaLNBeforeHead, AdaLNSelfAttnBlock, Head, InitScales)
+                             AdaLNBeforeHead, AdaLNSelfAttnBlock, Head, InitScales,
+                             finish_residual)
 from hmar_jax.pallas import adaln, bias_gelu, ops
 from hmar_jax.pallas.adaln import NORM_BACKENDS
 from hmar_jax.pallas.bias_gelu import GELU_BACKENDS
@@ -63,6 +64,12 @@ class HMARConfig:
       gelu_backend: the FFN's bias + GELU: ``xla`` (XLA's fusion), ``pallas`` (one
         Pallas pass each way on GPU, ``hmar_jax.pallas.bias_gelu``; interpret mode on
         CPU, XLA's fusion on TPU) or ``auto`` (``pallas`` on GPU, ``xla`` elsewhere).
+      attention_prologue_backend: the backward of the attention's q/k/v prologue (bias,
+        q/k L2 normalisation, temperature) when the GPU kernel runs it in the forward:
+        ``xla`` (default: differentiate the jnp prologue) or ``pallas`` (one Pallas pass,
+        ``hmar_jax.pallas.qkv_prologue``; interpret mode on CPU). The kernel lowers for an
+        H200 and matches the reference in interpret mode; its speed on a GPU is not yet
+        measured (``benchmarks/train_step.py --prologue-backend``).
       norm_backend: the blocks' LayerNorm + AdaLN modulation (+ the attention's residual
         add): ``xla`` (default), ``pallas`` (one Pallas pass each way,
         ``hmar_jax.pallas.adaln``; interpret mode on CPU, XLA on TPU) or ``auto``
@@ -107,6 +114,7 @@ class HMARConfig:
     attention_pattern: str = "block_diagonal"
     attention_backend: str = "auto"
     gelu_backend: str = "auto"
+    attention_prologue_backend: str = "xla"
     norm_backend: str = "xla"
     drop_path_rate: float | None = None
     norm_eps: float = 1e-6
@@ -134,7 +142,7 @@ class HMARConfig:
                              f"got {self.num_mask_layers}.")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"Unknown remat policy {self.remat!r}; use one of {REMAT_POLICIES}.")
-        ops.AttentionSpec(self.attention_pattern, self.patch_nums, self.attention_backend)  # validates
+        self.attention_spec()  # validates the pattern and both attention backends
         if self.gelu_backend not in GELU_BACKENDS:
             raise ValueError(f"Unknown gelu_backend {self.gelu_backend!r}; use one of "
                              f"{GELU_BACKENDS}.")
@@ -183,8 +191,15 @@ class HMARConfig:
         return dataclasses.asdict(self)
 
     # Fields that change how the model runs but not its parameters or outputs' meaning.
-    RUNTIME_FIELDS = ("attention_backend", "gelu_backend", "norm_backend", "dtype", "head_dtype",
-                      "scan_blocks", "remat", "drop_path_rate")
+    RUNTIME_FIELDS = ("attention_backend", "attention_prologue_backend", "gelu_backend",
+                      "norm_backend", "dtype", "head_dtype", "scan_blocks", "remat",
+                      "drop_path_rate")
+
+    def attention_spec(self, pattern: str | None = None) -> ops.AttentionSpec:
+        """The blocks' ``AttentionSpec`` (``pattern`` overrides the configured one)."""
+        return ops.AttentionSpec(pattern or self.attention_pattern, self.patch_nums,
+                                 self.attention_backend,
+                                 prologue_backend=self.attention_prologue_backend)
 
     def architecture(self, ignore: tuple[str, ...] = ()) -> dict[str, Any]:
         """The fields that define the parameters and the function (runtime fields dropped)."""
@@ -217,6 +232,7 @@ def _kernel_outputs_saveable(*kernel_names: str):
 _POLICIES = jax.checkpoint_policies
 _DOTS = _POLICIES.dots_with_no_batch_dims_saveable
 _ATTENTION_OUT = _kernel_outputs_saveable(ops.FORWARD_KERNEL_NAME)
+_FFN_OUT_KEPT = ("none", "projections_saveable")  # remat settings whose backward keeps it
 _CHECKPOINT_POLICIES = {  # HMARConfig.remat -> what jax.checkpoint keeps ("none": no checkpoint)
     "block": _POLICIES.nothing_saveable,
     "dots_saveable": _DOTS,
@@ -377,14 +393,26 @@ class HMARTransformer(nnx.Module):
         rates = jnp.asarray(self._drop_rates()[rate_offset:rate_offset + count])
         keys = jax.random.split(rng, count) if rng is not None else None
 
-        def body(h, layer):
+        def run_block(h, pending, layer):
             layer_params, rate, key, cache, modulation = layer
             block = nnx.merge(graphdef, sharding.gather_for_compute(layer_params))
-            return block(h, cond, spec, drop_rate=rate, rng=key, kv_cache=cache,
-                         cache_start=cache_start, modulation=modulation)
+            return block.forward_deferred(h, cond, spec, pending=pending, drop_rate=rate,
+                                          rng=key, kv_cache=cache, cache_start=cache_start,
+                                          modulation=modulation)
 
+        def body(h, layer):  # scanned: each block finishes its own residual adds
+            h, cache, pending = run_block(h, None, layer)
+            return finish_residual(h, pending), cache
+
+        # Unrolled, a block's FFN residual add can run in the next block's first norm kernel.
+        # The pending FFN output then lives until the next block: free when the backward
+        # keeps it anyway (no remat, or a policy that saves it), one more [B, L, C] per
+        # block otherwise (d30 B32 ``activations_saveable``: +1.4 GiB), so not under those.
+        deferred_body = run_block if cfg.remat in _FFN_OUT_KEPT else None
         if cfg.remat in _CHECKPOINT_POLICIES:
             body = jax.checkpoint(body, policy=_CHECKPOINT_POLICIES[cfg.remat])
+            if deferred_body is not None:
+                deferred_body = jax.checkpoint(run_block, policy=_CHECKPOINT_POLICIES[cfg.remat])
         x = x.astype(jnp.float32)
         if scan and kv_cache is not None:
             # The cache rides in the carry and each layer's slot is updated in place (as a
@@ -407,12 +435,16 @@ class HMARTransformer(nnx.Module):
         layer_params = params if per_block else _unstack_layers(params, count)
         layer_modulations = [None] * count if modulations is None else _unstack_layers(
             modulations, count)
-        caches = []
+        caches, pending = [], None
         for i in range(count):
             take = lambda tree: None if tree is None else jax.tree.map(lambda a: a[i], tree)  # noqa: E731
-            x, cache = body(x, (layer_params[i], rates[i], take(keys), take(kv_cache),
-                                layer_modulations[i]))
+            layer = (layer_params[i], rates[i], take(keys), take(kv_cache), layer_modulations[i])
+            if deferred_body is None:
+                x, cache = body(x, layer)
+            else:
+                x, cache, pending = deferred_body(x, pending, layer)
             caches.append(cache)
+        x = finish_residual(x, pending)
         stacked = None if kv_cache is None else jax.tree.map(lambda *a: jnp.stack(a), *caches)
         return x, stacked
 
@@ -455,8 +487,7 @@ class HMARTransformer(nnx.Module):
         return out
 
     def _sequence_spec(self) -> ops.AttentionSpec:
-        cfg = self.config
-        return ops.AttentionSpec(cfg.attention_pattern, cfg.patch_nums, cfg.attention_backend)
+        return self.config.attention_spec()
 
     def _check_sequence(self, x: jax.Array, labels: jax.Array) -> None:
         cfg = self.config
@@ -526,7 +557,7 @@ class HMARTransformer(nnx.Module):
         """
         cond = self.condition(labels)
         h = self.embed_scale(k, cond, x_ns, x_mask, masked)
-        spec = ops.AttentionSpec("full", self.config.patch_nums, self.config.attention_backend)
+        spec = self.config.attention_spec("full")
         if x_mask is not None:
             if kv_cache is not None:
                 raise ValueError("The mask branch runs without a KV cache.")

@@ -347,14 +347,19 @@ def test_fsdp_gathers_weights_instead_of_moving_activations(scan_blocks):
         np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-6, rtol=1e-5)
 
 
-def _kernel_calls(jaxpr) -> collections.Counter:
-    """Pallas calls by kernel name in a jaxpr and its sub-jaxprs (rematerialised ones too)."""
+def _kernel_calls(jaxpr, count_inputs_of: str | None = None) -> collections.Counter:
+    """Pallas calls by kernel name in a jaxpr and its sub-jaxprs (rematerialised ones too);
+    with ``count_inputs_of``, that kernel's calls by their number of inputs instead."""
     calls = collections.Counter()
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "pallas_call":
-            calls[str(eqn.params["name"])] += 1
+            name = str(eqn.params["name"])
+            if count_inputs_of is None:
+                calls[name] += 1
+            elif name == count_inputs_of:
+                calls[len(eqn.invars)] += 1
         for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-            calls.update(_kernel_calls(sub))
+            calls.update(_kernel_calls(sub, count_inputs_of))
     return calls
 
 
@@ -386,6 +391,40 @@ def test_remat_policies_keep_what_they_say(capsys):
     assert count["projections_saveable"] < count["dots_saveable"] < count["dots_attention_saveable"]
     assert forward_kernels == {"dots_saveable": 2 * d, "dots_attention_saveable": d,
                                "projections_saveable": d}
+
+
+@pytest.mark.parametrize("remat, deferred", [("none", True), ("projections_saveable", True),
+                                             ("dots_saveable", False)])
+def test_unrolled_stack_defers_each_ffn_add_into_the_next_norm_kernel(remat, deferred):
+    """Unrolled, a block's FFN residual add runs inside the next block's first AdaLN kernel
+    (``forward_deferred``) unless the remat policy would then keep one more activation per
+    block: with the Pallas norm kernels (interpret mode) the loss and every gradient equal
+    the scanned stack's, whose blocks add in place; deferred, the forward calls the add
+    variant of the norm kernel ``2 depth - 1`` times (only the last block's add is left
+    to XLA), else ``depth`` times."""
+    cfg = preset("tiny", depth=3, width=128, patch_nums=(2, 6), norm_backend="pallas",
+                 init_adaln_gamma=0.5, init_head=1.0, remat=remat)  # L = 40: rows of 8 tile it
+    scanned = HMARTransformer(cfg, rngs=nnx.Rngs(0))
+    unrolled = HMARTransformer(cfg.replace(scan_blocks=False), rngs=nnx.Rngs(1))
+    nnx.update(unrolled, nnx.state(scanned))
+    x = jax.random.normal(jax.random.key(1), (2, cfg.layout.seq_len - 1, 8))
+    labels = jnp.asarray([1, 2])
+
+    def loss(model):
+        return jnp.mean(model(x, labels) ** 2)
+
+    (want, want_grads), (got, got_grads) = (nnx.value_and_grad(loss)(m) for m in (scanned, unrolled))
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+    for (path, a), (_, b) in zip(nnx.to_flat_state(want_grads), nnx.to_flat_state(got_grads)):
+        np.testing.assert_allclose(np.asarray(b[...]), np.asarray(a[...]), atol=1e-6,
+                                   err_msg=str(path))
+    graphdef, params = nnx.split(unrolled)
+    forward = jax.make_jaxpr(jax.grad(lambda p: loss(nnx.merge(graphdef, p))))(params).jaxpr
+    norm_inputs = _kernel_calls(forward, count_inputs_of=adaln.FORWARD_KERNEL_NAME)
+    runs = 1 if remat == "none" else 2  # the policies rerun the forward kernels in the backward
+    d = cfg.depth
+    # inputs (x, scale, shift) without an add, (x, branch, gate, scale, shift) with one
+    assert norm_inputs == ({3: runs, 5: (2 * d - 1) * runs} if deferred else {3: d * runs, 5: d * runs})
 
 
 def test_activations_policy_reruns_no_kernel():

@@ -25,7 +25,9 @@ Backends (``spec.backend``):
 from the packed ``mat_qkv`` output: on GPU (and in interpret mode) the kernel applies
 the bias, q/k normalisation and temperature to each tile it loads
 (``kernel_gpu.forward_packed``), so q, k and v are never written out in the forward
-pass; elsewhere ``reference.hmar_qkv`` prepares them and ``attention`` runs.
+pass; elsewhere ``reference.hmar_qkv`` prepares them and ``attention`` runs. The
+prologue's backward is XLA's differentiation of ``hmar_qkv`` or, with
+``AttentionSpec.prologue_backend="pallas"``, the one-pass kernel of ``qkv_prologue``.
 
 This module owns the ``custom_vjp`` around the kernels' forward and backward. A head
 dim the kernels cannot take (not a power of two >= 16) falls back to the reference
@@ -45,7 +47,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from hmar_jax.pallas import kernel_gpu
+from hmar_jax.pallas import kernel_gpu, qkv_prologue
+from hmar_jax.pallas.qkv_prologue import PROLOGUE_BACKENDS
 from hmar_jax.pallas.per_batch import per_batch_shard
 from hmar_jax.pallas.reference import hmar_qkv, reference_attention
 from hmar_jax.scales import ScaleLayout
@@ -90,12 +93,16 @@ class AttentionSpec:
       patch_nums: scales the sequence holds (ignored for ``full``).
       backend: implementation choice, see the module docstring.
       tiles: kernel tile sizes.
+      prologue_backend: the backward of ``hmar_attention``'s q/k/v prologue when the
+        GPU kernel (or interpret mode) runs: ``xla`` differentiates
+        ``reference.hmar_qkv``, ``pallas`` runs ``qkv_prologue``'s one-pass kernel.
     """
 
     pattern: Pattern = "block_diagonal"
     patch_nums: tuple[int, ...] = ()
     backend: Backend = "auto"
     tiles: KernelTiles = KernelTiles()
+    prologue_backend: str = "xla"
 
     def __post_init__(self):
         if self.pattern not in ("block_diagonal", "block_causal", "full"):
@@ -103,6 +110,9 @@ class AttentionSpec:
                              "'block_causal' or 'full'.")
         if self.backend not in BACKENDS:
             raise ValueError(f"Unknown attention backend {self.backend!r}; available: {BACKENDS}.")
+        if self.prologue_backend not in PROLOGUE_BACKENDS:
+            raise ValueError(f"Unknown prologue backend {self.prologue_backend!r}; use one of "
+                             f"{PROLOGUE_BACKENDS}.")
 
     def dense_mask(self) -> jax.Array | None:
         """bool ``[L, L]`` for the pattern, or None for ``full``."""
@@ -141,6 +151,7 @@ class _Plan:
     patch_nums: tuple[int, ...]
     tiles: KernelTiles
     sm_scale: float
+    prologue_backend: str = "xla"
 
 
 def _kernel_forward(plan: _Plan, q, k, v):
@@ -210,9 +221,12 @@ def _packed_forward(plan: _Plan, qkv, qkv_bias, temperature):
 
 def _packed_backward(plan: _Plan, qkv, qkv_bias, temperature, o, lse, do):
     # The backward kernels take prepared q, k, v; the prologue's own gradient (bias,
-    # normalisation, temperature) comes from differentiating ``hmar_qkv``.
-    (q, k, v), prologue_vjp = jax.vjp(hmar_qkv, qkv, qkv_bias, temperature)
-    return prologue_vjp(_kernel_backward(plan, q, k, v, o, lse, do))
+    # normalisation, temperature) follows ``plan.prologue_backend`` (``qkv_prologue``).
+    q, k, v = hmar_qkv(qkv, qkv_bias, temperature)
+    dq, dk, dv = _kernel_backward(plan, q, k, v, o, lse, do)
+    return qkv_prologue.prologue_backward(qkv, qkv_bias, temperature, dq, dk, dv,
+                                          backend=plan.prologue_backend,
+                                          interpret=plan.kernel == "interpret")
 
 
 _kernel_attention = _kernel_op(_kernel_forward, _kernel_backward)
@@ -299,7 +313,8 @@ def hmar_attention(qkv: jax.Array, qkv_bias: jax.Array, temperature: jax.Array,
     if kernel not in ("gpu", "interpret"):
         return attention(*hmar_qkv(qkv, qkv_bias, temperature), spec)
     _check_length(spec, length, length)
-    plan = _Plan(kernel, spec.pattern, tuple(spec.patch_nums), spec.tiles, 1.0)
+    plan = _Plan(kernel, spec.pattern, tuple(spec.patch_nums), spec.tiles, 1.0,
+                 spec.prologue_backend)
     return per_batch_shard(functools.partial(_packed_kernel_attention, plan), (qkv,),
                             (qkv_bias, temperature))
 

@@ -1,0 +1,116 @@
+"""The q/k/v prologue's backward kernel (``hmar_jax/pallas/qkv_prologue.py``) in Pallas
+interpret mode against differentiating ``reference.hmar_qkv``, and inside the attention."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax._src.mesh import AbstractDevice
+
+from hmar_jax.pallas import ops, qkv_prologue
+
+
+def _inputs(dtype, batch=2, length=30, heads=3, head_dim=16, seed=0):
+    keys = jax.random.split(jax.random.key(seed), 6)
+    qkv = jax.random.normal(keys[0], (batch, length, 3, heads, head_dim)).astype(dtype)
+    bias = 0.1 * jax.random.normal(keys[1], (3, heads, head_dim))
+    temperature = 1.0 + jax.random.uniform(keys[2], (heads,))
+    cotangents = [jax.random.normal(k, (batch, length, heads, head_dim)).astype(dtype)
+                  for k in keys[3:]]
+    return qkv, bias, temperature, cotangents
+
+
+@pytest.mark.parametrize("length, want", [(680, (32, 4, 6)), (30, (32, 1, 1)), (5, (8, 1, 1)),
+                                          (2240, (32, 4, 18))])
+def test_tiling_covers_the_rows(length, want):
+    rows, sub_tiles, chunks = qkv_prologue.tiling(length)
+    assert (rows, sub_tiles, chunks) == want
+    assert rows * sub_tiles * chunks >= length > rows * sub_tiles * (chunks - 1)
+
+
+@pytest.mark.parametrize("dtype, length", [(jnp.float32, 30), (jnp.bfloat16, 30),
+                                           (jnp.float32, 5), (jnp.bfloat16, 70)])
+def test_kernel_matches_the_reference_gradient(dtype, length):
+    qkv, bias, temperature, (dq, dk, dv) = _inputs(dtype, length=length)
+    want = qkv_prologue.reference_prologue_backward(qkv, bias, temperature, dq, dk, dv)
+    got = qkv_prologue.prologue_backward(qkv, bias, temperature, dq, dk, dv, backend="pallas",
+                                         interpret=True)
+    assert [g.shape for g in got] == [w.shape for w in want]
+    assert [g.dtype for g in got] == [qkv.dtype, bias.dtype, temperature.dtype]
+    exact = dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got[0], np.float32), np.asarray(want[0], np.float32),
+                               rtol=1e-5 if exact else 2e-2, atol=1e-5 if exact else 2e-2)
+    np.testing.assert_array_equal(np.asarray(got[0][:, :, 2]), np.asarray(dv))  # v: passed on
+    scale = float(jnp.max(jnp.abs(want[1])))
+    np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]),
+                               atol=(1e-5 if exact else 2e-2) * scale)
+    # bf16: in interpret mode XLA on the CPU keeps the kernel's bf16 bias add in float32
+    # (excess precision) where the eager reference rounds it; the temperature gradient, a
+    # sum of B L K products with cancellation, shows that most (errors up to 0.017 here).
+    np.testing.assert_allclose(np.asarray(got[2]), np.asarray(want[2]),
+                               rtol=1e-5 if exact else 0.0, atol=0.0 if exact else 0.05)
+
+
+def test_zero_rows_take_the_eps_branch_as_torch_does():
+    """A q or k row with ``x = qkv + bias = 0``: ``F.normalize`` divides by eps, so its
+    gradient is ``dy / eps`` (PyTorch's norm has a zero subgradient there; differentiating
+    the jnp reference gives NaN, so those rows are checked alone)."""
+    qkv, bias, temperature, (dq, dk, dv) = _inputs(jnp.float32)
+    bias = bias.at[0, 1].set(qkv[0, 3, 0, 1]).at[1, 2].set(qkv[1, 7, 1, 2])
+    qkv = qkv.at[:, :, :2].add(-bias[None, None, :2])  # (b, l) = (0, 3) q head 1 / (1, 7) k head 2
+    qkv = qkv.at[0, 3, 0, 1].set(-bias[0, 1]).at[1, 7, 1, 2].set(-bias[1, 2])
+    dqkv, dbias, dtemperature = qkv_prologue.prologue_backward(
+        qkv, bias, temperature, dq, dk, dv, backend="pallas", interpret=True)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in (dqkv, dtemperature))
+    np.testing.assert_allclose(np.asarray(dqkv[0, 3, 0, 1]),
+                               np.asarray(dq[0, 3, 1] * temperature[1] / qkv_prologue.EPS), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(dqkv[1, 7, 1, 2]),
+                               np.asarray(dk[1, 7, 2] / qkv_prologue.EPS), rtol=1e-6)
+    want = qkv_prologue.reference_prologue_backward(qkv, bias, temperature, dq, dk, dv)[0]
+    other = np.ones(qkv.shape, bool)
+    other[0, 3, 0, 1] = other[1, 7, 1, 2] = False
+    np.testing.assert_allclose(np.asarray(dqkv)[other], np.asarray(want)[other], rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_unknown_backend_is_one_clear_error():
+    qkv, bias, temperature, (dq, dk, dv) = _inputs(jnp.float32)
+    with pytest.raises(ValueError, match="Unknown prologue backend 'triton'.*xla.*pallas"):
+        qkv_prologue.prologue_backward(qkv, bias, temperature, dq, dk, dv, backend="triton")
+    with pytest.raises(ValueError, match="Unknown prologue backend"):
+        ops.AttentionSpec("block_diagonal", (1, 2, 3), prologue_backend="triton")
+
+
+def test_attention_gradients_with_the_kernel_equal_the_reference_prologue():
+    """``hmar_attention`` with the attention kernel in interpret mode: the prologue's
+    backward as the Pallas pass gives the gradients of differentiating ``hmar_qkv``."""
+    qkv, bias, temperature, _ = _inputs(jnp.float32, batch=2, length=14, heads=2, head_dim=16)
+    weights = jax.random.normal(jax.random.key(3), (2, 14, 2, 16))
+
+    def loss(prologue_backend):
+        spec = ops.AttentionSpec("block_diagonal", (1, 2, 3), backend="pallas",
+                                 prologue_backend=prologue_backend)
+        return lambda *args: jnp.sum(ops.hmar_attention(*args, spec) * weights)
+
+    want = jax.grad(loss("xla"), argnums=(0, 1, 2))(qkv, bias, temperature)
+    got = jax.grad(loss("pallas"), argnums=(0, 1, 2))(qkv, bias, temperature)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch, heads", [(64, 16), (32, 30)])  # d16 B64, d30 B32 at 256 px
+def test_kernel_lowers_for_an_nvidia_gpu(batch, heads):
+    """The Pallas-to-Triton lowering runs on CPU for an abstract H200 (what a GPU run
+    compiles; the Triton compiler itself only runs on the GPU)."""
+    device = AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
+    qkv = jax.ShapeDtypeStruct((batch, 680, 3, heads, 64), jnp.bfloat16)
+    bias = jax.ShapeDtypeStruct((3, heads, 64), jnp.float32)
+    temperature = jax.ShapeDtypeStruct((heads,), jnp.float32)
+    grad = jax.ShapeDtypeStruct((batch, 680, heads, 64), jnp.bfloat16)
+    triton = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    with jax.sharding.use_abstract_mesh(mesh):
+        exported = jax.export.export(jax.jit(qkv_prologue.kernel_prologue_backward),
+                                     platforms=["cuda"], disabled_checks=triton)(
+            qkv, bias, temperature, grad, grad, grad)
+    assert "xla.gpu.triton" in exported.mlir_module()
