@@ -399,7 +399,8 @@ def test_unrolled_stack_defers_each_ffn_add_into_the_next_norm_kernel(remat, def
     """Unrolled, a block's FFN residual add runs inside the next block's first AdaLN kernel
     (``forward_deferred``) unless the remat policy would then keep one more activation per
     block: with the Pallas norm kernels (interpret mode) the loss and every gradient equal
-    the scanned stack's, whose blocks add in place; deferred, the forward calls the add
+    the scanned stack's, whose blocks add in place (checked without remat); deferred, the
+    forward calls the add
     variant of the norm kernel ``2 depth - 1`` times (only the last block's add is left
     to XLA), else ``depth`` times."""
     cfg = preset("tiny", depth=3, width=128, patch_nums=(2, 6), norm_backend="pallas",
@@ -413,11 +414,13 @@ def test_unrolled_stack_defers_each_ffn_add_into_the_next_norm_kernel(remat, def
     def loss(model):
         return jnp.mean(model(x, labels) ** 2)
 
-    (want, want_grads), (got, got_grads) = (nnx.value_and_grad(loss)(m) for m in (scanned, unrolled))
-    np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
-    for (path, a), (_, b) in zip(nnx.to_flat_state(want_grads), nnx.to_flat_state(got_grads)):
-        np.testing.assert_allclose(np.asarray(b[...]), np.asarray(a[...]), atol=1e-6,
-                                   err_msg=str(path))
+    if remat == "none":  # values (the policies change none: test_remat_and_scan_...)
+        (want, want_grads), (got, got_grads) = (nnx.value_and_grad(loss)(m)
+                                                for m in (scanned, unrolled))
+        np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+        for (path, a), (_, b) in zip(nnx.to_flat_state(want_grads), nnx.to_flat_state(got_grads)):
+            np.testing.assert_allclose(np.asarray(b[...]), np.asarray(a[...]), atol=1e-6,
+                                       err_msg=str(path))
     graphdef, params = nnx.split(unrolled)
     forward = jax.make_jaxpr(jax.grad(lambda p: loss(nnx.merge(graphdef, p))))(params).jaxpr
     norm_inputs = _kernel_calls(forward, count_inputs_of=adaln.FORWARD_KERNEL_NAME)
