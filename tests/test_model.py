@@ -403,7 +403,7 @@ def test_unrolled_stack_defers_each_ffn_add_into_the_next_norm_kernel(remat, def
     forward calls the add
     variant of the norm kernel ``2 depth - 1`` times (only the last block's add is left
     to XLA), else ``depth`` times."""
-    cfg = preset("tiny", depth=3, width=128, patch_nums=(2, 6), norm_backend="pallas",
+    cfg = preset("tiny", depth=2, width=64, patch_nums=(2, 6), norm_backend="pallas",
                  init_adaln_gamma=0.5, init_head=1.0, remat=remat)  # L = 40: rows of 8 tile it
     scanned = HMARTransformer(cfg, rngs=nnx.Rngs(0))
     unrolled = HMARTransformer(cfg.replace(scan_blocks=False), rngs=nnx.Rngs(1))
