@@ -66,9 +66,11 @@ class HMARConfig:
         CPU, XLA's fusion on TPU) or ``auto`` (``pallas`` on GPU, ``xla`` elsewhere).
       attention_prologue_backend: the backward of the attention's q/k/v prologue (bias,
         q/k L2 normalisation, temperature) when the GPU kernel runs it in the forward:
-        ``xla`` (default: differentiate the jnp prologue) or ``pallas`` (one Pallas pass,
-        ``hmar_jax.pallas.qkv_prologue``; interpret mode on CPU). The kernel lowers for an
-        H200 and matches the reference in interpret mode; its speed on a GPU is not yet
+        ``xla`` (default: q, k, v prepared by the jnp prologue for the backward kernels,
+        which XLA then differentiates) or ``pallas`` (the backward kernels prepare the
+        tiles they load from qkv, and one Pallas pass, ``hmar_jax.pallas.qkv_prologue``,
+        gives the packed gradients; interpret mode on CPU). The kernels lower for an H200
+        and match the reference in interpret mode; their speed on a GPU is not yet
         measured (``benchmarks/train_step.py --prologue-backend``).
       norm_backend: the blocks' LayerNorm + AdaLN modulation (+ the attention's residual
         add): ``xla`` (default), ``pallas`` (one Pallas pass each way,

@@ -15,7 +15,8 @@ Arrays stay in the model's ``[B, L, N, K]`` layout (no transposes, no padding): 
 kernels index one head's rows with a stride and use masked loads and stores at the
 sequence end. ``forward_packed`` reads q, k and v as three strided views of HMAR's packed
 projection ``[B, L, 3, N, K]`` and prepares each tile as it is loaded (bias, float32 L2
-normalisation, per-head temperature on q), so the model never writes q, k, v out.
+normalisation, per-head temperature on q), so the model never writes q, k, v out;
+``backward_packed`` does the same for the dK/dV and dQ kernels.
 Matmuls take the input dtype (bf16/fp16; fp32 runs at full IEEE precision) and
 accumulate in fp32; the softmax runs in base 2 with fp32 statistics and
 the saved log-sum-exp is natural-log ``[B, N, Lq]`` float32.
@@ -150,22 +151,46 @@ def _forward_kernel(plan_ref, row_start_ref, row_end_ref, q_ref, k_ref, v_ref, *
     plgpu.store(lse_ref.at[pl.ds(first, block_q)], (m_safe + jnp.log2(l_safe)) * LN_2, mask=q_valid)
 
 
+def _prepared_loads(refs: list, prologue: bool):
+    """``(load_q, load_k, load_v, remaining refs)``: each ``load(ref, start, size, valid)``
+    returns rows as the attention sees them. With ``prologue`` the first four refs are the
+    q/k/v bias rows ``[K]`` and the head's temperature, applied as ``forward_packed``
+    does; rows past the sequence are zero, as unprepared masked loads give (so that a
+    query row there keeps a finite softmax: exp2 of a temperature-scaled logit could
+    overflow and meet a zero do as NaN)."""
+    if not prologue:
+        return _rows, _rows, _rows, refs
+    q_bias_ref, k_bias_ref, v_bias_ref, temperature_ref, *rest = refs
+
+    def prepared(prepare):
+        def load(ref, start, size, valid):
+            x = prepare(_rows(ref, start, size, valid))
+            return jnp.where(valid[:, None], x, 0).astype(ref.dtype)
+        return load
+
+    load_q = prepared(lambda x: l2_normalize(x + q_bias_ref[...][None, :]) * temperature_ref[0])
+    load_k = prepared(lambda x: l2_normalize(x + k_bias_ref[...][None, :]))
+    load_v = prepared(lambda x: x + v_bias_ref[...][None, :])
+    return load_q, load_k, load_v, rest
+
+
 def _dkdv_kernel(plan_ref, col_start_ref, col_end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
-                 delta_ref, dk_ref, dv_ref, *, block_q: int, block_k: int, scale: float,
-                 sm_scale: float):
+                 delta_ref, *refs, block_q: int, block_k: int, scale: float, sm_scale: float,
+                 prologue: bool = False):
+    load_q, load_k, load_v, (dk_ref, dv_ref) = _prepared_loads(refs, prologue)
     first, hi = plan_ref[0], plan_ref[5]
     k_idx = first + jnp.arange(block_k)
     k_valid = k_idx < plan_ref[1]
     col_start = _ranges_slice(col_start_ref, first, block_k, k_valid, 2 ** 30)
     col_end = _ranges_slice(col_end_ref, first, block_k, k_valid, 0)
-    k = _rows(k_ref, first, block_k, k_valid)
-    v = _rows(v_ref, first, block_k, k_valid)
+    k = load_k(k_ref, first, block_k, k_valid)
+    v = load_v(v_ref, first, block_k, k_valid)
 
     def body(start, masked, carry):
         dk, dv = carry
         q_idx = start + jnp.arange(block_q)
         q_valid = q_idx < hi
-        q = _rows(q_ref, start, block_q, q_valid)
+        q = load_q(q_ref, start, block_q, q_valid)
         do = _rows(do_ref, start, block_q, q_valid)
         lse = _ranges_slice(lse_ref, start, block_q, q_valid, 0.0) * LOG2_E
         delta = _ranges_slice(delta_ref, start, block_q, q_valid, 0.0)
@@ -188,13 +213,15 @@ def _dkdv_kernel(plan_ref, col_start_ref, col_end_ref, q_ref, k_ref, v_ref, do_r
 
 
 def _dq_kernel(plan_ref, row_start_ref, row_end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
-               delta_ref, dq_ref, *, block_q: int, block_k: int, scale: float, sm_scale: float):
+               delta_ref, *refs, block_q: int, block_k: int, scale: float, sm_scale: float,
+               prologue: bool = False):
+    load_q, load_k, load_v, (dq_ref,) = _prepared_loads(refs, prologue)
     first, hi = plan_ref[0], plan_ref[5]
     q_idx = first + jnp.arange(block_q)
     q_valid = q_idx < plan_ref[1]
     row_start = _ranges_slice(row_start_ref, first, block_q, q_valid, 2 ** 30)
     row_end = _ranges_slice(row_end_ref, first, block_q, q_valid, 0)
-    q = _rows(q_ref, first, block_q, q_valid)
+    q = load_q(q_ref, first, block_q, q_valid)
     do = _rows(do_ref, first, block_q, q_valid)
     lse = _ranges_slice(lse_ref, first, block_q, q_valid, 0.0) * LOG2_E
     delta = _ranges_slice(delta_ref, first, block_q, q_valid, 0.0)
@@ -202,8 +229,8 @@ def _dq_kernel(plan_ref, row_start_ref, row_end_ref, q_ref, k_ref, v_ref, do_ref
     def body(start, masked, dq):
         k_idx = start + jnp.arange(block_k)
         k_valid = k_idx < hi
-        k = _rows(k_ref, start, block_k, k_valid)
-        v = _rows(v_ref, start, block_k, k_valid)
+        k = load_k(k_ref, start, block_k, k_valid)
+        v = load_v(v_ref, start, block_k, k_valid)
         s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale
         p = jnp.exp2(s - lse[:, None])
         if masked:
@@ -363,6 +390,63 @@ def backward_dq(q, k, v, do, lse, delta, row_start: np.ndarray, row_end: np.ndar
         compiler_params=_params(num_warps, num_stages), interpret=interpret,
         name="hmar_block_sparse_attention_dq",
     )(jnp.asarray(plan), *_int32(row_start, row_end), q, k, v, do, lse, delta)
+
+
+def _packed_specs(length: int, head_dim: int) -> tuple[list, list]:
+    """BlockSpecs (grid ``(tiles, B, N)``) of q, k, v as strided views of
+    ``qkv [B, L, 3, N, K]``, and of their bias rows and the temperature's ``[N, 8]`` rows."""
+    def packed(part):
+        return pl.BlockSpec((None, length, None, None, head_dim),
+                            lambda t, b, h: (b, 0, part, h, 0))
+
+    def bias(part):
+        return pl.BlockSpec((None, None, head_dim), lambda t, b, h: (part, h, 0))
+
+    return ([packed(0), packed(1), packed(2)],
+            [bias(0), bias(1), bias(2), pl.BlockSpec((None, PLAN_WIDTH), lambda t, b, h: (h, 0))])
+
+
+def backward_packed(qkv, qkv_bias, temperature, do, lse, delta, ranges, *, sm_scale: float = 1.0,
+                    dkdv_tiles: dict | None = None, dq_tiles: dict | None = None,
+                    interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(dq, dk, dv)``, each ``[B, L, N, K]`` in qkv's dtype: the gradients of the prepared
+    q, k, v that ``forward_packed`` attended, with the prologue applied to every loaded tile
+    (as ``forward_packed`` does), so q, k and v are never written out in the backward either.
+
+    ``ranges``: ``(row_start, row_end, col_start, col_end)`` host arrays; ``*_tiles``:
+    ``block_q``/``block_k``/``num_warps``/``num_stages`` of each kernel (their defaults
+    otherwise).
+    """
+    batch, length, _, heads, head_dim = qkv.shape
+    row_start, row_end, col_start, col_end = ranges
+    qkv_specs, prologue_specs = _packed_specs(length, head_dim)
+    temperature_rows = jnp.broadcast_to(temperature.astype(jnp.float32)[:, None],
+                                        (heads, PLAN_WIDTH))
+    prologue_inputs = (qkv_bias, qkv_bias, qkv_bias, temperature_rows)
+    out = jax.ShapeDtypeStruct((batch, length, heads, head_dim), qkv.dtype)
+    results = []
+    for kernel, name, starts, ends, tiles, rows_block, outs in (
+            (_dkdv_kernel, "hmar_block_sparse_attention_dkdv", col_start, col_end, dkdv_tiles,
+             "block_k", 2),
+            (_dq_kernel, "hmar_block_sparse_attention_dq", row_start, row_end, dq_tiles,
+             "block_q", 1)):
+        tiles = {"block_q": 64, "block_k": 64, "num_warps": 4, "num_stages": 2, **(tiles or {})}
+        other = "block_q" if rows_block == "block_k" else "block_k"
+        plan = plan_tiles(starts, ends, tiles[rows_block], tiles[other])
+        results.append(pl.pallas_call(
+            functools.partial(kernel, block_q=tiles["block_q"], block_k=tiles["block_k"],
+                              scale=sm_scale * LOG2_E, sm_scale=sm_scale, prologue=True),
+            grid=(len(plan), batch, heads),
+            in_specs=[_plan_spec(), _vector_spec(length), _vector_spec(length), *qkv_specs,
+                      _head_spec(length, head_dim), _stats_spec(length), _stats_spec(length),
+                      *prologue_specs],
+            out_specs=[_head_spec(length, head_dim)] * outs, out_shape=[out] * outs,
+            compiler_params=_params(tiles["num_warps"], tiles["num_stages"]),
+            interpret=interpret, name=name,
+        )(jnp.asarray(plan), *_int32(starts, ends), qkv, qkv, qkv, do, lse, delta,
+          *prologue_inputs))
+    (dk, dv), (dq,) = results
+    return dq, dk, dv
 
 
 def _int32(*arrays) -> list[jax.Array]:

@@ -220,13 +220,23 @@ def _packed_forward(plan: _Plan, qkv, qkv_bias, temperature):
 
 
 def _packed_backward(plan: _Plan, qkv, qkv_bias, temperature, o, lse, do):
-    # The backward kernels take prepared q, k, v; the prologue's own gradient (bias,
-    # normalisation, temperature) follows ``plan.prologue_backend`` (``qkv_prologue``).
-    q, k, v = hmar_qkv(qkv, qkv_bias, temperature)
-    dq, dk, dv = _kernel_backward(plan, q, k, v, o, lse, do)
+    """``prologue_backend="xla"``: the backward kernels take q, k, v prepared by
+    ``hmar_qkv`` and XLA differentiates it. ``"pallas"``: the backward kernels prepare
+    every tile they load from ``qkv`` (``kernel_gpu.backward_packed``) and
+    ``qkv_prologue``'s pass turns their dq, dk, dv into the packed gradients."""
+    interpret = plan.kernel == "interpret"
+    if plan.prologue_backend == "xla":
+        q, k, v = hmar_qkv(qkv, qkv_bias, temperature)
+        dq, dk, dv = _kernel_backward(plan, q, k, v, o, lse, do)
+    else:
+        length = qkv.shape[1]
+        dq, dk, dv = kernel_gpu.backward_packed(
+            qkv, qkv_bias.astype(qkv.dtype), temperature, do, lse,
+            kernel_gpu.softmax_delta(o, do), _ranges(plan.pattern, plan.patch_nums, length, length),
+            sm_scale=plan.sm_scale, dkdv_tiles=plan.tiles.dkdv.kwargs(),
+            dq_tiles=plan.tiles.dq.kwargs(), interpret=interpret)
     return qkv_prologue.prologue_backward(qkv, qkv_bias, temperature, dq, dk, dv,
-                                          backend=plan.prologue_backend,
-                                          interpret=plan.kernel == "interpret")
+                                          backend=plan.prologue_backend, interpret=interpret)
 
 
 _kernel_attention = _kernel_op(_kernel_forward, _kernel_backward)
