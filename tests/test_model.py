@@ -400,9 +400,8 @@ def test_unrolled_stack_defers_each_ffn_add_into_the_next_norm_kernel(remat, def
     (``forward_deferred``) unless the remat policy would then keep one more activation per
     block: with the Pallas norm kernels (interpret mode) the loss and every gradient equal
     the scanned stack's, whose blocks add in place (checked without remat); deferred, the
-    forward calls the add
-    variant of the norm kernel ``2 depth - 1`` times (only the last block's add is left
-    to XLA), else ``depth`` times."""
+    forward calls the add variant of the norm kernel ``2 depth - 1`` times (only the last
+    block's add is left to XLA), else ``depth`` times."""
     cfg = preset("tiny", depth=2, width=64, patch_nums=(2, 6), norm_backend="pallas",
                  init_adaln_gamma=0.5, init_head=1.0, remat=remat)  # L = 40: rows of 8 tile it
     scanned = HMARTransformer(cfg, rngs=nnx.Rngs(0))
@@ -415,7 +414,7 @@ def test_unrolled_stack_defers_each_ffn_add_into_the_next_norm_kernel(remat, def
         return jnp.mean(model(x, labels) ** 2)
 
     if remat == "none":  # values (the policies change none: test_remat_and_scan_...)
-        (want, want_grads), (got, got_grads) = (nnx.value_and_grad(loss)(m)
+        (want, want_grads), (got, got_grads) = (nnx.jit(nnx.value_and_grad(loss))(m)
                                                 for m in (scanned, unrolled))
         np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
         for (path, a), (_, b) in zip(nnx.to_flat_state(want_grads), nnx.to_flat_state(got_grads)):

@@ -312,6 +312,28 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, row_start: np.ndarray, row
                          num_warps=num_warps, num_stages=num_stages, interpret=interpret)
 
 
+def _packed_specs(length: int, head_dim: int) -> tuple[list, list]:
+    """BlockSpecs (grid ``(tiles, B, N)``) of q, k, v as strided views of
+    ``qkv [B, L, 3, N, K]``, and of their bias rows and the temperature's ``[N, 8]`` rows."""
+    def packed(part):
+        return pl.BlockSpec((None, length, None, None, head_dim),
+                            lambda t, b, h: (b, 0, part, h, 0))
+
+    def bias(part):
+        return pl.BlockSpec((None, None, head_dim), lambda t, b, h: (part, h, 0))
+
+    return ([packed(0), packed(1), packed(2)],
+            [bias(0), bias(1), bias(2), pl.BlockSpec((None, PLAN_WIDTH), lambda t, b, h: (h, 0))])
+
+
+def _prologue_inputs(qkv_bias: jax.Array, temperature: jax.Array) -> tuple:
+    """The arrays behind ``_packed_specs``' prologue specs: the bias three times (one view
+    per part) and the temperature as ``[N, 8]`` rows (a power-of-two block per head)."""
+    rows = jnp.broadcast_to(temperature.astype(jnp.float32)[:, None],
+                            (temperature.shape[0], PLAN_WIDTH))
+    return qkv_bias, qkv_bias, qkv_bias, rows
+
+
 def forward_packed(qkv: jax.Array, qkv_bias: jax.Array, temperature: jax.Array,
                    row_start: np.ndarray, row_end: np.ndarray, *, sm_scale: float = 1.0,
                    block_q: int = 64, block_k: int = 64, num_warps: int = 4,
@@ -332,18 +354,9 @@ def forward_packed(qkv: jax.Array, qkv_bias: jax.Array, temperature: jax.Array,
     """
     batch, length, _, heads, head_dim = qkv.shape
     plan = plan_tiles(row_start, row_end, block_q, block_k)
-
-    def packed_spec(part):
-        return pl.BlockSpec((None, length, None, None, head_dim), lambda t, b, h: (b, 0, part, h, 0))
-
-    def bias_spec(part):
-        return pl.BlockSpec((None, None, head_dim), lambda t, b, h: (part, h, 0))
-
-    temperature_rows = jnp.broadcast_to(temperature.astype(jnp.float32)[:, None],
-                                        (heads, PLAN_WIDTH))  # a power-of-two block per head
-    specs = [packed_spec(0), packed_spec(1), packed_spec(2), bias_spec(0), bias_spec(1),
-             bias_spec(2), pl.BlockSpec((None, PLAN_WIDTH), lambda t, b, h: (h, 0))]
-    inputs = (qkv, qkv, qkv, qkv_bias, qkv_bias, qkv_bias, temperature_rows)
+    qkv_specs, prologue_specs = _packed_specs(length, head_dim)
+    specs = [*qkv_specs, *prologue_specs]
+    inputs = (qkv, qkv, qkv, *_prologue_inputs(qkv_bias, temperature))
     return _forward_call(plan, row_start, row_end, inputs, specs,
                          jax.ShapeDtypeStruct((batch, length, heads, head_dim), qkv.dtype),
                          prologue=True, sm_scale=sm_scale, block_q=block_q, block_k=block_k,
@@ -392,20 +405,6 @@ def backward_dq(q, k, v, do, lse, delta, row_start: np.ndarray, row_end: np.ndar
     )(jnp.asarray(plan), *_int32(row_start, row_end), q, k, v, do, lse, delta)
 
 
-def _packed_specs(length: int, head_dim: int) -> tuple[list, list]:
-    """BlockSpecs (grid ``(tiles, B, N)``) of q, k, v as strided views of
-    ``qkv [B, L, 3, N, K]``, and of their bias rows and the temperature's ``[N, 8]`` rows."""
-    def packed(part):
-        return pl.BlockSpec((None, length, None, None, head_dim),
-                            lambda t, b, h: (b, 0, part, h, 0))
-
-    def bias(part):
-        return pl.BlockSpec((None, None, head_dim), lambda t, b, h: (part, h, 0))
-
-    return ([packed(0), packed(1), packed(2)],
-            [bias(0), bias(1), bias(2), pl.BlockSpec((None, PLAN_WIDTH), lambda t, b, h: (h, 0))])
-
-
 def backward_packed(qkv, qkv_bias, temperature, do, lse, delta, ranges, *, sm_scale: float = 1.0,
                     dkdv_tiles: dict | None = None, dq_tiles: dict | None = None,
                     interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -420,9 +419,7 @@ def backward_packed(qkv, qkv_bias, temperature, do, lse, delta, ranges, *, sm_sc
     batch, length, _, heads, head_dim = qkv.shape
     row_start, row_end, col_start, col_end = ranges
     qkv_specs, prologue_specs = _packed_specs(length, head_dim)
-    temperature_rows = jnp.broadcast_to(temperature.astype(jnp.float32)[:, None],
-                                        (heads, PLAN_WIDTH))
-    prologue_inputs = (qkv_bias, qkv_bias, qkv_bias, temperature_rows)
+    prologue_inputs = _prologue_inputs(qkv_bias, temperature)
     out = jax.ShapeDtypeStruct((batch, length, heads, head_dim), qkv.dtype)
     results = []
     for kernel, name, starts, ends, tiles, rows_block, outs in (
