@@ -96,17 +96,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # 24.7 GiB, d30 B32 421 ms at 67.7 GiB per GPU).
     # Faster: remat=activations_saveable (d16 184 ms, 33.1 GiB; d30 with
     # optimizer.mu_dtype=bfloat16 393-406 ms, 76 GiB, which needs
-    # XLA_PYTHON_CLIENT_MEM_FRACTION=0.95) or remat=none at d16 (173-180 ms, 35 GiB). Less
+    # XLA_PYTHON_CLIENT_MEM_FRACTION=0.95) or remat=none at d16 (172-179 ms, 35 GiB; the H200
+    # runs at its 700 W cap, and chips differ by 2-3% there). Less
     # memory: remat=projections_saveable
     # (+ optimizer.mu_dtype=bfloat16: d30 B32 48.3 GiB), remat=none with
     # config.microbatches=2 (d16 B64 in two passes of 32: 21.1 GiB at 190 ms) or remat=block.
-    # 512 px (L = 2240, not measured): block remat, scanned.
+    # 512 px (L = 2240, not measured): block remat, scanned. attention_prologue_backend=pallas
+    # runs the attention prologue's backward as Pallas kernels (not yet measured on a GPU).
     fast = args["res"] == 256
     config.model.overrides = ml_collections.ConfigDict(dict(
         num_classes=1000, num_mask_layers=MASK_LAYERS, init_adaln_gamma=recipe["alng"],
         remat="dots_attention_saveable" if fast else "block", dtype="auto", head_dtype="auto",
         attention_backend="auto", scan_blocks=not fast, gelu_backend="auto",
-        norm_backend="auto" if fast else "xla"))
+        norm_backend="auto" if fast else "xla", attention_prologue_backend="xla"))
 
     config.loss = ml_collections.ConfigDict()
     config.loss.weighting = "lognorm"
