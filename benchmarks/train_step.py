@@ -964,9 +964,10 @@ def main() -> None:
     parser.add_argument("--gelu-backend", default="auto",
                         help="the FFN's bias + GELU (model.gelu_backend: "
                              "hmar_jax.pallas.backend_choice.KERNEL_BACKENDS)")
-    parser.add_argument("--prologue-backend", default="xla", choices=["xla", "pallas"],
+    parser.add_argument("--prologue-backend", default="xla",
                         help="the backward of the attention's q/k/v prologue "
-                             "(model.attention_prologue_backend; hmar_jax/pallas/qkv_prologue.py)")
+                             "(model.attention_prologue_backend: "
+                             "hmar_jax.pallas.qkv_prologue.PROLOGUE_BACKENDS)")
     parser.add_argument("--norm-backend", default="xla",
                         help="the blocks' LayerNorm + modulation (model.norm_backend: "
                              "hmar_jax.pallas.backend_choice.KERNEL_BACKENDS)")
@@ -1006,10 +1007,13 @@ def main() -> None:
     from hmar_jax.model import REMAT_POLICIES  # imports jax, initialises no backend
     from hmar_jax.optim import MU_DTYPES
     from hmar_jax.pallas.backend_choice import KERNEL_BACKENDS
-    for flag in ("gelu_backend", "norm_backend", "tokenizer_norm_backend"):
-        if getattr(args, flag) not in KERNEL_BACKENDS:
+    from hmar_jax.pallas.qkv_prologue import PROLOGUE_BACKENDS
+    for flag, allowed in (("gelu_backend", KERNEL_BACKENDS), ("norm_backend", KERNEL_BACKENDS),
+                          ("tokenizer_norm_backend", KERNEL_BACKENDS),
+                          ("prologue_backend", PROLOGUE_BACKENDS)):
+        if getattr(args, flag) not in allowed:
             raise SystemExit(f"unknown --{flag.replace('_', '-')} {getattr(args, flag)!r}; "
-                             f"use one of {KERNEL_BACKENDS}")
+                             f"use one of {allowed}")
     for remat in parse_list(args.remat):
         if remat != "default" and remat not in REMAT_POLICIES:
             raise SystemExit(f"unknown remat policy {remat!r}")

@@ -21,6 +21,7 @@ D conditioning width (= C), N heads, K head dim, V vocabulary, Cv latent channel
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Literal, get_args
 
@@ -42,6 +43,7 @@ from hmar_jax.scales import ScaleLayout, resolve_patch_nums
 RematPolicy = Literal["none", "block", "dots_saveable", "dots_attention_saveable",
                       "projections_saveable", "activations_saveable"]
 REMAT_POLICIES: tuple[str, ...] = get_args(RematPolicy)
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16")  # HMARConfig.dtype and head_dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,11 +153,10 @@ class HMARConfig:
         if self.norm_backend not in NORM_BACKENDS:
             raise ValueError(f"Unknown norm_backend {self.norm_backend!r}; use one of "
                              f"{NORM_BACKENDS}.")
-        if self.dtype not in ("auto", "float32", "bfloat16"):
-            raise ValueError(f"Unknown dtype {self.dtype!r}; use 'auto', 'float32' or 'bfloat16'.")
-        if self.head_dtype not in ("auto", "float32", "bfloat16"):
-            raise ValueError(f"Unknown head_dtype {self.head_dtype!r}; use 'auto', 'float32' "
-                             "or 'bfloat16'.")
+        for name in ("dtype", "head_dtype"):
+            if getattr(self, name) not in COMPUTE_DTYPES:
+                raise ValueError(f"Unknown {name} {getattr(self, name)!r}; use 'auto', 'float32' "
+                                 "or 'bfloat16'.")
 
     @property
     def compute_dtype(self) -> jnp.dtype:
@@ -410,11 +411,11 @@ class HMARTransformer(nnx.Module):
         # The pending FFN output then lives until the next block: free when the backward
         # keeps it anyway (no remat, or a policy that saves it), one more [B, L, C] per
         # block otherwise (d30 B32 ``activations_saveable``: +1.4 GiB), so not under those.
-        deferred_body = run_block if cfg.remat in _FFN_OUT_KEPT else None
-        if cfg.remat in _CHECKPOINT_POLICIES:
-            body = jax.checkpoint(body, policy=_CHECKPOINT_POLICIES[cfg.remat])
-            if deferred_body is not None:
-                deferred_body = jax.checkpoint(run_block, policy=_CHECKPOINT_POLICIES[cfg.remat])
+        policy = _CHECKPOINT_POLICIES.get(cfg.remat)
+        remat = (lambda fn: fn) if policy is None else functools.partial(jax.checkpoint,
+                                                                          policy=policy)
+        body = remat(body)
+        deferred_body = remat(run_block) if cfg.remat in _FFN_OUT_KEPT else None
         x = x.astype(jnp.float32)
         if scan and kv_cache is not None:
             # The cache rides in the carry and each layer's slot is updated in place (as a
@@ -597,8 +598,8 @@ def _stack_modulations(graphdef, params, cond: jax.Array) -> jax.Array:
     One batched matmul over the stacked ``ada_lin`` weights (``vmap``). Under an FSDP mesh
     a loop over the layers (``lax.map``) instead, so that one block's weights are gathered
     at a time (the whole d30 stack is 1.3 GB in bf16). The loop cost the unsharded d16 B64
-    training step about 200 more kernel launches and 1-2 ms on an H200
-    (``benchmarks/README.md``, session 13)."""
+    training step about 210 more kernel launches and 0.5 ms on an H200 (pooled medians of
+    60 steps, ``benchmarks/README.md``, session 13)."""
     def modulation(layer_params):
         block = nnx.merge(graphdef, sharding.gather_for_compute(layer_params))
         return block.modulation(cond)

@@ -25,9 +25,11 @@ Backends (``spec.backend``):
 from the packed ``mat_qkv`` output: on GPU (and in interpret mode) the kernel applies
 the bias, q/k normalisation and temperature to each tile it loads
 (``kernel_gpu.forward_packed``), so q, k and v are never written out in the forward
-pass; elsewhere ``reference.hmar_qkv`` prepares them and ``attention`` runs. The
-prologue's backward is XLA's differentiation of ``hmar_qkv`` or, with
-``AttentionSpec.prologue_backend="pallas"``, the one-pass kernel of ``qkv_prologue``.
+pass; elsewhere ``reference.hmar_qkv`` prepares them and ``attention`` runs. In the
+backward, by default ``hmar_qkv`` prepares q, k, v for the backward kernels and XLA
+differentiates it; with ``AttentionSpec.prologue_backend="pallas"`` the backward kernels
+prepare the tiles they load (``kernel_gpu.backward_packed``) and ``qkv_prologue``'s pass
+gives the packed gradients.
 
 This module owns the ``custom_vjp`` around the kernels' forward and backward. A head
 dim the kernels cannot take (not a power of two >= 16) falls back to the reference
@@ -94,8 +96,9 @@ class AttentionSpec:
       backend: implementation choice, see the module docstring.
       tiles: kernel tile sizes.
       prologue_backend: the backward of ``hmar_attention``'s q/k/v prologue when the
-        GPU kernel (or interpret mode) runs: ``xla`` differentiates
-        ``reference.hmar_qkv``, ``pallas`` runs ``qkv_prologue``'s one-pass kernel.
+        GPU kernel (or interpret mode) runs: ``xla`` prepares q, k, v with
+        ``reference.hmar_qkv`` and differentiates it; ``pallas`` prepares the tiles inside
+        the backward kernels and runs ``qkv_prologue``'s one-pass kernel (module docstring).
     """
 
     pattern: Pattern = "block_diagonal"

@@ -119,7 +119,7 @@ def tiling(length: int, rows: int = 32, sub_tiles: int = 4) -> tuple[int, int, i
     """``(rows, sub_tiles, chunks)``: ``[rows, K]`` tiles, ``sub_tiles`` of them per
     program, ``chunks`` programs per (batch, head, part) covering ``length`` rows; rows is
     a power of two no larger than needed."""
-    rows = min(rows, 1 << max(0, math.ceil(math.log2(max(length, 1)))))
+    rows = min(rows, pl.next_power_of_2(length))
     sub_tiles = max(1, min(sub_tiles, math.ceil(length / rows)))
     return rows, sub_tiles, math.ceil(length / (rows * sub_tiles))
 
