@@ -405,7 +405,7 @@ def recipe_config(spec: dict):
                      scan_blocks=spec["scan_blocks"], gelu_backend=spec.get("gelu_backend", "auto"),
                      norm_backend=spec.get("norm_backend", "xla"),
                      head_dtype=spec.get("head_dtype", "float32"),
-                     attention_prologue_backend=spec.get("prologue_backend", "xla"))
+                     attention_prologue_backend=spec.get("prologue_backend", "auto"))
     if spec["remat"] == "default":
         overrides.pop("remat", None)  # the preset's own value
     else:
@@ -964,7 +964,7 @@ def main() -> None:
     parser.add_argument("--gelu-backend", default="auto",
                         help="the FFN's bias + GELU (model.gelu_backend: "
                              "hmar_jax.pallas.backend_choice.KERNEL_BACKENDS)")
-    parser.add_argument("--prologue-backend", default="xla",
+    parser.add_argument("--prologue-backend", default="auto",
                         help="the backward of the attention's q/k/v prologue "
                              "(model.attention_prologue_backend: "
                              "hmar_jax.pallas.qkv_prologue.PROLOGUE_BACKENDS)")

@@ -68,12 +68,14 @@ class HMARConfig:
         CPU, XLA's fusion on TPU) or ``auto`` (``pallas`` on GPU, ``xla`` elsewhere).
       attention_prologue_backend: the backward of the attention's q/k/v prologue (bias,
         q/k L2 normalisation, temperature) when the GPU kernel runs it in the forward:
-        ``xla`` (default: q, k, v prepared by the jnp prologue for the backward kernels,
-        which XLA then differentiates) or ``pallas`` (the backward kernels prepare the
-        tiles they load from qkv, and one Pallas pass, ``hmar_jax.pallas.qkv_prologue``,
-        gives the packed gradients; interpret mode on CPU). The kernels lower for an H200
-        and match the reference in interpret mode; their speed on a GPU is not yet
-        measured (``benchmarks/train_step.py --prologue-backend``).
+        ``xla`` (q, k, v prepared by the jnp prologue for the backward kernels, which XLA
+        then differentiates), ``pallas`` (the same q, k, v; one Pallas pass,
+        ``hmar_jax.pallas.qkv_prologue``, gives the packed gradients), ``pallas_fused``
+        (also the backward kernels prepare the tiles they load from qkv) or ``auto``
+        (default: ``pallas`` on GPU, ``xla`` in interpret mode on CPU). On an H200 the
+        d16 B64 step took 172.3 / 172.6 ms with ``pallas`` against 174.9 / 175.2 with
+        ``xla`` (alternating runs); ``pallas_fused`` was no faster (its backward kernels
+        +8.8 ms, the elementwise work -6.3 ms; session 14, ``benchmarks/README.md``).
       norm_backend: the blocks' LayerNorm + AdaLN modulation (+ the attention's residual
         add): ``xla`` (default), ``pallas`` (one Pallas pass each way,
         ``hmar_jax.pallas.adaln``; interpret mode on CPU, XLA on TPU) or ``auto``
@@ -118,7 +120,7 @@ class HMARConfig:
     attention_pattern: str = "block_diagonal"
     attention_backend: str = "auto"
     gelu_backend: str = "auto"
-    attention_prologue_backend: str = "xla"
+    attention_prologue_backend: str = "auto"
     norm_backend: str = "xla"
     drop_path_rate: float | None = None
     norm_eps: float = 1e-6

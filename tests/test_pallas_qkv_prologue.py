@@ -83,14 +83,17 @@ def test_unknown_backend_is_one_clear_error():
         ops.AttentionSpec("block_diagonal", (1, 2, 3), prologue_backend="triton")
 
 
-@pytest.mark.parametrize("temperature_scale", [1.0, 100.0])
-def test_attention_gradients_with_the_kernel_equal_the_reference_prologue(temperature_scale):
+@pytest.mark.parametrize("prologue_backend, temperature_scale",
+                         [("pallas", 1.0), ("pallas_fused", 1.0), ("pallas_fused", 100.0)])
+def test_attention_gradients_with_the_kernel_equal_the_reference_prologue(prologue_backend,
+                                                                          temperature_scale):
     """``hmar_attention`` with the attention kernel in interpret mode: with
-    ``prologue_backend="pallas"`` (backward kernels that prepare the tiles they load from
-    qkv, then the prologue's Pallas pass) the gradients equal those of the backward
-    kernels on ``hmar_qkv``'s q, k, v followed by differentiating it. A temperature of
-    about 100 (VAR's clamp) checks that the query rows past the sequence, inside the
-    64-row tiles, stay finite."""
+    ``prologue_backend="pallas"`` (the prologue's Pallas pass after the backward kernels)
+    and ``"pallas_fused"`` (backward kernels that also prepare the tiles they load from
+    qkv) the gradients equal those of the backward kernels on ``hmar_qkv``'s q, k, v
+    followed by differentiating it. A temperature of about 100 (VAR's clamp) checks that
+    the fused kernels' query rows past the sequence, inside the 64-row tiles, stay
+    finite."""
     qkv, bias, temperature, _ = _inputs(jnp.float32, batch=2, length=14, heads=2, head_dim=16)
     temperature = temperature * temperature_scale
     weights = jax.random.normal(jax.random.key(3), (2, 14, 2, 16))
@@ -101,7 +104,7 @@ def test_attention_gradients_with_the_kernel_equal_the_reference_prologue(temper
         return lambda *args: jnp.sum(ops.hmar_attention(*args, spec) * weights)
 
     want = jax.grad(loss("xla"), argnums=(0, 1, 2))(qkv, bias, temperature)
-    got = jax.grad(loss("pallas"), argnums=(0, 1, 2))(qkv, bias, temperature)
+    got = jax.grad(loss(prologue_backend), argnums=(0, 1, 2))(qkv, bias, temperature)
     for g, w in zip(got, want):
         assert bool(jnp.all(jnp.isfinite(g)))
         scale = float(jnp.max(jnp.abs(w)))
@@ -136,13 +139,18 @@ def test_kernels_lower_for_an_nvidia_gpu(batch, heads):
 
 
 def test_model_config_selects_the_prologue_backend():
-    """``HMARConfig.attention_prologue_backend`` reaches the blocks' attention spec (a
-    runtime field: checkpoints do not depend on it) and a typo is one clear error."""
+    """``HMARConfig.attention_prologue_backend`` (default ``auto``: the Pallas pass on
+    GPU) reaches the blocks' attention spec (a runtime field: checkpoints do not depend on
+    it) and a typo is one clear error."""
     from hmar_jax.model import HMARConfig, preset
 
-    cfg = preset("tiny", attention_prologue_backend="pallas")
-    assert cfg.attention_spec().prologue_backend == "pallas"
-    assert cfg.attention_spec("full").prologue_backend == "pallas"
+    assert preset("tiny").attention_spec().prologue_backend == "auto"
+    assert ops.resolve_prologue_backend("auto", "gpu") == "pallas"
+    assert ops.resolve_prologue_backend("auto", "interpret") == "xla"
+    assert ops.resolve_prologue_backend("pallas_fused", "interpret") == "pallas_fused"
+    cfg = preset("tiny", attention_prologue_backend="pallas_fused")
+    assert cfg.attention_spec().prologue_backend == "pallas_fused"
+    assert cfg.attention_spec("full").prologue_backend == "pallas_fused"
     assert cfg.architecture() == preset("tiny").architecture()
     with pytest.raises(ValueError, match="Unknown prologue backend 'triton'"):
         HMARConfig(attention_prologue_backend="triton")

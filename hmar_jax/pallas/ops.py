@@ -26,10 +26,12 @@ from the packed ``mat_qkv`` output: on GPU (and in interpret mode) the kernel ap
 the bias, q/k normalisation and temperature to each tile it loads
 (``kernel_gpu.forward_packed``), so q, k and v are never written out in the forward
 pass; elsewhere ``reference.hmar_qkv`` prepares them and ``attention`` runs. In the
-backward, by default ``hmar_qkv`` prepares q, k, v for the backward kernels and XLA
-differentiates it; with ``AttentionSpec.prologue_backend="pallas"`` the backward kernels
-prepare the tiles they load (``kernel_gpu.backward_packed``) and ``qkv_prologue``'s pass
-gives the packed gradients.
+backward (``AttentionSpec.prologue_backend``), ``hmar_qkv`` prepares q, k, v for the
+backward kernels and XLA differentiates it (``xla``), or ``qkv_prologue``'s one-pass
+kernel turns the kernels' dq, dk, dv into the packed gradients (``pallas``; ``auto``, the
+default, picks it on GPU and ``xla`` in interpret mode); with
+``pallas_fused`` the backward kernels also prepare the tiles they load from ``qkv``
+(``kernel_gpu.backward_packed``) instead of reading q, k, v prepared by XLA.
 
 This module owns the ``custom_vjp`` around the kernels' forward and backward. A head
 dim the kernels cannot take (not a power of two >= 16) falls back to the reference
@@ -97,15 +99,17 @@ class AttentionSpec:
       tiles: kernel tile sizes.
       prologue_backend: the backward of ``hmar_attention``'s q/k/v prologue when the
         GPU kernel (or interpret mode) runs: ``xla`` prepares q, k, v with
-        ``reference.hmar_qkv`` and differentiates it; ``pallas`` prepares the tiles inside
-        the backward kernels and runs ``qkv_prologue``'s one-pass kernel (module docstring).
+        ``reference.hmar_qkv`` for the backward kernels and differentiates it; ``pallas``
+        differentiates it with ``qkv_prologue``'s one-pass kernel; ``pallas_fused`` also
+        prepares the tiles inside the backward kernels; ``auto`` (default) is ``pallas``
+        on GPU and ``xla`` in interpret mode (module docstring).
     """
 
     pattern: Pattern = "block_diagonal"
     patch_nums: tuple[int, ...] = ()
     backend: Backend = "auto"
     tiles: KernelTiles = KernelTiles()
-    prologue_backend: str = "xla"
+    prologue_backend: str = "auto"
 
     def __post_init__(self):
         if self.pattern not in ("block_diagonal", "block_causal", "full"):
@@ -223,23 +227,24 @@ def _packed_forward(plan: _Plan, qkv, qkv_bias, temperature):
 
 
 def _packed_backward(plan: _Plan, qkv, qkv_bias, temperature, o, lse, do):
-    """``prologue_backend="xla"``: the backward kernels take q, k, v prepared by
-    ``hmar_qkv`` and XLA differentiates it. ``"pallas"``: the backward kernels prepare
-    every tile they load from ``qkv`` (``kernel_gpu.backward_packed``) and
-    ``qkv_prologue``'s pass turns their dq, dk, dv into the packed gradients."""
+    """``prologue_backend`` ``"xla"`` and ``"pallas"``: the backward kernels take q, k, v
+    prepared by ``hmar_qkv``; ``"pallas_fused"``: they prepare every tile they load from
+    ``qkv`` (``kernel_gpu.backward_packed``). Then XLA (``"xla"``) or ``qkv_prologue``'s
+    pass (the others) turns their dq, dk, dv into the packed gradients."""
     interpret = plan.kernel == "interpret"
-    if plan.prologue_backend == "xla":
-        q, k, v = hmar_qkv(qkv, qkv_bias, temperature)
-        dq, dk, dv = _kernel_backward(plan, q, k, v, o, lse, do)
-    else:
+    if plan.prologue_backend == "pallas_fused":
         length = qkv.shape[1]
         dq, dk, dv = kernel_gpu.backward_packed(
             qkv, qkv_bias.astype(qkv.dtype), temperature, do, lse,
             kernel_gpu.softmax_delta(o, do), _ranges(plan.pattern, plan.patch_nums, length, length),
             sm_scale=plan.sm_scale, dkdv_tiles=plan.tiles.dkdv.kwargs(),
             dq_tiles=plan.tiles.dq.kwargs(), interpret=interpret)
+    else:
+        q, k, v = hmar_qkv(qkv, qkv_bias, temperature)
+        dq, dk, dv = _kernel_backward(plan, q, k, v, o, lse, do)
+    vjp_backend = "xla" if plan.prologue_backend == "xla" else "pallas"
     return qkv_prologue.prologue_backward(qkv, qkv_bias, temperature, dq, dk, dv,
-                                          backend=plan.prologue_backend, interpret=interpret)
+                                          backend=vjp_backend, interpret=interpret)
 
 
 _kernel_attention = _kernel_op(_kernel_forward, _kernel_backward)
@@ -327,9 +332,17 @@ def hmar_attention(qkv: jax.Array, qkv_bias: jax.Array, temperature: jax.Array,
         return attention(*hmar_qkv(qkv, qkv_bias, temperature), spec)
     _check_length(spec, length, length)
     plan = _Plan(kernel, spec.pattern, tuple(spec.patch_nums), spec.tiles, 1.0,
-                 spec.prologue_backend)
+                 resolve_prologue_backend(spec.prologue_backend, kernel))
     return per_batch_shard(functools.partial(_packed_kernel_attention, plan), (qkv,),
                             (qkv_bias, temperature))
+
+
+def resolve_prologue_backend(prologue_backend: str, kernel: str) -> str:
+    """``AttentionSpec.prologue_backend`` for a kernel run (``gpu`` or ``interpret``):
+    ``auto`` is ``pallas`` on GPU and ``xla`` in interpret mode (the CPU tests' speed)."""
+    if prologue_backend != "auto":
+        return prologue_backend
+    return "pallas" if kernel == "gpu" else "xla"
 
 
 def fused_dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,

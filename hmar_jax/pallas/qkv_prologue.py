@@ -20,9 +20,13 @@ Per row and head, in float32, with ``x = qkv + bias`` (added in qkv's dtype),
     dx_v = dv
     dbias = sum over B and L of dx (rounded to qkv's dtype first, as dqkv)
 
-``backend`` (``ops.AttentionSpec.prologue_backend``): ``"xla"`` differentiates
-``reference.hmar_qkv`` (the reference); ``"pallas"`` runs the kernel (Triton on GPU,
-interpret mode elsewhere: tests).
+``prologue_backward(..., backend)``: ``"xla"`` differentiates ``reference.hmar_qkv`` (the
+reference); ``"pallas"`` runs the kernel (Triton on GPU, interpret mode elsewhere: tests).
+The attention's choice (``ops.AttentionSpec.prologue_backend``, ``PROLOGUE_BACKENDS``)
+adds ``"pallas_fused"``: this kernel, with backward attention kernels that prepare the
+tiles they load from ``qkv`` instead of reading q, k, v prepared by XLA; and ``"auto"``
+(default): ``"pallas"`` on GPU, where it saved ~2.6 ms of the d16 B64 step on an H200
+(session 14, ``benchmarks/README.md``), ``"xla"`` in interpret mode.
 
 Grid ``(B, N, 3 T)``: a program handles one of q, k, v for one head and one chunk of
 ``rows x sub_tiles`` rows (``T`` chunks cover L), loading ``[rows, K]`` tiles.
@@ -40,7 +44,11 @@ from jax.experimental.pallas import triton as plgpu
 
 from hmar_jax.pallas.reference import hmar_qkv
 
-PROLOGUE_BACKENDS = ("xla", "pallas")
+# ``prologue_backward``'s backends, and the attention's (``ops.AttentionSpec.prologue_backend``):
+# ``pallas_fused`` also has the backward kernels prepare the tiles they load from qkv;
+# ``auto`` is ``pallas`` where the GPU kernel runs, ``xla`` elsewhere (interpret mode).
+VJP_BACKENDS = ("xla", "pallas")
+PROLOGUE_BACKENDS = ("auto", "xla", "pallas", "pallas_fused")
 KERNEL_NAME = "hmar_qkv_prologue_bwd"
 EPS = 1e-12  # reference.l2_normalize's
 TEMPERATURE_WIDTH = 8  # the temperature rides as a power-of-two block [N, 8] per head
@@ -159,8 +167,8 @@ def prologue_backward(qkv, qkv_bias, temperature, dq, dk, dv, *, backend: str = 
     """The prologue's backward with ``backend`` (``xla`` or ``pallas``); see the module
     docstring. ``qkv [B, L, 3, N, K]``, ``qkv_bias [3, N, K]``, ``temperature [N]``,
     ``dq, dk, dv [B, L, N, K]``."""
-    if backend not in PROLOGUE_BACKENDS:
-        raise ValueError(f"Unknown prologue backend {backend!r}; use one of {PROLOGUE_BACKENDS}.")
+    if backend not in VJP_BACKENDS:
+        raise ValueError(f"Unknown prologue backend {backend!r}; use one of {VJP_BACKENDS}.")
     if backend == "xla":
         return reference_prologue_backward(qkv, qkv_bias, temperature, dq, dk, dv)
     return kernel_prologue_backward(qkv, qkv_bias, temperature, dq, dk, dv, interpret=interpret)
