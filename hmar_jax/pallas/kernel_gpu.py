@@ -415,6 +415,11 @@ def backward_packed(qkv, qkv_bias, temperature, do, lse, delta, ranges, *, sm_sc
     ``ranges``: ``(row_start, row_end, col_start, col_end)`` host arrays; ``*_tiles``:
     ``block_q``/``block_k``/``num_warps``/``num_stages`` of each kernel (their defaults
     otherwise).
+
+    ``AttentionSpec.prologue_backend="pallas_fused"`` runs these. On an H200 they cost more
+    than they save (each q or k tile is prepared again for every tile it meets: the two
+    kernels took 23.6 against 14.8 ms of the d16 B64 step), so the default prepares q, k, v
+    once with XLA (``benchmarks/README.md``, session 14).
     """
     batch, length, _, heads, head_dim = qkv.shape
     row_start, row_end, col_start, col_end = ranges
