@@ -51,6 +51,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from hmar_jax.pallas.backend_choice import KERNEL_BACKENDS, KernelBackend, resolve_kernel_backend
 from hmar_jax.pallas.per_batch import per_batch_shard
+from hmar_jax.pallas.triton_util import compiler_params
 
 NormBackend = KernelBackend
 FORWARD_KERNEL_NAME = "hmar_adaln_fwd"  # for remat policies that keep its outputs
@@ -199,10 +200,6 @@ def sub_blocks(length: int, width: int, tile_elements: int = TILE_ELEMENTS,
     return next(k for k in range(max_sub_blocks, 0, -1) if count % k == 0)
 
 
-def _params(num_warps: int):
-    return plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
-
-
 def forward(x, branch, gate, scale, shift, *, eps: float, out_dtype, interpret: bool = False,
             num_warps: int = 4):
     """``(x' or None, h, mean [B, L], rstd [B, L])``; ``branch``/``gate`` None: no add."""
@@ -224,7 +221,7 @@ def forward(x, branch, gate, scale, shift, *, eps: float, out_dtype, interpret: 
                                with_branch=with_branch)
     outs = pl.pallas_call(
         kernel, grid=(batch, length // rows), in_specs=in_specs, out_specs=out_specs,
-        out_shape=out_shape, compiler_params=_params(num_warps), interpret=interpret,
+        out_shape=out_shape, compiler_params=compiler_params(num_warps), interpret=interpret,
         name=FORWARD_KERNEL_NAME)(*inputs)
     return tuple(outs) if with_branch else (None, *outs)
 
@@ -259,7 +256,7 @@ def backward(x, branch, gate, scale, mean, rstd, dh, dx_out, *, interpret: bool 
                                with_branch=with_branch)
     outs = pl.pallas_call(
         kernel, grid=(batch, programs), in_specs=in_specs, out_specs=out_specs,
-        out_shape=out_shape, compiler_params=_params(num_warps), interpret=interpret,
+        out_shape=out_shape, compiler_params=compiler_params(num_warps), interpret=interpret,
         name="hmar_adaln_bwd")(*inputs)
     if with_branch:
         dx, dbranch, dscale, dshift, dgate = outs

@@ -32,10 +32,10 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from hmar_jax.pallas.backend_choice import KERNEL_BACKENDS, KernelBackend, resolve_kernel_backend
 from hmar_jax.pallas.per_batch import per_batch_shard
+from hmar_jax.pallas.triton_util import compiler_params
 
 GeluBackend = KernelBackend
 FORWARD_KERNEL_NAME = "hmar_bias_gelu_fwd"  # for remat policies that keep its output
@@ -106,7 +106,7 @@ def forward(h: jax.Array, bias: jax.Array, *, interpret: bool = False,
         _forward_kernel, grid=(rows // block_rows, cols // block_cols),
         in_specs=[matrix, vector], out_specs=matrix,
         out_shape=jax.ShapeDtypeStruct(h.shape, h.dtype),
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+        compiler_params=compiler_params(num_warps),
         interpret=interpret, name=FORWARD_KERNEL_NAME)(h, bias)
 
 
@@ -122,7 +122,7 @@ def backward(h: jax.Array, bias: jax.Array, dy: jax.Array, *, interpret: bool = 
         out_specs=[matrix, partial_sums],
         out_shape=[jax.ShapeDtypeStruct(h.shape, h.dtype),
                    jax.ShapeDtypeStruct((grid[0], cols), jnp.float32)],
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+        compiler_params=compiler_params(num_warps),
         interpret=interpret, name="hmar_bias_gelu_bwd")(h, bias, dy)
     return dh, jnp.sum(dbias_parts, axis=0).astype(bias.dtype)
 

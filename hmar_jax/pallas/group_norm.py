@@ -42,10 +42,10 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from hmar_jax.pallas.backend_choice import KERNEL_BACKENDS, KernelBackend, resolve_kernel_backend
 from hmar_jax.pallas.per_batch import per_batch_shard
+from hmar_jax.pallas.triton_util import compiler_params
 
 GROUP_NORM_BACKENDS = KERNEL_BACKENDS
 STATS_KERNEL_NAME = "hmar_group_norm_stats"
@@ -170,10 +170,6 @@ def tiles_per_program(pixels: int, channels: int, tile_elements: int = TILE_ELEM
     return next(k for k in range(max_tiles, 0, -1) if count % k == 0)
 
 
-def _params(num_warps: int):
-    return plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
-
-
 def _grid(x, tile_elements: int, max_tiles: int):
     batch, pixels, channels = x.shape
     rows = tile_rows(pixels, channels, tile_elements)
@@ -193,7 +189,7 @@ def channel_sums(x: jax.Array, *, interpret: bool = False, num_warps: int = 4,
     kernel = functools.partial(_stats_kernel, channels=channels, rows=rows, tiles=count)
     sums, squares = pl.pallas_call(
         kernel, grid=grid, in_specs=[matrix], out_specs=[partial, partial],
-        out_shape=[partial_shape, partial_shape], compiler_params=_params(num_warps),
+        out_shape=[partial_shape, partial_shape], compiler_params=compiler_params(num_warps),
         interpret=interpret, name=STATS_KERNEL_NAME)(x)
     return sums.sum(1), squares.sum(1)
 
@@ -209,7 +205,8 @@ def normalise(x: jax.Array, a: jax.Array, b: jax.Array, *, silu: bool, interpret
                                silu=silu)
     return pl.pallas_call(
         kernel, grid=grid, in_specs=[matrix, vector, vector], out_specs=matrix,
-        out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype), compiler_params=_params(num_warps),
+        out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+        compiler_params=compiler_params(num_warps),
         interpret=interpret, name=NORMALISE_KERNEL_NAME)(x, a, b)
 
 

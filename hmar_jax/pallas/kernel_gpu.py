@@ -36,6 +36,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from hmar_jax.pallas.reference import l2_normalize
+from hmar_jax.pallas.triton_util import compiler_params, load_rows
 
 LOG2_E = math.log2(math.e)
 LN_2 = math.log(2.0)
@@ -43,10 +44,6 @@ LN_2 = math.log(2.0)
 
 def _ranges_slice(ref, start, size, valid, fill):
     return plgpu.load(ref.at[pl.ds(start, size)], mask=valid, other=fill)
-
-
-def _rows(ref, start, size, valid):
-    return plgpu.load(ref.at[pl.ds(start, size), :], mask=valid[:, None], other=0.0)
 
 
 PLAN_WIDTH = 8  # int32 fields per planned tile (padded for a power-of-two block)
@@ -113,7 +110,7 @@ def _forward_kernel(plan_ref, row_start_ref, row_end_ref, q_ref, k_ref, v_ref, *
     q_valid = q_idx < plan_ref[1]
     row_start = _ranges_slice(row_start_ref, first, block_q, q_valid, 2 ** 30)
     row_end = _ranges_slice(row_end_ref, first, block_q, q_valid, 0)
-    q = _rows(q_ref, first, block_q, q_valid)
+    q = load_rows(q_ref, first, block_q, q_valid)
     head_dim = q.shape[-1]
     if prologue:
         temperature = temperature_ref[0]
@@ -124,8 +121,8 @@ def _forward_kernel(plan_ref, row_start_ref, row_end_ref, q_ref, k_ref, v_ref, *
         acc, m, l = carry
         k_idx = start + jnp.arange(block_k)
         k_valid = k_idx < hi
-        k = _rows(k_ref, start, block_k, k_valid)
-        v = _rows(v_ref, start, block_k, k_valid)
+        k = load_rows(k_ref, start, block_k, k_valid)
+        v = load_rows(v_ref, start, block_k, k_valid)
         if prologue:
             k = l2_normalize(k + k_bias).astype(v.dtype)
             v = v + v_bias
@@ -159,12 +156,12 @@ def _prepared_loads(refs: list, prologue: bool):
     query row there keeps a finite softmax: exp2 of a temperature-scaled logit could
     overflow and meet a zero do as NaN)."""
     if not prologue:
-        return _rows, _rows, _rows, refs
+        return load_rows, load_rows, load_rows, refs
     q_bias_ref, k_bias_ref, v_bias_ref, temperature_ref, *rest = refs
 
     def prepared(prepare):
         def load(ref, start, size, valid):
-            x = prepare(_rows(ref, start, size, valid))
+            x = prepare(load_rows(ref, start, size, valid))
             return jnp.where(valid[:, None], x, 0).astype(ref.dtype)
         return load
 
@@ -191,7 +188,7 @@ def _dkdv_kernel(plan_ref, col_start_ref, col_end_ref, q_ref, k_ref, v_ref, do_r
         q_idx = start + jnp.arange(block_q)
         q_valid = q_idx < hi
         q = load_q(q_ref, start, block_q, q_valid)
-        do = _rows(do_ref, start, block_q, q_valid)
+        do = load_rows(do_ref, start, block_q, q_valid)
         lse = _ranges_slice(lse_ref, start, block_q, q_valid, 0.0) * LOG2_E
         delta = _ranges_slice(delta_ref, start, block_q, q_valid, 0.0)
         s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale  # [bq, bk]
@@ -222,7 +219,7 @@ def _dq_kernel(plan_ref, row_start_ref, row_end_ref, q_ref, k_ref, v_ref, do_ref
     row_start = _ranges_slice(row_start_ref, first, block_q, q_valid, 2 ** 30)
     row_end = _ranges_slice(row_end_ref, first, block_q, q_valid, 0)
     q = load_q(q_ref, first, block_q, q_valid)
-    do = _rows(do_ref, first, block_q, q_valid)
+    do = load_rows(do_ref, first, block_q, q_valid)
     lse = _ranges_slice(lse_ref, first, block_q, q_valid, 0.0) * LOG2_E
     delta = _ranges_slice(delta_ref, first, block_q, q_valid, 0.0)
 
@@ -268,10 +265,6 @@ def _backward_in_specs(range_len: int, len_q: int, len_k: int, head_dim: int) ->
             _head_spec(len_q, head_dim), _stats_spec(len_q), _stats_spec(len_q)]
 
 
-def _params(num_warps: int, num_stages: int):
-    return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
-
-
 def _forward_call(plan, row_start, row_end, inputs, in_specs, out_shape, *, prologue: bool,
                   sm_scale: float, block_q: int, block_k: int, num_warps: int, num_stages: int,
                   interpret: bool):
@@ -284,7 +277,7 @@ def _forward_call(plan, row_start, row_end, inputs, in_specs, out_shape, *, prol
         in_specs=[_plan_spec(), _vector_spec(len_q), _vector_spec(len_q), *in_specs],
         out_specs=[_head_spec(len_q, head_dim), _stats_spec(len_q)],
         out_shape=[out_shape, jax.ShapeDtypeStruct((b, heads, len_q), jnp.float32)],
-        compiler_params=_params(num_warps, num_stages), interpret=interpret,
+        compiler_params=compiler_params(num_warps, num_stages), interpret=interpret,
         name="hmar_block_sparse_attention_fwd",
     )(jnp.asarray(plan), *_int32(row_start, row_end), *inputs)
 
@@ -381,7 +374,7 @@ def backward_dkdv(q, k, v, do, lse, delta, col_start: np.ndarray, col_end: np.nd
         in_specs=_backward_in_specs(len_k, len_q, len_k, head_dim),
         out_specs=[_head_spec(len_k, head_dim), _head_spec(len_k, head_dim)],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        compiler_params=_params(num_warps, num_stages), interpret=interpret,
+        compiler_params=compiler_params(num_warps, num_stages), interpret=interpret,
         name="hmar_block_sparse_attention_dkdv",
     )(jnp.asarray(plan), *_int32(col_start, col_end), q, k, v, do, lse, delta)
 
@@ -400,7 +393,7 @@ def backward_dq(q, k, v, do, lse, delta, row_start: np.ndarray, row_end: np.ndar
         in_specs=_backward_in_specs(len_q, len_q, len_k, head_dim),
         out_specs=_head_spec(len_q, head_dim),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=_params(num_warps, num_stages), interpret=interpret,
+        compiler_params=compiler_params(num_warps, num_stages), interpret=interpret,
         name="hmar_block_sparse_attention_dq",
     )(jnp.asarray(plan), *_int32(row_start, row_end), q, k, v, do, lse, delta)
 
@@ -443,7 +436,7 @@ def backward_packed(qkv, qkv_bias, temperature, do, lse, delta, ranges, *, sm_sc
                       _head_spec(length, head_dim), _stats_spec(length), _stats_spec(length),
                       *prologue_specs],
             out_specs=[_head_spec(length, head_dim)] * outs, out_shape=[out] * outs,
-            compiler_params=_params(tiles["num_warps"], tiles["num_stages"]),
+            compiler_params=compiler_params(tiles["num_warps"], tiles["num_stages"]),
             interpret=interpret, name=name,
         )(jnp.asarray(plan), *_int32(starts, ends), qkv, qkv, qkv, do, lse, delta,
           *prologue_inputs))

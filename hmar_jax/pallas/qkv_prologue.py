@@ -40,9 +40,9 @@ import math
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from hmar_jax.pallas.reference import hmar_qkv
+from hmar_jax.pallas.triton_util import compiler_params, load_rows, store_rows
 
 # ``prologue_backward``'s backends, and the attention's (``ops.AttentionSpec.prologue_backend``):
 # ``pallas_fused`` also has the backward kernels prepare the tiles they load from qkv;
@@ -60,14 +60,6 @@ def reference_prologue_backward(qkv, qkv_bias, temperature, dq, dk, dv):
     return vjp((dq, dk, dv))
 
 
-def _store_rows(ref, start, size, valid, value):
-    plgpu.store(ref.at[pl.ds(start, size), :], value.astype(ref.dtype), mask=valid[:, None])
-
-
-def _load_rows(ref, start, size, valid):
-    return plgpu.load(ref.at[pl.ds(start, size), :], mask=valid[:, None], other=0.0)
-
-
 def _kernel(qkv_ref, bias_ref, temperature_ref, dq_ref, dk_ref, dv_ref, dqkv_ref, dbias_ref,
             dtemperature_ref, *, rows: int, sub_tiles: int, chunks: int, length: int):
     part = pl.program_id(2) // chunks
@@ -83,16 +75,16 @@ def _kernel(qkv_ref, bias_ref, temperature_ref, dq_ref, dk_ref, dv_ref, dqkv_ref
             dbias, dtemperature = carry
             start = first + i * rows
             valid = start + jnp.arange(rows) < length
-            x = _load_rows(qkv_ref, start, rows, valid).astype(qkv_ref.dtype) + bias[None, :]
+            x = load_rows(qkv_ref, start, rows, valid).astype(qkv_ref.dtype) + bias[None, :]
             x = x.astype(jnp.float32)  # the bias added in qkv's dtype, as the reference does
             norm = jnp.sqrt(jnp.sum(x * x, axis=1))
             inv = 1.0 / jnp.maximum(norm, EPS)
             y = x * inv[:, None]
-            grad = _load_rows(grad_ref, start, rows, valid).astype(jnp.float32)
+            grad = load_rows(grad_ref, start, rows, valid).astype(jnp.float32)
             dy = grad * scale
             radial = jnp.where(norm > EPS, jnp.sum(y * dy, axis=1), 0.0)
             dx = ((dy - y * radial[:, None]) * inv[:, None]).astype(dqkv_ref.dtype)
-            _store_rows(dqkv_ref, start, rows, valid, dx)
+            store_rows(dqkv_ref, start, rows, valid, dx)
             return (dbias + jnp.sum(dx.astype(jnp.float32), axis=0),
                     dtemperature + jnp.sum(grad * y, axis=0))
 
@@ -115,8 +107,8 @@ def _kernel(qkv_ref, bias_ref, temperature_ref, dq_ref, dk_ref, dv_ref, dqkv_ref
         def body(i, dbias):
             start = first + i * rows
             valid = start + jnp.arange(rows) < length
-            dv = _load_rows(dv_ref, start, rows, valid).astype(dqkv_ref.dtype)
-            _store_rows(dqkv_ref, start, rows, valid, dv)
+            dv = load_rows(dv_ref, start, rows, valid).astype(dqkv_ref.dtype)
+            store_rows(dqkv_ref, start, rows, valid, dv)
             return dbias + jnp.sum(dv.astype(jnp.float32), axis=0)
 
         dbias_ref[...] = jax.lax.fori_loop(0, sub_tiles, body, zeros)
@@ -155,7 +147,7 @@ def kernel_prologue_backward(qkv, qkv_bias, temperature, dq, dk, dv, *, interpre
                   head, head, head],
         out_specs=[packed, partial, partial],
         out_shape=[jax.ShapeDtypeStruct(qkv.shape, qkv.dtype), partial_shape, partial_shape],
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+        compiler_params=compiler_params(num_warps),
         interpret=interpret, name=KERNEL_NAME,
     )(qkv, qkv_bias.astype(qkv.dtype), temperature_rows, dq, dk, dv)
     return (dqkv, jnp.sum(dbias, axis=(0, 1)).astype(qkv_bias.dtype),
