@@ -53,11 +53,9 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.gpu_monitor import GpuMonitor  # noqa: E402
 from benchmarks.train_step import (  # noqa: E402
-    Runner, _compile, _time_calls, add_harness_flags, fmt, init_on_device, maybe_profile, parse_bool,
-    parse_list,
-    _memory, peak_gib, status_text, timing_summary, vae_config, worker_main, xla_memory)
+    Runner, _compile, _memory, add_harness_flags, fmt, init_on_device, maybe_profile, parse_bool,
+    parse_list, peak_gib, status_text, timed, vae_config, worker_main, xla_memory)
 
 SAMPLING = dict(cfg=1.7, top_k=1000, top_p=0.99)
 MODES = ("markov_refine", "decode", "var", "markov", "accuracy")
@@ -122,10 +120,8 @@ def sample_worker(spec: dict) -> dict:
         if compiled is None:
             return result
         make_call = lambda executable: lambda: executable(state, f_hat)  # noqa: E731
-        with GpuMonitor() as monitor:
-            times = _time_calls(make_call(compiled), spec["warmup"], spec["iters"])
-        result.update(timing_summary(times), peak_gib=peak_gib(),
-                      gpu_during_timing=monitor.summary())
+        result.update(timed(make_call(compiled), spec["warmup"], spec["iters"]),
+                      peak_gib=peak_gib())
         maybe_profile(result, spec, decode, (state, f_hat), make_call)
         return _per_image(result, batch)
 
@@ -174,9 +170,7 @@ def sample_worker(spec: dict) -> dict:
     images = jax.block_until_ready(call())
     result["compile_s"] = time.perf_counter() - t0  # first call: trace + compile + one run
     images = np.asarray(images)  # sanity of the first batch
-    with GpuMonitor() as monitor:
-        times = _time_calls(call, spec["warmup"], spec["iters"])
-    result.update(timing_summary(times), peak_gib=peak_gib(), gpu_during_timing=monitor.summary(),
+    result.update(timed(call, spec["warmup"], spec["iters"]), peak_gib=peak_gib(),
                   image_mean=float(images.mean()), image_finite=bool(np.isfinite(images).all()),
                   image_shape=list(images.shape))
     maybe_profile(result, spec, fn, args, make_call)

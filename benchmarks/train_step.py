@@ -475,10 +475,8 @@ def train_worker(spec: dict) -> dict:
         if compiled is None:
             return result
         make_call = lambda executable: lambda: executable(*args)  # noqa: E731
-        with GpuMonitor() as monitor:
-            times = _time_calls(make_call(compiled), spec["warmup"], spec["iters"])
-        result.update(timing_summary(times), peak_gib=peak_gib(devices),
-                      gpu_during_timing=monitor.summary())
+        result.update(timed(make_call(compiled), spec["warmup"], spec["iters"]),
+                      peak_gib=peak_gib(devices))
         maybe_profile(result, spec, tokenize, args, make_call)
         if precision != "highest":
             result["index_agreement_vs_highest"] = _index_agreement(vae, images_dev, precision)
@@ -531,10 +529,8 @@ def train_worker(spec: dict) -> dict:
                 return out["v"]
             return call
 
-        with GpuMonitor() as monitor:
-            times = _time_calls(make_call(compiled), spec["warmup"], spec["iters"])
-        result.update(timing_summary(times), peak_gib=peak_gib(devices),
-                      loss=float(out["v"][0]), gpu_during_timing=monitor.summary())
+        result.update(timed(make_call(compiled), spec["warmup"], spec["iters"]),
+                      peak_gib=peak_gib(devices), loss=float(out["v"][0]))
         maybe_profile(result, spec, fwdbwd, args, make_call)
         return _throughput(result, flops, global_batch, n_dev)
 
@@ -587,15 +583,12 @@ def train_worker(spec: dict) -> dict:
                 return holder["metrics"]["loss"]
             return call
 
-        with GpuMonitor() as monitor:
-            times = _time_calls(make_call(compiled), spec["warmup"], spec["iters"])
-            result["ms_back_to_back"] = _time_back_to_back(make_call(compiled), spec["iters"])
-        result["gpu_during_timing"] = monitor.summary()
+        result.update(timed(make_call(compiled), spec["warmup"], spec["iters"],
+                            back_to_back=True))
         peak = peak_gib(devices)
         maybe_profile(result, spec, train_step,
                       (holder["state"], vae_state, images_dev, labels_dev), make_call)
-    result.update(timing_summary(times), peak_gib=peak,
-                  loss=float(holder["metrics"]["loss"]),
+    result.update(peak_gib=peak, loss=float(holder["metrics"]["loss"]),
                   grad_norm=float(holder["metrics"]["grad_norm"]))
     return _throughput(result, flops, global_batch, n_dev)
 
@@ -642,6 +635,18 @@ def _time_calls(call, warmup: int, iters: int) -> list[float]:
         jax.block_until_ready(call())
         times.append((time.perf_counter() - t0) * 1e3)
     return times
+
+
+def timed(call, warmup: int, iters: int, back_to_back: bool = False) -> dict:
+    """``timing_summary`` of ``iters`` synced calls after ``warmup`` (with ``back_to_back``
+    also ``ms_back_to_back``) and ``gpu_during_timing``: the GPU's clocks, power and
+    clock-limit reasons while they ran (``gpu_monitor.py``; empty without nvidia-smi)."""
+    with GpuMonitor() as monitor:
+        result = timing_summary(_time_calls(call, warmup, iters))
+        if back_to_back:
+            result["ms_back_to_back"] = _time_back_to_back(call, iters)
+    result["gpu_during_timing"] = monitor.summary()
+    return result
 
 
 def _time_back_to_back(call, iters: int) -> float:
