@@ -1,11 +1,12 @@
-"""The benchmark scripts' measuring tools: the GPU clock/power summary and the profile's
-idle-gap timeline (synthetic inputs; the GPU runs are in benchmarks/results)."""
+"""The benchmark scripts' measuring tools: the GPU clock/power summary, the profile's
+idle-gap timeline and the A/B pairs summary (synthetic inputs; the GPU runs are in
+benchmarks/results)."""
 
 from types import SimpleNamespace
 
 import pytest
 
-from benchmarks import gpu_monitor, profiling
+from benchmarks import ab_pairs, gpu_monitor, profiling
 
 
 def test_gpu_monitor_summarizes_clocks_power_and_power_cap_per_visible_gpu():
@@ -63,3 +64,27 @@ def test_idle_gaps_merges_streams_and_names_the_gaps(monkeypatch):
     longest = run["longest_gaps"][0]
     assert (longest["us"], longest["after"], longest["before"]) == (1900.0, "c", "fusion.d")
     assert longest["host_busy_with"][0].startswith("WhileThunk")
+
+
+def test_ab_pairs_pools_each_settings_steps_and_reports_the_difference():
+    def row(times, back_to_back, clock):
+        return {"status": "ok", "ms_all": times, "ms_median": sorted(times)[len(times) // 2],
+                "ms_min": min(times), "ms_back_to_back": back_to_back, "peak_gib": 35.0,
+                "gpu_during_timing": {"gpu0": {"sm_mhz_median": clock}}}
+
+    runs = [{"setting": "a", "pair": 0, "row": row([175.0, 174.0, 176.0], 174.5, 1605.0)},
+            {"setting": "b", "pair": 0, "row": row([172.0, 173.0, 171.0], 172.2, 1605.0)},
+            {"setting": "a", "pair": 1, "row": row([175.5, 175.0, 176.5], 175.1, 1590.0)},
+            {"setting": "b", "pair": 1, "row": {"status": "timed out after 300 s"}}]
+    summary = ab_pairs.summarize(runs)
+    assert summary["a"]["runs_ok"] == 2 and summary["b"]["runs_ok"] == 1
+    assert summary["a"]["ms_run_medians"] == [175.0, 175.5]
+    assert summary["a"]["ms_pooled_median"] == pytest.approx(175.25)  # of all six steps
+    assert summary["b"]["ms_back_to_back_median"] == pytest.approx(172.2)
+    assert summary["b_minus_a_ms"] == pytest.approx(172.0 - 175.25)
+    table = ab_pairs.format_table(runs, summary)
+    assert "timed out after 300 s" in table and "1590" in table and "-1.85%" in table
+    # Nothing to compare when a setting has no successful run.
+    assert "b_over_a" not in ab_pairs.summarize(runs[:1] + runs[3:])
+    with pytest.raises(SystemExit):  # --out belongs to ab_pairs.py itself
+        ab_pairs.main(["--common", "--quick --out x.json"])
