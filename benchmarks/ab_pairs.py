@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -40,14 +42,19 @@ def run_once(common: list[str], setting: list[str], out: pathlib.Path, timeout: 
     command = [sys.executable, str(REPO / "benchmarks" / "train_step.py"), *common, *setting,
                "--out", str(out)]
     start = time.perf_counter()
+    # Its own process group: train_step.py runs each configuration in a worker process,
+    # which must not outlive a timeout and hold the GPU during the next run.
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        finished = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
-                                  timeout=timeout)
+        _, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
         return {"status": f"timed out after {timeout:.0f} s"}
     wall_s = time.perf_counter() - start
-    if finished.returncode != 0 or not out.exists():
-        return {"status": f"exit {finished.returncode}: {finished.stderr.strip()[-300:]}"}
+    if process.returncode != 0 or not out.exists():
+        return {"status": f"exit {process.returncode}: {stderr.strip()[-300:]}"}
     rows = json.loads(out.read_text())["rows"]
     row = dict(rows[0]) if rows else {"status": "no rows"}
     row["process_wall_s"] = round(wall_s, 1)
