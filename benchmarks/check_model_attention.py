@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--depth", default="d16")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--prologue-backends", default="xla",
+    parser.add_argument("--prologue-backends", default="auto",
                         help="comma-separated attention_prologue_backend values for the "
                              "Pallas step")
     parser.add_argument("--out", default=None)
@@ -53,7 +53,7 @@ def main() -> None:
     targets = jax.random.randint(keys[2], (args.batch, layout.seq_len), 0, cfg.vocab_size)
     weights = jnp.asarray(layout.token_loss_weights("lognorm"))
 
-    def make_step(backend: str, prologue_backend: str = "xla"):
+    def make_step(backend: str, prologue_backend: str = "auto"):
         variant_cfg = cfg.replace(attention_backend=backend,
                                   attention_prologue_backend=prologue_backend)
         variant = nnx.graphdef(HMARTransformer(variant_cfg, rngs=nnx.Rngs(0)))
