@@ -258,11 +258,32 @@ def _stats_spec(length: int) -> pl.BlockSpec:
     return pl.BlockSpec((None, None, length), lambda t, b, h: (b, h, 0))
 
 
-def _backward_in_specs(range_len: int, len_q: int, len_k: int, head_dim: int) -> list:
-    """plan, two range vectors, q, k, v, do, lse, delta (both backward kernels)."""
-    return [_plan_spec(), _vector_spec(range_len), _vector_spec(range_len),
-            _head_spec(len_q, head_dim), _head_spec(len_k, head_dim), _head_spec(len_k, head_dim),
+def _backward_in_specs(len_q: int, len_k: int, head_dim: int) -> list:
+    """q, k, v, do, lse, delta (both backward kernels, unpacked inputs)."""
+    return [_head_spec(len_q, head_dim), _head_spec(len_k, head_dim), _head_spec(len_k, head_dim),
             _head_spec(len_q, head_dim), _stats_spec(len_q), _stats_spec(len_q)]
+
+
+def _backward_call(over_keys: bool, starts: np.ndarray, ends: np.ndarray, inputs, in_specs,
+                   outputs: list, *, prologue: bool, sm_scale: float, block_q: int = 64,
+                   block_k: int = 64, num_warps: int = 4, num_stages: int = 2,
+                   interpret: bool = False) -> list[jax.Array]:
+    """One backward kernel over planned tiles: ``over_keys`` the dK/dV kernel (a program
+    per key tile, ``starts``/``ends`` the col ranges ``[Lk]``), else the dQ kernel (per
+    query tile, the row ranges ``[Lq]``). ``inputs``/``in_specs`` follow the plan and the
+    two range vectors; ``outputs``: the ``[B, L, N, K]`` results' shapes."""
+    kernel, name = ((_dkdv_kernel, "hmar_block_sparse_attention_dkdv") if over_keys
+                    else (_dq_kernel, "hmar_block_sparse_attention_dq"))
+    plan = plan_tiles(starts, ends, *((block_k, block_q) if over_keys else (block_q, block_k)))
+    batch, length, heads, head_dim = outputs[0].shape
+    return pl.pallas_call(
+        functools.partial(kernel, block_q=block_q, block_k=block_k, scale=sm_scale * LOG2_E,
+                          sm_scale=sm_scale, prologue=prologue),
+        grid=(len(plan), batch, heads),
+        in_specs=[_plan_spec(), _vector_spec(len(starts)), _vector_spec(len(starts)), *in_specs],
+        out_specs=[_head_spec(length, head_dim)] * len(outputs), out_shape=list(outputs),
+        compiler_params=compiler_params(num_warps, num_stages), interpret=interpret, name=name,
+    )(jnp.asarray(plan), *_int32(starts, ends), *inputs)
 
 
 def _forward_call(plan, row_start, row_end, inputs, in_specs, out_shape, *, prologue: bool,
@@ -364,38 +385,26 @@ def backward_dkdv(q, k, v, do, lse, delta, col_start: np.ndarray, col_end: np.nd
     ``delta [B, N, Lq]`` is ``sum(o * do, -1)``; ``col_start``/``col_end`` (host int ``[Lk]``)
     give, per key j, the queries ``[col_start[j], col_end[j])`` that attend it.
     """
-    b, len_q, heads, head_dim = q.shape
-    len_k = k.shape[1]
-    plan = plan_tiles(col_start, col_end, block_k, block_q)
-    return pl.pallas_call(
-        functools.partial(_dkdv_kernel, block_q=block_q, block_k=block_k,
-                          scale=sm_scale * LOG2_E, sm_scale=sm_scale),
-        grid=(len(plan), b, heads),
-        in_specs=_backward_in_specs(len_k, len_q, len_k, head_dim),
-        out_specs=[_head_spec(len_k, head_dim), _head_spec(len_k, head_dim)],
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        compiler_params=compiler_params(num_warps, num_stages), interpret=interpret,
-        name="hmar_block_sparse_attention_dkdv",
-    )(jnp.asarray(plan), *_int32(col_start, col_end), q, k, v, do, lse, delta)
+    dk, dv = _backward_call(
+        True, col_start, col_end, (q, k, v, do, lse, delta),
+        _backward_in_specs(q.shape[1], k.shape[1], q.shape[-1]),
+        [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        prologue=False, sm_scale=sm_scale, block_q=block_q, block_k=block_k,
+        num_warps=num_warps, num_stages=num_stages, interpret=interpret)
+    return dk, dv
 
 
 def backward_dq(q, k, v, do, lse, delta, row_start: np.ndarray, row_end: np.ndarray, *,
                 sm_scale: float = 1.0, block_q: int = 64, block_k: int = 64, num_warps: int = 4,
                 num_stages: int = 2, interpret: bool = False) -> jax.Array:
     """dQ: one program per planned query tile, looping over its key steps like the forward."""
-    b, len_q, heads, head_dim = q.shape
-    len_k = k.shape[1]
-    plan = plan_tiles(row_start, row_end, block_q, block_k)
-    return pl.pallas_call(
-        functools.partial(_dq_kernel, block_q=block_q, block_k=block_k,
-                          scale=sm_scale * LOG2_E, sm_scale=sm_scale),
-        grid=(len(plan), b, heads),
-        in_specs=_backward_in_specs(len_q, len_q, len_k, head_dim),
-        out_specs=_head_spec(len_q, head_dim),
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=compiler_params(num_warps, num_stages), interpret=interpret,
-        name="hmar_block_sparse_attention_dq",
-    )(jnp.asarray(plan), *_int32(row_start, row_end), q, k, v, do, lse, delta)
+    (dq,) = _backward_call(
+        False, row_start, row_end, (q, k, v, do, lse, delta),
+        _backward_in_specs(q.shape[1], k.shape[1], q.shape[-1]),
+        [jax.ShapeDtypeStruct(q.shape, q.dtype)],
+        prologue=False, sm_scale=sm_scale, block_q=block_q, block_k=block_k,
+        num_warps=num_warps, num_stages=num_stages, interpret=interpret)
+    return dq
 
 
 def backward_packed(qkv, qkv_bias, temperature, do, lse, delta, ranges, *, sm_scale: float = 1.0,
@@ -417,30 +426,15 @@ def backward_packed(qkv, qkv_bias, temperature, do, lse, delta, ranges, *, sm_sc
     batch, length, _, heads, head_dim = qkv.shape
     row_start, row_end, col_start, col_end = ranges
     qkv_specs, prologue_specs = _packed_specs(length, head_dim)
-    prologue_inputs = _prologue_inputs(qkv_bias, temperature)
+    inputs = (qkv, qkv, qkv, do, lse, delta, *_prologue_inputs(qkv_bias, temperature))
+    in_specs = [*qkv_specs, _head_spec(length, head_dim), _stats_spec(length),
+                _stats_spec(length), *prologue_specs]
     out = jax.ShapeDtypeStruct((batch, length, heads, head_dim), qkv.dtype)
-    results = []
-    for kernel, name, starts, ends, tiles, rows_block, outs in (
-            (_dkdv_kernel, "hmar_block_sparse_attention_dkdv", col_start, col_end, dkdv_tiles,
-             "block_k", 2),
-            (_dq_kernel, "hmar_block_sparse_attention_dq", row_start, row_end, dq_tiles,
-             "block_q", 1)):
-        tiles = {"block_q": 64, "block_k": 64, "num_warps": 4, "num_stages": 2, **(tiles or {})}
-        other = "block_q" if rows_block == "block_k" else "block_k"
-        plan = plan_tiles(starts, ends, tiles[rows_block], tiles[other])
-        results.append(pl.pallas_call(
-            functools.partial(kernel, block_q=tiles["block_q"], block_k=tiles["block_k"],
-                              scale=sm_scale * LOG2_E, sm_scale=sm_scale, prologue=True),
-            grid=(len(plan), batch, heads),
-            in_specs=[_plan_spec(), _vector_spec(length), _vector_spec(length), *qkv_specs,
-                      _head_spec(length, head_dim), _stats_spec(length), _stats_spec(length),
-                      *prologue_specs],
-            out_specs=[_head_spec(length, head_dim)] * outs, out_shape=[out] * outs,
-            compiler_params=compiler_params(tiles["num_warps"], tiles["num_stages"]),
-            interpret=interpret, name=name,
-        )(jnp.asarray(plan), *_int32(starts, ends), qkv, qkv, qkv, do, lse, delta,
-          *prologue_inputs))
-    (dk, dv), (dq,) = results
+    common = dict(prologue=True, sm_scale=sm_scale, interpret=interpret)
+    dk, dv = _backward_call(True, col_start, col_end, inputs, in_specs, [out, out], **common,
+                            **(dkdv_tiles or {}))
+    (dq,) = _backward_call(False, row_start, row_end, inputs, in_specs, [out], **common,
+                           **(dq_tiles or {}))
     return dq, dk, dv
 
 
