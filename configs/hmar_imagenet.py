@@ -92,18 +92,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.preset = args["variant"]
     # 256 px: the fastest measured on an H200 that fits with room to spare
     # (benchmarks/README.md): matmul and attention outputs kept, blocks unrolled, the Pallas
-    # AdaLN kernels on GPU, the head's matmuls in bf16 (head_dtype=auto) (d16 B64 186 ms at
-    # 24.7 GiB, d30 B32 421 ms at 67.7 GiB per GPU).
+    # AdaLN kernels on GPU, the head's matmuls in bf16 (head_dtype=auto) (d16 B64 182 ms at
+    # 24.6 GiB, d30 B32 421 ms at 67.7 GiB per GPU).
     # Faster: remat=activations_saveable (d16 184 ms, 33.1 GiB; d30 with
     # optimizer.mu_dtype=bfloat16 393-406 ms, 76 GiB, which needs
     # XLA_PYTHON_CLIENT_MEM_FRACTION=0.95) or remat=none at d16 (172-179 ms, 35 GiB; the H200
     # runs at its 700 W cap, and chips differ by 2-3% there). Less
     # memory: remat=projections_saveable
-    # (+ optimizer.mu_dtype=bfloat16: d30 B32 48.3 GiB), remat=none with
+    # (+ optimizer.mu_dtype=bfloat16: d30 B32 48.9 GiB at 452 ms), remat=none with
     # config.microbatches=2 (d16 B64 in two passes of 32: 21.1 GiB at 190 ms) or remat=block.
     # 512 px (L = 2240, not measured): block remat, scanned. attention_prologue_backend=auto
     # differentiates the attention's q/k/v prologue with one Pallas pass on GPU (d16 B64
-    # 172.3-172.6 ms against 174.9-175.2 with xla, alternating runs on one H200).
+    # 172.3-172.6 ms against 174.9-175.2 with xla, d30 B32 389-391 ms against 391-394,
+    # alternating runs on one H200).
     fast = args["res"] == 256
     config.model.overrides = ml_collections.ConfigDict(dict(
         num_classes=1000, num_mask_layers=MASK_LAYERS, init_adaln_gamma=recipe["alng"],
