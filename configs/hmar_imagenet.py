@@ -71,7 +71,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # d16/d20: data parallel; d24/d30: parameters and optimizer state FSDP-sharded over all devices.
     # FSDP lowers memory per device only with scanned blocks (model.overrides.scan_blocks=True):
     # unrolled (the 256 px setting, 9% faster) XLA keeps all blocks' gathered weights and
-    # gradients live at once (d30 B32 on two H200s: 67.1 GiB per GPU unrolled, 51.8 scanned).
+    # gradients live at once when they fit (d30 B32 on two H200s: 67.1 GiB per GPU unrolled,
+    # 51.8 scanned).
     config.mesh = (("data", -1), ("fsdp", 1)) if args["variant"] in ("d16", "d20") else (
         ("data", 1), ("fsdp", -1))
 
