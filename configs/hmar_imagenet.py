@@ -100,7 +100,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # 24.6 GiB, d30 B32 421 ms at 67.7 GiB per GPU).
     # Faster: remat=activations_saveable (d16 184 ms, 33.1 GiB; d30 with
     # optimizer.mu_dtype=bfloat16 393-406 ms, 76 GiB, which needs
-    # XLA_PYTHON_CLIENT_MEM_FRACTION=0.95) or remat=none at d16 (172-179 ms, 35 GiB; the H200
+    # XLA_PYTHON_CLIENT_MEM_FRACTION=0.95) or remat=none at d16 (168-179 ms, 35 GiB; the H200
     # runs at its 700 W cap, and chips differ by 2-3% there). Less
     # memory: remat=projections_saveable
     # (+ optimizer.mu_dtype=bfloat16: d30 B32 48.9 GiB at 452 ms), remat=none with
