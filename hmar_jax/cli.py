@@ -1,0 +1,101 @@
+"""One error style for every command line: bad input ends in one line and exit status 2.
+
+Every ``python -m hmar_jax.*`` command runs its ``main`` through :func:`run` (argparse
+commands) or :func:`run_absl` (the config-file commands). A problem with the user's input
+(a missing or malformed file, a bad flag value, a config key that does not exist, an output
+location that cannot be written) is printed as ``error: <what is wrong and how to fix it>``
+on stderr and the process exits with status 2, without a traceback. Anything else is a bug
+and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+
+# Exceptions that mean "the input is wrong", raised with a message written for the user.
+# ``ValueError`` covers the library's own checks (and the converters' format errors, which
+# subclass it); the ``OSError`` subclasses cover paths that are missing, taken or not ours
+# to write; ``EOFError`` a truncated file.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError, EOFError, FileNotFoundError, FileExistsError, NotADirectoryError,
+    IsADirectoryError, PermissionError)
+
+EXIT_USAGE = 2
+
+
+class InputError(ValueError):
+    """Bad input from the user; the message names the problem and the fix."""
+
+
+def report(error: BaseException | str) -> int:
+    """Prints ``error: ...`` (one line) on stderr and returns the exit status for bad input."""
+    text = str(error).strip() or type(error).__name__
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        text = f"{error.filename}: {error.strerror}"
+    print(f"error: {' '.join(text.split())}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
+    """Calls ``main(argv)`` and turns a :data:`USER_ERRORS` exception into one line, exit 2."""
+    try:
+        return main(argv)
+    except USER_ERRORS as error:
+        return report(error)
+
+
+def run_absl(main: Callable[[list[str]], object]) -> None:
+    """``absl.app.run`` with the same error style, flag parsing included: an unknown
+    ``--config.KEY`` or a value of the wrong type is one line and exit 2, not a traceback."""
+    from absl import app, flags
+
+    def parse_flags(argv: list[str]) -> list[str]:
+        try:
+            return flags.FLAGS(argv)
+        except flags.Error as error:
+            sys.exit(report(f"{error}. Run with --help for the flags."))
+        except (AttributeError, KeyError, TypeError, ValueError) as error:
+            overrides = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+            sys.exit(report(
+                f"the config or one of its overrides {overrides} is not valid ({error!s}); "
+                "check the key names and value types against the config file."))
+
+    def guarded(argv: list[str]) -> object:
+        try:
+            return main(argv)
+        except USER_ERRORS as error:
+            sys.exit(report(error))
+
+    app.run(guarded, flags_parser=parse_flags)
+
+
+def check_writable_output(path: str | os.PathLike, *, overwrite: bool,
+                          flag: str = "--out") -> pathlib.Path:
+    """Checks, before any work, that ``path`` can be created: its parent is (or can become) a
+    directory we may write, and ``path`` is free unless ``overwrite``. Returns the path.
+
+    Raises:
+      FileExistsError, InputError: with a message naming ``flag`` and the fix.
+    """
+    path = pathlib.Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; choose another {flag} or pass --overwrite.")
+    parent = path.absolute().parent
+    existing = parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"{flag} {path}: {existing} is a file, not a directory; choose "
+                         f"another {flag}.")
+    try:  # a real write, so read-only file systems are caught as well as permissions
+        probe, probe_name = tempfile.mkstemp(prefix=".write-check-", dir=existing)
+    except OSError as error:
+        raise InputError(f"{flag} {path}: cannot write in {existing} ({error.strerror}); "
+                         f"choose another {flag}.") from None
+    os.close(probe)
+    os.remove(probe_name)
+    return path
