@@ -20,12 +20,13 @@ from jax.ad_checkpoint import checkpoint_name
 
 from hmar_jax.pallas import ops
 from hmar_jax.pallas.adaln import add_layer_norm_modulate, layer_norm, layer_norm_modulate
-from hmar_jax.pallas.bias_gelu import bias_gelu, resolve_gelu_backend
+from hmar_jax.pallas.bias_gelu import bias_gelu
+from hmar_jax.pallas.dispatch import Implementation
 from hmar_jax.pallas.reference import hmar_qkv
 
 LOG_MAX_ATTN_SCALE = math.log(100.0)  # clamp of the learnable per-head temperature
 # Names of the two residual branches' outputs (attention ``proj``, FFN ``fc2``), for remat
-# policies that keep them (``HMARConfig.remat="projections_saveable"``).
+# policies that keep them (``ExecutionConfig.remat="projections_saveable"``).
 ATTENTION_PROJ_NAME = "hmar_attention_proj"
 FFN_OUT_NAME = "hmar_ffn_out"
 GELU_OUT_NAME = "hmar_gelu_out"  # the fc2 input
@@ -124,26 +125,25 @@ class SelfAttention(nnx.Module):
 class FeedForward(nnx.Module):
     """``fc2(gelu_tanh(fc1(x)))``, ``[B, L, C] -> [B, L, C]``.
 
-    ``gelu_backend="pallas"`` runs fc1's matmul alone and its bias + GELU as one Pallas
-    pass (``hmar_jax.pallas.bias_gelu``, float32 inside); ``"xla"`` is ``nnx.Linear``
-    then ``jax.nn.gelu``, fused by XLA; ``"auto"`` is ``pallas`` on GPU, ``xla``
-    elsewhere (resolved when traced).
+    ``gelu="xla"`` is ``nnx.Linear`` then ``jax.nn.gelu``, fused by XLA; a kernel
+    implementation runs fc1's matmul alone and its bias + GELU as one Pallas pass
+    (``hmar_jax.pallas.bias_gelu``, float32 inside).
     """
 
     def __init__(self, width: int, hidden: int, dtype, init: InitScales, rngs: nnx.Rngs,
-                 gelu_backend: str = "auto"):
-        self.gelu_backend = gelu_backend
+                 gelu: Implementation):
+        self.gelu_implementation = gelu
         self.fc1 = nnx.Linear(width, hidden, dtype=dtype, kernel_init=init.kernel_init, rngs=rngs)
         self.fc2 = nnx.Linear(hidden, width, dtype=dtype, kernel_init=init.kernel_init, rngs=rngs)
         self.fc2.kernel[...] = self.fc2.kernel[...] / math.sqrt(2 * init.depth)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        if resolve_gelu_backend(self.gelu_backend) == "xla":
+        if self.gelu_implementation == "xla":
             hidden = jax.nn.gelu(self.fc1(x), approximate=True)
         else:
             dtype = self.fc1.dtype or x.dtype
             h = jnp.matmul(x.astype(dtype), self.fc1.kernel[...].astype(dtype))  # [B, L, hidden]
-            hidden = bias_gelu(h, self.fc1.bias[...], self.gelu_backend)
+            hidden = bias_gelu(h, self.fc1.bias[...], self.gelu_implementation)
         return checkpoint_name(self.fc2(checkpoint_name(hidden, GELU_OUT_NAME)), FFN_OUT_NAME)
 
 
@@ -157,18 +157,18 @@ class AdaLNSelfAttnBlock(nnx.Module):
         x = x + drop_path(ffn(LN(x) (1 + scale2) + shift2) gamma2)
 
     The LayerNorms, modulations and the first residual add run as the fused ops of
-    ``hmar_jax.pallas.adaln`` (``norm_backend``: XLA's fusions or the Pallas kernels).
+    ``hmar_jax.pallas.adaln`` (``layer_norm``: XLA's fusions or the Pallas kernels).
     ``forward_deferred`` leaves the second add to the next block's first LayerNorm (the
     unrolled stack runs its blocks that way).
     """
 
     def __init__(self, width: int, num_heads: int, mlp_ratio: float, cond_width: int,
-                 norm_eps: float, dtype, init: InitScales, rngs: nnx.Rngs,
-                 gelu_backend: str = "auto", norm_backend: str = "xla"):
+                 norm_eps: float, dtype, init: InitScales, rngs: nnx.Rngs, *,
+                 gelu: Implementation, layer_norm: Implementation):
         self.norm_eps = norm_eps
-        self.norm_backend = norm_backend
+        self.norm_implementation = layer_norm
         self.attn = SelfAttention(width, num_heads, dtype, init, rngs)
-        self.ffn = FeedForward(width, round(width * mlp_ratio), dtype, init, rngs, gelu_backend)
+        self.ffn = FeedForward(width, round(width * mlp_ratio), dtype, init, rngs, gelu)
         self.ada_lin = nnx.Linear(cond_width, 6 * width, dtype=dtype, kernel_init=init.kernel_init,
                                   rngs=rngs)
         row_scale = jnp.concatenate([jnp.full((2 * width,), init.adaln_gamma),
@@ -213,7 +213,8 @@ class AdaLNSelfAttnBlock(nnx.Module):
         gamma1, gamma2, scale1, scale2, shift1, shift2 = [modulation[:, i] for i in range(6)]
         rng_attn, rng_ffn = (None, None) if rng is None else tuple(jax.random.split(rng))
         compute = self.attn.mat_qkv.dtype  # the matmuls' input dtype (they would cast anyway)
-        norm = dict(eps=self.norm_eps, out_dtype=compute or x.dtype, backend=self.norm_backend)
+        norm = dict(eps=self.norm_eps, out_dtype=compute or x.dtype,
+                    implementation=self.norm_implementation)
         if pending is None:
             h = layer_norm_modulate(x, scale1, shift1, **norm)
         else:
@@ -264,7 +265,7 @@ matmul_in_dtype.defvjp(_matmul_in_dtype_fwd, _matmul_in_dtype_bwd)
 
 class Head(nnx.Linear):
     """The output head ``[B, L, C] -> [B, L, V]``: ``nnx.Linear`` (float32 parameters and
-    logits) whose matmul runs on ``matmul_dtype`` operands (``HMARConfig.head_dtype``)."""
+    logits) whose matmul runs on ``matmul_dtype`` operands (``ExecutionConfig.head_dtype``)."""
 
     def __init__(self, in_features: int, out_features: int, *, matmul_dtype: str = "float32",
                  **kwargs):

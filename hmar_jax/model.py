@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Literal, get_args
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,19 +31,17 @@ import numpy as np
 from flax import nnx
 
 from hmar_jax import sharding
+from hmar_jax.execution import REFERENCE, ExecutionConfig
 from hmar_jax.frozen_config import config_from_dict
 from hmar_jax.layers import (ATTENTION_PROJ_NAME, FFN_OUT_NAME, GELU_OUT_NAME, NORM_OUT_NAME,
                              AdaLNBeforeHead, AdaLNSelfAttnBlock, Head, InitScales,
                              finish_residual)
 from hmar_jax.pallas import adaln, bias_gelu, ops
-from hmar_jax.pallas.adaln import NORM_BACKENDS
-from hmar_jax.pallas.bias_gelu import GELU_BACKENDS
 from hmar_jax.scales import ScaleLayout, resolve_patch_nums
 
-RematPolicy = Literal["none", "block", "dots_saveable", "dots_attention_saveable",
-                      "projections_saveable", "activations_saveable"]
-REMAT_POLICIES: tuple[str, ...] = get_args(RematPolicy)
-COMPUTE_DTYPES = ("auto", "float32", "bfloat16")  # HMARConfig.dtype and head_dtype
+# Execution settings that earlier exports stored with the architecture; read and ignored.
+LEGACY_EXECUTION_FIELDS = ("attention_backend", "attention_prologue_backend", "gelu_backend",
+                           "norm_backend", "dtype", "head_dtype", "scan_blocks", "remat")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,49 +60,9 @@ class HMARConfig:
       patch_nums: scale sides, coarse to fine.
       num_mask_layers: n, blocks of the masked-refinement tail (0: next-scale only).
       attention_pattern: ``block_diagonal`` (HMAR) or ``block_causal`` (VAR).
-      attention_backend: see ``hmar_jax.pallas.ops``.
-      gelu_backend: the FFN's bias + GELU: ``xla`` (XLA's fusion), ``pallas`` (one
-        Pallas pass each way on GPU, ``hmar_jax.pallas.bias_gelu``; interpret mode on
-        CPU, XLA's fusion on TPU) or ``auto`` (``pallas`` on GPU, ``xla`` elsewhere).
-      attention_prologue_backend: the backward of the attention's q/k/v prologue (bias,
-        q/k L2 normalisation, temperature) when the GPU kernel runs it in the forward:
-        ``xla`` (q, k, v prepared by the jnp prologue for the backward kernels, which XLA
-        then differentiates), ``pallas`` (the same q, k, v; one Pallas pass,
-        ``hmar_jax.pallas.qkv_prologue``, gives the packed gradients), ``pallas_fused``
-        (also the backward kernels prepare the tiles they load from qkv) or ``auto``
-        (default: ``pallas`` on GPU, ``xla`` in interpret mode on CPU). On an H200 the
-        d16 B64 step took 172.3 / 172.6 ms with ``pallas`` against 174.9 / 175.2 with
-        ``xla`` (alternating runs); ``pallas_fused`` was no faster (its backward kernels
-        +8.8 ms, the elementwise work -6.3 ms; session 14, ``benchmarks/README.md``).
-      norm_backend: the blocks' LayerNorm + AdaLN modulation (+ the attention's residual
-        add): ``xla`` (default), ``pallas`` (one Pallas pass each way,
-        ``hmar_jax.pallas.adaln``; interpret mode on CPU, XLA on TPU) or ``auto``
-        (``pallas`` on GPU). On an H200 the kernels save 2-5 ms of the unrolled d16/d30
-        training step and nothing in the scanned one, so XLA stays the default and the
-        256 px ImageNet configs pick ``auto``.
       drop_path_rate: maximum stochastic-depth rate (linear over blocks); defaults to
         ``0.1 d / 24``.
       norm_eps: LayerNorm epsilon.
-      dtype: compute dtype of the block matmuls: ``float32``, ``bfloat16`` or ``auto``
-        (bfloat16 on GPU/TPU, float32 on CPU). Params, norms, softmax, embeddings, the
-        head's input and logits stay float32 (``head_dtype`` sets the head's matmul).
-      head_dtype: the output head's matmuls (forward and both backward ones):
-        ``float32`` (default; TF32 on NVIDIA GPUs at default precision), ``bfloat16``
-        (bf16 operands, float32 accumulation and logits, as upstream's fp16 autocast runs
-        its head) or ``auto`` (the blocks' ``compute_dtype``). On an H200 the bf16 head
-        made the d16 B64 training step 2.3 ms faster (175.3 -> 173.0 ms).
-      scan_blocks: run the blocks with ``lax.scan`` (fast compile) instead of unrolled.
-      remat: rematerialisation per block: ``none``, ``block`` (save nothing),
-        ``dots_saveable`` (keep matmul outputs) or ``dots_attention_saveable`` (also keep
-        the attention kernel's output and row statistics, ``[B, L, C]`` + ``[B, N, L]``
-        per block, so the backward does not run the attention forward again) or
-        ``projections_saveable`` (keep only the attention kernel's outputs and the two
-        branch outputs, ``proj`` and ``fc2``: the backward recomputes the ``qkv`` and
-        ``fc1`` matmuls; about a third of ``dots_saveable``'s saved activations) or
-        ``activations_saveable`` (``dots_attention_saveable`` plus the two modulated
-        LayerNorm outputs and the GELU output, ``[B, L, C]`` twice and ``[B, L, 4 C]`` in
-        the compute dtype per block, and the norm kernels' outputs: the backward reruns
-        no kernel and no normalisation).
       init_adaln, init_adaln_gamma, init_head: upstream init multipliers.
     """
 
@@ -118,16 +76,8 @@ class HMARConfig:
     patch_nums: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
     num_mask_layers: int = 8
     attention_pattern: str = "block_diagonal"
-    attention_backend: str = "auto"
-    gelu_backend: str = "auto"
-    attention_prologue_backend: str = "auto"
-    norm_backend: str = "xla"
     drop_path_rate: float | None = None
     norm_eps: float = 1e-6
-    dtype: str = "auto"
-    head_dtype: str = "float32"
-    scan_blocks: bool = True
-    remat: RematPolicy = "none"
     init_adaln: float = 0.5
     init_adaln_gamma: float = 1e-5
     init_head: float = 0.02
@@ -146,31 +96,9 @@ class HMARConfig:
         if not 0 <= self.num_mask_layers <= self.depth:
             raise ValueError(f"num_mask_layers must be in [0, depth={self.depth}], "
                              f"got {self.num_mask_layers}.")
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"Unknown remat policy {self.remat!r}; use one of {REMAT_POLICIES}.")
-        self.attention_spec()  # validates the pattern and both attention backends
-        if self.gelu_backend not in GELU_BACKENDS:
-            raise ValueError(f"Unknown gelu_backend {self.gelu_backend!r}; use one of "
-                             f"{GELU_BACKENDS}.")
-        if self.norm_backend not in NORM_BACKENDS:
-            raise ValueError(f"Unknown norm_backend {self.norm_backend!r}; use one of "
-                             f"{NORM_BACKENDS}.")
-        for name in ("dtype", "head_dtype"):
-            if getattr(self, name) not in COMPUTE_DTYPES:
-                raise ValueError(f"Unknown {name} {getattr(self, name)!r}; use 'auto', 'float32' "
-                                 "or 'bfloat16'.")
-
-    @property
-    def compute_dtype(self) -> jnp.dtype:
-        """The matmul dtype, resolving ``auto`` for the default backend."""
-        if self.dtype == "auto":
-            return jnp.dtype(jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32)
-        return jnp.dtype(self.dtype)
-
-    @property
-    def head_compute_dtype(self) -> jnp.dtype:
-        """The head's matmul dtype, resolving ``auto`` to ``compute_dtype``."""
-        return self.compute_dtype if self.head_dtype == "auto" else jnp.dtype(self.head_dtype)
+        if self.attention_pattern not in ("block_diagonal", "block_causal"):
+            raise ValueError(f"Unknown attention_pattern {self.attention_pattern!r}; use "
+                             "'block_diagonal' (HMAR) or 'block_causal' (VAR).")
 
     @property
     def layout(self) -> ScaleLayout:
@@ -195,25 +123,19 @@ class HMARConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    # Fields that change how the model runs but not its parameters or outputs' meaning.
-    RUNTIME_FIELDS = ("attention_backend", "attention_prologue_backend", "gelu_backend",
-                      "norm_backend", "dtype", "head_dtype", "scan_blocks", "remat",
-                      "drop_path_rate")
-
-    def attention_spec(self, pattern: str | None = None) -> ops.AttentionSpec:
-        """The blocks' ``AttentionSpec`` (``pattern`` overrides the configured one)."""
-        return ops.AttentionSpec(pattern or self.attention_pattern, self.patch_nums,
-                                 self.attention_backend,
-                                 prologue_backend=self.attention_prologue_backend)
+    # A training-time regulariser: it changes neither the parameters nor the function.
+    TRAINING_FIELDS = ("drop_path_rate",)
 
     def architecture(self, ignore: tuple[str, ...] = ()) -> dict[str, Any]:
-        """The fields that define the parameters and the function (runtime fields dropped)."""
+        """The fields that define the parameters and the function."""
         return {k: v for k, v in self.to_dict().items()
-                if k not in self.RUNTIME_FIELDS and k not in ignore}
+                if k not in self.TRAINING_FIELDS and k not in ignore}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "HMARConfig":
-        return config_from_dict(cls, values)
+        """From a stored config; execution settings that exports used to carry are dropped."""
+        return config_from_dict(cls, {k: v for k, v in values.items()
+                                      if k not in LEGACY_EXECUTION_FIELDS})
 
     def replace(self, **changes) -> "HMARConfig":
         return dataclasses.replace(self, **changes)
@@ -238,9 +160,8 @@ _POLICIES = jax.checkpoint_policies
 _DOTS = _POLICIES.dots_with_no_batch_dims_saveable
 _ATTENTION_OUT = _kernel_outputs_saveable(ops.FORWARD_KERNEL_NAME)
 _FFN_OUT_KEPT = ("none", "projections_saveable")  # remat settings whose backward keeps it
-_CHECKPOINT_POLICIES = {  # HMARConfig.remat -> what jax.checkpoint keeps ("none": no checkpoint)
+_CHECKPOINT_POLICIES = {  # ExecutionConfig.remat -> what jax.checkpoint keeps ("none": none)
     "block": _POLICIES.nothing_saveable,
-    "dots_saveable": _DOTS,
     "dots_attention_saveable": _POLICIES.save_from_both_policies(_DOTS, _ATTENTION_OUT),
     "projections_saveable": _POLICIES.save_from_both_policies(
         _ATTENTION_OUT, _POLICIES.save_only_these_names(ATTENTION_PROJ_NAME, FFN_OUT_NAME)),
@@ -271,21 +192,26 @@ def preset(name: str, **overrides) -> HMARConfig:
     return HMARConfig(**(MODEL_PRESETS[name] | overrides))
 
 
-def _stacked_blocks(cfg: HMARConfig, count: int, init: InitScales, rngs: nnx.Rngs):
+def _stacked_blocks(cfg: HMARConfig, execution: ExecutionConfig, count: int, init: InitScales,
+                    rngs: nnx.Rngs):
     """``count`` blocks with every parameter stacked on a leading layer axis."""
 
     @nnx.split_rngs(splits=count)
     @nnx.vmap(in_axes=(0,), out_axes=0)
     def create(rngs: nnx.Rngs) -> AdaLNSelfAttnBlock:
         return AdaLNSelfAttnBlock(cfg.width, cfg.num_heads, cfg.mlp_ratio, cfg.width, cfg.norm_eps,
-                                  cfg.compute_dtype, init, rngs, gelu_backend=cfg.gelu_backend,
-                                  norm_backend=cfg.norm_backend)
+                                  jnp.dtype(execution.compute_dtype), init, rngs,
+                                  gelu=execution.gelu, layer_norm=execution.layer_norm)
 
     return create(rngs)
 
 
 class HMARTransformer(nnx.Module):
     """Class-conditional next-scale predictor with a masked-refinement branch.
+
+    ``execution`` (resolved, ``hmar_jax.execution``) sets the compute dtypes, the kernels,
+    rematerialisation and scanned or unrolled blocks; the default is the plain-jnp
+    reference in float32.
 
     Example:
       >>> model = HMARTransformer(preset("tiny"), rngs=nnx.Rngs(0))
@@ -294,8 +220,10 @@ class HMARTransformer(nnx.Module):
       (2, 30, 64)
     """
 
-    def __init__(self, cfg: HMARConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: HMARConfig, execution: ExecutionConfig = REFERENCE, *,
+                 rngs: nnx.Rngs):
         self.config = cfg
+        self.execution = execution.require_resolved("HMARTransformer")
         c, layout = cfg.width, cfg.layout
         init = InitScales(cfg.init_std, cfg.depth, cfg.init_adaln, cfg.init_adaln_gamma, cfg.init_head)
         normal = nnx.initializers.normal(cfg.init_std)
@@ -306,19 +234,20 @@ class HMARTransformer(nnx.Module):
         self.word_embed = nnx.Linear(cfg.latent_channels, c, use_bias=False, kernel_init=normal,
                                      rngs=rngs)
         self.word_embed_bias = nnx.Param(jnp.zeros((c,), jnp.float32))
-        self.blocks = _stacked_blocks(cfg, cfg.depth, init, rngs)
-        self.head_nm, self.head = self._make_head(cfg, init, rngs)
+        self.blocks = _stacked_blocks(cfg, execution, cfg.depth, init, rngs)
+        self.head_nm, self.head = self._make_head(cfg, execution, init, rngs)
         if cfg.num_mask_layers:
-            self.mask_blocks = _stacked_blocks(cfg, cfg.num_mask_layers, init, rngs)
-            self.mask_head_nm, self.mask_head = self._make_head(cfg, init, rngs)
+            self.mask_blocks = _stacked_blocks(cfg, execution, cfg.num_mask_layers, init, rngs)
+            self.mask_head_nm, self.mask_head = self._make_head(cfg, execution, init, rngs)
             self.mask_embed = nnx.Param(normal(rngs.params(), (c,)))
         else:
             self.mask_blocks = self.mask_head_nm = self.mask_head = self.mask_embed = None
 
     @staticmethod
-    def _make_head(cfg: HMARConfig, init: InitScales, rngs: nnx.Rngs):
+    def _make_head(cfg: HMARConfig, execution: ExecutionConfig, init: InitScales,
+                   rngs: nnx.Rngs):
         norm = AdaLNBeforeHead(cfg.width, cfg.width, cfg.norm_eps, init, rngs)
-        head = Head(cfg.width, cfg.vocab_size, matmul_dtype=cfg.head_compute_dtype.name,
+        head = Head(cfg.width, cfg.vocab_size, matmul_dtype=execution.head_dtype,
                     kernel_init=init.kernel_init, rngs=rngs)
         head.kernel[...] = head.kernel[...] * init.head
         return norm, head
@@ -388,7 +317,7 @@ class HMARTransformer(nnx.Module):
         modulations = None if modulations is None else modulations[layers]
         if count == 0:
             return x, kv_cache
-        scan = cfg.scan_blocks and not per_block
+        scan = self.execution.scan_blocks and not per_block
         if modulations is None and not scan and not per_block:
             # Unrolled, each block's ``ada_lin`` matmul has only B rows; XLA then lays its
             # [B, 6C] output out batch-minor and carries that layout into the residual
@@ -413,11 +342,11 @@ class HMARTransformer(nnx.Module):
         # The pending FFN output then lives until the next block: free when the backward
         # keeps it anyway (no remat, or a policy that saves it), one more [B, L, C] per
         # block otherwise (d30 B32 ``activations_saveable``: +1.4 GiB), so not under those.
-        policy = _CHECKPOINT_POLICIES.get(cfg.remat)
+        policy = _CHECKPOINT_POLICIES.get(self.execution.remat)
         remat = (lambda fn: fn) if policy is None else functools.partial(jax.checkpoint,
                                                                           policy=policy)
         body = remat(body)
-        deferred_body = remat(run_block) if cfg.remat in _FFN_OUT_KEPT else None
+        deferred_body = remat(run_block) if self.execution.remat in _FFN_OUT_KEPT else None
         x = x.astype(jnp.float32)
         if scan and kv_cache is not None:
             # The cache rides in the carry and each layer's slot is updated in place (as a
@@ -491,8 +420,12 @@ class HMARTransformer(nnx.Module):
             out["mask_blocks"] = stacked(self.mask_blocks)
         return out
 
+    def attention_spec(self, pattern: str) -> ops.AttentionSpec:
+        """The blocks' ``AttentionSpec`` for ``pattern`` with the resolved implementation."""
+        return ops.AttentionSpec(pattern, self.config.patch_nums, self.execution.attention)
+
     def _sequence_spec(self) -> ops.AttentionSpec:
-        return self.config.attention_spec()
+        return self.attention_spec(self.config.attention_pattern)
 
     def _check_sequence(self, x: jax.Array, labels: jax.Array) -> None:
         cfg = self.config
@@ -562,7 +495,7 @@ class HMARTransformer(nnx.Module):
         """
         cond = self.condition(labels)
         h = self.embed_scale(k, cond, x_ns, x_mask, masked)
-        spec = self.config.attention_spec("full")
+        spec = self.attention_spec("full")
         if x_mask is not None:
             if kv_cache is not None:
                 raise ValueError("The mask branch runs without a KV cache.")

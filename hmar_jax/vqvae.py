@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from hmar_jax import resample
+from hmar_jax.execution import REFERENCE, ExecutionConfig
 from hmar_jax.frozen_config import config_from_dict
 from hmar_jax.pallas import group_norm as group_norm_ops
 from hmar_jax.scales import ScaleLayout, resolve_patch_nums
@@ -38,16 +39,16 @@ def _to_dtype(tree, dtype):
 
 
 def _with_precision(method):
-    """Runs a VQVAE method's convolutions and matmuls at ``config.precision``; for
-    ``bfloat16`` on a bf16 copy of the weights and inputs, returning float32, with the
-    GroupNorms' mean and variance from one pass (``E[x^2] - E[x]^2`` in float32; the
-    other precisions keep PyTorch's two-pass variance), computed by
-    ``hmar_jax.pallas.group_norm`` as ``config.norm_backend`` chooses. In the d16 B64
-    training step's encode the two-pass statistics took 7.0 of 41 ms on an H200."""
+    """Runs a VQVAE method's convolutions and matmuls at the tokenizer's precision
+    (``ExecutionConfig.tokenizer_precision``); for ``bfloat16`` on a bf16 copy of the
+    weights and inputs, returning float32, with the GroupNorms' mean and variance from one
+    pass (``E[x^2] - E[x]^2`` in float32, one read of the activations; the other precisions
+    keep PyTorch's two-pass variance), computed by ``hmar_jax.pallas.group_norm`` with the
+    resolved ``group_norm`` implementation."""
 
     @functools.wraps(method)
     def wrapped(self, *args, **kwargs):
-        if self.config.precision == "bfloat16":
+        if self.precision == "bfloat16":
             if getattr(self, "_bf16_copy", False):  # already inside a cast call
                 return method(self, *args, **kwargs)
             graphdef, state = nnx.split(self)
@@ -56,10 +57,10 @@ def _with_precision(method):
             for _, module in nnx.iter_modules(copy):
                 if isinstance(module, GroupNorm):  # one read for both statistics
                     module.use_fast_variance = True
-                    module.kernel_backend = self.config.norm_backend
+                    module.implementation = self.group_norm_implementation
             out = method(copy, *_to_dtype(args, jnp.bfloat16), **_to_dtype(kwargs, jnp.bfloat16))
             return _to_dtype(out, jnp.float32)
-        precision = "highest" if self.config.precision == "highest" else None
+        precision = "highest" if self.precision == "highest" else None
         with jax.default_matmul_precision(precision):
             return method(self, *args, **kwargs)
 
@@ -85,15 +86,6 @@ class VQVAEConfig:
       share_quant_resi: number of phi convs shared across scales (0: one per scale).
       beta: commitment-loss weight (tokenizer training only).
       patch_nums: side of every scale, coarse to fine.
-      precision: convolutions and attention: ``highest`` (exact float32, the parity
-        setting) or ``default`` (the platform's fast float32: TF32 on NVIDIA GPUs, as
-        PyTorch uses for cuDNN convolutions; bf16 passes on TPU) or ``bfloat16`` (bf16
-        weights and activations, float32 results, one-pass GroupNorm statistics;
-        fastest, for decoding samples and the training step's encode). A runtime choice: it does not change the stored weights. The codebook search runs
-        at highest precision (in bf16 under ``bfloat16``).
-      norm_backend: the GroupNorms (+ SiLU) under ``bfloat16`` precision: ``xla`` (jnp),
-        ``pallas`` (``hmar_jax.pallas.group_norm``'s kernels) or ``auto`` (``pallas`` on
-        GPU). A runtime choice like ``precision``; the other precisions use flax's module.
     """
 
     vocab_size: int = 4096
@@ -109,16 +101,8 @@ class VQVAEConfig:
     share_quant_resi: int = 4
     beta: float = 0.25
     patch_nums: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
-    precision: str = "highest"
-    norm_backend: str = "auto"
 
     def __post_init__(self):
-        if self.precision not in ("highest", "default", "bfloat16"):
-            raise ValueError(f"Unknown tokenizer precision {self.precision!r}; use 'highest', "
-                             "'default' or 'bfloat16'.")
-        if self.norm_backend not in group_norm_ops.GROUP_NORM_BACKENDS:
-            raise ValueError(f"Unknown tokenizer norm_backend {self.norm_backend!r}; use one of "
-                             f"{group_norm_ops.GROUP_NORM_BACKENDS}.")
         object.__setattr__(self, "ch_mult", tuple(int(m) for m in self.ch_mult))
         object.__setattr__(self, "patch_nums", resolve_patch_nums(self.patch_nums))
         widths = {self.ch * m for m in self.ch_mult}
@@ -148,7 +132,9 @@ class VQVAEConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "VQVAEConfig":
-        return config_from_dict(cls, values)
+        """From a stored config; execution settings that exports used to carry are dropped."""
+        return config_from_dict(cls, {k: v for k, v in values.items()
+                                      if k not in ("precision", "norm_backend")})
 
 
 PATCH_MATMUL_MAX_CHANNELS = 4  # Conv: inputs this narrow (the image) run as a patch matmul
@@ -191,15 +177,15 @@ class GroupNorm(nnx.GroupNorm):
     """``nnx.GroupNorm`` (``[B, H, W, C]``) with the SiLU that follows it as an option.
 
     With one-pass statistics (the ``bfloat16`` copy, see ``_with_precision``) it runs
-    ``hmar_jax.pallas.group_norm`` with ``kernel_backend``; otherwise flax's module."""
+    ``hmar_jax.pallas.group_norm`` with ``implementation``; otherwise flax's module."""
 
-    kernel_backend: str = "xla"
+    implementation: str = "xla"
 
     def __call__(self, x: jax.Array, *, silu: bool = False) -> jax.Array:
         if self.use_fast_variance:
             return group_norm_ops.group_norm(x, self.scale[...], self.bias[...],
                                              groups=self.num_groups, eps=self.epsilon,
-                                             silu=silu, backend=self.kernel_backend)
+                                             silu=silu, implementation=self.implementation)
         y = super().__call__(x)
         return nnx.silu(y) if silu else y
 
@@ -390,6 +376,9 @@ def nearest_code(z: jax.Array, codebook: jax.Array) -> jax.Array:
 class VQVAE(nnx.Module):
     """Multi-scale residual VQ-VAE (VAR).
 
+    ``execution`` (resolved, ``hmar_jax.execution``) sets the precision of the convolutions
+    and the GroupNorm implementation; the default is exact float32 with plain jnp.
+
     Example:
       >>> cfg = VQVAEConfig(vocab_size=64, ch=32, ch_mult=(1, 2), patch_nums=(1, 2, 4))
       >>> vae = VQVAE(cfg, rngs=nnx.Rngs(0))
@@ -398,8 +387,12 @@ class VQVAE(nnx.Module):
       (2, 8, 8, 3)
     """
 
-    def __init__(self, cfg: VQVAEConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: VQVAEConfig, execution: ExecutionConfig = REFERENCE, *,
+                 rngs: nnx.Rngs):
         self.config = cfg
+        execution.require_resolved("VQVAE")
+        self.precision = execution.tokenizer_precision
+        self.group_norm_implementation = execution.group_norm
         self.encoder = Encoder(cfg, rngs)
         self.decoder = Decoder(cfg, rngs)
         self.quantize = Quantizer(cfg, rngs)

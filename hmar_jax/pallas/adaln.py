@@ -8,9 +8,8 @@ Every block computes, twice::
 with ``gate``, ``scale``, ``shift`` one ``[B, C]`` vector per sample (the AdaLN
 modulation; ``gate`` also carries the per-sample drop-path factor). The first LN of a
 block has no add (``layer_norm_modulate``), the second follows the attention's residual
-add (``add_layer_norm_modulate``). In the session-7 profile of the d16 B64 training step
-XLA's fusions of these ops were about 2.6 ms of each block's forward+backward, against
-a bandwidth floor of about 1 ms.
+add (``add_layer_norm_modulate``). XLA computes these as several fusions that each read
+the residual stream again.
 
 The kernels here read every input once and write every output once: a program holds a
 tile of ``[rows, next_pow2(C)]`` float32 values of one sample in registers (masked past
@@ -18,25 +17,14 @@ tile of ``[rows, next_pow2(C)]`` float32 values of one sample in registers (mask
 The backward recomputes the normalised values from the saved per-row mean and reciprocal
 std and returns, besides ``dx`` (and ``dbranch``), the per-sample sums over rows of the
 modulation gradients as per-program partial sums that XLA adds up. Statistics and
-gradients are float32.
+gradients are float32. The backward groups up to ``MAX_SUB_BLOCKS`` tiles per program:
+fewer partial sums, while more tiles per program leave too few programs to fill the GPU.
 
-On an H200 (``benchmarks/adaln.py``, ``results/adaln_h200.json``, 4 warps as the ops
-run) the kernels move 0.7-1.7 TB/s: faster than XLA's standalone passes in the
-backward (d16 B64: 0.41 vs 0.65 ms without the add, 0.68 vs 0.87 ms with it; d30 B32:
-0.34 vs 0.51 and 0.79 vs 0.87 ms), mixed in the forward (d30: 0.34 vs 0.20 ms without
-the add, 0.32 vs 0.38 ms with it); the training step takes the same time with them (d16
-B64 forward+backward 169.2 vs 169.7 ms, d30 B32 423.4 vs 424.4 ms): inside the step
-XLA fuses its passes with their neighbours. So the model's default is ``"xla"``.
-A later sweep of the backward's tiling (``benchmarks/adaln_tiles.py``, calls back to back)
-found 10 tiles per program 1.7x slower than 5 for the add variant (0.49 against 0.29 ms at
-d16 B64 and d30 B32; 2.8 and 2.5 TB/s), hence ``MAX_SUB_BLOCKS = 5``.
+The references (``reference_*``) are the plain jnp the model computes with ``"xla"``.
+Shapes the kernels do not tile (``L`` not a multiple of the tile's rows, ``C < 16``) take
+the reference. There is no TPU kernel.
 
-``backend``: ``"xla"`` is the plain jnp the model computed before (the reference);
-``"pallas"`` runs the Triton kernels on GPU and the same kernels in Pallas interpret
-mode on CPU (tests); ``"auto"`` is ``"pallas"`` on GPU and ``"xla"`` elsewhere. Shapes
-the kernels do not tile (``L`` not a multiple of the tile's rows, ``C < 16``) and TPUs
-(no Mosaic kernel) take the ``"xla"`` path. Under a mesh each device runs the kernels
-on its share of the batch (``per_batch_shard``).
+Dimension letters: B batch, L tokens, C width.
 """
 
 from __future__ import annotations
@@ -45,20 +33,16 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from absl import logging
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from hmar_jax.pallas.backend_choice import KERNEL_BACKENDS, KernelBackend, resolve_kernel_backend
-from hmar_jax.pallas.per_batch import per_batch_shard
+from hmar_jax.pallas.dispatch import Implementation, dispatch
 from hmar_jax.pallas.triton_util import compiler_params
 
-NormBackend = KernelBackend
 FORWARD_KERNEL_NAME = "hmar_adaln_fwd"  # for remat policies that keep its outputs
-NORM_BACKENDS = KERNEL_BACKENDS
 TILE_ELEMENTS = 4096  # a program's tile: [rows, next_pow2(C)] float32 values in registers
 MAX_ROWS = 8
-MAX_SUB_BLOCKS = 5  # backward: tiles per program (10 ran the add variant 1.7x slower on an H200)
+MAX_SUB_BLOCKS = 5  # backward: tiles per program (benchmarks/adaln_tiles.py sweeps it)
 MIN_WIDTH = 16
 
 
@@ -315,51 +299,47 @@ _add_layer_norm_modulate.defvjp(_add_layer_norm_modulate_fwd, _add_layer_norm_mo
 
 # --------------------------------------------------------------------------- public API
 
-def resolve_norm_backend(backend: NormBackend, platform: str | None = None) -> str:
-    """``auto`` -> ``pallas`` on GPU, ``xla`` elsewhere; other names unchanged."""
-    return resolve_kernel_backend(backend, "norm", platform)
-
-
-@functools.lru_cache(maxsize=None)
-def _warn_no_tpu_kernel() -> None:
-    logging.warning("norm_backend='pallas' has no TPU kernel; XLA's fusion runs instead.")
-
-
-def _use_kernel(backend: NormBackend, x: jax.Array) -> tuple[bool, bool]:
-    """``(run the kernels, in interpret mode)`` for ``x [B, L, C]``."""
-    platform = jax.default_backend()
-    if resolve_norm_backend(backend, platform) != "pallas":
-        return False, False
-    if platform == "tpu":
-        _warn_no_tpu_kernel()
-        return False, False
-    return x.ndim == 3 and tiles(*x.shape[1:]), platform != "gpu"
+def _kernel_applies(x: jax.Array) -> bool:
+    return x.ndim == 3 and tiles(*x.shape[1:])
 
 
 def layer_norm_modulate(x: jax.Array, scale: jax.Array, shift: jax.Array, *, eps: float,
-                        out_dtype, backend: NormBackend = "xla") -> jax.Array:
-    """``LN(x) (1 + scale) + shift`` in ``out_dtype``: ``x [B, L, C]``, ``scale``/``shift [B, C]``."""
-    use, interpret = _use_kernel(backend, x)
-    if not use:
+                        out_dtype, implementation: Implementation) -> jax.Array:
+    """``LN(x) (1 + scale) + shift`` in ``out_dtype``: ``x [B, L, C]``, ``scale``/``shift [B, C]``.
+
+    ``implementation``: ``"xla"``, ``"gpu"`` or ``"interpret"`` (``hmar_jax.pallas.dispatch``).
+    """
+    out_dtype = jnp.dtype(out_dtype)
+
+    def reference(x, scale, shift):
         return reference_layer_norm_modulate(x, scale, shift, eps=eps, out_dtype=out_dtype)
-    out_dtype = jnp.dtype(out_dtype)  # every input is per sample: each device its share
-    return per_batch_shard(lambda *batched: _layer_norm_modulate(*batched, eps, out_dtype,
-                                                                 interpret), (x, scale, shift))
+
+    def kernel(x, scale, shift, *, interpret):
+        if not _kernel_applies(x):
+            return reference(x, scale, shift)
+        return _layer_norm_modulate(x, scale, shift, eps, out_dtype, interpret)
+
+    return dispatch(implementation, "layer_norm_modulate", reference, kernel, (x, scale, shift))
 
 
 def add_layer_norm_modulate(x: jax.Array, branch: jax.Array, gate: jax.Array, scale: jax.Array,
                             shift: jax.Array, *, eps: float, out_dtype,
-                            backend: NormBackend = "xla") -> tuple[jax.Array, jax.Array]:
+                            implementation: Implementation) -> tuple[jax.Array, jax.Array]:
     """``(x', LN(x') (1 + scale) + shift)`` with ``x' = x + branch gate`` in ``x``'s dtype.
 
     ``x [B, L, C]`` (the residual stream), ``branch [B, L, C]``, ``gate``/``scale``/``shift
-    [B, C]``; ``h`` in ``out_dtype``.
+    [B, C]``; ``h`` in ``out_dtype``. ``implementation`` as ``layer_norm_modulate``.
     """
-    use, interpret = _use_kernel(backend, x)
-    if not use:
+    out_dtype = jnp.dtype(out_dtype)
+
+    def reference(x, branch, gate, scale, shift):
         return reference_add_layer_norm_modulate(x, branch, gate, scale, shift, eps=eps,
                                                  out_dtype=out_dtype)
-    out_dtype = jnp.dtype(out_dtype)  # every input is per sample: each device its share
-    return per_batch_shard(lambda *batched: _add_layer_norm_modulate(*batched, eps, out_dtype,
-                                                                     interpret),
-                           (x, branch, gate, scale, shift))
+
+    def kernel(x, branch, gate, scale, shift, *, interpret):
+        if not _kernel_applies(x):
+            return reference(x, branch, gate, scale, shift)
+        return _add_layer_norm_modulate(x, branch, gate, scale, shift, eps, out_dtype, interpret)
+
+    return dispatch(implementation, "add_layer_norm_modulate", reference, kernel,
+                    (x, branch, gate, scale, shift))

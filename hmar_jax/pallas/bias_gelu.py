@@ -1,26 +1,21 @@
 """The FFN's bias + tanh-GELU, ``gelu_tanh(h + b)``, as one Pallas pass per direction.
 
-In bf16 XLA does not fold the bias and GELU into the cuBLAS epilogue of ``fc1``
-(``benchmarks/ffn_epilogue.py``), so they run as their own elementwise pass over the
-``[M, F]`` activations (``M = B*L`` rows, ``F = 4C``). On an H200 that pass moved about
-2.3 TB/s in the d30 sampling profile, against about 3.7 TB/s for the residual-add passes
-next to it (``benchmarks/README.md``, session 5). The kernels here do the same work in
-2-D tiles of ``[block_rows, block_cols]`` (no per-element index arithmetic for the bias
-broadcast, vector loads), in float32 with one rounding at the end:
+In bf16 XLA does not fold the bias and GELU into the cuBLAS epilogue of ``fc1``, so they
+run as their own elementwise pass over the ``[M, F]`` activations (``M = B*L`` rows,
+``F = 4C``), below the bandwidth of the residual-add passes next to it. The kernels here
+do the same work in 2-D tiles of ``[block_rows, block_cols]`` (no per-element index
+arithmetic for the bias broadcast, vector loads), in float32 with one rounding at the end:
 
 * forward: ``y = x * sigmoid(2 u)`` with ``x = h + b``, ``u = sqrt(2/pi) (x + 0.044715 x^3)``
   (the same function as ``0.5 x (1 + tanh(u))``);
 * backward: ``dh = dy * gelu'(x)`` and, per row tile, the column sums of ``dh`` (summed
   to ``db`` outside).
 
-``bias_gelu(h, bias, backend)``: ``"xla"`` is ``jax.nn.gelu(h + b, approximate=True)``
-as the model always computed it; ``"pallas"`` runs the Triton kernels on GPU and the
-same kernels in Pallas interpret mode on CPU (tests); ``"auto"`` (the default) is
-``"pallas"`` on GPU and ``"xla"`` elsewhere. On an H200 the kernels beat XLA's pass on
-every measured shape (``benchmarks/bias_gelu.py``, ``results/bias_gelu_h200.json``)
-and the d16 / d30 training steps gain 2-3%. There is no TPU kernel: on TPU, and
-for shapes the kernels do not tile (``F`` not a multiple of 128, ``M`` not a multiple of
-8), ``"pallas"`` takes the ``"xla"`` path (with a one-time warning on TPU).
+``reference_bias_gelu`` is ``jax.nn.gelu(h + b, approximate=True)``. There is no TPU
+kernel. Shapes the kernels do not tile (``F`` not a multiple of 128, ``M`` not a multiple
+of 8) take the reference.
+
+Dimension letters: M rows (batch x tokens), F hidden width.
 """
 
 from __future__ import annotations
@@ -30,16 +25,12 @@ import math
 
 import jax
 import jax.numpy as jnp
-from absl import logging
 from jax.experimental import pallas as pl
 
-from hmar_jax.pallas.backend_choice import KERNEL_BACKENDS, KernelBackend, resolve_kernel_backend
-from hmar_jax.pallas.per_batch import per_batch_shard
+from hmar_jax.pallas.dispatch import Implementation, dispatch
 from hmar_jax.pallas.triton_util import compiler_params
 
-GeluBackend = KernelBackend
 FORWARD_KERNEL_NAME = "hmar_bias_gelu_fwd"  # for remat policies that keep its output
-GELU_BACKENDS = KERNEL_BACKENDS
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _CUBIC = 0.044715
 TILE_ELEMENTS = 8192  # elements per program: 16 KiB of bf16 in and out
@@ -144,38 +135,23 @@ def _pallas_bias_gelu_bwd(interpret, residuals, dy):
 _pallas_bias_gelu.defvjp(_pallas_bias_gelu_fwd, _pallas_bias_gelu_bwd)
 
 
-@functools.lru_cache(maxsize=None)
-def _warn_no_tpu_kernel() -> None:
-    logging.warning("gelu_backend='pallas' has no TPU kernel; XLA's fusion runs instead.")
-
-
 def reference_bias_gelu(h: jax.Array, bias: jax.Array) -> jax.Array:
     """What the model computes without the kernel: bias in ``h``'s dtype, then the GELU."""
     return jax.nn.gelu(h + bias.astype(h.dtype), approximate=True)
 
 
-def resolve_gelu_backend(backend: GeluBackend, platform: str | None = None) -> str:
-    """``auto`` -> ``pallas`` on GPU, ``xla`` elsewhere; other names unchanged."""
-    return resolve_kernel_backend(backend, "GELU", platform)
+def _kernel_bias_gelu(h: jax.Array, bias: jax.Array, *, interpret: bool) -> jax.Array:
+    """The kernels on one device's rows; shapes they do not tile take the reference."""
+    rows = math.prod(h.shape[:-1])
+    if tiles(rows, h.shape[-1]) is None:
+        return reference_bias_gelu(h, bias)
+    return _pallas_bias_gelu(h.reshape(rows, h.shape[-1]), bias, interpret).reshape(h.shape)
 
 
-def bias_gelu(h: jax.Array, bias: jax.Array, backend: GeluBackend = "auto") -> jax.Array:
+def bias_gelu(h: jax.Array, bias: jax.Array, implementation: Implementation) -> jax.Array:
     """``gelu_tanh(h + bias)``: ``h [..., F]``, ``bias [F]`` -> ``[..., F]`` in ``h``'s dtype.
 
-    Under a mesh the kernels run on each device's share of ``h``'s leading (batch) axis."""
-    platform = jax.default_backend()
-    backend = resolve_gelu_backend(backend, platform)
-    if backend == "xla":
-        return reference_bias_gelu(h, bias)
-    if platform == "tpu":
-        _warn_no_tpu_kernel()
-        return reference_bias_gelu(h, bias)
-
-    def local(h, bias):  # this device's rows
-        rows = math.prod(h.shape[:-1])
-        if tiles(rows, h.shape[-1]) is None:
-            return reference_bias_gelu(h, bias)
-        flat = _pallas_bias_gelu(h.reshape(rows, h.shape[-1]), bias, platform != "gpu")
-        return flat.reshape(h.shape)
-
-    return per_batch_shard(local, (h,), (bias,))
+    ``implementation``: ``"xla"``, ``"gpu"`` or ``"interpret"`` (``hmar_jax.pallas.dispatch``).
+    """
+    return dispatch(implementation, "bias_gelu", reference_bias_gelu, _kernel_bias_gelu,
+                    (h,), (bias,))

@@ -6,33 +6,27 @@ normalises with one-pass statistics::
     mean_g = E[x],  var_g = E[x^2] - E[x]^2        per sample and group, float32
     y      = (x - mean_g) rstd_g scale_c + bias_c  (then SiLU where a conv follows)
 
-In the d16 B64 training step's encode on an H200 XLA's fusions of these took 13.5 ms (7.0
-for the statistics, 6.5 for normalise + SiLU) at about half the bandwidth of the card:
-the statistics reduce over the pixels with the channels (160, 320, 640 wide: not powers of
-two) in the minor dimension.
+XLA reduces these statistics over the pixels with the channels (160, 320, 640 wide: not
+powers of two) in the minor dimension, well below the card's bandwidth.
 
 Here the statistics kernel reads ``x [B, N, C]`` (``N = H W``) once: a program walks
 ``tiles`` tiles of ``rows`` pixels of one sample, each loaded as ``C / w`` unmasked strips
 of ``[rows, w]`` (``w`` the largest power of two dividing ``C``, at most 128: 160 channels
-are 5 strips of 32), accumulating float32 sums of ``x`` and ``x^2`` per channel, and writes them as partial
-sums ``[B, P, C]`` that XLA adds up and folds into the ``[B, G]`` group statistics (tiny
-arrays). The normalise kernel reads ``x`` once and writes ``silu(x a + b)`` once, with
-``a = rstd scale`` and ``b = bias - mean a`` one float32 ``[C]`` vector per sample.
-
-On an H200 (``benchmarks/group_norm.py``, B64 bf16, 256 px x 160 channels) the kernels take
-1.6-2.1 ms (by tiling) against flax's 2.2 ms; with them the d16 B64 training step's encode went from
-42.4 to 41.6 ms (``benchmarks/README.md``, session 12).
+are 5 strips of 32), accumulating float32 sums of ``x`` and ``x^2`` per channel, and
+writes them as partial sums ``[B, P, C]`` that XLA adds up and folds into the ``[B, G]``
+group statistics (tiny arrays). The normalise kernel reads ``x`` once and writes
+``silu(x a + b)`` once, with ``a = rstd scale`` and ``b = bias - mean a`` one float32
+``[C]`` vector per sample.
 
 The backward is the plain-jnp reference's (``jax.vjp``), recomputed from ``x``: the
 kernels serve the frozen tokenizer's encode and decode; the tokenizer's own training
 differentiates the same formula.
 
-``backend``: ``"xla"`` is ``reference_group_norm`` (the same formula in jnp); ``"pallas"``
-the Triton kernels on GPU and the same kernels in Pallas interpret mode on CPU (tests);
-``"auto"`` is ``"pallas"`` on GPU and ``"xla"`` elsewhere; TPUs (no Mosaic kernel here) take
-``"xla"``. A tile's pixel count is a power of two dividing ``N``, so every shape tiles
-(odd ``N`` one pixel per tile, slowly).
-Under a mesh each device runs the kernels on its share of the batch (``per_batch_shard``).
+``reference_group_norm`` is the same formula in jnp. A tile's pixel count is a power of
+two dividing ``N``, so every shape tiles (odd ``N`` one pixel per tile, slowly). There is
+no TPU kernel.
+
+Dimension letters: B batch, H, W image size, N pixels, C channels, G groups, P programs.
 """
 
 from __future__ import annotations
@@ -43,11 +37,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from hmar_jax.pallas.backend_choice import KERNEL_BACKENDS, KernelBackend, resolve_kernel_backend
-from hmar_jax.pallas.per_batch import per_batch_shard
+from hmar_jax.pallas.dispatch import Implementation, dispatch
 from hmar_jax.pallas.triton_util import compiler_params
 
-GROUP_NORM_BACKENDS = KERNEL_BACKENDS
 STATS_KERNEL_NAME = "hmar_group_norm_stats"
 NORMALISE_KERNEL_NAME = "hmar_group_norm_silu"
 TILE_ELEMENTS = 4096  # one tile: about [rows, C] float32 values in registers
@@ -244,13 +236,8 @@ _group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
 
 # --------------------------------------------------------------------------- public API
 
-def resolve_group_norm_backend(backend: KernelBackend, platform: str | None = None) -> str:
-    """``auto`` -> ``pallas`` on GPU, ``xla`` elsewhere; other names unchanged."""
-    return resolve_kernel_backend(backend, "GroupNorm", platform)
-
-
 def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, *, groups: int, eps: float,
-               silu: bool = False, backend: KernelBackend = "xla") -> jax.Array:
+               silu: bool, implementation: Implementation) -> jax.Array:
     """``GroupNorm(x)`` with one-pass float32 statistics (then SiLU), in ``x``'s dtype.
 
     Args:
@@ -259,18 +246,17 @@ def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, *, groups: int, 
       groups: number of channel groups.
       eps: added to the variance.
       silu: apply SiLU to the normalised values (the tokenizer's ``silu(norm(x))``).
-      backend: ``"xla"``, ``"pallas"`` or ``"auto"`` (module docstring).
+      implementation: ``"xla"``, ``"gpu"`` or ``"interpret"`` (``hmar_jax.pallas.dispatch``).
     """
-    batch, height, width, channels = x.shape
+    _, height, width, channels = x.shape
     if channels % groups:
         raise ValueError(f"GroupNorm: {channels} channels are not divisible into {groups} groups.")
-    platform = jax.default_backend()
-    pixels = height * width
-    if resolve_group_norm_backend(backend, platform) != "pallas" or platform == "tpu":
+
+    def reference(x, scale, bias):
         return reference_group_norm(x, scale, bias, groups=groups, eps=eps, silu=silu)
-    interpret = platform != "gpu"
-    flat = x.reshape(batch, pixels, channels)
-    out = per_batch_shard(
-        lambda flat, scale, bias: _group_norm(flat, scale, bias, groups, eps, silu, interpret),
-        (flat,), (scale, bias))
-    return out.reshape(x.shape)
+
+    def kernel(x, scale, bias, *, interpret):  # on this device's share of the batch
+        flat = x.reshape(x.shape[0], height * width, channels)
+        return _group_norm(flat, scale, bias, groups, eps, silu, interpret).reshape(x.shape)
+
+    return dispatch(implementation, "group_norm", reference, kernel, (x,), (scale, bias))

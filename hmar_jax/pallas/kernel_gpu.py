@@ -15,8 +15,9 @@ Arrays stay in the model's ``[B, L, N, K]`` layout (no transposes, no padding): 
 kernels index one head's rows with a stride and use masked loads and stores at the
 sequence end. ``forward_packed`` reads q, k and v as three strided views of HMAR's packed
 projection ``[B, L, 3, N, K]`` and prepares each tile as it is loaded (bias, float32 L2
-normalisation, per-head temperature on q), so the model never writes q, k, v out;
-``backward_packed`` does the same for the dK/dV and dQ kernels.
+normalisation, per-head temperature on q), so the model never writes q, k, v out in the forward pass. The backward kernels read q, k
+and v prepared once by XLA: preparing every loaded tile again there costs more than the
+write it saves, since each q or k tile meets many tiles.
 Matmuls take the input dtype (bf16/fp16; fp32 runs at full IEEE precision) and
 accumulate in fp32; the softmax runs in base 2 with fp32 statistics and
 the saved log-sum-exp is natural-log ``[B, N, Lq]`` float32.
@@ -148,46 +149,22 @@ def _forward_kernel(plan_ref, row_start_ref, row_end_ref, q_ref, k_ref, v_ref, *
     plgpu.store(lse_ref.at[pl.ds(first, block_q)], (m_safe + jnp.log2(l_safe)) * LN_2, mask=q_valid)
 
 
-def _prepared_loads(refs: list, prologue: bool):
-    """``(load_q, load_k, load_v, remaining refs)``: each ``load(ref, start, size, valid)``
-    returns rows as the attention sees them. With ``prologue`` the first four refs are the
-    q/k/v bias rows ``[K]`` and the head's temperature, applied as ``forward_packed``
-    does; rows past the sequence are zero, as unprepared masked loads give (so that a
-    query row there keeps a finite softmax: exp2 of a temperature-scaled logit could
-    overflow and meet a zero do as NaN)."""
-    if not prologue:
-        return load_rows, load_rows, load_rows, refs
-    q_bias_ref, k_bias_ref, v_bias_ref, temperature_ref, *rest = refs
-
-    def prepared(prepare):
-        def load(ref, start, size, valid):
-            x = prepare(load_rows(ref, start, size, valid))
-            return jnp.where(valid[:, None], x, 0).astype(ref.dtype)
-        return load
-
-    load_q = prepared(lambda x: l2_normalize(x + q_bias_ref[...][None, :]) * temperature_ref[0])
-    load_k = prepared(lambda x: l2_normalize(x + k_bias_ref[...][None, :]))
-    load_v = prepared(lambda x: x + v_bias_ref[...][None, :])
-    return load_q, load_k, load_v, rest
-
-
 def _dkdv_kernel(plan_ref, col_start_ref, col_end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
-                 delta_ref, *refs, block_q: int, block_k: int, scale: float, sm_scale: float,
-                 prologue: bool = False):
-    load_q, load_k, load_v, (dk_ref, dv_ref) = _prepared_loads(refs, prologue)
+                 delta_ref, dk_ref, dv_ref, *, block_q: int, block_k: int, scale: float,
+                 sm_scale: float):
     first, hi = plan_ref[0], plan_ref[5]
     k_idx = first + jnp.arange(block_k)
     k_valid = k_idx < plan_ref[1]
     col_start = _ranges_slice(col_start_ref, first, block_k, k_valid, 2 ** 30)
     col_end = _ranges_slice(col_end_ref, first, block_k, k_valid, 0)
-    k = load_k(k_ref, first, block_k, k_valid)
-    v = load_v(v_ref, first, block_k, k_valid)
+    k = load_rows(k_ref, first, block_k, k_valid)
+    v = load_rows(v_ref, first, block_k, k_valid)
 
     def body(start, masked, carry):
         dk, dv = carry
         q_idx = start + jnp.arange(block_q)
         q_valid = q_idx < hi
-        q = load_q(q_ref, start, block_q, q_valid)
+        q = load_rows(q_ref, start, block_q, q_valid)
         do = load_rows(do_ref, start, block_q, q_valid)
         lse = _ranges_slice(lse_ref, start, block_q, q_valid, 0.0) * LOG2_E
         delta = _ranges_slice(delta_ref, start, block_q, q_valid, 0.0)
@@ -210,15 +187,13 @@ def _dkdv_kernel(plan_ref, col_start_ref, col_end_ref, q_ref, k_ref, v_ref, do_r
 
 
 def _dq_kernel(plan_ref, row_start_ref, row_end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
-               delta_ref, *refs, block_q: int, block_k: int, scale: float, sm_scale: float,
-               prologue: bool = False):
-    load_q, load_k, load_v, (dq_ref,) = _prepared_loads(refs, prologue)
+               delta_ref, dq_ref, *, block_q: int, block_k: int, scale: float, sm_scale: float):
     first, hi = plan_ref[0], plan_ref[5]
     q_idx = first + jnp.arange(block_q)
     q_valid = q_idx < plan_ref[1]
     row_start = _ranges_slice(row_start_ref, first, block_q, q_valid, 2 ** 30)
     row_end = _ranges_slice(row_end_ref, first, block_q, q_valid, 0)
-    q = load_q(q_ref, first, block_q, q_valid)
+    q = load_rows(q_ref, first, block_q, q_valid)
     do = load_rows(do_ref, first, block_q, q_valid)
     lse = _ranges_slice(lse_ref, first, block_q, q_valid, 0.0) * LOG2_E
     delta = _ranges_slice(delta_ref, first, block_q, q_valid, 0.0)
@@ -226,8 +201,8 @@ def _dq_kernel(plan_ref, row_start_ref, row_end_ref, q_ref, k_ref, v_ref, do_ref
     def body(start, masked, dq):
         k_idx = start + jnp.arange(block_k)
         k_valid = k_idx < hi
-        k = load_k(k_ref, start, block_k, k_valid)
-        v = load_v(v_ref, start, block_k, k_valid)
+        k = load_rows(k_ref, start, block_k, k_valid)
+        v = load_rows(v_ref, start, block_k, k_valid)
         s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale
         p = jnp.exp2(s - lse[:, None])
         if masked:
@@ -265,8 +240,8 @@ def _backward_in_specs(len_q: int, len_k: int, head_dim: int) -> list:
 
 
 def _backward_call(over_keys: bool, starts: np.ndarray, ends: np.ndarray, inputs, in_specs,
-                   outputs: list, *, prologue: bool, sm_scale: float, block_q: int = 64,
-                   block_k: int = 64, num_warps: int = 4, num_stages: int = 2,
+                   outputs: list, *, sm_scale: float, block_q: int = 64, block_k: int = 64,
+                   num_warps: int = 4, num_stages: int = 2,
                    interpret: bool = False) -> list[jax.Array]:
     """One backward kernel over planned tiles: ``over_keys`` the dK/dV kernel (a program
     per key tile, ``starts``/``ends`` the col ranges ``[Lk]``), else the dQ kernel (per
@@ -278,7 +253,7 @@ def _backward_call(over_keys: bool, starts: np.ndarray, ends: np.ndarray, inputs
     batch, length, heads, head_dim = outputs[0].shape
     return pl.pallas_call(
         functools.partial(kernel, block_q=block_q, block_k=block_k, scale=sm_scale * LOG2_E,
-                          sm_scale=sm_scale, prologue=prologue),
+                          sm_scale=sm_scale),
         grid=(len(plan), batch, heads),
         in_specs=[_plan_spec(), _vector_spec(len(starts)), _vector_spec(len(starts)), *in_specs],
         out_specs=[_head_spec(length, head_dim)] * len(outputs), out_shape=list(outputs),
@@ -389,7 +364,7 @@ def backward_dkdv(q, k, v, do, lse, delta, col_start: np.ndarray, col_end: np.nd
         True, col_start, col_end, (q, k, v, do, lse, delta),
         _backward_in_specs(q.shape[1], k.shape[1], q.shape[-1]),
         [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        prologue=False, sm_scale=sm_scale, block_q=block_q, block_k=block_k,
+        sm_scale=sm_scale, block_q=block_q, block_k=block_k,
         num_warps=num_warps, num_stages=num_stages, interpret=interpret)
     return dk, dv
 
@@ -402,40 +377,9 @@ def backward_dq(q, k, v, do, lse, delta, row_start: np.ndarray, row_end: np.ndar
         False, row_start, row_end, (q, k, v, do, lse, delta),
         _backward_in_specs(q.shape[1], k.shape[1], q.shape[-1]),
         [jax.ShapeDtypeStruct(q.shape, q.dtype)],
-        prologue=False, sm_scale=sm_scale, block_q=block_q, block_k=block_k,
+        sm_scale=sm_scale, block_q=block_q, block_k=block_k,
         num_warps=num_warps, num_stages=num_stages, interpret=interpret)
     return dq
-
-
-def backward_packed(qkv, qkv_bias, temperature, do, lse, delta, ranges, *, sm_scale: float = 1.0,
-                    dkdv_tiles: dict | None = None, dq_tiles: dict | None = None,
-                    interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``(dq, dk, dv)``, each ``[B, L, N, K]`` in qkv's dtype: the gradients of the prepared
-    q, k, v that ``forward_packed`` attended, with the prologue applied to every loaded tile
-    (as ``forward_packed`` does), so q, k and v are never written out in the backward either.
-
-    ``ranges``: ``(row_start, row_end, col_start, col_end)`` host arrays; ``*_tiles``:
-    ``block_q``/``block_k``/``num_warps``/``num_stages`` of each kernel (their defaults
-    otherwise).
-
-    ``AttentionSpec.prologue_backend="pallas_fused"`` runs these. On an H200 they cost more
-    than they save (each q or k tile is prepared again for every tile it meets: the two
-    kernels took 23.6 against 14.8 ms of the d16 B64 step), so the default prepares q, k, v
-    once with XLA (``benchmarks/README.md``, session 14).
-    """
-    batch, length, _, heads, head_dim = qkv.shape
-    row_start, row_end, col_start, col_end = ranges
-    qkv_specs, prologue_specs = _packed_specs(length, head_dim)
-    inputs = (qkv, qkv, qkv, do, lse, delta, *_prologue_inputs(qkv_bias, temperature))
-    in_specs = [*qkv_specs, _head_spec(length, head_dim), _stats_spec(length),
-                _stats_spec(length), *prologue_specs]
-    out = jax.ShapeDtypeStruct((batch, length, heads, head_dim), qkv.dtype)
-    common = dict(prologue=True, sm_scale=sm_scale, interpret=interpret)
-    dk, dv = _backward_call(True, col_start, col_end, inputs, in_specs, [out, out], **common,
-                            **(dkdv_tiles or {}))
-    (dq,) = _backward_call(False, row_start, row_end, inputs, in_specs, [out], **common,
-                           **(dq_tiles or {}))
-    return dq, dk, dv
 
 
 def _int32(*arrays) -> list[jax.Array]:

@@ -8,34 +8,23 @@ sequence. ``spec`` says which scales the sequence holds and which pattern applie
 * ``full``: no mask (one scale alone at sampling time, or a query block against a
   KV cache that holds exactly the legal keys).
 
-Backends (``spec.backend``):
+``spec.implementation`` (``hmar_jax.pallas.dispatch``) is ``"xla"`` (plain jnp with a dense
+mask: the oracle, fused by XLA), ``"gpu"`` (``kernel_gpu``), ``"tpu"`` (``kernel_tpu``) or
+``"interpret"`` (the GPU kernel in interpret mode, for tests). The compiled kernels run
+unmasked calls with at most ``SMALL_FULL_KEYS`` keys (the sampler's small scales) with the
+reference: a launch grid of one tile per batch row and head costs more than one fused XLA
+op there. A head dim the kernels cannot take (not a power of two >= 16) falls back to the
+reference with a one-time warning.
 
-* ``auto`` (default): the Pallas kernel of the platform on GPU and TPU (but the
-  reference for unmasked calls with at most ``SMALL_FULL_KEYS`` keys), the reference
-  on CPU;
-* ``reference``: plain jnp with a dense mask (the oracle; XLA fuses it);
-* ``pallas``: the platform's kernel; on CPU the GPU kernel runs in Pallas interpret
-  mode (slow; for tests);
-* ``cudnn``: ``jax.nn.dot_product_attention`` with cuDNN's fused attention on GPU (a
-  dense mask for the masked patterns, so no tile skipping); XLA's implementation
-  elsewhere. On an H200 it samples d30 as fast as the kernel (648 vs 644 ms a batch),
-  not faster, so ``auto`` does not pick it.
+``hmar_attention(qkv, qkv_bias, temperature, spec)`` is the model's self-attention from
+the packed ``mat_qkv`` output. The GPU kernel (and interpret mode) applies the bias, q/k
+normalisation and temperature to each tile it loads (``kernel_gpu.forward_packed``), so
+q, k and v are never written out in the forward pass; in the backward ``hmar_qkv``
+prepares them once for the backward kernels and ``qkv_prologue``'s one-pass kernel turns
+the kernels' dq, dk, dv into the packed gradients. Elsewhere ``reference.hmar_qkv``
+prepares q, k, v and ``attention`` runs.
 
-``hmar_attention(qkv, qkv_bias, temperature, spec)`` is the model's self-attention
-from the packed ``mat_qkv`` output: on GPU (and in interpret mode) the kernel applies
-the bias, q/k normalisation and temperature to each tile it loads
-(``kernel_gpu.forward_packed``), so q, k and v are never written out in the forward
-pass; elsewhere ``reference.hmar_qkv`` prepares them and ``attention`` runs. In the
-backward (``AttentionSpec.prologue_backend``), ``hmar_qkv`` prepares q, k, v for the
-backward kernels and XLA differentiates it (``xla``), or ``qkv_prologue``'s one-pass
-kernel turns the kernels' dq, dk, dv into the packed gradients (``pallas``; ``auto``, the
-default, picks it on GPU and ``xla`` in interpret mode); with
-``pallas_fused`` the backward kernels also prepare the tiles they load from ``qkv``
-(``kernel_gpu.backward_packed``) instead of reading q, k, v prepared by XLA.
-
-This module owns the ``custom_vjp`` around the kernels' forward and backward. A head
-dim the kernels cannot take (not a power of two >= 16) falls back to the reference
-with a one-time warning.
+This module owns the ``custom_vjp`` around the kernels' forward and backward.
 
 Dimension letters: B batch, L tokens, N heads, K head dim.
 """
@@ -52,18 +41,13 @@ import numpy as np
 from absl import logging
 
 from hmar_jax.pallas import kernel_gpu, qkv_prologue
-from hmar_jax.pallas.qkv_prologue import PROLOGUE_BACKENDS
-from hmar_jax.pallas.per_batch import per_batch_shard
+from hmar_jax.pallas.dispatch import Implementation, check_implementation, run_per_device
 from hmar_jax.pallas.reference import hmar_qkv, reference_attention
 from hmar_jax.scales import ScaleLayout
 
 Pattern = Literal["block_diagonal", "block_causal", "full"]
-# ``auto`` runs unmasked calls with at most this many keys (the sampler's scales up to
-# 8x8) with the reference: the kernel's grid of B x N programs with one tile each costs
-# about 0.1 ms per call on an H200 at B = 128, N = 30, whatever the scale.
 SMALL_FULL_KEYS = 64
-Backend = Literal["auto", "reference", "pallas", "cudnn"]
-BACKENDS: tuple[str, ...] = ("auto", "reference", "pallas", "cudnn")
+ATTENTION_IMPLEMENTATIONS: tuple[str, ...] = ("xla", "gpu", "tpu", "interpret")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,50 +79,29 @@ class AttentionSpec:
     Attributes:
       pattern: mask pattern, see the module docstring.
       patch_nums: scales the sequence holds (ignored for ``full``).
-      backend: implementation choice, see the module docstring.
+      implementation: ``xla``, ``gpu``, ``tpu`` or ``interpret`` (module docstring).
       tiles: kernel tile sizes.
-      prologue_backend: the backward of ``hmar_attention``'s q/k/v prologue when the
-        GPU kernel (or interpret mode) runs: ``xla`` prepares q, k, v with
-        ``reference.hmar_qkv`` for the backward kernels and differentiates it; ``pallas``
-        differentiates it with ``qkv_prologue``'s one-pass kernel; ``pallas_fused`` also
-        prepares the tiles inside the backward kernels; ``auto`` (default) is ``pallas``
-        on GPU and ``xla`` in interpret mode (module docstring).
     """
 
     pattern: Pattern = "block_diagonal"
     patch_nums: tuple[int, ...] = ()
-    backend: Backend = "auto"
+    implementation: Implementation = "xla"
     tiles: KernelTiles = KernelTiles()
-    prologue_backend: str = "auto"
 
     def __post_init__(self):
         if self.pattern not in ("block_diagonal", "block_causal", "full"):
             raise ValueError(f"Unknown attention pattern {self.pattern!r}; use 'block_diagonal', "
                              "'block_causal' or 'full'.")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"Unknown attention backend {self.backend!r}; available: {BACKENDS}.")
-        if self.prologue_backend not in PROLOGUE_BACKENDS:
-            raise ValueError(f"Unknown prologue backend {self.prologue_backend!r}; use one of "
-                             f"{PROLOGUE_BACKENDS}.")
+        check_implementation(self.implementation, "attention", ATTENTION_IMPLEMENTATIONS)
+
+    def with_pattern(self, pattern: Pattern) -> "AttentionSpec":
+        return dataclasses.replace(self, pattern=pattern)
 
     def dense_mask(self) -> jax.Array | None:
         """bool ``[L, L]`` for the pattern, or None for ``full``."""
         if self.pattern == "full":
             return None
         return jnp.asarray(ScaleLayout(self.patch_nums).attention_mask(self.pattern))
-
-
-def resolve_backend(backend: Backend, platform: str | None = None) -> str:
-    """Maps a configured backend to ``reference``, ``cudnn``, ``gpu``, ``tpu`` or
-    ``interpret``."""
-    platform = platform or jax.default_backend()
-    if backend == "cudnn":
-        return "cudnn"
-    if backend == "reference" or (backend == "auto" and platform not in ("gpu", "tpu")):
-        return "reference"
-    if platform in ("gpu", "tpu"):
-        return platform
-    return "interpret"
 
 
 @functools.lru_cache(maxsize=64)
@@ -158,7 +121,6 @@ class _Plan:
     patch_nums: tuple[int, ...]
     tiles: KernelTiles
     sm_scale: float
-    prologue_backend: str = "xla"
 
 
 def _kernel_forward(plan: _Plan, q, k, v):
@@ -169,8 +131,8 @@ def _kernel_forward(plan: _Plan, q, k, v):
 
         return kernel_tpu.forward(q, k, v, row_start=row_start, row_end=row_end,
                                   sm_scale=plan.sm_scale)
-    return kernel_gpu.forward(q, k, v, row_start, row_end, sm_scale=plan.sm_scale, interpret=plan.kernel == "interpret",
-                              **t.forward.kwargs())
+    return kernel_gpu.forward(q, k, v, row_start, row_end, sm_scale=plan.sm_scale,
+                              interpret=plan.kernel == "interpret", **t.forward.kwargs())
 
 
 def _kernel_backward(plan: _Plan, q, k, v, o, lse, do):
@@ -227,24 +189,12 @@ def _packed_forward(plan: _Plan, qkv, qkv_bias, temperature):
 
 
 def _packed_backward(plan: _Plan, qkv, qkv_bias, temperature, o, lse, do):
-    """``prologue_backend`` ``"xla"`` and ``"pallas"``: the backward kernels take q, k, v
-    prepared by ``hmar_qkv``; ``"pallas_fused"``: they prepare every tile they load from
-    ``qkv`` (``kernel_gpu.backward_packed``). Then XLA (``"xla"``) or ``qkv_prologue``'s
-    pass (the others) turns their dq, dk, dv into the packed gradients."""
-    interpret = plan.kernel == "interpret"
-    if plan.prologue_backend == "pallas_fused":
-        length = qkv.shape[1]
-        dq, dk, dv = kernel_gpu.backward_packed(
-            qkv, qkv_bias.astype(qkv.dtype), temperature, do, lse,
-            kernel_gpu.softmax_delta(o, do), _ranges(plan.pattern, plan.patch_nums, length, length),
-            sm_scale=plan.sm_scale, dkdv_tiles=plan.tiles.dkdv.kwargs(),
-            dq_tiles=plan.tiles.dq.kwargs(), interpret=interpret)
-    else:
-        q, k, v = hmar_qkv(qkv, qkv_bias, temperature)
-        dq, dk, dv = _kernel_backward(plan, q, k, v, o, lse, do)
-    vjp_backend = "xla" if plan.prologue_backend == "xla" else "pallas"
+    """The backward kernels take q, k, v prepared once by ``hmar_qkv``; ``qkv_prologue``'s
+    pass turns their dq, dk, dv into the packed gradients."""
+    q, k, v = hmar_qkv(qkv, qkv_bias, temperature)
+    dq, dk, dv = _kernel_backward(plan, q, k, v, o, lse, do)
     return qkv_prologue.prologue_backward(qkv, qkv_bias, temperature, dq, dk, dv,
-                                          backend=vjp_backend, interpret=interpret)
+                                          implementation=plan.kernel)
 
 
 _kernel_attention = _kernel_op(_kernel_forward, _kernel_backward)
@@ -264,24 +214,22 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec,
       q: ``[B, Lq, N, K]``.
       k, v: ``[B, Lk, N, K]`` (same dtype as q); for the masked patterns
         Lq = Lk = L of ``spec.patch_nums``.
-      spec: pattern, scales and backend.
+      spec: pattern, scales and implementation.
       sm_scale: logit multiplier (HMAR uses 1 with L2-normalised q and k).
 
     Returns:
       ``[B, Lq, N, K]`` in q's dtype.
 
     Example:
-      >>> spec = AttentionSpec("block_diagonal", (1, 2, 3))
+      >>> spec = AttentionSpec("block_diagonal", (1, 2, 3), "gpu")
       >>> out = attention(q, k, v, spec)          # q, k, v: [B, 14, N, K]
     """
     _check_length(spec, q.shape[1], k.shape[1])
     kernel = _implementation(spec, q.shape[-1], k.shape[1])
-    if kernel == "reference":
+    if kernel == "xla":
         return reference_attention(q, k, v, spec.dense_mask(), sm_scale=sm_scale)
-    if kernel == "cudnn":
-        return fused_dense_attention(q, k, v, spec.dense_mask(), sm_scale=sm_scale)
     plan = _Plan(kernel, spec.pattern, tuple(spec.patch_nums), spec.tiles, float(sm_scale))
-    return per_batch_shard(functools.partial(_kernel_attention, plan), (q, k, v))
+    return run_per_device(functools.partial(_kernel_attention, plan), (q, k, v))
 
 
 def _check_length(spec: AttentionSpec, len_q: int, len_k: int) -> None:
@@ -294,13 +242,13 @@ def _check_length(spec: AttentionSpec, len_q: int, len_k: int) -> None:
 
 
 def _implementation(spec: AttentionSpec, head_dim: int, len_k: int) -> str:
-    """``reference``, ``cudnn``, ``gpu``, ``tpu`` or ``interpret`` for one call."""
-    kernel = resolve_backend(spec.backend)
-    if kernel != "reference" and (head_dim < 16 or head_dim & (head_dim - 1)):
+    """``xla``, ``gpu``, ``tpu`` or ``interpret`` for one call (module docstring)."""
+    kernel = spec.implementation
+    if kernel != "xla" and (head_dim < 16 or head_dim & (head_dim - 1)):
         _warn_fallback(f"head dim {head_dim} is not a power of two >= 16")
-        kernel = "reference"
-    if spec.backend == "auto" and spec.pattern == "full" and len_k <= SMALL_FULL_KEYS:
-        kernel = "reference"  # the sampler's small scales: one fused XLA op beats a launch grid
+        return "xla"
+    if kernel in ("gpu", "tpu") and spec.pattern == "full" and len_k <= SMALL_FULL_KEYS:
+        return "xla"
     return kernel
 
 
@@ -311,13 +259,14 @@ def hmar_attention(qkv: jax.Array, qkv_bias: jax.Array, temperature: jax.Array,
     Equals ``attention(*reference.hmar_qkv(qkv, qkv_bias, temperature), spec)``: q and k
     are L2-normalised (float32) and q is scaled by its head's temperature, so the logits
     are ``temperature_h cos(q, k)``. The GPU kernel (and interpret mode) does this inside
-    the forward kernel; the TPU kernel, cuDNN and the reference get prepared q, k, v.
+    the forward kernel; the TPU kernel and the reference get prepared q, k, v.
 
     Args:
       qkv: ``[B, L, 3, N, K]``, the ``mat_qkv`` output without bias (compute dtype).
       qkv_bias: ``[3, N, K]`` (any float dtype; added in qkv's dtype).
       temperature: float32 ``[N]``.
-      spec: pattern, scales and backend; L must match ``spec.patch_nums`` unless ``full``.
+      spec: pattern, scales and implementation; L must match ``spec.patch_nums`` unless
+        ``full``.
 
     Returns:
       ``[B, L, N, K]`` in qkv's dtype.
@@ -331,25 +280,6 @@ def hmar_attention(qkv: jax.Array, qkv_bias: jax.Array, temperature: jax.Array,
     if kernel not in ("gpu", "interpret"):
         return attention(*hmar_qkv(qkv, qkv_bias, temperature), spec)
     _check_length(spec, length, length)
-    plan = _Plan(kernel, spec.pattern, tuple(spec.patch_nums), spec.tiles, 1.0,
-                 resolve_prologue_backend(spec.prologue_backend, kernel))
-    return per_batch_shard(functools.partial(_packed_kernel_attention, plan), (qkv,),
-                            (qkv_bias, temperature))
-
-
-def resolve_prologue_backend(prologue_backend: str, kernel: str) -> str:
-    """``AttentionSpec.prologue_backend`` for a kernel run (``gpu`` or ``interpret``):
-    ``auto`` is ``pallas`` on GPU and ``xla`` in interpret mode (the CPU tests' speed)."""
-    if prologue_backend != "auto":
-        return prologue_backend
-    return "pallas" if kernel == "gpu" else "xla"
-
-
-def fused_dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
-                          *, sm_scale: float = 1.0) -> jax.Array:
-    """``jax.nn.dot_product_attention``: cuDNN's fused kernel on GPU for bf16/fp16 inputs,
-    XLA's implementation otherwise. ``mask`` bool ``[Lq, Lk]`` or None; ``[B, L, N, K]``."""
-    fused = jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
-    mask = None if mask is None else mask[None, None]
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=sm_scale,
-                                        implementation="cudnn" if fused else None)
+    plan = _Plan(kernel, spec.pattern, tuple(spec.patch_nums), spec.tiles, 1.0)
+    return run_per_device(functools.partial(_packed_kernel_attention, plan), (qkv,),
+                          (qkv_bias, temperature))

@@ -5,9 +5,8 @@ qkv's dtype, L2 normalisation of q and k in float32, the per-head temperature on
 every tile it loads. Its backward (``ops._packed_backward``) gets ``dq, dk, dv [B, L, N, K]``
 from the attention backward kernels and has to return ``dqkv [B, L, 3, N, K]`` and the
 gradients of the bias ``[3, N, K]`` and the temperature ``[N]``. Differentiating
-``hmar_qkv`` with XLA took about 8 ms of the d16 B64 training step on an H200 (session-13
-profile, ``benchmarks/README.md``): several fusions that read the packed projection and
-the three cotangents more than once. The kernel here reads each of them once and writes
+``hmar_qkv`` with XLA gives several fusions that read the packed projection and the
+three cotangents more than once. The kernel here reads each of them once and writes
 ``dqkv`` once, with per-program partial sums of the bias and temperature gradients that
 XLA adds up.
 
@@ -20,13 +19,9 @@ Per row and head, in float32, with ``x = qkv + bias`` (added in qkv's dtype),
     dx_v = dv
     dbias = sum over B and L of dx (rounded to qkv's dtype first, as dqkv)
 
-``prologue_backward(..., backend)``: ``"xla"`` differentiates ``reference.hmar_qkv`` (the
-reference); ``"pallas"`` runs the kernel (Triton on GPU, interpret mode elsewhere: tests).
-The attention's choice (``ops.AttentionSpec.prologue_backend``, ``PROLOGUE_BACKENDS``)
-adds ``"pallas_fused"``: this kernel, with backward attention kernels that prepare the
-tiles they load from ``qkv`` instead of reading q, k, v prepared by XLA; and ``"auto"``
-(default): ``"pallas"`` on GPU, where it saved ~2.6 ms of the d16 B64 step on an H200
-(session 14, ``benchmarks/README.md``), ``"xla"`` in interpret mode.
+``prologue_backward(..., implementation)``: ``"xla"`` differentiates
+``reference.hmar_qkv`` (the reference); ``"gpu"`` runs the kernel, ``"interpret"`` the
+same kernel in interpret mode (tests).
 
 Grid ``(B, N, 3 T)``: a program handles one of q, k, v for one head and one chunk of
 ``rows x sub_tiles`` rows (``T`` chunks cover L), loading ``[rows, K]`` tiles.
@@ -41,14 +36,10 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from hmar_jax.pallas.dispatch import Implementation, check_implementation
 from hmar_jax.pallas.reference import hmar_qkv
 from hmar_jax.pallas.triton_util import compiler_params, load_rows, store_rows
 
-# ``prologue_backward``'s backends, and the attention's (``ops.AttentionSpec.prologue_backend``):
-# ``pallas_fused`` also has the backward kernels prepare the tiles they load from qkv;
-# ``auto`` is ``pallas`` where the GPU kernel runs, ``xla`` elsewhere (interpret mode).
-VJP_BACKENDS = ("xla", "pallas")
-PROLOGUE_BACKENDS = ("auto", "xla", "pallas", "pallas_fused")
 KERNEL_NAME = "hmar_qkv_prologue_bwd"
 EPS = 1e-12  # reference.l2_normalize's
 TEMPERATURE_WIDTH = 8  # the temperature rides as a power-of-two block [N, 8] per head
@@ -154,13 +145,13 @@ def kernel_prologue_backward(qkv, qkv_bias, temperature, dq, dk, dv, *, interpre
             jnp.sum(dtemperature[:, :, 0], axis=(0, 1, 3)).astype(temperature.dtype))
 
 
-def prologue_backward(qkv, qkv_bias, temperature, dq, dk, dv, *, backend: str = "xla",
-                      interpret: bool = False):
-    """The prologue's backward with ``backend`` (``xla`` or ``pallas``); see the module
-    docstring. ``qkv [B, L, 3, N, K]``, ``qkv_bias [3, N, K]``, ``temperature [N]``,
-    ``dq, dk, dv [B, L, N, K]``."""
-    if backend not in VJP_BACKENDS:
-        raise ValueError(f"Unknown prologue backend {backend!r}; use one of {VJP_BACKENDS}.")
-    if backend == "xla":
+def prologue_backward(qkv, qkv_bias, temperature, dq, dk, dv, *,
+                      implementation: Implementation):
+    """The prologue's backward: ``"xla"`` differentiates ``reference.hmar_qkv``, ``"gpu"``
+    and ``"interpret"`` run the kernel. ``qkv [B, L, 3, N, K]``, ``qkv_bias [3, N, K]``,
+    ``temperature [N]``, ``dq, dk, dv [B, L, N, K]``."""
+    check_implementation(implementation, "qkv prologue backward")
+    if implementation == "xla":
         return reference_prologue_backward(qkv, qkv_bias, temperature, dq, dk, dv)
-    return kernel_prologue_backward(qkv, qkv_bias, temperature, dq, dk, dv, interpret=interpret)
+    return kernel_prologue_backward(qkv, qkv_bias, temperature, dq, dk, dv,
+                                    interpret=implementation == "interpret")
