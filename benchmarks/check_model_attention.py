@@ -25,7 +25,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from benchmarks.attention import time_ms  # noqa: E402
 from hmar_jax import losses  # noqa: E402
-from hmar_jax.model import HMARTransformer, preset  # noqa: E402
+from hmar_jax.transformer import HMARTransformer, preset  # noqa: E402
 
 
 def main() -> None:

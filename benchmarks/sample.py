@@ -78,7 +78,7 @@ REFERENCE = {
 # ========================================== worker ============================================
 
 def model_config(spec: dict, vcfg, **overrides):
-    from hmar_jax.model import preset
+    from hmar_jax.transformer import preset
 
     kwargs = dict(vocab_size=vcfg.vocab_size, latent_channels=vcfg.z_channels,
                   patch_nums=vcfg.patch_nums, dtype=spec["dtype"],
@@ -97,7 +97,7 @@ def sample_worker(spec: dict) -> dict:
     from flax import nnx
 
     from hmar_jax import sampling
-    from hmar_jax.model import HMARTransformer, cast_matmul_weights, unstack_blocks
+    from hmar_jax.transformer import HMARTransformer, cast_matmul_weights, unstack_blocks
     from hmar_jax.vqvae import VQVAE
 
     mode, batch, lower_only = spec["mode"], spec["batch"], spec.get("lower_only", False)
@@ -201,7 +201,7 @@ def _accuracy(spec: dict, vae, result: dict) -> dict:
     from flax import nnx
 
     from hmar_jax import sampling
-    from hmar_jax.model import HMARTransformer
+    from hmar_jax.transformer import HMARTransformer
 
     batch = spec["batch"]
     cfg32 = model_config(dict(spec, dtype="float32"), vae.config, init_head=1.0,

@@ -51,7 +51,7 @@ def measure(model_name: str, batch: int, scan_blocks: bool, cast_weights: bool, 
     from flax import nnx
 
     from hmar_jax import sampling
-    from hmar_jax.model import HMARTransformer, cast_matmul_weights, preset
+    from hmar_jax.transformer import HMARTransformer, cast_matmul_weights, preset
 
     vcfg = vae_config(quick)
     overrides = dict(depth=2, width=64, num_heads=2, num_mask_layers=1) if quick else {}

@@ -433,7 +433,7 @@ def train_worker(spec: dict) -> dict:
     from flax import nnx
 
     from hmar_jax import losses, optim, sharding
-    from hmar_jax.model import HMARTransformer
+    from hmar_jax.transformer import HMARTransformer
     from hmar_jax.trainer import TrainState, make_step, model_config, trainable_filter
     from hmar_jax.vqvae import VQVAE
 
@@ -957,7 +957,7 @@ def main() -> None:
     parser.add_argument("--backends", default="pallas,reference", help="attention backends")
     parser.add_argument("--modes", default="full,fwdbwd,tokenize", help=", ".join(MODES))
     parser.add_argument("--remat", default="default",
-                        help="comma list of default or hmar_jax.model.REMAT_POLICIES names")
+                        help="comma list of default or hmar_jax.transformer.REMAT_POLICIES names")
     parser.add_argument("--scan-blocks", default="true", help="comma list of true|false")
     parser.add_argument("--devices", default="1",
                         help="device counts for weak scaling of the full step, e.g. 1,2 (1 is "
@@ -1009,7 +1009,7 @@ def main() -> None:
     if args.out is None:
         args.out = str(REPO / "benchmarks" / "results" /
                        ("train_step_quick.json" if args.quick else "train_step.json"))
-    from hmar_jax.model import REMAT_POLICIES  # imports jax, initialises no backend
+    from hmar_jax.transformer import REMAT_POLICIES  # imports jax, initialises no backend
     from hmar_jax.optim import MU_DTYPES
     from hmar_jax.pallas.backend_choice import KERNEL_BACKENDS
     from hmar_jax.pallas.qkv_prologue import PROLOGUE_BACKENDS

@@ -168,7 +168,7 @@ def load_hmar(directory: str | pathlib.Path, **config_overrides):
     Example:
       >>> model = load_hmar("checkpoints/hmar-d16", dtype="bfloat16")
     """
-    from hmar_jax.model import HMARConfig, HMARTransformer
+    from hmar_jax.transformer import HMARConfig, HMARTransformer
 
     values = read_config(directory, HMAR)
     values["patch_nums"] = tuple(values["patch_nums"])

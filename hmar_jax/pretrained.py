@@ -24,9 +24,9 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from hmar_jax import checkpointing, sharding
-from hmar_jax import model as hmar_model
+from hmar_jax import transformer as hmar_model
 from hmar_jax.atomic_io import atomic_directory
-from hmar_jax.model import HMARTransformer, cast_matmul_weights
+from hmar_jax.transformer import HMARTransformer, cast_matmul_weights
 from hmar_jax.sampling import SamplingConfig
 from hmar_jax.vqvae import VQVAE
 

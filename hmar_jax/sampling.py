@@ -32,7 +32,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from hmar_jax import resample
-from hmar_jax.model import HMARTransformer
+from hmar_jax.transformer import HMARTransformer
 from hmar_jax.vqvae import VQVAE
 
 DEFAULT_MASK_SCHEDULE_256 = ((1,), (1, 3), (1, 1, 2, 5), (16,), (25,), (36,), (64,), (100,), (169,),
@@ -295,7 +295,7 @@ def generate(model: HMARTransformer, vae: VQVAE, labels: jax.Array, sample_index
     mask_cfg = config.cfg * 1e-6 if config.mask_cfg is None else config.mask_cfg
     kv_cache = None
     if mcfg.attention_pattern == "block_causal":
-        kv_cache = model.init_kv_cache(2 * batch, mcfg.compute_dtype)
+        kv_cache = model.init_kv_cache(2 * batch, model.execution.compute_dtype)
     f_hat = jnp.zeros((batch, layout.latent_side, layout.latent_side, mcfg.latent_channels))
     trace: dict[str, jax.Array] = {}
 

@@ -36,7 +36,7 @@ from flax import nnx
 
 from hmar_jax import (checkpointing, data, losses, metric_writers, optim, sampling, sharding,
                       token_cache, tokenizer_trainer, visualize)
-from hmar_jax.model import (MASK_BRANCH, STAGE1_TRAINABLE, STAGE2_TRAINABLE, HMARConfig,
+from hmar_jax.transformer import (MASK_BRANCH, STAGE1_TRAINABLE, STAGE2_TRAINABLE, HMARConfig,
                             HMARTransformer, preset)
 from clu import periodic_actions  # after metric_writers (TF-free shim)
 

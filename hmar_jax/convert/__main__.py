@@ -65,7 +65,7 @@ def convert_transformer(args: argparse.Namespace) -> pathlib.Path:
     from flax import nnx
 
     from hmar_jax import checkpointing
-    from hmar_jax.model import HMARTransformer
+    from hmar_jax.transformer import HMARTransformer
 
     src = pathlib.Path(args.src)
     state_dict = torch_pickle.load_state_dict(src, subtree=args.subtree)
@@ -96,7 +96,7 @@ def assemble(args: argparse.Namespace) -> pathlib.Path:
     from flax import nnx
 
     from hmar_jax import checkpointing
-    from hmar_jax.model import MASK_BRANCH
+    from hmar_jax.transformer import MASK_BRANCH
 
     stage1 = checkpointing.load_hmar(args.stage1)
     stage2 = checkpointing.load_hmar(args.stage2)

@@ -1,4 +1,4 @@
-"""HMAR / VAR transformer state_dicts -> ``hmar_jax.model.HMARTransformer`` params.
+"""HMAR / VAR transformer state_dicts -> ``hmar_jax.transformer.HMARTransformer`` params.
 
 Two upstream formats:
 
@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from hmar_jax.convert.vqvae import ConversionError, shape_problems
-from hmar_jax.model import MODEL_PRESETS, HMARConfig
+from hmar_jax.transformer import MODEL_PRESETS, HMARConfig
 from hmar_jax.scales import resolve_patch_nums
 
 BLOCK_SUFFIXES = ("attn.scale_mul_1H11", "attn.q_bias", "attn.v_bias", "attn.zero_k_bias",

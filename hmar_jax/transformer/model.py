@@ -20,176 +20,18 @@ D conditioning width (= C), N heads, K head dim, V vocabulary, Cv latent channel
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from hmar_jax import sharding
 from hmar_jax.execution import REFERENCE, ExecutionConfig
-from hmar_jax.frozen_config import config_from_dict
-from hmar_jax.layers import (ATTENTION_PROJ_NAME, FFN_OUT_NAME, GELU_OUT_NAME, NORM_OUT_NAME,
-                             AdaLNBeforeHead, AdaLNSelfAttnBlock, Head, InitScales,
-                             finish_residual)
-from hmar_jax.pallas import adaln, bias_gelu, ops
-from hmar_jax.scales import ScaleLayout, resolve_patch_nums
-
-# Execution settings that earlier exports stored with the architecture; read and ignored.
-LEGACY_EXECUTION_FIELDS = ("attention_backend", "attention_prologue_backend", "gelu_backend",
-                           "norm_backend", "dtype", "head_dtype", "scan_blocks", "remat")
-
-
-@dataclasses.dataclass(frozen=True)
-class HMARConfig:
-    """Frozen hyper-parameters of the transformer.
-
-    Attributes:
-      depth: number of blocks d.
-      width: C; defaults to 64 d (upstream ties width to depth).
-      num_heads: N; defaults to d (head dim 64).
-      mlp_ratio: MLP hidden width / C.
-      num_classes: class labels 0..num_classes-1; label ``num_classes`` is the null
-        (unconditional) class.
-      vocab_size: V, tokenizer codebook size.
-      latent_channels: Cv, tokenizer latent channels.
-      patch_nums: scale sides, coarse to fine.
-      num_mask_layers: n, blocks of the masked-refinement tail (0: next-scale only).
-      attention_pattern: ``block_diagonal`` (HMAR) or ``block_causal`` (VAR).
-      drop_path_rate: maximum stochastic-depth rate (linear over blocks); defaults to
-        ``0.1 d / 24``.
-      norm_eps: LayerNorm epsilon.
-      init_adaln, init_adaln_gamma, init_head: upstream init multipliers.
-    """
-
-    depth: int = 16
-    width: int | None = None
-    num_heads: int | None = None
-    mlp_ratio: float = 4.0
-    num_classes: int = 1000
-    vocab_size: int = 4096
-    latent_channels: int = 32
-    patch_nums: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
-    num_mask_layers: int = 8
-    attention_pattern: str = "block_diagonal"
-    drop_path_rate: float | None = None
-    norm_eps: float = 1e-6
-    init_adaln: float = 0.5
-    init_adaln_gamma: float = 1e-5
-    init_head: float = 0.02
-
-    def __post_init__(self):
-        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
-        set_("patch_nums", resolve_patch_nums(self.patch_nums))
-        if self.width is None:
-            set_("width", 64 * self.depth)
-        if self.num_heads is None:
-            set_("num_heads", self.depth)
-        if self.drop_path_rate is None:
-            set_("drop_path_rate", 0.1 * self.depth / 24)
-        if self.width % self.num_heads:
-            raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}.")
-        if not 0 <= self.num_mask_layers <= self.depth:
-            raise ValueError(f"num_mask_layers must be in [0, depth={self.depth}], "
-                             f"got {self.num_mask_layers}.")
-        if self.attention_pattern not in ("block_diagonal", "block_causal"):
-            raise ValueError(f"Unknown attention_pattern {self.attention_pattern!r}; use "
-                             "'block_diagonal' (HMAR) or 'block_causal' (VAR).")
-
-    @property
-    def layout(self) -> ScaleLayout:
-        return ScaleLayout(self.patch_nums)
-
-    @property
-    def head_dim(self) -> int:
-        return self.width // self.num_heads
-
-    @property
-    def null_class(self) -> int:
-        return self.num_classes
-
-    @property
-    def num_base_layers(self) -> int:
-        return self.depth - self.num_mask_layers
-
-    @property
-    def init_std(self) -> float:
-        return math.sqrt(1.0 / self.width / 3)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    # A training-time regulariser: it changes neither the parameters nor the function.
-    TRAINING_FIELDS = ("drop_path_rate",)
-
-    def architecture(self, ignore: tuple[str, ...] = ()) -> dict[str, Any]:
-        """The fields that define the parameters and the function."""
-        return {k: v for k, v in self.to_dict().items()
-                if k not in self.TRAINING_FIELDS and k not in ignore}
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "HMARConfig":
-        """From a stored config; execution settings that exports used to carry are dropped."""
-        return config_from_dict(cls, {k: v for k, v in values.items()
-                                      if k not in LEGACY_EXECUTION_FIELDS})
-
-    def replace(self, **changes) -> "HMARConfig":
-        return dataclasses.replace(self, **changes)
-
-
-def _kernel_outputs_saveable(*kernel_names: str):
-    """``jax.checkpoint`` policy: keep the outputs of the named Pallas kernels.
-
-    Selecting a kernel's own outputs is what keeps it from running again: a Pallas call is
-    never dropped from a rematerialised region (pallas_call's dead-code rule keeps every
-    call), so with its outputs merely saved by name (``checkpoint_name`` on them) the rerun
-    stays in the compiled backward, unused."""
-    names = frozenset(kernel_names)
-
-    def policy(prim, *_, **params) -> bool:
-        return prim.name == "pallas_call" and str(params.get("name")) in names
-
-    return policy
-
-
-_POLICIES = jax.checkpoint_policies
-_DOTS = _POLICIES.dots_with_no_batch_dims_saveable
-_ATTENTION_OUT = _kernel_outputs_saveable(ops.FORWARD_KERNEL_NAME)
-_FFN_OUT_KEPT = ("none", "projections_saveable")  # remat settings whose backward keeps it
-_CHECKPOINT_POLICIES = {  # ExecutionConfig.remat -> what jax.checkpoint keeps ("none": none)
-    "block": _POLICIES.nothing_saveable,
-    "dots_attention_saveable": _POLICIES.save_from_both_policies(_DOTS, _ATTENTION_OUT),
-    "projections_saveable": _POLICIES.save_from_both_policies(
-        _ATTENTION_OUT, _POLICIES.save_only_these_names(ATTENTION_PROJ_NAME, FFN_OUT_NAME)),
-    "activations_saveable": _POLICIES.save_from_both_policies(
-        _POLICIES.save_from_both_policies(_DOTS, _POLICIES.save_only_these_names(
-            NORM_OUT_NAME, GELU_OUT_NAME)),
-        _kernel_outputs_saveable(ops.FORWARD_KERNEL_NAME, adaln.FORWARD_KERNEL_NAME,
-                                 bias_gelu.FORWARD_KERNEL_NAME)),
-}
-
-
-# Upstream sizes (width 64 d, heads d) and the gamma init per depth from the HMAR configs.
-MODEL_PRESETS: dict[str, dict[str, Any]] = {
-    "d16": dict(depth=16, init_adaln_gamma=1e-3),
-    "d20": dict(depth=20, init_adaln_gamma=1e-3),
-    "d24": dict(depth=24, init_adaln_gamma=1e-4),
-    "d30": dict(depth=30, init_adaln_gamma=1e-5),
-    # CPU-sized variant for tests and notebooks.
-    "tiny": dict(depth=2, width=64, num_heads=2, num_classes=10, vocab_size=64,
-                 latent_channels=8, patch_nums=(1, 2, 3, 4), num_mask_layers=1),
-}
-
-
-def preset(name: str, **overrides) -> HMARConfig:
-    """``HMARConfig`` of a named size (``d16``/``d20``/``d24``/``d30``/``tiny``)."""
-    if name not in MODEL_PRESETS:
-        raise ValueError(f"Unknown model preset {name!r}; available: {sorted(MODEL_PRESETS)}.")
-    return HMARConfig(**(MODEL_PRESETS[name] | overrides))
+from hmar_jax.pallas import ops
+from hmar_jax.transformer import stack
+from hmar_jax.transformer.config import HMARConfig
+from hmar_jax.transformer.layers import AdaLNBeforeHead, AdaLNSelfAttnBlock, Head, InitScales
 
 
 def _stacked_blocks(cfg: HMARConfig, execution: ExecutionConfig, count: int, init: InitScales,
@@ -295,92 +137,30 @@ class HMARTransformer(nnx.Module):
     def _drop_rates(self) -> np.ndarray:
         return np.linspace(0.0, self.config.drop_path_rate, self.config.depth, dtype=np.float32)
 
-    def _run(self, stack: nnx.Module, layers: slice, rate_offset: int, x: jax.Array,
+    def _run(self, blocks: nnx.Module, layers: slice, rate_offset: int, x: jax.Array,
              cond: jax.Array, spec: ops.AttentionSpec, rng: jax.Array | None,
              kv_cache=None, cache_start: int = 0, modulations: jax.Array | None = None):
-        """Runs ``stack[layers]`` on ``x [B, l, C]``; returns ``(x, kv_cache)``.
+        """Runs ``blocks[layers]`` on ``x [B, l, C]`` with the execution's strategy
+        (``transformer.stack``); returns ``(x, kv_cache)``.
 
         ``modulations``: the whole stack's AdaLN vectors ``[layers, B, 6 C]`` when already
         computed (``adaln_modulations``), sliced like the parameters.
         """
-        cfg = self.config
-        per_block = isinstance(stack, nnx.List)  # unstack_blocks: one set of arrays per block
-        if per_block:
-            blocks = list(stack)[layers]
-            graphdef = nnx.graphdef(blocks[0]) if blocks else None
-            params = [nnx.state(block) for block in blocks]
-            count = len(params)
-        else:
-            graphdef, params = nnx.split(stack)
-            params = jax.tree.map(lambda a: a[layers], params)
-            count = jax.tree.leaves(params)[0].shape[0]
+        selected = stack.Layers.of(blocks, layers)
+        if selected.count == 0:
+            return x, kv_cache
         modulations = None if modulations is None else modulations[layers]
-        if count == 0:
-            return x, kv_cache
-        scan = self.execution.scan_blocks and not per_block
-        if modulations is None and not scan and not per_block:
-            # Unrolled, each block's ``ada_lin`` matmul has only B rows; XLA then lays its
-            # [B, 6C] output out batch-minor and carries that layout into the residual
-            # stream's elementwise fusions (``f32[L, C, B]``). Computed for the whole
-            # stack first (a batched matmul, as the scan's body does), they stay row-major.
-            modulations = _stack_modulations(graphdef, params, cond)
-        rates = jnp.asarray(self._drop_rates()[rate_offset:rate_offset + count])
-        keys = jax.random.split(rng, count) if rng is not None else None
-
-        def run_block(h, pending, layer):
-            layer_params, rate, key, cache, modulation = layer
-            block = nnx.merge(graphdef, sharding.gather_for_compute(layer_params))
-            return block.forward_deferred(h, cond, spec, pending=pending, drop_rate=rate,
-                                          rng=key, kv_cache=cache, cache_start=cache_start,
-                                          modulation=modulation)
-
-        def body(h, layer):  # scanned: each block finishes its own residual adds
-            h, cache, pending = run_block(h, None, layer)
-            return finish_residual(h, pending), cache
-
-        # Unrolled, a block's FFN residual add can run in the next block's first norm kernel.
-        # The pending FFN output then lives until the next block: free when the backward
-        # keeps it anyway (no remat, or a policy that saves it), one more [B, L, C] per
-        # block otherwise (d30 B32 ``activations_saveable``: +1.4 GiB), so not under those.
-        policy = _CHECKPOINT_POLICIES.get(self.execution.remat)
-        remat = (lambda fn: fn) if policy is None else functools.partial(jax.checkpoint,
-                                                                          policy=policy)
-        body = remat(body)
-        deferred_body = remat(run_block) if self.execution.remat in _FFN_OUT_KEPT else None
         x = x.astype(jnp.float32)
-        if scan and kv_cache is not None:
-            # The cache rides in the carry and each layer's slot is updated in place (as a
-            # scanned output it would be copied whole at every scale).
-            def cached_body(carry, layer):
-                h, cache, i = carry
-                layer_params, rate, key, modulation = layer
-                mine = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False),
-                                    cache)
-                h, mine = body(h, (layer_params, rate, key, mine, modulation))
-                cache = jax.tree.map(lambda a, u: jax.lax.dynamic_update_index_in_dim(a, u, i, 0),
-                                     cache, mine)
-                return (h, cache, i + 1), None
-
-            (x, kv_cache, _), _ = jax.lax.scan(cached_body, (x, kv_cache, 0),
-                                               (params, rates, keys, modulations))
-            return x, kv_cache
-        if scan:
-            return jax.lax.scan(body, x, (params, rates, keys, kv_cache, modulations))
-        layer_params = params if per_block else _unstack_layers(params, count)
-        layer_modulations = [None] * count if modulations is None else _unstack_layers(
-            modulations, count)
-        caches, pending = [], None
-        for i in range(count):
-            take = lambda tree: None if tree is None else jax.tree.map(lambda a: a[i], tree)  # noqa: E731
-            layer = (layer_params[i], rates[i], take(keys), take(kv_cache), layer_modulations[i])
-            if deferred_body is None:
-                x, cache = body(x, layer)
-            else:
-                x, cache, pending = deferred_body(x, pending, layer)
-            caches.append(cache)
-        x = finish_residual(x, pending)
-        stacked = None if kv_cache is None else jax.tree.map(lambda *a: jnp.stack(a), *caches)
-        return x, stacked
+        if kv_cache is not None:
+            return stack.run_cached(selected, x, cond, spec, modulations=modulations,
+                                    kv_cache=kv_cache, cache_start=cache_start,
+                                    scan=self.execution.scan_blocks)
+        rates = jnp.asarray(self._drop_rates()[rate_offset:rate_offset + selected.count])
+        keys = jax.random.split(rng, selected.count) if rng is not None else None
+        run = (stack.run_scanned if self.execution.scan_blocks and selected.stacked
+               else stack.run_unrolled)
+        return run(selected, x, cond, spec, rates=rates, keys=keys, modulations=modulations,
+                   remat=self.execution.remat), None
 
     def _next_scale_trunk(self, h, cond, spec, rng, kv_cache=None, cache_start=0,
                           modulations=None):
@@ -410,14 +190,9 @@ class HMARTransformer(nnx.Module):
         """
         cond = self.condition(labels)
 
-        def stacked(stack: nnx.Module) -> jax.Array:
-            if isinstance(stack, nnx.List):  # unstack_blocks
-                return jnp.stack([block.modulation(cond) for block in stack])
-            return _stack_modulations(*nnx.split(stack), cond)
-
-        out = {"blocks": stacked(self.blocks)}
+        out = {"blocks": stack.Layers.of(self.blocks, slice(None)).modulations(cond)}
         if self.mask_blocks is not None:
-            out["mask_blocks"] = stacked(self.mask_blocks)
+            out["mask_blocks"] = stack.Layers.of(self.mask_blocks, slice(None)).modulations(cond)
         return out
 
     def attention_spec(self, pattern: str) -> ops.AttentionSpec:
@@ -510,38 +285,6 @@ class HMARTransformer(nnx.Module):
         cfg = self.config
         shape = (cfg.depth, batch, cfg.layout.seq_len, cfg.num_heads, cfg.head_dim)
         return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
-
-
-# ----- block-stack helpers --------------------------------------------------------------------
-def _unstack_layers(tree, count: int) -> list:
-    """``count`` trees of one layer each from a tree stacked on a leading layer axis.
-
-    ``lax.split`` makes the gradient of the stack one concatenate per leaf. Indexing layer
-    by layer made it a sum of ``count`` zero-padded copies, which XLA fuses into one pass
-    that ran at about a tenth of the memory bandwidth (the d30 fc1 gradient: 10.9 ms on an
-    H200, ``benchmarks/README.md``).
-    """
-    leaves, treedef = jax.tree.flatten(tree)
-    pieces = [jax.lax.split(leaf, (1,) * count) for leaf in leaves]
-    return [treedef.unflatten([piece[i].reshape(piece[i].shape[1:]) for piece in pieces])
-            for i in range(count)]
-
-
-def _stack_modulations(graphdef, params, cond: jax.Array) -> jax.Array:
-    """``[layers, B, 6 C]``: each stacked block's ``modulation(cond)``.
-
-    One batched matmul over the stacked ``ada_lin`` weights (``vmap``). Under an FSDP mesh
-    a loop over the layers (``lax.map``) instead, so that one block's weights are gathered
-    at a time (the whole d30 stack is 1.3 GB in bf16). The loop cost the unsharded d16 B64
-    training step about 210 more kernel launches and 0.5 ms on an H200 (pooled medians of
-    60 steps, ``benchmarks/README.md``, session 13)."""
-    def modulation(layer_params):
-        block = nnx.merge(graphdef, sharding.gather_for_compute(layer_params))
-        return block.modulation(cond)
-
-    if sharding.fsdp_mesh_is_set():
-        return jax.lax.map(modulation, params)
-    return jax.vmap(modulation)(params)
 
 
 # ----- parameter groups -----------------------------------------------------------------------
