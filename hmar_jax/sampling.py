@@ -305,9 +305,9 @@ def generate(model: HMARTransformer, vae: VQVAE, labels: jax.Array, sample_index
             return token_sampler(k, filtered, step_keys)
         return draw_tokens(step_keys, filtered, config.temperature)
 
-    def embed(k, tokens):  # tokens [B, l] -> scale k's residual [B, P, P, Cv]
+    def codes(k, tokens):  # tokens [B, l] -> scale k's codebook rows [B, p_k, p_k, Cv]
         side = layout.patch_nums[k]
-        return vae.scale_residual(k, vae.lookup(tokens.reshape(batch, side, side)))
+        return vae.lookup(tokens.reshape(batch, side, side))
 
     for k, side in enumerate(layout.patch_nums):
         tokens_in_scale = side * side
@@ -335,7 +335,8 @@ def generate(model: HMARTransformer, vae: VQVAE, labels: jax.Array, sample_index
             for step in range(1, len(schedule)):
                 if return_trace:
                     trace[f"mask_s{k}_step{step}"] = masked
-                x_mask = vae.scale_input(k, embed(k, tokens)).reshape(batch, tokens_in_scale, -1)
+                own = vae.scale_residual(k, codes(k, tokens))  # the scale's own contribution
+                x_mask = vae.scale_input(k, own).reshape(batch, tokens_in_scale, -1)
                 mask_logits = model.forward_scale(
                     k, labels2, x_ns, x_mask=jnp.concatenate([x_mask, x_mask]),
                     masked=jnp.concatenate([masked, masked]), modulations=modulations)
@@ -347,7 +348,7 @@ def generate(model: HMARTransformer, vae: VQVAE, labels: jax.Array, sample_index
                     masked = _lowest(_confidence(filtered, tokens), masked, sum(schedule[step + 1:]))
         if return_trace:
             trace[f"tokens_s{k}"] = tokens
-        f_hat = f_hat + embed(k, tokens)
+        f_hat, _ = vae.add_scale(k, f_hat, codes(k, tokens))
     if edit is not None:
         f_hat = jnp.where(edit.latent_keep, edit.source_latent, f_hat)
     decoded = vae.decode_latent(f_hat)  # [B, H, W, 3] in [-1, 1]

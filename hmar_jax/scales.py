@@ -220,7 +220,15 @@ class ScaleLayout:
         per_scale = self.scale_weights(weighting) / np.asarray(self.tokens_per_scale)
         return np.repeat(per_scale, self.tokens_per_scale).astype(np.float32)
 
-    def split_tokens(self, tokens: np.ndarray) -> list[np.ndarray]:
-        """Splits ``[..., L]`` into S arrays ``[..., p_k, p_k]`` (row-major)."""
+    def split_tokens(self, tokens):
+        """Splits ``[..., L]`` into S arrays ``[..., p_k, p_k]`` (row-major); numpy or jax
+        arrays (slicing and reshapes only), the inverse of concatenating the flattened maps.
+
+        Raises:
+          ValueError: when the last axis is not L.
+        """
+        if tokens.shape[-1] != self.seq_len:
+            raise ValueError(f"Token rows of length {tokens.shape[-1]} do not match patch_nums "
+                             f"{self.patch_nums} (L = {self.seq_len}).")
         return [tokens[..., self.token_slice(k)].reshape(*tokens.shape[:-1], p, p)
                 for k, p in enumerate(self.patch_nums)]

@@ -435,6 +435,32 @@ class VQVAE(nnx.Module):
         """area(f_hat, p_k): ``[B, P, P, Cv] -> [B, p_k, p_k, Cv]``."""
         return resample.resize(f_hat, self.config.patch_nums[k], "area")
 
+    def add_scale(self, k: int, f_hat: jax.Array | None, codes: jax.Array
+                  ) -> tuple[jax.Array, jax.Array]:
+        """One step of the residual recurrence every encoder, decoder and sampler shares:
+        ``(f_hat + h, h)`` with ``h = phi_k(bicubic(codes, P))``.
+
+        Args:
+          k: scale index.
+          f_hat: the cumulative reconstruction of scales before k ``[B, P, P, Cv]``; None
+            before scale 0.
+          codes: scale k's codebook rows ``[B, p_k, p_k, Cv]`` (``lookup``).
+
+        Returns:
+          ``(f_hat after scale k, h)``, both ``[B, P, P, Cv]``.
+        """
+        h = self.scale_residual(k, codes)
+        return (h if f_hat is None else f_hat + h), h
+
+    def cumulative_reconstructions(self, indices: Sequence[jax.Array]) -> list[jax.Array]:
+        """The cumulative reconstruction after each of the given leading scales 0..n-1:
+        n arrays ``[B, P, P, Cv]`` from n index maps ``[B, p_k, p_k]``."""
+        f_hats, f_hat = [], None
+        for k, idx in enumerate(indices):
+            f_hat, _ = self.add_scale(k, f_hat, self.lookup(idx))
+            f_hats.append(f_hat)
+        return f_hats
+
     # ----- quantisation -----------------------------------------------------------------
     def quantize_latent(self, f: jax.Array) -> tuple[list[jax.Array], list[jax.Array]]:
         """Residual multi-scale quantisation of a latent.
@@ -446,12 +472,12 @@ class VQVAE(nnx.Module):
           ``(indices, f_hats)``: S int32 arrays ``[B, p_k, p_k]`` and the S cumulative
           reconstructions ``[B, P, P, Cv]`` after scales 0..k.
         """
-        residual, f_hat = f, jnp.zeros_like(f)
+        residual, f_hat = f, None
         indices, f_hats = [], []
         for k in range(len(self.config.patch_nums)):
             idx = nearest_code(self.scale_input(k, residual), self.quantize.embedding.embedding[...])
-            h = self.scale_residual(k, self.lookup(idx))
-            f_hat, residual = f_hat + h, residual - h
+            f_hat, h = self.add_scale(k, f_hat, self.lookup(idx))
+            residual = residual - h
             indices.append(idx)
             f_hats.append(f_hat)
         return indices, f_hats
@@ -463,7 +489,7 @@ class VQVAE(nnx.Module):
     def indices_to_fhat(self, indices: Sequence[jax.Array]) -> jax.Array:
         """S index maps -> the cumulative reconstruction f_hat ``[B, P, P, Cv]``."""
         self._check_indices(indices)
-        return sum(self.scale_residual(k, self.lookup(idx)) for k, idx in enumerate(indices))
+        return self.cumulative_reconstructions(indices)[-1]
 
     def decode_from_indices(self, indices: Sequence[jax.Array]) -> jax.Array:
         """S index maps -> images ``[B, H, W, 3]`` in [-1, 1]."""
@@ -476,11 +502,8 @@ class VQVAE(nnx.Module):
         ``F_{k-1}`` is the cumulative reconstruction of all scales before k.
         """
         self._check_indices(indices)
-        rows, f_hat = [], None
-        for k in range(1, len(indices)):
-            h = self.scale_residual(k - 1, self.lookup(indices[k - 1]))
-            f_hat = h if f_hat is None else f_hat + h
-            rows.append(self._flatten(self.scale_input(k, f_hat)))
+        f_hats = self.cumulative_reconstructions(indices[:-1])  # F_0 .. F_{S-2}
+        rows = [self._flatten(self.scale_input(k, f_hats[k - 1])) for k in range(1, len(indices))]
         return jnp.concatenate(rows, axis=1)
 
     def mask_branch_inputs(self, indices: Sequence[jax.Array]) -> jax.Array:
@@ -511,14 +534,13 @@ class VQVAE(nnx.Module):
         """
         f = self.encode_latent(images)
         f_target = jax.lax.stop_gradient(f)
-        residual, f_hat = f_target, jnp.zeros_like(f)
+        residual, f_hat = f_target, None
         vq_loss, indices, scale_inputs = 0.0, [], []
         codebook = self.quantize.embedding.embedding[...]
         for k in range(len(self.config.patch_nums)):
             z = self.scale_input(k, residual)
             idx = nearest_code(jax.lax.stop_gradient(z), codebook)
-            h = self.scale_residual(k, jnp.take(codebook, idx, axis=0))
-            f_hat = f_hat + h
+            f_hat, h = self.add_scale(k, f_hat, jnp.take(codebook, idx, axis=0))
             residual = residual - h
             vq_loss += (self.config.beta * jnp.mean((jax.lax.stop_gradient(f_hat) - f) ** 2)
                         + jnp.mean((f_hat - f_target) ** 2))
