@@ -6,11 +6,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from hmar_jax.layers import AdaLNSelfAttnBlock, InitScales
-from hmar_jax.model import preset
+from hmar_jax import execution
 from hmar_jax.pallas import adaln, ops
+from hmar_jax.transformer.layers import AdaLNSelfAttnBlock, InitScales
 
 pytestmark = pytest.mark.usefixtures("exact_float32_matmuls")  # exact references on a GPU too
+
+# The kernels: compiled on a GPU (``JAX_PLATFORMS=cuda``), in interpret mode on CPU.
+KERNEL = "gpu" if jax.default_backend() == "gpu" else "interpret"
 
 EPS = 1e-6
 
@@ -41,16 +44,17 @@ def test_add_layer_norm_modulate_matches_the_reference(length, width, out_dtype)
     x, branch, gate, scale, shift, (w_x, w_h) = _inputs(2, length, width)
     norm = dict(eps=EPS, out_dtype=out_dtype)
 
-    def loss(backend, *args):
-        x_out, h = adaln.add_layer_norm_modulate(*args, **norm, backend=backend)
-        h1 = adaln.layer_norm_modulate(x_out, 0.5 * args[3], args[4], **norm, backend=backend)
+    def loss(implementation, *args):
+        x_out, h = adaln.add_layer_norm_modulate(*args, **norm, implementation=implementation)
+        h1 = adaln.layer_norm_modulate(x_out, 0.5 * args[3], args[4], **norm,
+                                       implementation=implementation)
         return (jnp.sum(x_out * w_x) + jnp.sum(h.astype(jnp.float32) * w_h)
                 + jnp.sum(h1.astype(jnp.float32) * w_x * w_h), (x_out, h, h1))
 
     args = (x, branch, gate, scale, shift)
-    grad = lambda backend: jax.jit(jax.grad(  # noqa: E731
-        lambda *a: loss(backend, *a), argnums=range(5), has_aux=True))(*args)
-    (grads, outs), (grads_ref, outs_ref) = grad("pallas"), grad("xla")
+    grad = lambda implementation: jax.jit(jax.grad(  # noqa: E731
+        lambda *a: loss(implementation, *a), argnums=range(5), has_aux=True))(*args)
+    (grads, outs), (grads_ref, outs_ref) = grad(KERNEL), grad("xla")
     for out, ref in zip(outs, outs_ref):
         assert out.dtype == ref.dtype
         # bf16 outputs: the kernel rounds once from float32, as the reference does
@@ -66,30 +70,39 @@ def test_add_layer_norm_modulate_matches_the_reference(length, width, out_dtype)
 def test_untileable_shapes_and_xla_take_the_reference():
     x, _, _, scale, shift, _ = _inputs(2, 5, 100)
     expected = adaln.reference_layer_norm_modulate(x, scale, shift, eps=EPS, out_dtype=jnp.float32)
-    for backend in ("xla", "pallas", "auto"):
+    for implementation in ("xla", KERNEL):
         out = adaln.layer_norm_modulate(x, scale, shift, eps=EPS, out_dtype=jnp.float32,
-                                        backend=backend)
+                                        implementation=implementation)
         np.testing.assert_array_equal(out, expected)
-    with pytest.raises(ValueError, match="Unknown norm backend"):
-        adaln.layer_norm_modulate(x, scale, shift, eps=EPS, out_dtype=jnp.float32, backend="cuda")
-    assert [adaln.resolve_norm_backend("auto", p) for p in ("gpu", "cpu", "tpu")] == \
-        ["pallas", "xla", "xla"]
-    with pytest.raises(ValueError, match="norm_backend"):
-        preset("tiny", norm_backend="triton")
+    # only resolved implementations: no "auto" or "pallas", no TPU kernel
+    for implementation in ("cuda", "auto", "pallas", "tpu"):
+        with pytest.raises(ValueError, match=f"layer_norm_modulate has no '{implementation}' "
+                                             "implementation; use one of"):
+            adaln.layer_norm_modulate(x, scale, shift, eps=EPS, out_dtype=jnp.float32,
+                                      implementation=implementation)
+        with pytest.raises(ValueError, match=f"add_layer_norm_modulate has no "
+                                             f"'{implementation}' implementation"):
+            adaln.add_layer_norm_modulate(x, x, scale, scale, shift, eps=EPS,
+                                          out_dtype=jnp.float32, implementation=implementation)
+    assert [execution.resolved(p).layer_norm for p in ("gpu", "cpu", "tpu")] == \
+        ["gpu", "xla", "xla"]
+    assert execution.resolved("cpu", layer_norm="pallas").layer_norm == "interpret"
+    with pytest.raises(ValueError, match="execution.layer_norm='triton' is not one of"):
+        execution.ExecutionConfig(layer_norm="triton")
 
 
 def test_block_with_kernels_matches_xla_with_drop_path():
-    """A whole block (attention, FFN, stochastic depth on) with ``norm_backend="pallas"``
-    against ``"xla"``: same outputs and parameter gradients."""
+    """A whole block (attention, FFN, stochastic depth on) with the norm kernels
+    (``layer_norm=`` the kernel) against ``"xla"``: same outputs and parameter gradients."""
     width, patch_nums = 128, (2, 6)  # 40 tokens: the kernels tile
-    spec = ops.AttentionSpec("block_diagonal", patch_nums, "reference")
+    spec = ops.AttentionSpec("block_diagonal", patch_nums, "xla")
     init = InitScales(std=0.05, depth=2, adaln_gamma=0.5)
     x = jax.random.normal(jax.random.key(1), (3, 40, width))
     cond = jax.random.normal(jax.random.key(2), (3, width))
     results = {}
-    for backend in ("xla", "pallas"):
+    for layer_norm in ("xla", KERNEL):
         block = AdaLNSelfAttnBlock(width, 2, 4.0, width, EPS, jnp.float32, init, nnx.Rngs(0),
-                                   gelu_backend="xla", norm_backend=backend)
+                                   gelu="xla", layer_norm=layer_norm)
         graphdef, params = nnx.split(block)
 
         def loss(params, x):
@@ -97,8 +110,8 @@ def test_block_with_kernels_matches_xla_with_drop_path():
                                                  rng=jax.random.key(3))
             return jnp.sum(jnp.sin(out)), out
 
-        results[backend] = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(params, x)
-    (grads, out), (grads_ref, out_ref) = results["pallas"], results["xla"]
+        results[layer_norm] = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(params, x)
+    (grads, out), (grads_ref, out_ref) = results[KERNEL], results["xla"]
     np.testing.assert_allclose(out, out_ref, atol=1e-5, rtol=1e-5)
     flat, flat_ref = jax.tree.leaves(grads), jax.tree.leaves(grads_ref)
     assert len(flat) == len(flat_ref) > 5
@@ -118,11 +131,11 @@ def test_kernels_run_on_each_devices_share_of_the_batch(mesh_spec):
 
     x, branch, gate, scale, shift, (w_x, w_h) = _inputs(8, 16, 128)
     bias = jax.random.normal(jax.random.key(9), (128,))
-    norm = dict(eps=EPS, out_dtype=jnp.float32, backend="pallas")
+    norm = dict(eps=EPS, out_dtype=jnp.float32, implementation=KERNEL)
 
     def loss(x, branch, gate, scale, shift, bias):
         x_out, h = adaln.add_layer_norm_modulate(x, branch, gate, scale, shift, **norm)
-        h = adaln.layer_norm_modulate(x_out + bg.bias_gelu(h, bias, "pallas"), scale, shift,
+        h = adaln.layer_norm_modulate(x_out + bg.bias_gelu(h, bias, KERNEL), scale, shift,
                                       **norm)
         return jnp.sum(h * w_h) + jnp.sum(x_out * w_x)
 

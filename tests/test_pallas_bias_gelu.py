@@ -7,11 +7,15 @@ import pytest
 from flax import nnx
 from jax._src.mesh import AbstractDevice
 
-from hmar_jax.layers import FeedForward, InitScales
-from hmar_jax.model import HMARTransformer, preset
+from hmar_jax import execution
 from hmar_jax.pallas import bias_gelu as bg
+from hmar_jax.transformer import HMARTransformer, preset
+from hmar_jax.transformer.layers import FeedForward, InitScales
 
 pytestmark = pytest.mark.usefixtures("exact_float32_matmuls")  # exact references on a GPU too
+
+# The kernel: compiled on a GPU (``JAX_PLATFORMS=cuda``), in interpret mode on CPU.
+KERNEL = "gpu" if jax.default_backend() == "gpu" else "interpret"
 
 ROWS, COLS = 96, 384  # tiles of [32, 128]: a 3 x 3 grid, so db sums three row tiles
 
@@ -34,14 +38,14 @@ def test_tiles():
 def test_values_and_gradients_match_the_reference(dtype, atol):
     h, bias, weights = _inputs(dtype)
     exact = bg.reference_bias_gelu(h.astype(jnp.float32), bias)
-    out = bg.bias_gelu(h, bias, "pallas")
+    out = bg.bias_gelu(h, bias, KERNEL)
     assert out.dtype == dtype
     np.testing.assert_allclose(np.asarray(out, np.float32), exact, atol=atol, rtol=atol)
 
     def loss(fn, h, bias):
         return jnp.sum(fn(h, bias).astype(jnp.float32) * weights)
 
-    dh, dbias = jax.grad(lambda h, b: loss(lambda h, b: bg.bias_gelu(h, b, "pallas"), h, b),
+    dh, dbias = jax.grad(lambda h, b: loss(lambda h, b: bg.bias_gelu(h, b, KERNEL), h, b),
                          argnums=(0, 1))(h, bias)
     dh_ref, dbias_ref = jax.grad(
         lambda h, b: loss(bg.reference_bias_gelu, h.astype(jnp.float32), b), argnums=(0, 1))(h, bias)
@@ -55,10 +59,13 @@ def test_untileable_shapes_and_xla_take_the_jnp_expression():
     h = jax.random.normal(jax.random.key(0), (4, 5, 100))
     bias = jnp.linspace(-1, 1, 100)
     expected = jax.nn.gelu(h + bias, approximate=True)
-    for backend in ("xla", "pallas"):
-        np.testing.assert_array_equal(bg.bias_gelu(h, bias, backend), expected)
-    with pytest.raises(ValueError, match="Unknown GELU backend"):
-        bg.bias_gelu(h, bias, "triton")
+    for implementation in ("xla", KERNEL):
+        np.testing.assert_array_equal(bg.bias_gelu(h, bias, implementation), expected)
+    # only resolved implementations: no "auto" or "pallas", no TPU kernel
+    for implementation in ("triton", "auto", "pallas", "tpu"):
+        with pytest.raises(ValueError, match=f"bias_gelu has no '{implementation}' "
+                                             "implementation; use one of"):
+            bg.bias_gelu(h, bias, implementation)
 
 
 def test_kernels_lower_for_an_nvidia_gpu():
@@ -77,35 +84,37 @@ def test_kernels_lower_for_an_nvidia_gpu():
 
 
 def test_feed_forward_with_the_kernel_matches_xla():
-    """The FFN layer with ``gelu_backend="pallas"`` (fc1 matmul, then the kernel) against
-    ``nnx.Linear`` + ``jax.nn.gelu``: values and gradients of all four parameters."""
+    """The FFN layer with the kernel (fc1 matmul, then bias + GELU) against ``nnx.Linear`` +
+    ``jax.nn.gelu`` (``gelu="xla"``): values and gradients of all four parameters."""
     init = InitScales(std=0.2, depth=2)
-    layers = {backend: FeedForward(32, 128, jnp.float32, init, nnx.Rngs(0), gelu_backend=backend)
-              for backend in ("xla", "pallas")}
+    layers = {gelu: FeedForward(32, 128, jnp.float32, init, nnx.Rngs(0), gelu=gelu)
+              for gelu in ("xla", KERNEL)}
     x = jax.random.normal(jax.random.key(3), (2, 24, 32))
 
     def loss(ffn):
         return jnp.sum(jnp.sin(ffn(x)))
 
     (value, grads), (value_ref, grads_ref) = (nnx.value_and_grad(loss)(layers[b])
-                                              for b in ("pallas", "xla"))
+                                              for b in (KERNEL, "xla"))
     np.testing.assert_allclose(value, value_ref, rtol=1e-5)
     for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
 
 
-def test_model_config_reaches_every_block():
-    model = nnx.eval_shape(lambda: HMARTransformer(preset("tiny", gelu_backend="pallas"),
-                                                   rngs=nnx.Rngs(0)))
-    assert model.blocks.ffn.gelu_backend == model.mask_blocks.ffn.gelu_backend == "pallas"
-    with pytest.raises(ValueError, match="gelu_backend"):
-        preset("tiny", gelu_backend="cuda")
+def test_execution_config_reaches_every_block():
+    for gelu, want in (("pallas", "interpret"), ("xla", "xla"), ("auto", "xla")):
+        model = nnx.eval_shape(lambda: HMARTransformer(  # noqa: B023
+            preset("tiny"), execution.resolved("cpu", gelu=gelu), rngs=nnx.Rngs(0)))
+        assert model.blocks.ffn.gelu_implementation == want
+        assert model.mask_blocks.ffn.gelu_implementation == want
+    with pytest.raises(ValueError, match="execution.gelu='cuda' is not one of"):
+        execution.ExecutionConfig(gelu="cuda")
 
 
-def test_auto_backend_is_the_kernel_on_gpu_only():
-    assert [bg.resolve_gelu_backend("auto", p) for p in ("gpu", "cpu", "tpu")] == \
-        ["pallas", "xla", "xla"]
-    assert bg.resolve_gelu_backend("pallas", "cpu") == "pallas"
-    assert preset("tiny").gelu_backend == "auto"
-    with pytest.raises(ValueError, match="Unknown GELU backend"):
-        bg.resolve_gelu_backend("triton")
+def test_auto_is_the_kernel_on_gpu_only():
+    assert [execution.resolved(p).gelu for p in ("gpu", "cpu", "tpu")] == ["gpu", "xla", "xla"]
+    assert execution.resolved("cpu", gelu="pallas").gelu == "interpret"
+    assert execution.resolved("gpu", gelu="pallas").gelu == "gpu"
+    assert execution.ExecutionConfig().gelu == "auto"
+    with pytest.raises(ValueError, match="execution.gelu='pallas' has no TPU kernel"):
+        execution.resolved("tpu", gelu="pallas")
