@@ -1,17 +1,19 @@
 """GroupNorm + SiLU kernels (Pallas interpret mode on CPU) against jnp and flax's GroupNorm."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+from hmar_jax import execution
 from hmar_jax.pallas import group_norm as gn
 from hmar_jax.vqvae import VQVAE, VQVAEConfig
 
 pytestmark = pytest.mark.usefixtures("exact_float32_matmuls")  # exact references on a GPU too
+
+# The kernels: compiled on a GPU (``JAX_PLATFORMS=cuda``), in interpret mode on CPU.
+KERNEL = "gpu" if jax.default_backend() == "gpu" else "interpret"
 
 EPS = 1e-6
 
@@ -51,19 +53,19 @@ def test_tiling_plan():
 @pytest.mark.parametrize("silu", [False, True])
 def test_kernels_match_the_reference_and_flax(height, width, channels, groups, silu):
     x, scale, bias, _ = _inputs(2, height, width, channels)
-    got = gn.group_norm(x, scale, bias, groups=groups, eps=EPS, silu=silu, backend="pallas")
+    got = gn.group_norm(x, scale, bias, groups=groups, eps=EPS, silu=silu, implementation=KERNEL)
     ref = gn.reference_group_norm(x, scale, bias, groups=groups, eps=EPS, silu=silu)
     np.testing.assert_allclose(got, ref, atol=2e-6, rtol=1e-6)
     np.testing.assert_allclose(ref, _flax_two_pass(x, scale, bias, groups, silu),
                                atol=5e-6, rtol=1e-5)
     assert "hmar_group_norm_stats" in str(jax.make_jaxpr(
         lambda x: gn.group_norm(x, scale, bias, groups=groups, eps=EPS, silu=silu,
-                                backend="pallas"))(x))
+                                implementation=KERNEL))(x))
 
 
 def test_bfloat16_inputs_give_bfloat16_outputs_within_one_rounding():
     x, scale, bias, _ = _inputs(2, 8, 8, 40, jnp.bfloat16)
-    got = gn.group_norm(x, scale, bias, groups=8, eps=EPS, silu=True, backend="pallas")
+    got = gn.group_norm(x, scale, bias, groups=8, eps=EPS, silu=True, implementation=KERNEL)
     ref = gn.reference_group_norm(x, scale, bias, groups=8, eps=EPS, silu=True)
     exact = _flax_two_pass(*(a.astype(jnp.float32) for a in (x, scale, bias)), 8, True)
     assert got.dtype == jnp.bfloat16
@@ -75,24 +77,30 @@ def test_bfloat16_inputs_give_bfloat16_outputs_within_one_rounding():
 def test_gradients_are_the_references():
     x, scale, bias, weights = _inputs(2, 8, 8, 40)
 
-    def loss(backend):
+    def loss(implementation):
         return lambda x, scale, bias: jnp.sum(weights * gn.group_norm(
-            x, scale, bias, groups=8, eps=EPS, silu=True, backend=backend))
+            x, scale, bias, groups=8, eps=EPS, silu=True, implementation=implementation))
 
-    got = jax.grad(loss("pallas"), argnums=(0, 1, 2))(x, scale, bias)
+    got = jax.grad(loss(KERNEL), argnums=(0, 1, 2))(x, scale, bias)
     want = jax.grad(loss("xla"), argnums=(0, 1, 2))(x, scale, bias)
     for g, ref in zip(got, want):
         np.testing.assert_allclose(g, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_bad_groups_and_backend_are_refused():
+def test_bad_groups_and_implementation_are_refused():
     x, scale, bias, _ = _inputs(1, 4, 4, 40)
     with pytest.raises(ValueError, match="not divisible into 16 groups"):
-        gn.group_norm(x, scale, bias, groups=16, eps=EPS)
-    with pytest.raises(ValueError, match="Unknown GroupNorm backend 'triton'"):
-        gn.group_norm(x, scale, bias, groups=8, eps=EPS, backend="triton")
-    with pytest.raises(ValueError, match="Unknown tokenizer norm_backend 'triton'"):
-        VQVAEConfig(norm_backend="triton")
+        gn.group_norm(x, scale, bias, groups=16, eps=EPS, silu=False, implementation="xla")
+    # only resolved implementations: no "auto" or "pallas", no TPU kernel
+    for implementation in ("triton", "auto", "pallas", "tpu"):
+        with pytest.raises(ValueError, match=f"group_norm has no '{implementation}' "
+                                             "implementation; use one of"):
+            gn.group_norm(x, scale, bias, groups=8, eps=EPS, silu=False,
+                          implementation=implementation)
+    with pytest.raises(ValueError, match="execution.group_norm='triton' is not one of"):
+        execution.ExecutionConfig(group_norm="triton")
+    assert [execution.resolved(p).group_norm for p in ("gpu", "cpu", "tpu")] == \
+        ["gpu", "xla", "xla"]
 
 
 @pytest.mark.devices(4)
@@ -101,7 +109,7 @@ def test_kernels_run_on_each_devices_share_of_the_batch():
 
     x, scale, bias, weights = _inputs(8, 8, 8, 40)
     loss = lambda x, scale, bias: jnp.sum(weights * gn.group_norm(  # noqa: E731
-        x, scale, bias, groups=8, eps=EPS, silu=True, backend="pallas"))
+        x, scale, bias, groups=8, eps=EPS, silu=True, implementation=KERNEL))
     want = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x, scale, bias)
     mesh = sharding.make_mesh((("data", 4),), jax.devices()[:4])
     placed = jax.device_put(x, sharding.batch_sharding(mesh))
@@ -114,24 +122,26 @@ def test_kernels_run_on_each_devices_share_of_the_batch():
 
 
 def test_bfloat16_tokenizer_runs_the_kernels_with_the_same_tokens():
-    """The tokenizer's bf16 encode and decode with ``norm_backend="pallas"`` give the same
+    """The tokenizer's bf16 encode and decode with ``group_norm="pallas"`` give the same
     tokens as with ``"xla"`` (the same formula in jnp), and latents and images as close to
     the float32 tokenizer's; the float32 precisions keep flax's two-pass GroupNorm and run
     no kernel."""
     config = VQVAEConfig(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2), num_res_blocks=1,
-                         using_sa=True, norm_groups=8, patch_nums=(1, 2, 4),
-                         precision="bfloat16")
+                         using_sa=True, norm_groups=8, patch_nums=(1, 2, 4))
     images = jax.random.uniform(jax.random.key(1), (2, 8, 8, 3), minval=-1, maxval=1)
     outputs, kernel_calls, exact_latent = {}, {}, None
-    for precision, backend in (("highest", "pallas"), ("bfloat16", "xla"), ("bfloat16", "pallas")):
-        vae = VQVAE(dataclasses.replace(config, precision=precision, norm_backend=backend),
-                    rngs=nnx.Rngs(0))
+    for precision, choice in (("highest", "pallas"), ("bfloat16", "xla"), ("bfloat16", "pallas")):
+        run = execution.resolved(jax.default_backend(), tokenizer_precision=precision,
+                                 group_norm=choice)
+        vae = VQVAE(config, run, rngs=nnx.Rngs(0))
+        assert (vae.precision, vae.group_norm_implementation) == \
+            (precision, KERNEL if choice == "pallas" else "xla")
         latent = vae.encode_latent(images)
         exact_latent = latent if exact_latent is None else exact_latent
-        outputs[precision, backend] = (vae.encode_to_indices(images), latent,
-                                       vae.decode_latent(exact_latent))
+        outputs[precision, choice] = (vae.encode_to_indices(images), latent,
+                                      vae.decode_latent(exact_latent))
         jaxpr = str(jax.make_jaxpr(lambda x: vae.decode_latent(vae.encode_latent(x)))(images))
-        kernel_calls[precision, backend] = jaxpr.count(gn.STATS_KERNEL_NAME)
+        kernel_calls[precision, choice] = jaxpr.count(gn.STATS_KERNEL_NAME)
     # encoder: 2 levels x 1 resnet block x 2 norms, mid 2 x 2, norm_out, 2 attention norms;
     # decoder: mid 2 x 2, 2 levels x 2 blocks x 2, norm_out, 3 attention norms
     assert kernel_calls == {("bfloat16", "xla"): 0, ("bfloat16", "pallas"): 27,
@@ -140,6 +150,6 @@ def test_bfloat16_tokenizer_runs_the_kernels_with_the_same_tokens():
         np.testing.assert_array_equal(got, want)
     exact = outputs["highest", "pallas"]
     for i in (1, 2):  # latents; images decoded from the float32 latents
-        error = {backend: float(jnp.mean(jnp.abs(outputs["bfloat16", backend][i] - exact[i])))
-                 for backend in ("xla", "pallas")}
+        error = {choice: float(jnp.mean(jnp.abs(outputs["bfloat16", choice][i] - exact[i])))
+                 for choice in ("xla", "pallas")}
         assert error["pallas"] < 1.25 * error["xla"] and error["pallas"] < 2e-2, (i, error)
