@@ -1,6 +1,7 @@
 """GPU (Triton) block-sparse attention kernel in Pallas interpret mode vs the jnp reference
 (with ``JAX_PLATFORMS=cuda`` on a GPU the same tests run the compiled kernels)."""
 
+import dataclasses
 import zlib
 
 import jax
@@ -9,12 +10,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from hmar_jax.model import HMARTransformer, preset
+from hmar_jax import execution
 from hmar_jax.pallas import kernel_gpu, ops
 from hmar_jax.pallas.reference import hmar_qkv, reference_attention
 from hmar_jax.scales import ScaleLayout
+from hmar_jax.transformer import HMARTransformer, preset
 
 pytestmark = pytest.mark.usefixtures("exact_float32_matmuls")  # exact references on a GPU too
+
+# The kernel: compiled on a GPU (``JAX_PLATFORMS=cuda``), in interpret mode on CPU.
+KERNEL = "gpu" if jax.default_backend() == "gpu" else "interpret"
 
 SMALL_TILES = ops.KernelTiles(ops.KernelLaunch(16, 16), ops.KernelLaunch(16, 32), ops.KernelLaunch(32, 16))
 CASES = [  # patch_nums, tiles; blocks straddle tile edges in all of them
@@ -40,7 +45,7 @@ def test_forward_and_gradients_match_reference(pattern, case, dtype):
     seed = zlib.crc32(f"{pattern}-{case}-{dtype}".encode())
     q, k, v, do = _inputs(seed, layout.seq_len, jnp.dtype(dtype))
     sm_scale = 0.8
-    spec = ops.AttentionSpec(pattern, patch_nums, "pallas", tiles)
+    spec = ops.AttentionSpec(pattern, patch_nums, KERNEL, tiles)
     out, vjp = jax.vjp(lambda *a: ops.attention(*a, spec, sm_scale=sm_scale), q, k, v)
     mask = jnp.asarray(layout.attention_mask(pattern))
     f32 = [a.astype(jnp.float32) for a in (q, k, v)]
@@ -82,7 +87,7 @@ def check_packed_attention(pattern: str, dtype: str, seed: int, margin: float = 
     f32 = dtype == "float32"
     qkv, bias, temperature, do = _packed_inputs(seed, length, jnp.dtype(dtype),
                                                 max_temperature=100.0 if f32 else 10.0)
-    spec = ops.AttentionSpec(pattern, patch_nums, "pallas", SMALL_TILES)
+    spec = ops.AttentionSpec(pattern, patch_nums, KERNEL, SMALL_TILES)
     out, vjp = jax.vjp(lambda *a: ops.hmar_attention(*a, spec), qkv, bias, temperature)
     mask = spec.dense_mask()
 
@@ -151,62 +156,65 @@ def test_visited_tiles_at_256px():
     assert kernel_gpu.visited_tiles(*layout.key_ranges("block_causal"), 64, 64) == 79
 
 
-def test_backend_resolution_and_fallback():
-    assert ops.resolve_backend("auto", "cpu") == "reference"
-    assert ops.resolve_backend("auto", "gpu") == "gpu"
-    assert ops.resolve_backend("auto", "tpu") == "tpu"
-    assert ops.resolve_backend("pallas", "cpu") == "interpret"
-    assert ops.resolve_backend("reference", "gpu") == "reference"
+def test_implementation_resolution_and_fallback():
+    assert [execution.resolved(p).attention for p in ("cpu", "gpu", "tpu")] == \
+        ["xla", "gpu", "tpu"]
+    assert [execution.resolved(p, attention="pallas").attention
+            for p in ("cpu", "gpu", "tpu")] == ["interpret", "gpu", "tpu"]
+    assert execution.resolved("gpu", attention="xla").attention == "xla"
+    assert execution.resolved("tpu", attention="interpret").attention == "interpret"
     q, k, v, _ = _inputs(3, 14, jnp.float32, head_dim=24)  # not a power of two -> reference
-    spec = ops.AttentionSpec("block_diagonal", (1, 2, 3), "pallas")
+    spec = ops.AttentionSpec("block_diagonal", (1, 2, 3), KERNEL)
     mask = jnp.asarray(ScaleLayout((1, 2, 3)).attention_mask("block_diagonal"))
     np.testing.assert_allclose(np.asarray(ops.attention(q, k, v, spec)),
                                np.asarray(reference_attention(q, k, v, mask)), atol=1e-6)
     with pytest.raises(ValueError, match="needs 14 tokens"):
         ops.attention(q[:, :10], k, v, spec)
-    with pytest.raises(ValueError, match="Unknown attention backend"):
-        ops.AttentionSpec("block_diagonal", (1, 2), "triton")
+    # only resolved implementations: no "auto", "pallas", "reference" or "cudnn"
+    for implementation in ("triton", "auto", "pallas", "reference", "cudnn"):
+        with pytest.raises(ValueError, match=f"attention has no '{implementation}' "
+                                             "implementation; use one of"):
+            ops.AttentionSpec("block_diagonal", (1, 2), implementation)
 
 
-def test_auto_backend_runs_small_unmasked_calls_without_the_kernel(monkeypatch):
-    """``auto`` on an accelerator: unmasked calls with <= SMALL_FULL_KEYS keys (the sampler's
-    small scales) take the reference; larger ones and masked patterns take the kernel."""
+def test_compiled_kernels_run_small_unmasked_calls_with_the_reference(monkeypatch):
+    """The compiled implementations (``gpu``, ``tpu``): unmasked calls with <=
+    SMALL_FULL_KEYS keys (the sampler's small scales) take the reference; larger ones take
+    the kernel. ``interpret`` (tests) runs the kernel for both. (The kernel runs here in
+    interpret mode whatever the spec names, so this runs on CPU.)"""
     calls = []
-    monkeypatch.setattr(ops, "resolve_backend", lambda backend, platform=None: "interpret")
     real = ops._kernel_attention
-    monkeypatch.setattr(ops, "_kernel_attention",
-                        lambda plan, q, k, v: calls.append(k.shape[1]) or real(plan, q, k, v))
+
+    def kernel_attention(plan, q, k, v):
+        calls.append((plan.kernel, k.shape[1]))
+        return real(dataclasses.replace(plan, kernel="interpret"), q, k, v)
+
+    monkeypatch.setattr(ops, "_kernel_attention", kernel_attention)
     small, large = ops.SMALL_FULL_KEYS, ops.SMALL_FULL_KEYS + 16
-    for length in (small, large):
-        q, k, v, _ = _inputs(7, length, jnp.float32, heads=1, head_dim=16, batch=1)
-        out = ops.attention(q, k, v, ops.AttentionSpec("full", (), "auto"))
-        np.testing.assert_allclose(np.asarray(out), np.asarray(reference_attention(q, k, v)),
-                                   atol=2e-5)
-    assert calls == [large]
+    for implementation in ("gpu", "tpu", "interpret"):
+        for length in (small, large):
+            q, k, v, _ = _inputs(7, length, jnp.float32, heads=1, head_dim=16, batch=1)
+            out = ops.attention(q, k, v, ops.AttentionSpec("full", (), implementation))
+            np.testing.assert_allclose(np.asarray(out),
+                                       np.asarray(reference_attention(q, k, v)), atol=2e-5)
+    assert calls == [("gpu", large), ("tpu", large), ("interpret", small),
+                     ("interpret", large)]
 
 
-@pytest.mark.parametrize("pattern", ["block_diagonal", "block_causal", "full"])
-def test_cudnn_backend_matches_reference(pattern):
-    """The ``cudnn`` backend (``jax.nn.dot_product_attention``; XLA's path on CPU) takes the
-    same dense mask and the unmasked, unequal-length (KV-cache) case."""
-    assert ops.resolve_backend("cudnn", "gpu") == "cudnn"
-    q, k, v, _ = _inputs(5, 14, jnp.float32)
-    if pattern == "full":
-        q = q[:, 5:]  # queries of the last scale against every cached key
-    spec = ops.AttentionSpec(pattern, (1, 2, 3), "cudnn")
-    mask = spec.dense_mask()
-    loss = lambda fn: lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))  # noqa: E731
-    got = jax.value_and_grad(loss(lambda *a: ops.attention(*a, spec)), argnums=(0, 1, 2))(q, k, v)
-    want = jax.value_and_grad(loss(lambda *a: reference_attention(*a, mask)),
-                              argnums=(0, 1, 2))(q, k, v)
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=2e-5)
+def _float32_execution(attention: str) -> execution.ExecutionConfig:
+    """The platform's resolution with ``attention`` and every other op on its reference,
+    float32 compute, scanned blocks, no remat."""
+    return execution.resolved(jax.default_backend(), attention=attention, layer_norm="xla",
+                              gelu="xla", compute_dtype="float32", head_dtype="float32",
+                              remat="none", scan_blocks=True)
 
 
 def test_model_with_kernel_matches_reference_forward_and_gradients():
-    cfg = preset("tiny", init_adaln_gamma=0.5, init_head=1.0, dtype="float32")
-    reference = HMARTransformer(cfg.replace(attention_backend="reference"), rngs=nnx.Rngs(0))
-    kernel = HMARTransformer(cfg.replace(attention_backend="pallas"), rngs=nnx.Rngs(0))
+    cfg = preset("tiny", init_adaln_gamma=0.5, init_head=1.0)
+    reference = HMARTransformer(cfg, _float32_execution("xla"), rngs=nnx.Rngs(0))
+    kernel = HMARTransformer(cfg, _float32_execution("pallas"), rngs=nnx.Rngs(0))
+    assert kernel.attention_spec("block_diagonal").implementation == KERNEL
+    assert reference.attention_spec("full").implementation == "xla"
     layout = cfg.layout
     x = jax.random.normal(jax.random.key(1), (2, layout.seq_len - 1, cfg.latent_channels))
     labels = jnp.asarray([1, 10])
@@ -230,7 +238,7 @@ def test_kernel_runs_per_device_under_a_mesh(packed):
     # kernel on each device's slice (no all-gather of q/k/v), with the same values.
     patch_nums = (1, 2, 3, 4)
     layout = ScaleLayout(patch_nums)
-    spec = ops.AttentionSpec("block_diagonal", patch_nums, "pallas",
+    spec = ops.AttentionSpec("block_diagonal", patch_nums, KERNEL,
                              ops.KernelTiles(*(ops.KernelLaunch(16, 16),) * 3))
     if packed:  # the packed projection is sharded; bias and temperature are replicated
         qkv, bias, temperature, do = _packed_inputs(11, layout.seq_len, jnp.float32, batch=8)
