@@ -4,12 +4,16 @@ interpret mode against differentiating ``reference.hmar_qkv``, and inside the at
 import functools
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from jax._src.mesh import AbstractDevice
 
-from hmar_jax.pallas import kernel_gpu, ops, qkv_prologue
+from hmar_jax import execution
+from hmar_jax.pallas import ops, qkv_prologue
+from hmar_jax.pallas.reference import hmar_qkv
 
 
 def _inputs(dtype, batch=2, length=30, heads=3, head_dim=16, seed=0):
@@ -35,8 +39,8 @@ def test_tiling_covers_the_rows(length, want):
 def test_kernel_matches_the_reference_gradient(dtype, length):
     qkv, bias, temperature, (dq, dk, dv) = _inputs(dtype, length=length)
     want = qkv_prologue.reference_prologue_backward(qkv, bias, temperature, dq, dk, dv)
-    got = qkv_prologue.prologue_backward(qkv, bias, temperature, dq, dk, dv, backend="pallas",
-                                         interpret=True)
+    got = qkv_prologue.prologue_backward(qkv, bias, temperature, dq, dk, dv,
+                                         implementation="interpret")
     assert [g.shape for g in got] == [w.shape for w in want]
     assert [g.dtype for g in got] == [qkv.dtype, bias.dtype, temperature.dtype]
     exact = dtype == jnp.float32
@@ -62,7 +66,7 @@ def test_zero_rows_take_the_eps_branch_as_torch_does():
     qkv = qkv.at[:, :, :2].add(-bias[None, None, :2])  # (b, l) = (0, 3) q head 1 / (1, 7) k head 2
     qkv = qkv.at[0, 3, 0, 1].set(-bias[0, 1]).at[1, 7, 1, 2].set(-bias[1, 2])
     dqkv, dbias, dtemperature = qkv_prologue.prologue_backward(
-        qkv, bias, temperature, dq, dk, dv, backend="pallas", interpret=True)
+        qkv, bias, temperature, dq, dk, dv, implementation="interpret")
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in (dqkv, dtemperature))
     np.testing.assert_allclose(np.asarray(dqkv[0, 3, 0, 1]),
                                np.asarray(dq[0, 3, 1] * temperature[1] / qkv_prologue.EPS), rtol=1e-6)
@@ -75,36 +79,34 @@ def test_zero_rows_take_the_eps_branch_as_torch_does():
                                atol=1e-5)
 
 
-def test_unknown_backend_is_one_clear_error():
+def test_unknown_implementation_is_one_clear_error():
     qkv, bias, temperature, (dq, dk, dv) = _inputs(jnp.float32)
-    with pytest.raises(ValueError, match="Unknown prologue backend 'triton'.*xla.*pallas"):
-        qkv_prologue.prologue_backward(qkv, bias, temperature, dq, dk, dv, backend="triton")
-    with pytest.raises(ValueError, match="Unknown prologue backend"):
-        ops.AttentionSpec("block_diagonal", (1, 2, 3), prologue_backend="triton")
+    # the kernel is the GPU one: no TPU implementation, and only resolved names
+    for implementation in ("triton", "pallas", "pallas_fused", "tpu"):
+        with pytest.raises(ValueError, match=f"qkv prologue backward has no '{implementation}' "
+                                             r"implementation; use one of \('xla', 'gpu', "
+                                             r"'interpret'\)"):
+            qkv_prologue.prologue_backward(qkv, bias, temperature, dq, dk, dv,
+                                           implementation=implementation)
 
 
-@pytest.mark.parametrize("prologue_backend, temperature_scale",
-                         [("pallas", 1.0), ("pallas_fused", 1.0), ("pallas_fused", 100.0)])
-def test_attention_gradients_with_the_kernel_equal_the_reference_prologue(prologue_backend,
-                                                                          temperature_scale):
-    """``hmar_attention`` with the attention kernel in interpret mode: with
-    ``prologue_backend="pallas"`` (the prologue's Pallas pass after the backward kernels)
-    and ``"pallas_fused"`` (backward kernels that also prepare the tiles they load from
-    qkv) the gradients equal those of the backward kernels on ``hmar_qkv``'s q, k, v
-    followed by differentiating it. A temperature of about 100 (VAR's clamp) checks that
-    the fused kernels' query rows past the sequence, inside the 64-row tiles, stay
-    finite."""
+@pytest.mark.parametrize("temperature_scale", [1.0, 100.0])
+def test_attention_gradients_with_the_kernel_equal_the_reference_prologue(temperature_scale):
+    """``hmar_attention`` with the attention kernel in interpret mode (the prologue inside
+    the forward kernel, the prologue's Pallas pass after the backward kernels) gives the
+    gradients of the backward kernels on ``hmar_qkv``'s q, k, v followed by differentiating
+    ``hmar_qkv`` with XLA, at temperatures about 1 and about 100 (VAR's clamp)."""
     qkv, bias, temperature, _ = _inputs(jnp.float32, batch=2, length=14, heads=2, head_dim=16)
     temperature = temperature * temperature_scale
     weights = jax.random.normal(jax.random.key(3), (2, 14, 2, 16))
+    spec = ops.AttentionSpec("block_diagonal", (1, 2, 3), "interpret")
+    packed = lambda *args: jnp.sum(ops.hmar_attention(*args, spec) * weights)  # noqa: E731
+    prepared = lambda *args: jnp.sum(ops.attention(*hmar_qkv(*args), spec) * weights)  # noqa: E731
 
-    def loss(prologue_backend):
-        spec = ops.AttentionSpec("block_diagonal", (1, 2, 3), backend="pallas",
-                                 prologue_backend=prologue_backend)
-        return lambda *args: jnp.sum(ops.hmar_attention(*args, spec) * weights)
-
-    want = jax.grad(loss("xla"), argnums=(0, 1, 2))(qkv, bias, temperature)
-    got = jax.grad(loss(prologue_backend), argnums=(0, 1, 2))(qkv, bias, temperature)
+    assert [_prologue_calls(jax.make_jaxpr(jax.grad(fn))(qkv, bias, temperature).jaxpr)
+            for fn in (packed, prepared)] == [1, 0]
+    want = jax.grad(prepared, argnums=(0, 1, 2))(qkv, bias, temperature)
+    got = jax.grad(packed, argnums=(0, 1, 2))(qkv, bias, temperature)
     for g, w in zip(got, want):
         assert bool(jnp.all(jnp.isfinite(g)))
         scale = float(jnp.max(jnp.abs(w)))
@@ -115,9 +117,9 @@ def test_attention_gradients_with_the_kernel_equal_the_reference_prologue(prolog
 
 @pytest.mark.parametrize("batch, heads", [(64, 16), (32, 30)])  # d16 B64, d30 B32 at 256 px
 def test_kernels_lower_for_an_nvidia_gpu(batch, heads):
-    """The prologue pass and the packed backward kernels: the Pallas-to-Triton lowering
-    runs on CPU for an abstract H200 (what a GPU run compiles; the Triton compiler itself
-    only runs on the GPU)."""
+    """The prologue pass and the packed attention's backward (dK/dV and dQ kernels, then
+    the prologue pass): the Pallas-to-Triton lowering runs on CPU for an abstract H200
+    (what a GPU run compiles; the Triton compiler itself only runs on the GPU)."""
     device = AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
     mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
     qkv = jax.ShapeDtypeStruct((batch, 680, 3, heads, 64), jnp.bfloat16)
@@ -126,31 +128,44 @@ def test_kernels_lower_for_an_nvidia_gpu(batch, heads):
     grad = jax.ShapeDtypeStruct((batch, 680, heads, 64), jnp.bfloat16)
     triton = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
     lse = jax.ShapeDtypeStruct((batch, heads, 680), jnp.float32)
-    ranges = ops._ranges("block_diagonal", (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), 680, 680)
+    plan = ops._Plan("gpu", "block_diagonal", (1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
+                     ops.KernelTiles(), 1.0)
     with jax.sharding.use_abstract_mesh(mesh):
         exported = jax.export.export(jax.jit(qkv_prologue.kernel_prologue_backward),
                                      platforms=["cuda"], disabled_checks=triton)(
             qkv, bias, temperature, grad, grad, grad)
         assert "xla.gpu.triton" in exported.mlir_module()
-        backward = functools.partial(kernel_gpu.backward_packed, ranges=ranges)
+        backward = functools.partial(ops._packed_backward, plan)
         exported = jax.export.export(jax.jit(backward), platforms=["cuda"],
-                                     disabled_checks=triton)(qkv, bias, temperature, grad, lse, lse)
-        assert exported.mlir_module().count("xla.gpu.triton") >= 2  # dK/dV and dQ
+                                     disabled_checks=triton)(qkv, bias, temperature, grad, lse,
+                                                             grad)
+        assert exported.mlir_module().count("xla.gpu.triton") >= 3  # dK/dV, dQ, prologue
 
 
-def test_model_config_selects_the_prologue_backend():
-    """``HMARConfig.attention_prologue_backend`` (default ``auto``: the Pallas pass on
-    GPU) reaches the blocks' attention spec (a runtime field: checkpoints do not depend on
-    it) and a typo is one clear error."""
-    from hmar_jax.model import HMARConfig, preset
+def test_the_model_runs_the_prologue_kernel_with_the_attention_kernel():
+    """The prologue's backward follows the attention implementation: a model whose
+    attention runs the kernel (interpret mode here) runs the prologue pass once per block
+    in its gradient; with the reference attention, none."""
+    from hmar_jax.transformer import HMARTransformer, preset
 
-    assert preset("tiny").attention_spec().prologue_backend == "auto"
-    assert ops.resolve_prologue_backend("auto", "gpu") == "pallas"
-    assert ops.resolve_prologue_backend("auto", "interpret") == "xla"
-    assert ops.resolve_prologue_backend("pallas_fused", "interpret") == "pallas_fused"
-    cfg = preset("tiny", attention_prologue_backend="pallas_fused")
-    assert cfg.attention_spec().prologue_backend == "pallas_fused"
-    assert cfg.attention_spec("full").prologue_backend == "pallas_fused"
-    assert cfg.architecture() == preset("tiny").architecture()
-    with pytest.raises(ValueError, match="Unknown prologue backend 'triton'"):
-        HMARConfig(attention_prologue_backend="triton")
+    cfg = preset("tiny")
+    x = jnp.zeros((2, cfg.layout.seq_len - 1, cfg.latent_channels))
+    calls = {}
+    for attention in ("pallas", "xla"):
+        model = HMARTransformer(cfg, execution.resolved("cpu", attention=attention),
+                                rngs=nnx.Rngs(0))
+        graphdef, params = nnx.split(model)
+
+        def loss(params):
+            return jnp.mean(nnx.merge(graphdef, params)(x, jnp.asarray([1, 2])) ** 2)
+
+        calls[attention] = _prologue_calls(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+    assert calls == {"pallas": 1, "xla": 0}  # scanned blocks: one call in the scan body
+
+
+def _prologue_calls(jaxpr) -> int:
+    """Pallas calls of the prologue kernel in a jaxpr and its sub-jaxprs."""
+    return sum((eqn.primitive.name == "pallas_call"
+                and str(eqn.params["name"]) == qkv_prologue.KERNEL_NAME)
+               + sum(_prologue_calls(sub) for sub in jax.extend.core.jaxprs_in_params(eqn.params))
+               for eqn in jaxpr.eqns)
