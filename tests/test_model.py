@@ -12,12 +12,13 @@ import optax
 import pytest
 from flax import nnx
 
-from hmar_jax import checkpointing, layers, losses, sharding
+from hmar_jax import checkpointing, losses, sharding
 from hmar_jax.convert import torch_pickle
 from hmar_jax.convert.__main__ import main as convert_main
-from hmar_jax.model import (HMARConfig, HMARTransformer, STAGE2_TRAINABLE, count_params,
-                            is_mask_branch, preset)
+from hmar_jax.execution import resolved
 from hmar_jax.pallas import adaln, bias_gelu, ops
+from hmar_jax.transformer import (STAGE2_TRAINABLE, HMARConfig, HMARTransformer, count_params,
+                                  is_mask_branch, layers, preset)
 
 TOL = dict(atol=1e-4, rtol=1e-4)
 CFG_LABELS = jnp.asarray([7, 10, 10, 10])  # generate(): [cond labels; null class]
@@ -131,7 +132,8 @@ def tiny_model():
 def test_markov_property_full_sequence_equals_each_scale_alone(tiny_model, scan_blocks):
     model = tiny_model
     if not scan_blocks:  # same weights, blocks unrolled
-        model = HMARTransformer(tiny_model.config.replace(scan_blocks=False), rngs=nnx.Rngs(1))
+        model = HMARTransformer(tiny_model.config, resolved("cpu", scan_blocks=False),
+                                rngs=nnx.Rngs(1))
         nnx.update(model, nnx.state(tiny_model))
     layout = model.config.layout
     x = jax.random.normal(jax.random.key(1), (3, layout.seq_len - 1, 8))
@@ -212,16 +214,17 @@ def test_bad_inputs_are_clear_errors(tiny_model):
         HMARConfig.from_dict({"detph": 3})
     with pytest.raises(ValueError, match="num_mask_layers"):
         HMARConfig(depth=2, num_mask_layers=3)
-    with pytest.raises(ValueError, match="Unknown attention pattern"):
+    with pytest.raises(ValueError, match="Unknown attention_pattern 'causal'"):
         HMARConfig(depth=2, num_mask_layers=1, attention_pattern="causal")
     with pytest.raises(ValueError, match="Unknown model preset"):
         preset("d17")
 
 
-def _variant_with_relative_logit_error(tiny_model, **changes):
-    """``(model with the config changes and tiny_model's weights, relative L2 difference of
-    its float32 logits from tiny_model's)`` on fixed inputs."""
-    variant = HMARTransformer(tiny_model.config.replace(**changes), rngs=nnx.Rngs(1))
+def _variant_with_relative_logit_error(tiny_model, **execution):
+    """``(model run with the CPU execution config with these settings and tiny_model's
+    weights, relative L2 difference of its float32 logits from tiny_model's)`` on fixed
+    inputs."""
+    variant = HMARTransformer(tiny_model.config, resolved("cpu", **execution), rngs=nnx.Rngs(1))
     nnx.update(variant, nnx.state(tiny_model))
     x = jax.random.normal(jax.random.key(1), (2, tiny_model.config.layout.seq_len - 1, 8))
     labels = jnp.asarray([1, 10])
@@ -231,7 +234,9 @@ def _variant_with_relative_logit_error(tiny_model, **changes):
 
 
 def test_bfloat16_compute_keeps_float32_logits_and_stays_close(tiny_model):
-    fast, rel = _variant_with_relative_logit_error(tiny_model, dtype="bfloat16")
+    fast, rel = _variant_with_relative_logit_error(tiny_model, compute_dtype="bfloat16",
+                                                   head_dtype="float32")
+    assert fast.blocks.attn.mat_qkv.dtype == jnp.bfloat16 and fast.head.matmul_dtype == "float32"
     assert fast.blocks.attn.mat_qkv.kernel[...].dtype == jnp.float32  # params stay float32
     assert 0 < rel < 2e-2
 
@@ -241,6 +246,7 @@ def test_bfloat16_head_keeps_float32_logits_and_gradients_close(tiny_model, tiny
     accumulation); logits and gradients stay float32, within 1% and 2% of the float32
     head's."""
     variant, rel = _variant_with_relative_logit_error(tiny_model, head_dtype="bfloat16")
+    assert variant.blocks.attn.mat_qkv.dtype == jnp.float32  # float32 blocks on CPU
     assert 0 < rel < 1e-2
     gradients = _remat_check_gradients(variant)
     head_loss = lambda h, kernel: jnp.sum(layers.matmul_in_dtype(h, kernel, jnp.bfloat16) ** 2)  # noqa: E731
@@ -276,11 +282,13 @@ def tiny_model_gradients(tiny_model):
     return _remat_check_gradients(tiny_model)  # scanned, no remat: the reference
 
 
-@pytest.mark.parametrize("remat, scan_blocks", [("block", True), ("dots_saveable", True), ("none", False),
+@pytest.mark.parametrize("remat, scan_blocks", [("block", True), ("activations_saveable", True),
+                                                ("none", False),
                                                 ("dots_attention_saveable", True),
                                                 ("projections_saveable", False)])
 def test_remat_and_scan_do_not_change_gradients(tiny_model, tiny_model_gradients, remat, scan_blocks):
-    variant = HMARTransformer(tiny_model.config.replace(remat=remat, scan_blocks=scan_blocks),
+    variant = HMARTransformer(tiny_model.config, resolved("cpu", remat=remat,
+                                                          scan_blocks=scan_blocks),
                               rngs=nnx.Rngs(1))
     nnx.update(variant, nnx.state(tiny_model))
     for (path, a), (_, b) in zip(tiny_model_gradients, _remat_check_gradients(variant)):
@@ -291,8 +299,9 @@ def test_unrolled_stack_gradients_are_one_concatenate_per_leaf():
     """Unrolled, each stacked parameter's gradient is assembled by one concatenate of the
     per-layer gradients, not summed from zero-padded copies (which XLA fused into a pass at
     a tenth of the memory bandwidth on the GPU)."""
-    cfg = preset("tiny", depth=3, scan_blocks=False, remat="dots_saveable")
-    model = HMARTransformer(cfg, rngs=nnx.Rngs(0))
+    cfg = preset("tiny", depth=3)
+    model = HMARTransformer(cfg, resolved("cpu", scan_blocks=False,
+                                          remat="dots_attention_saveable"), rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
     x = jnp.zeros((2, cfg.layout.seq_len - 1, 8))
 
@@ -321,8 +330,8 @@ def test_fsdp_gathers_weights_instead_of_moving_activations(scan_blocks):
     of activations; the gradients equal the unsharded ones. Width 128 and 200 classes, so
     the class embedding and the head are sharded too. Unrolled, the AdaLN vectors of the
     whole stack are computed in a loop before the blocks, gathering each ``ada_lin``."""
-    model = HMARTransformer(preset("tiny", width=128, vocab_size=256, num_classes=200,
-                                   scan_blocks=scan_blocks), rngs=nnx.Rngs(0))
+    model = HMARTransformer(preset("tiny", width=128, vocab_size=256, num_classes=200),
+                            resolved("cpu", scan_blocks=scan_blocks), rngs=nnx.Rngs(0))
     layout = model.config.layout
     x = jax.random.normal(jax.random.key(1), (8, layout.seq_len - 1, 8))
     labels = jnp.arange(8) % 11
@@ -367,12 +376,15 @@ def test_remat_policies_keep_what_they_say(capsys):
     """``dots_attention_saveable`` saves the attention kernel's output and row statistics of
     every block on top of the matmul outputs, and the backward does not run the kernel's
     forward again; ``projections_saveable`` saves those and the two branch outputs only,
-    fewer residuals than ``dots_saveable``. (Gradients: checked with the other policies.)"""
+    fewer residuals than ``dots_attention_saveable``; ``block`` saves nothing of a block,
+    and its backward runs the kernel's forward again. (Gradients: checked with the other
+    policies.)"""
     names = (layers.ATTENTION_PROJ_NAME, layers.FFN_OUT_NAME)
     saved, count, forward_kernels = {}, {}, {}
-    for remat in ("dots_saveable", "dots_attention_saveable", "projections_saveable"):
-        cfg = preset("tiny", remat=remat, attention_backend="pallas", scan_blocks=False)
-        graphdef, params = nnx.split(HMARTransformer(cfg, rngs=nnx.Rngs(0)))
+    for remat in ("block", "dots_attention_saveable", "projections_saveable"):
+        cfg = preset("tiny")
+        run = resolved("cpu", remat=remat, attention="pallas", scan_blocks=False)
+        graphdef, params = nnx.split(HMARTransformer(cfg, run, rngs=nnx.Rngs(0)))
         x = jax.random.normal(jax.random.key(1), (2, cfg.layout.seq_len - 1, 8))
 
         def loss(params):
@@ -386,15 +398,15 @@ def test_remat_policies_keep_what_they_say(capsys):
         calls = _kernel_calls(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
         forward_kernels[remat] = calls[ops.FORWARD_KERNEL_NAME]
     d = preset("tiny").depth
-    assert saved == {"dots_saveable": [0, 0, 0], "dots_attention_saveable": [2 * d, 0, 0],
+    assert saved == {"block": [0, 0, 0], "dots_attention_saveable": [2 * d, 0, 0],
                      "projections_saveable": [2 * d, d, d]}
-    assert count["projections_saveable"] < count["dots_saveable"] < count["dots_attention_saveable"]
-    assert forward_kernels == {"dots_saveable": 2 * d, "dots_attention_saveable": d,
+    assert count["block"] < count["projections_saveable"] < count["dots_attention_saveable"]
+    assert forward_kernels == {"block": 2 * d, "dots_attention_saveable": d,
                                "projections_saveable": d}
 
 
 @pytest.mark.parametrize("remat, deferred", [("none", True), ("projections_saveable", True),
-                                             ("dots_saveable", False)])
+                                             ("dots_attention_saveable", False)])
 def test_unrolled_stack_defers_each_ffn_add_into_the_next_norm_kernel(remat, deferred):
     """Unrolled, a block's FFN residual add runs inside the next block's first AdaLN kernel
     (``forward_deferred``) unless the remat policy would then keep one more activation per
@@ -402,10 +414,11 @@ def test_unrolled_stack_defers_each_ffn_add_into_the_next_norm_kernel(remat, def
     the scanned stack's, whose blocks add in place (checked without remat); deferred, the
     forward calls the add variant of the norm kernel ``2 depth - 1`` times (only the last
     block's add is left to XLA), else ``depth`` times."""
-    cfg = preset("tiny", depth=2, width=64, patch_nums=(2, 6), norm_backend="pallas",
-                 init_adaln_gamma=0.5, init_head=1.0, remat=remat)  # L = 40: rows of 8 tile it
-    scanned = HMARTransformer(cfg, rngs=nnx.Rngs(0))
-    unrolled = HMARTransformer(cfg.replace(scan_blocks=False), rngs=nnx.Rngs(1))
+    cfg = preset("tiny", depth=2, width=64, patch_nums=(2, 6), init_adaln_gamma=0.5,
+                 init_head=1.0)  # L = 40: rows of 8 tile it
+    run = dict(layer_norm="pallas", remat=remat)
+    scanned = HMARTransformer(cfg, resolved("cpu", scan_blocks=True, **run), rngs=nnx.Rngs(0))
+    unrolled = HMARTransformer(cfg, resolved("cpu", scan_blocks=False, **run), rngs=nnx.Rngs(1))
     nnx.update(unrolled, nnx.state(scanned))
     x = jax.random.normal(jax.random.key(1), (2, cfg.layout.seq_len - 1, 8))
     labels = jnp.asarray([1, 2])
@@ -432,12 +445,13 @@ def test_unrolled_stack_defers_each_ffn_add_into_the_next_norm_kernel(remat, def
 def test_activations_policy_reruns_no_kernel():
     """``activations_saveable`` keeps every kernel's forward outputs (attention, AdaLN norms,
     bias + GELU) and the named activations: the gradient runs each forward kernel once,
-    where ``dots_saveable`` runs each twice. (A policy changes no value.)"""
+    where ``block`` runs each twice. (A policy changes no value.)"""
     counts = {}
-    for remat in ("dots_saveable", "activations_saveable"):
-        cfg = preset("tiny", width=128, patch_nums=(2, 6), remat=remat, scan_blocks=False,
-                     attention_backend="pallas", gelu_backend="pallas", norm_backend="pallas")
-        graphdef, params = nnx.split(HMARTransformer(cfg, rngs=nnx.Rngs(0)))
+    for remat in ("block", "activations_saveable"):
+        cfg = preset("tiny", width=128, patch_nums=(2, 6))
+        run = resolved("cpu", remat=remat, scan_blocks=False, attention="pallas",
+                       gelu="pallas", layer_norm="pallas")
+        graphdef, params = nnx.split(HMARTransformer(cfg, run, rngs=nnx.Rngs(0)))
         x = jax.random.normal(jax.random.key(1), (2, cfg.layout.seq_len - 1, 8))
 
         def loss(params):
@@ -446,5 +460,5 @@ def test_activations_policy_reruns_no_kernel():
         counts[remat] = _kernel_calls(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
     d = preset("tiny").depth
     forward = (ops.FORWARD_KERNEL_NAME, adaln.FORWARD_KERNEL_NAME, bias_gelu.FORWARD_KERNEL_NAME)
-    assert [counts["dots_saveable"][k] for k in forward] == [2 * d, 4 * d, 2 * d]
+    assert [counts["block"][k] for k in forward] == [2 * d, 4 * d, 2 * d]
     assert [counts["activations_saveable"][k] for k in forward] == [d, 2 * d, d]
