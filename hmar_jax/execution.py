@@ -188,7 +188,7 @@ def _resolve_kernel(name: str, choice: str, platform: str, auto: str) -> str:
     if platform == "cpu":
         return "interpret"
     if platform == "tpu" and name not in _TPU_KERNELS:
-        raise ValueError(f"execution.{name}='pallas' has no TPU kernel; use 'xla' or 'auto'.")
+        raise ValueError(f"execution.{name}={choice!r} has no TPU kernel; use 'xla' or 'auto'.")
     return platform
 
 
