@@ -17,7 +17,7 @@ import pytest
 from jax import export
 from jax.experimental.pallas import tpu as pltpu
 
-from hmar_jax.pallas import kernel_tpu
+from hmar_jax.pallas import kernel_tpu, ops
 from hmar_jax.pallas.reference import reference_attention
 from hmar_jax.scales import PATCH_NUMS, ScaleLayout
 
@@ -235,3 +235,29 @@ def test_argument_errors():
         kernel_tpu.backward(q, k, v, o, lse, do, row_start=row_start, row_end=row_end,
                             col_start=np.zeros_like(row_start),
                             col_end=np.full_like(row_end, layout.seq_len), interpret=True)
+
+
+def test_the_tpu_implementation_runs_the_mosaic_kernels():
+    """``AttentionSpec(implementation="tpu")`` (what ``ExecutionConfig`` resolves
+    ``attention`` to on TPU): the op's forward and gradient lower to these kernels (one
+    forward, two backward calls), as does the model's packed attention (q, k, v prepared
+    by XLA first)."""
+    layout = ScaleLayout(PATCH_NUMS[256])
+    spec = ops.AttentionSpec("block_diagonal", PATCH_NUMS[256], "tpu")
+    x = jax.ShapeDtypeStruct((2, layout.seq_len, 4, 64), jnp.bfloat16)
+    qkv = jax.ShapeDtypeStruct((2, layout.seq_len, 3, 4, 64), jnp.bfloat16)
+    bias = jax.ShapeDtypeStruct((3, 4, 64), jnp.float32)
+    temperature = jax.ShapeDtypeStruct((4,), jnp.float32)
+
+    def loss(q, k, v):
+        return jnp.sum(ops.attention(q, k, v, spec).astype(jnp.float32))
+
+    def packed_loss(qkv, bias, temperature):
+        return jnp.sum(ops.hmar_attention(qkv, bias, temperature, spec).astype(jnp.float32))
+
+    exported = export.export(jax.jit(loss), platforms=["tpu"])(x, x, x)
+    assert exported.mlir_module().count("tpu_custom_call") == 1
+    for fn, args in ((loss, (x, x, x)), (packed_loss, (qkv, bias, temperature))):
+        exported = export.export(jax.jit(jax.grad(fn, argnums=(0, 1, 2))),
+                                 platforms=["tpu"])(*args)
+        assert exported.mlir_module().count("tpu_custom_call") == 3
