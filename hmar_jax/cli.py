@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -57,12 +58,9 @@ def run_absl(main: Callable[[list[str]], object]) -> None:
         try:
             return flags.FLAGS(argv)
         except flags.Error as error:
-            sys.exit(report(f"{error}. Run with --help for the flags."))
+            sys.exit(report(f"{_innermost_message(str(error))} Run with --help for the flags."))
         except (AttributeError, KeyError, TypeError, ValueError) as error:
-            overrides = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
-            sys.exit(report(
-                f"the config or one of its overrides {overrides} is not valid ({error!s}); "
-                "check the key names and value types against the config file."))
+            sys.exit(report(_override_problem(argv, error)))
 
     def guarded(argv: list[str]) -> object:
         try:
@@ -71,6 +69,29 @@ def run_absl(main: Callable[[list[str]], object]) -> None:
             sys.exit(report(error))
 
     app.run(guarded, flags_parser=parse_flags)
+
+
+def _innermost_message(text: str) -> str:
+    """A flag error whose text quotes a traceback (a config file's ``get_config`` raised) cut
+    to the flag and the exception's own message."""
+    if "Traceback (most recent call last)" not in text:
+        return text.rstrip(".") + "."
+    flag = text.split(": Error whilst parsing", 1)[0]
+    messages = re.findall(r"\b\w*(?:Error|Exception): (.+?)(?=\s+File \"|$)", text, re.S)
+    return f"{flag}: {messages[-1].strip()}" if messages else text
+
+
+def _override_problem(argv: list[str], error: BaseException) -> str:
+    """Names the ``--config.KEY=VALUE`` override that does not fit the loaded config."""
+    overrides = [a[2:].split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+    if isinstance(error, (AttributeError, KeyError)):  # the message is the missing key
+        missing = str(error).strip("\"'")
+        for override in overrides:
+            if missing in override.split(".")[1:]:
+                return (f"--{override}: the config has no key {missing!r}; check the spelling "
+                        "against the config file.")
+    return (f"a --config override does not fit the config ({error!s}); check the value types "
+            "against the config file.")
 
 
 def check_writable_output(path: str | os.PathLike, *, overwrite: bool,

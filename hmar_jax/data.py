@@ -17,6 +17,8 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
+from hmar_jax.cli import InputError
+
 DIGITS_NUM_CLASSES = 10
 DIGITS_EVAL_SIZE = 197  # the last 197 of 1,797 images are held out for evaluation
 
@@ -85,6 +87,15 @@ def batched_iterator(images: np.ndarray, labels: np.ndarray, batch_size: int, se
 
 # ----- real image datasets ----------------------------------------------------------------
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+# A folder is refused at start when none of this many of its files (spread over the file
+# list) can be decoded: a pipeline that skips every image would otherwise never yield a batch.
+# Decoding stops at the first readable file, so a healthy folder costs one decode.
+START_SAMPLE_SIZE = 16
+# The pipeline stops when this many images in a row could not be read. With a fraction c of
+# unreadable images (shuffled) such a run has probability c**100: never for a dataset with a
+# few broken files, quickly for one that is mostly broken, which would otherwise train on
+# a trickle of batches or, with none readable, wait forever.
+MAX_UNREADABLE_IN_A_ROW = 100
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,8 +113,13 @@ class ImageFolderSource:
 
     @classmethod
     def scan(cls, root: str) -> "ImageFolderSource":
+        """Lists ``root``'s images and checks that its files can be decoded at all (see
+        ``START_SAMPLE_SIZE``)."""
         import pathlib
 
+        if not root:
+            raise InputError("data.root is empty; set --config.data.root=DIR, a folder of "
+                             "DIR/<class name>/<image files>.")
         base = pathlib.Path(root)
         if not base.is_dir():
             raise ValueError(f"Image folder {root} does not exist or is not a directory.")
@@ -120,6 +136,7 @@ class ImageFolderSource:
         if not paths:
             raise ValueError(f"Image folder {root} has class folders but no images "
                              f"(looked for {', '.join(IMAGE_SUFFIXES)}).")
+        _check_some_decode(root, paths)
         return cls(root, classes, tuple(paths), tuple(labels))
 
     def __len__(self) -> int:
@@ -127,6 +144,21 @@ class ImageFolderSource:
 
     def __getitem__(self, index: int) -> dict:
         return {"path": self.paths[index], "label": np.int32(self.labels[index])}
+
+
+def _check_some_decode(root: str, paths: list[str]) -> None:
+    """Raises unless one of ``START_SAMPLE_SIZE`` files spread over ``paths`` decodes."""
+    sample = paths[::max(1, len(paths) // START_SAMPLE_SIZE)][:START_SAMPLE_SIZE]
+    errors = []
+    for path in sample:
+        try:
+            with Image.open(path) as picture:
+                picture.load()
+            return
+        except Exception as err:  # noqa: BLE001 - any decode failure is an unreadable file
+            errors.append(f"{path}: {err}")
+    raise InputError(f"None of {len(sample)} images sampled from {root} can be read (e.g. "
+                     f"{errors[0]}); check the files or --config.data.root.")
 
 
 def resize_and_crop(image: np.ndarray, size: int, rng: np.random.Generator | None) -> np.ndarray:
@@ -177,8 +209,24 @@ class DecodeAndCrop(grain.transforms.RandomMap):
         return {"image": crop, "label": np.int32(element["label"])}
 
 
-def _is_readable(element) -> bool:
-    return element is not None
+class SkipUnreadable:
+    """The pipeline's filter of skipped (None) elements; raises once
+    ``MAX_UNREADABLE_IN_A_ROW`` elements in a row were skipped. Runs in order on one thread
+    (grain filters iterate sequentially), once per worker process."""
+
+    def __init__(self):
+        self.in_a_row = 0
+
+    def __call__(self, element) -> bool:
+        if element is not None:
+            self.in_a_row = 0
+            return True
+        self.in_a_row += 1
+        if self.in_a_row >= MAX_UNREADABLE_IN_A_ROW:
+            raise InputError(f"{self.in_a_row} images in a row could not be read (the warnings "
+                             "above name them); the dataset is mostly unreadable: check "
+                             "--config.data.root or the files.")
+        return False
 
 
 def image_iterator(source, *, image_size: int, batch_size: int, seed: int, train: bool = True,
@@ -188,7 +236,8 @@ def image_iterator(source, *, image_size: int, batch_size: int, seed: int, train
 
     The source is split across processes (``process_index::process_count``), shuffled
     per epoch (training), decoded, cropped and batched to ``{"image": f32 [B, S, S, 3] in
-    [-1, 1], "label": i32 [B]}``; unreadable images are skipped (see ``DecodeAndCrop``).
+    [-1, 1], "label": i32 [B]}``; unreadable images are skipped (see ``DecodeAndCrop``)
+    until too many come in a row (``SkipUnreadable``).
     """
     if len(source) == 0:
         raise ValueError("The dataset is empty.")
@@ -196,7 +245,7 @@ def image_iterator(source, *, image_size: int, batch_size: int, seed: int, train
     if train:
         dataset = dataset.shuffle(seed=seed).repeat()
     dataset = dataset.random_map(DecodeAndCrop(image_size, train, skip_corrupt), seed=seed)
-    dataset = dataset.to_iter_dataset().filter(_is_readable)
+    dataset = dataset.to_iter_dataset(allow_nones=True).filter(SkipUnreadable())
     dataset = dataset.batch(batch_size, drop_remainder=train).map(to_model_range)
     if num_workers > 0:
         dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))

@@ -18,23 +18,54 @@ The PNG output shows the source, then the ``--num`` edits; ``.npz`` holds ``imag
 from __future__ import annotations
 
 import argparse
+import logging
 import pathlib
 import sys
 
 import numpy as np
 from PIL import Image
 
-from hmar_jax import sample
+from hmar_jax import cli, sample
 
 
-def load_image(path: str, size: int, resize: bool) -> np.ndarray:
+def read_image(path: str, flag: str, mode: str) -> np.ndarray:
+    """The file decoded to uint8 ``[H, W, 3]`` (``mode="RGB"``) or ``[H, W]`` (``"L"``).
+
+    16-bit images (PNG greys open as mode ``I;16`` or ``I``) are scaled to 8 bits
+    (``round(v / 257)``): a plain conversion would clip every value above 255 to white.
+    Every decoding failure (not an image, empty, truncated, over Pillow's decompression
+    bomb limit) becomes one InputError naming the flag and the file.
+    """
+    file = pathlib.Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"{flag} {path} does not exist.")
+    try:
+        with Image.open(file) as image:
+            image.load()  # decode now: truncation shows up here, not in a later conversion
+            if image.mode == "I" or image.mode.startswith("I;16"):
+                values = np.asarray(image, np.int64)
+                if values.min() < 0 or values.max() > 65535:
+                    raise cli.InputError(
+                        f"{flag} {path} holds 32-bit integers outside the 16-bit range "
+                        f"0..65535 ({values.min()}..{values.max()}); save it as an 8- or 16-bit "
+                        "PNG.")
+                grey = np.floor(values / 257.0 + 0.5).astype(np.uint8)
+                image = Image.fromarray(grey, "L")
+            elif image.mode == "F":
+                raise cli.InputError(f"{flag} {path} is a floating-point image; save it as an 8- "
+                                     "or 16-bit PNG.")
+            return np.asarray(image.convert(mode), np.uint8)
+    except PermissionError:
+        raise  # reported as such by cli.run
+    except (OSError, EOFError, SyntaxError, Image.DecompressionBombError) as error:
+        raise cli.InputError(f"{flag} {path} is not a readable image ({error}); give a PNG or "
+                             "JPEG file.") from None
+
+
+def fit_image(image: np.ndarray, size: int, resize: bool) -> np.ndarray:
     """uint8 ``[size, size, 3]``; ValueError if the size differs and ``resize`` is off."""
     from hmar_jax import data
 
-    file = pathlib.Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"--image {path} does not exist.")
-    image = np.asarray(Image.open(file).convert("RGB"), np.uint8)
     if image.shape[:2] != (size, size):
         if not resize:
             raise ValueError(f"--image is {image.shape[1]}x{image.shape[0]} but the tokenizer takes "
@@ -43,16 +74,24 @@ def load_image(path: str, size: int, resize: bool) -> np.ndarray:
     return image
 
 
-def load_mask(path: str, size: int) -> np.ndarray:
-    """bool ``[size, size]`` from a PNG (white = regenerate)."""
-    file = pathlib.Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"--mask {path} does not exist.")
-    mask = np.asarray(Image.open(file).convert("L"))
+def fit_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """bool ``[size, size]`` from a grey mask (white = regenerate)."""
     if mask.shape != (size, size):
         raise ValueError(f"--mask is {mask.shape[1]}x{mask.shape[0]} but the image is {size}x{size}; "
                          "draw the mask at the image's size (white = regenerate).")
     return mask >= 128
+
+
+def check_region(regenerate: np.ndarray, region: str) -> None:
+    """Refuses a region that regenerates nothing (the "edits" would be copies of the
+    source) and warns when it regenerates everything (plain sampling, nothing kept)."""
+    size = regenerate.shape[-1]
+    if not regenerate.any():
+        raise cli.InputError(f"{region} regenerates no pixel of the {size}x{size} image; "
+                             "choose a region that covers part of it.")
+    if regenerate.all():
+        logging.warning("%s regenerates the whole %dx%d image: nothing of the source is kept, "
+                        "so these are plain samples.", region, size, size)
 
 
 def parse_box(text: str) -> tuple[float, float, float, float]:
@@ -66,7 +105,7 @@ def parse_box(text: str) -> tuple[float, float, float, float]:
     return box
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m hmar_jax.edit", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sample.add_common_arguments(parser, "number of edits", 4)
@@ -80,32 +119,34 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--class", dest="label", type=int, default=None,
                         help="class of the regenerated content (default: unconditional)")
     args = parser.parse_args(argv)
-    sample.check_common_arguments(parser, args)
+    sample.check_common_arguments(args)
+    if args.box:
+        parse_box(args.box)
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+def run(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    image = read_image(args.image, "--image", "RGB")  # the files first: before the slow load
+    mask = read_image(args.mask, "--mask", "L") if args.mask else None
     import jax.numpy as jnp
 
     from hmar_jax import sampling, visualize
 
     out = pathlib.Path(args.out)
-    try:
-        bundle, config = sample.open_bundle(args)
-        size, num_classes = bundle.vae.config.image_size, bundle.model.config.num_classes
-        label = num_classes if args.label is None else args.label  # null class: unconditional
-        if args.label is not None:
-            sampling.check_labels(np.asarray([label]), num_classes)
-        image = load_image(args.image, size, args.resize)
-        if args.mask:
-            regenerate = load_mask(args.mask, size)[None]
-        else:
-            regenerate = np.asarray(sampling.box_mask(size, parse_box(args.box),
-                                                      inpaint=args.mode == "inpaint"))
-    except (FileNotFoundError, FileExistsError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    bundle, config = sample.open_bundle(args)
+    size, num_classes = bundle.vae.config.image_size, bundle.model.config.num_classes
+    label = num_classes if args.label is None else args.label  # null class: unconditional
+    if args.label is not None:
+        sampling.check_labels(np.asarray([label], dtype=object), num_classes)
+    image = fit_image(image, size, args.resize)
+    if mask is not None:
+        regenerate = fit_mask(mask, size)[None]
+        check_region(regenerate, f"--mask {args.mask}")
+    else:
+        box = parse_box(args.box)
+        regenerate = np.asarray(sampling.box_mask(size, box, inpaint=args.mode == "inpaint"))
+        check_region(regenerate, f"--box {args.box} with --mode {args.mode}")
     batch = args.num
     sources = jnp.broadcast_to(jnp.asarray(image, jnp.float32) / 255.0, (batch, size, size, 3))
     edited = sampling.edit(bundle.model, bundle.vae, sources,
@@ -115,13 +156,19 @@ def main(argv: list[str] | None = None) -> int:
     edited = sampling.to_uint8(np.asarray(edited))
     if out.suffix == ".npz":
         sample.write_output(out, lambda f: np.savez(f, images=edited, source=image,
-                                                    regenerate=regenerate[0]))
+                                                    regenerate=regenerate[0]),
+                            overwrite=args.overwrite)
     else:
         row = np.concatenate([image[None], edited])  # uint8 [1 + num, H, W, 3]
         grid = visualize.grid_image([row], upscale=max(1, 128 // size))
-        sample.write_output(out, lambda f: Image.fromarray(grid).save(f, format="PNG"))
+        sample.write_output(out, lambda f: Image.fromarray(grid).save(f, format="PNG"),
+                            overwrite=args.overwrite)
     print(f"Wrote {batch} edits to {out}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.run(run, argv)
 
 
 if __name__ == "__main__":

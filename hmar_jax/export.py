@@ -22,7 +22,7 @@ import json
 import pathlib
 import sys
 
-from hmar_jax import checkpointing, pretrained, sampling
+from hmar_jax import checkpointing, cli, pretrained, sampling
 
 
 def export_workdir(workdir: str | pathlib.Path, out: str | pathlib.Path, *,
@@ -71,7 +71,7 @@ def export_pair(model_dir: str | pathlib.Path, tokenizer_dir: str | pathlib.Path
                                       overwrite=overwrite)
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m hmar_jax.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", help="training workdir to export")
@@ -91,22 +91,25 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+def run(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.preset:
+        sampling.check_preset_name(args.preset)
+    cli.check_writable_output(args.out, overwrite=args.overwrite)  # before loading any weights
     from hmar_jax import metric_writers
 
     metric_writers.quiet_library_logs()
-    try:
-        if args.workdir:
-            path = export_workdir(args.workdir, args.out, overwrite=args.overwrite)
-        else:
-            path = export_pair(args.model, args.tokenizer, args.out, preset=args.preset,
-                               overwrite=args.overwrite)
-    except (FileNotFoundError, FileExistsError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    if args.workdir:
+        path = export_workdir(args.workdir, args.out, overwrite=args.overwrite)
+    else:
+        path = export_pair(args.model, args.tokenizer, args.out, preset=args.preset,
+                           overwrite=args.overwrite)
     print(f"Wrote {path}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.run(run, argv)
 
 
 if __name__ == "__main__":

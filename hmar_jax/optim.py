@@ -20,6 +20,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from hmar_jax.cli import InputError
+
+
+class TrainingDiverged(InputError):
+    """A non-finite loss or gradient: the learning rate, the user's choice, is too high for
+    the run; the message names the rate to lower and the checkpoint a rerun resumes from."""
+
+
 NO_DECAY_LEAVES = ("bias", "q_bias", "v_bias", "scale_mul", "word_embed_bias", "pos_start",
                    "pos_embed")
 NO_DECAY_MODULES = ("lvl_embed",)

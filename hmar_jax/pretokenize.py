@@ -6,7 +6,8 @@
 The dataset, the tokenizer (``config.tokenizer.export``, else ``workdir/tokenizer``,
 trained there first for the embedded digits) and its precision come from the config, as
 in training; images are centre-cropped. One process encodes everything on its default
-device (see ``hmar_jax.token_cache`` for the format).
+device (see ``hmar_jax.token_cache`` for the format). Bad input ends in one ``error:`` line
+and exit status 2.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from hmar_jax import data, metric_writers, token_cache, trainer
+from hmar_jax import cli, data, metric_writers, token_cache, trainer
 
 
 def _define_flags() -> dict:
@@ -74,11 +75,8 @@ def main(argv, defined: dict):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     metric_writers.quiet_library_logs()
     out = defined["out"].value
-    try:
-        manifest = pretokenize(defined["config"].value, defined["workdir"].value, out,
-                               defined["overwrite"].value)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        raise SystemExit(f"error: {err}") from None
+    manifest = pretokenize(defined["config"].value, defined["workdir"].value, out,
+                           defined["overwrite"].value)
     size_mib = np.dtype(np.uint16).itemsize * manifest["num_examples"] * manifest["seq_len"] / 2**20
     print(f"wrote {manifest['num_examples']} examples x {manifest['seq_len']} tokens "
           f"({size_mib:.1f} MiB) to {out}")
@@ -86,4 +84,4 @@ def main(argv, defined: dict):
 
 if __name__ == "__main__":
     _flags = _define_flags()
-    app.run(lambda argv: main(argv, _flags))
+    cli.run_absl(lambda argv: main(argv, _flags))

@@ -60,7 +60,49 @@ def sampling_to_json(config: SamplingConfig) -> dict[str, Any]:
     return values
 
 
-def sampling_from_json(values: dict[str, Any]) -> SamplingConfig:
+def _sampling_value_problem(key: str, value: Any) -> str | None:
+    """What is wrong with one stored sampling value (None if nothing): the types of
+    :class:`SamplingConfig`, which the sampler reads without checking."""
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    is_number = is_int or isinstance(value, float)
+    if key in ("cfg", "temperature"):
+        if not is_number or (key == "temperature" and value <= 0):
+            return "a positive number" if key == "temperature" else "a number"
+    elif key == "top_k":
+        if not is_int or value < 0:
+            return "an integer >= 0 (0 disables it)"
+    elif key == "top_p":
+        if not is_number or not 0 <= value <= 1:
+            return "a number in [0, 1] (0 or 1 disables it)"
+    elif key == "mask_cfg":
+        if value is not None and not is_number:
+            return "a number or null"
+    elif key == "mask_schedule":
+        valid = value is None or value == "auto" or (
+            isinstance(value, list) and value and all(
+                isinstance(scale, list) and scale and all(
+                    isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in scale)
+                for scale in value))
+        if not valid:
+            return "\"auto\", null, or a list of lists of positive token counts (one per scale)"
+    return None
+
+
+def sampling_from_json(values: Any, where: str = "sampling") -> SamplingConfig:
+    """The stored sampling config, checked key by key; ValueError naming the key and the
+    fix (a hand-edited manifest otherwise fails deep inside the compiled sampler)."""
+    fields = [f.name for f in dataclasses.fields(SamplingConfig)]
+    if not isinstance(values, dict):
+        raise ValueError(f"{where} is {type(values).__name__} {values!r}; it must be an object "
+                         f"with keys among {fields}, or null.")
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"{where} has unknown keys {unknown}; the keys are {fields}. Remove or "
+                         "rename them.")
+    for key, value in values.items():
+        expected = _sampling_value_problem(key, value)
+        if expected is not None:
+            raise ValueError(f"{where}.{key} is {json.dumps(value)}; it must be {expected}.")
     values = dict(values)
     if isinstance(values.get("mask_schedule"), list):
         values["mask_schedule"] = tuple(tuple(s) for s in values["mask_schedule"])
@@ -106,6 +148,8 @@ def save_pretrained(directory: str | pathlib.Path, model: HMARTransformer, vae: 
 
 
 def read_manifest(directory: str | pathlib.Path) -> dict[str, Any]:
+    """The bundle's manifest, its structure checked; ValueError naming the key and the fix.
+    The sampling config is checked by :func:`sampling_from_json` when it is loaded."""
     directory = pathlib.Path(directory)
     path = directory / MANIFEST
     if not path.is_file():
@@ -113,9 +157,23 @@ def read_manifest(directory: str | pathlib.Path) -> dict[str, Any]:
         if (directory / "checkpoints").is_dir() or (directory / "export").is_dir():
             hint = f" It looks like a training workdir: run `python -m hmar_jax.export --workdir {directory} --out OUT` first."
         raise FileNotFoundError(f"{directory} is not a pretrained bundle (no {MANIFEST}).{hint}")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT or manifest.get("version", 0) > VERSION:
+    try:
+        manifest = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); export the bundle again with "
+                         "`python -m hmar_jax.export`.") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path} holds a JSON {type(manifest).__name__}, not an object; export "
+                         "the bundle again with `python -m hmar_jax.export`.")
+    version = manifest.get("version", 0)
+    if manifest.get("format") != FORMAT or not isinstance(version, int) or version > VERSION:
         raise ValueError(f"{path} is not a {FORMAT} manifest of version <= {VERSION}.")
+    for key in ("model", "tokenizer"):
+        value = manifest.get(key)
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"{path}: '{key}' is {json.dumps(value)}; it must name the bundle's "
+                             f"{key} folder (\"{MODEL_DIR if key == 'model' else TOKENIZER_DIR}\" "
+                             "as exported).")
     return manifest
 
 
@@ -149,6 +207,9 @@ def load_pretrained(directory: str | pathlib.Path, *, mesh: Mesh | None = None,
     """
     directory = pathlib.Path(directory)
     manifest = read_manifest(directory)
+    stored = manifest.get("sampling")  # checked before the weights are read
+    sampling = (None if stored is None
+                else sampling_from_json(stored, f"{directory / MANIFEST}: sampling"))
     model = checkpointing.load_hmar(directory / manifest["model"], **model_overrides)
     vae = checkpointing.load_tokenizer(directory / manifest["tokenizer"],
                                        precision=tokenizer_precision)
@@ -161,6 +222,4 @@ def load_pretrained(directory: str | pathlib.Path, *, mesh: Mesh | None = None,
             nnx.update(module, jax.device_put(state, sharding.tree_shardings(state, mesh)))
     if unstack_blocks:
         hmar_model.unstack_blocks(model)
-    sampling = manifest.get("sampling")
-    return Pretrained(model, vae, None if sampling is None else sampling_from_json(sampling),
-                      manifest)
+    return Pretrained(model, vae, sampling, manifest)

@@ -226,16 +226,22 @@ def box_mask(image_size: int, box: tuple[float, float, float, float], *, inpaint
     """bool ``[batch, H, W]`` regenerate mask from a box ``(y0, x0, y1, x1)`` in [0, 1].
 
     ``inpaint=True`` regenerates the box; ``False`` (outpainting) keeps the box and
-    regenerates the rest.
+    regenerates the rest. The fractions are rounded to pixel edges; a box that rounds to
+    no pixel is refused, since it would edit nothing (inpainting) or keep nothing
+    (outpainting) while looking like a valid request.
     """
     y0, x0, y1, x1 = box
     if not (0 <= y0 < y1 <= 1 and 0 <= x0 < x1 <= 1):
         raise ValueError(f"Box {box} must be (y0, x0, y1, x1) with 0 <= y0 < y1 <= 1 and "
                          "0 <= x0 < x1 <= 1.")
+    top, left, bottom, right = (round(v * image_size) for v in (y0, x0, y1, x1))
+    if top >= bottom or left >= right:
+        raise ValueError(f"Box {box} covers no pixel of the {image_size}x{image_size} image (rows "
+                         f"{top}:{bottom}, columns {left}:{right}); make each side at least "
+                         f"1/{image_size} of the image.")
     rows = jnp.arange(image_size)[:, None]
     cols = jnp.arange(image_size)[None, :]
-    inside = ((rows >= round(y0 * image_size)) & (rows < round(y1 * image_size))
-              & (cols >= round(x0 * image_size)) & (cols < round(x1 * image_size)))
+    inside = (rows >= top) & (rows < bottom) & (cols >= left) & (cols < right)
     mask = inside if inpaint else ~inside
     return jnp.broadcast_to(mask, (batch, image_size, image_size))
 
@@ -395,27 +401,39 @@ def edit(model: HMARTransformer, vae: VQVAE, images: jax.Array, regenerate: jax.
 
 def check_labels(labels, num_classes: int, allow_null: bool = False) -> None:
     """Raises ValueError naming the first class id outside ``[0, num_classes)`` (or the
-    null class ``num_classes`` when ``allow_null``)."""
+    null class ``num_classes`` when ``allow_null``). Python integers too large for any
+    NumPy integer type are checked as well (they are out of range, not a crash)."""
     values = np.asarray(labels)
-    if values.dtype.kind not in "iu":
+    if values.dtype.kind == "O" and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+                                        for v in values.flat):
+        pass  # Python ints beyond int64: compared exactly below
+    elif values.dtype.kind not in "iu":
         raise ValueError(f"Class ids must be integers, got dtype {values.dtype}.")
     limit = num_classes + 1 if allow_null else num_classes
-    bad = values[(values < 0) | (values >= limit)]
+    bad = values[((values < 0) | (values >= limit)).astype(bool)]
     if bad.size:
         allowed = f"0..{num_classes - 1}" + (f" or {num_classes} (unconditional)" if allow_null else "")
         raise ValueError(f"Class id {int(bad[0])} is out of range: this model has classes {allowed}.")
 
 
+def check_preset_name(name: str) -> str:
+    """Raises ValueError unless ``name`` is a preset of :data:`PRESETS` or ``"default"``;
+    needs no checkpoint, so command lines check it before loading one."""
+    if name != "default" and name not in PRESETS:
+        raise ValueError(f"Unknown --preset {name!r}; choose one of {', '.join(sorted(PRESETS))} "
+                         "or 'default' (the checkpoint's own sampling config).")
+    return name
+
+
 def resolve_preset(name: str, pretrained=None) -> SamplingConfig:
     """A named preset, or ``"default"``: the sampling config stored with a pretrained
     checkpoint (``hmar_jax.pretrained.Pretrained``)."""
+    check_preset_name(name)
     if name == "default":
         if pretrained is None or pretrained.sampling is None:
             raise ValueError("Preset 'default' needs a checkpoint that stores a sampling config; "
                              f"choose one of {sorted(PRESETS)}.")
         return pretrained.sampling
-    if name not in PRESETS:
-        raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(PRESETS)} or 'default'.")
     return PRESETS[name]
 
 

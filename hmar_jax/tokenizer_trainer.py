@@ -26,7 +26,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
-from hmar_jax import checkpointing, data, metric_writers, visualize
+from hmar_jax import checkpointing, data, metric_writers, optim, visualize
 from hmar_jax.vqvae import VQVAE, VQVAEConfig
 from clu import periodic_actions  # after metric_writers (TF-free shim)
 
@@ -174,19 +174,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         batch = next(iterator)
         metrics = train_step(model, optimizer, usage, jnp.asarray(batch["image"]),
                              jnp.asarray(step), jax.random.fold_in(base_rng, step))
-        if step % config.log_every_steps == 0 or step == config.num_train_steps:
+        logging_now = step % config.log_every_steps == 0 or step == config.num_train_steps
+        saving = step == config.num_train_steps or manager.should_save(step)
+        if saving or logging_now:
             metrics = jax.device_get(metrics)
-            if not np.isfinite(metrics["loss"]):
-                raise FloatingPointError(
-                    f"Non-finite tokenizer loss at step {step} (last finite log at step "
-                    f"{history[-1]['step'] if history else first_step}); lower learning_rate.")
+            if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
+                manager.wait_until_finished()
+                good = manager.latest_step()
+                rate = f"--config.learning_rate (now {config.learning_rate:g})"
+                after = (f"lower {rate} and rerun" if good is None else
+                         f"the last checkpoint is step {good}; lower {rate} and rerun to "
+                         "resume from it")
+                raise optim.TrainingDiverged(
+                    f"Tokenizer training diverged at step {step} (loss {metrics['loss']:g}, "
+                    f"gradient norm {metrics['grad_norm']:g}); {after}.")
+        if logging_now:
             writer.write_scalars(step, metrics)
             history.append({"step": step, **{k: float(v) for k, v in metrics.items()}})
         report(step)
-        manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(nnx.state((model, optimizer, usage))),
-            data=ocp.args.JsonSave(iterator.get_state())),
-            force=step == config.num_train_steps)
+        if saving:  # the state after a step checked finite just above
+            manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(nnx.state((model, optimizer, usage))),
+                data=ocp.args.JsonSave(iterator.get_state())), force=True)
     manager.wait_until_finished()
     writer.flush()
 

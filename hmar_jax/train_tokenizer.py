@@ -3,13 +3,14 @@
   python -m hmar_jax.train_tokenizer --config configs/tokenizer_digits.py --workdir DIR
 
 Any config leaf can be overridden, e.g. ``--config.num_train_steps=200``; unknown
-keys are rejected (the config is locked).
+keys are rejected (the config is locked). Bad input ends in one ``error:`` line and exit
+status 2.
 """
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from hmar_jax import metric_writers, tokenizer_trainer
+from hmar_jax import cli, metric_writers, tokenizer_trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Tokenizer config file.",
                                           lock_config=True)
@@ -29,4 +30,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run_absl(main)

@@ -7,6 +7,13 @@ and applies AdamW to the trainable parameters. The state is created already shar
 (``eval_shape`` first, then ``jit`` with output shardings), checkpointed with Orbax
 together with the data-iterator state, and resumed automatically from ``workdir``.
 
+A run never keeps a state that cannot continue: each step's loss and gradient norm are
+checked (one step behind, so the host never waits for the device just for this, and
+at once on a step that saves), a checkpoint is written only from a finite state, and on
+divergence the checkpoint whose parameters produced the non-finite step is set aside, so
+that the rerun the error message asks for (a lower learning rate) resumes from a state
+that trained. Resuming skips checkpoints that cannot be read or hold non-finite values.
+
 Stage 1 trains everything but the mask branch. Stage 2 starts from a stage-1 export
 (``config.stage2.parent``), copies the last n blocks and the head into the mask branch,
 and trains only that branch (``model.STAGE2_TRAINABLE``); the other parameters are not
@@ -17,8 +24,11 @@ Dimension letters: B batch, H/W image side, L tokens, Cv latent channels.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import pathlib
+import shutil
 import signal
 import threading
 import zlib
@@ -34,14 +44,17 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
-from hmar_jax import (checkpointing, data, losses, metric_writers, optim, sampling, sharding,
-                      token_cache, tokenizer_trainer, visualize)
+from hmar_jax import (atomic_io, checkpointing, data, losses, metric_writers, optim, sampling,
+                      sharding, token_cache, tokenizer_trainer, visualize)
+from hmar_jax.cli import InputError
 from hmar_jax.transformer import (MASK_BRANCH, STAGE1_TRAINABLE, STAGE2_TRAINABLE, HMARConfig,
                             HMARTransformer, preset)
 from clu import periodic_actions  # after metric_writers (TF-free shim)
 
 
 RUN_CONFIG = "train_config.json"
+RUN_IDENTITY = "hmar_train_config.json"
+REJECTED_CHECKPOINTS = "checkpoints_rejected"
 
 
 @flax.struct.dataclass
@@ -64,8 +77,16 @@ def model_config(config: ml_collections.ConfigDict, vae_config) -> HMARConfig:
 
 def trainable_filter(stage: int):
     if stage not in (1, 2):
-        raise ValueError(f"config.stage must be 1 or 2, got {stage}.")
+        raise InputError(f"config.stage must be 1 or 2, got {stage}; set --config.stage=1 or 2.")
     return STAGE1_TRAINABLE if stage == 1 else STAGE2_TRAINABLE
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """The checks that need no files, made before anything is trained or written."""
+    trainable_filter(config.stage)
+    if config.stage == 2 and not config.stage2.parent:
+        raise InputError("Stage 2 needs config.stage2.parent; set --config.stage2.parent=DIR, "
+                         "a stage-1 export directory.")
 
 
 def load_or_train_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.Path):
@@ -177,6 +198,7 @@ class Trainer:
     """Builds the mesh, tokenizer, state and step from a config; ``run()`` trains."""
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+        check_config(config)
         self.config = config
         self.workdir = pathlib.Path(workdir).absolute()
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -201,6 +223,8 @@ class Trainer:
             step, in_shardings=(self.state_shardings, None, self.batch_sharding, self.batch_sharding),
             out_shardings=(self.state_shardings, None), donate_argnums=0)
         self.param_norm = jax.jit(optax.tree.norm)  # global L2 norm of the trainable parameters
+        self.all_finite = jax.jit(lambda tree: jnp.all(jnp.stack(
+            [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)])))
         self.manager = ocp.CheckpointManager(
             self.workdir / "checkpoints",
             options=ocp.CheckpointManagerOptions(max_to_keep=config.max_checkpoints_to_keep,
@@ -225,8 +249,6 @@ class Trainer:
     def initial_state(self) -> TrainState:
         state = jax.jit(self._init_state, out_shardings=self.state_shardings)()
         if self.config.stage == 2:
-            if not self.config.stage2.parent:
-                raise ValueError("Stage 2 needs config.stage2.parent (a stage-1 export directory).")
             model = nnx.merge(self.graphdef, state.trainable, state.frozen)
             params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
             fresh_mask_embed = params["mask_embed"]
@@ -242,18 +264,67 @@ class Trainer:
         return state
 
     def restore_latest(self, with_data: bool = False):
-        """The newest checkpoint's state, sharded like a fresh one (None if there is none);
-        with ``with_data`` also the data-iterator state."""
-        step = self.manager.latest_step()
-        if step is None:
+        """The newest usable checkpoint's state, sharded like a fresh one (None if there is
+        none); with ``with_data`` also the data-iterator state. See ``_restore_newest_usable``."""
+        restored = self._restore_newest_usable(with_data)
+        if restored is None:
             return None
+        state, data_state, _ = restored
+        return (state, data_state) if with_data else state
+
+    def _restore_newest_usable(self, with_data: bool):
+        """``(state, data_state, unusable_steps)`` of the newest checkpoint that can be read
+        and holds finite values; the newer ones are skipped with a warning and listed.
+
+        Raises:
+          InputError: there are checkpoints but none is usable (naming the directory).
+        """
+        steps = sorted(self.manager.all_steps(), reverse=True)
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                               jax.eval_shape(self._init_state), self.state_shardings)
         items = {"state": ocp.args.StandardRestore(target)}
         if with_data:
             items["data"] = ocp.args.JsonRestore()
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        return (restored["state"], restored["data"]) if with_data else restored["state"]
+        unusable = []
+        for step in steps:
+            try:
+                restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+            except Exception as err:  # noqa: BLE001 - any read failure makes the step unusable
+                reason = f"cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+            else:
+                if bool(self.all_finite(restored["state"])):
+                    return restored["state"], restored.get("data"), unusable
+                reason = "holds non-finite values"
+            logging.warning("Checkpoint %s %s; trying the previous one.",
+                            self._step_directory(step), reason)
+            unusable.append((step, reason))
+        if unusable:
+            raise InputError(
+                f"No checkpoint in {self.manager.directory} can be resumed from (newest: step "
+                f"{unusable[0][0]} {unusable[0][1]}); remove {self.manager.directory} to start "
+                "the run over.")
+        return None
+
+    def _step_directory(self, step: int) -> pathlib.Path:
+        return pathlib.Path(self.manager.directory) / str(step)
+
+    def _set_aside(self, step: int, reason: str) -> None:
+        """Moves checkpoint ``step`` out of the way of the run (to ``checkpoints_rejected/``,
+        kept for inspection): a later save of the same step would otherwise collide with it."""
+        rejected = self.workdir / REJECTED_CHECKPOINTS
+        rejected.mkdir(exist_ok=True)
+        destination = rejected / str(step)
+        suffix = 1
+        while destination.exists():
+            destination, suffix = rejected / f"{step}.{suffix}", suffix + 1
+        if jax.process_index() == 0:
+            shutil.move(self._step_directory(step), destination)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"checkpoint {step} set aside")
+        self.manager.reload()
+        logging.warning("Checkpoint of step %d %s; moved to %s.", step, reason, destination)
 
     def ema_model(self, state: TrainState) -> HMARTransformer:
         """The model with the EMA of the trainable part and the frozen rest (on the host)."""
@@ -266,20 +337,36 @@ class Trainer:
                                        mask_schedule="auto" if self.config.stage == 2 else None,
                                        mask_cfg=sc.mask_cfg)
 
+    def _run_identity(self) -> dict:
+        identity = {"stage": self.config.stage, "model": self.cfg.architecture()}
+        identity["model"]["patch_nums"] = list(identity["model"]["patch_nums"])
+        return identity
+
     def _check_workdir_config(self) -> None:
-        path = self.workdir / "hmar_train_config.json"
-        current = {"stage": self.config.stage, "model": self.cfg.architecture()}
-        current["model"]["patch_nums"] = list(current["model"]["patch_nums"])
-        if path.exists():
-            stored = json.loads(path.read_text())
-            if stored != current:
-                raise ValueError(
-                    f"{self.workdir} holds a run of a different model or stage ({stored}); "
-                    "use a new --workdir or restore the matching config.")
-        else:
-            path.write_text(json.dumps(current, indent=2))
-        # The whole config, for `python -m hmar_jax.export --workdir` and for the record.
-        (self.workdir / RUN_CONFIG).write_text(self.config.to_json_best_effort(indent=2))
+        """Refuses a workdir whose run trained another model or stage (it is recorded by
+        ``_record_workdir_config`` once a run's config has passed every check)."""
+        path = self.workdir / RUN_IDENTITY
+        if not path.exists():
+            return
+        stored, current = json.loads(path.read_text()), self._run_identity()
+        if stored != current:
+            differences = [f"stage {stored.get('stage')} there, {current['stage']} here"] \
+                if stored.get("stage") != current["stage"] else []
+            stored_model = stored.get("model", {})
+            differences += [f"model {key} {stored_model.get(key)} there, {value} here"
+                            for key, value in current["model"].items()
+                            if stored_model.get(key) != value]
+            raise InputError(f"{self.workdir} holds a run of another model or stage "
+                             f"({'; '.join(differences[:3])}); use a new --workdir or that "
+                             "run's config.")
+
+    def _record_workdir_config(self) -> None:
+        """Writes the run identity (checked on every later launch in this workdir) and the
+        whole config (for `python -m hmar_jax.export --workdir` and the record)."""
+        identity = json.dumps(self._run_identity(), indent=2).encode()
+        atomic_io.atomic_write(self.workdir / RUN_IDENTITY, lambda f: f.write(identity))
+        whole = self.config.to_json_best_effort(indent=2).encode()
+        atomic_io.atomic_write(self.workdir / RUN_CONFIG, lambda f: f.write(whole))
 
     # ----- data ------------------------------------------------------------------------------
     def make_iterator(self):
@@ -292,17 +379,29 @@ class Trainer:
         local_batch = self.config.batch_size // count
         if d.pretokenized:
             tokens, labels, _ = token_cache.open_token_cache(d.pretokenized, self.vae)
+            self._check_num_classes(int(labels.max()) + 1, f"data.pretokenized={d.pretokenized}")
             return token_cache.token_iterator(tokens, labels, batch_size=local_batch,
                                               seed=self.config.seed, process_index=index,
                                               process_count=count)
         if d.name == "digits":
+            self._check_num_classes(data.DIGITS_NUM_CLASSES, "data.name=digits")
             images, labels = data.digits_split(d.image_size, d.split)
             return data.batched_iterator(images[index::count], labels[index::count], local_batch,
                                          self.config.seed)
-        return data.image_iterator(data.image_source(d), image_size=d.image_size,
+        source = data.image_source(d)
+        if d.name == "image_folder":
+            self._check_num_classes(len(source.classes), f"data.root={d.root}")
+        return data.image_iterator(source, image_size=d.image_size,
                                    batch_size=local_batch, seed=self.config.seed, skip_corrupt=d.skip_corrupt,
                                    num_workers=d.num_workers, process_index=index,
                                    process_count=count)
+
+    def _check_num_classes(self, num_classes: int, dataset: str) -> None:
+        """Labels beyond the model's class embedding would train on garbage (and diverge)."""
+        if num_classes > self.cfg.num_classes:
+            raise InputError(f"{dataset} has {num_classes} classes but the model has "
+                             f"num_classes={self.cfg.num_classes}; set "
+                             f"--config.model.overrides.num_classes={num_classes}.")
 
     def _global_batch(self, batch: dict) -> tuple[jax.Array, jax.Array]:
         make = lambda x: jax.make_array_from_process_local_data(self.batch_sharding, x)  # noqa: E731
@@ -310,19 +409,39 @@ class Trainer:
 
     # ----- loop ------------------------------------------------------------------------------
     def run(self) -> dict[str, float]:
-        """Trains to ``config.num_train_steps`` (resuming from the newest checkpoint) and
-        exports the EMA model to ``workdir/export``; returns the last logged metrics."""
+        """Trains to ``config.num_train_steps`` (resuming from the newest usable checkpoint)
+        and exports the EMA model to ``workdir/export``; returns the last logged metrics, with
+        ``stopped_at_step`` when SIGTERM or a preemption stopped the run early.
+
+        Raises:
+          optim.TrainingDiverged: a step's loss, gradient or parameters were not finite.
+        """
+        stop = _StopRequest()
+        try:
+            return self._train(stop)
+        finally:
+            stop.restore()
+
+    def _train(self, stop: "_StopRequest") -> dict[str, float]:
         config = self.config
         # Training needs the batch split evenly (restoring or exporting does not).
         sharding.check_batch_split(config.batch_size, config.microbatches, self.mesh.devices.size)
-        iterator = self.make_iterator()
-        restored = self.restore_latest(with_data=True)
+        try:
+            with stop.interruptible():
+                iterator = self.make_iterator()
+        except StopRequested:
+            logging.warning("Stopped on request while opening the data; nothing was trained.")
+            return {"stopped_at_step": self.manager.latest_step() or 0}
+        restored = self._restore_newest_usable(with_data=True)
         if restored is None:
             state = self.initial_state()
         else:
-            state, data_state = restored
+            state, data_state, unusable = restored
+            for step, reason in unusable:
+                self._set_aside(step, reason)
             iterator.set_state(data_state)
             logging.info("Resumed from step %d.", int(state.step))
+        self._record_workdir_config()  # the config passed every check: claim the workdir
         is_main = jax.process_index() == 0
         writer = metric_writers.create_writer(str(self.workdir / "tb"), just_logging=not is_main)
         hooks = [periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
@@ -331,44 +450,95 @@ class Trainer:
             hooks.append(periodic_actions.Profile(
                 logdir=str(self.workdir / "tb"), num_profile_steps=5, profile_duration_ms=None,
                 first_profile=config.profile_first_step, every_steps=None, every_secs=None))
-        stop = _StopRequest()
         last: dict[str, float] = {}
         first_step = int(state.step)
+        data_state = iterator.get_state()  # the data position after the last finished step
+        unchecked = None  # (step, metrics) of a finished step whose finiteness is not yet known
         with jax.set_mesh(self.mesh):
             for step in range(first_step + 1, config.num_train_steps + 1):
-                batch = next(iterator)
+                try:
+                    with stop.interruptible():
+                        batch = next(iterator)
+                except StopRequested:
+                    if unchecked is not None:
+                        self._check_finite(*unchecked)
+                    if step - 1 > first_step and self.manager.latest_step() != step - 1:
+                        self._save(step - 1, state, data_state)
+                    iterator.close()
+                    self.manager.wait_until_finished()
+                    writer.flush()
+                    saved = self.manager.latest_step()
+                    logging.warning("Stopped on request (SIGTERM) while waiting for the data of "
+                                    "step %d; %s.", step, "nothing is saved, a rerun starts over"
+                                    if saved is None else f"a rerun resumes from step {saved}")
+                    return last | {"stopped_at_step": step - 1}
+                data_state = iterator.get_state()
                 if config.log_batch_fingerprints and is_main:
                     self._log_fingerprint(step, batch)
                 inputs, labels = self._global_batch(batch)
                 state, metrics = self.train_step(state, self.vae_state, inputs, labels)
-                if step % config.log_every_steps == 0 or step == config.num_train_steps:
+                if unchecked is not None:  # the previous step: finished, or nearly
+                    self._check_finite(*unchecked)
+                unchecked = (step, metrics)
+                preempted = self.manager.reached_preemption(step) or stop.requested
+                saving = preempted or step == config.num_train_steps or \
+                    self.manager.should_save(step)
+                logging_now = step % config.log_every_steps == 0 or step == config.num_train_steps
+                if saving or logging_now:
+                    self._check_finite(*unchecked)
+                    unchecked = None
+                if logging_now:
                     last = _scalar_metrics(jax.device_get(metrics))
                     last["param_norm"] = float(self.param_norm(state.trainable))
-                    if not np.isfinite(last["loss"]):
-                        raise FloatingPointError(
-                            f"Non-finite loss at step {step} (finite up to step "
-                            f"{step - config.log_every_steps}); lower optimizer.peak_lr.")
                     writer.write_scalars(step, last)
                 for hook in hooks:
                     hook(step)
-                preempted = self.manager.reached_preemption(step) or stop.requested
-                self.manager.save(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(iterator.get_state())),
-                    force=step == config.num_train_steps or preempted)
+                if saving:
+                    self._save(step, state, data_state)
                 if preempted:
-                    stop.restore()
                     self.manager.wait_until_finished()
                     writer.flush()
                     logging.warning("Stopped at step %d on request (preemption or SIGTERM); the "
                                     "checkpoint is saved and a rerun resumes from it.", step)
                     return last | {"stopped_at_step": step}
-        stop.restore()
         self.manager.wait_until_finished()
         writer.flush()
         model = self.export(state)
         if is_main and config.sampling.samples_per_class > 0:
             self.write_samples(model)
         return last
+
+    def _save(self, step: int, state: TrainState, data_state: dict) -> None:
+        """Checkpoints ``state`` (the state after ``step``) unless it holds a non-finite
+        parameter (the step's loss and gradient are checked before this)."""
+        if not bool(self.all_finite(state.trainable)):
+            self._diverged(step, "non-finite parameters after the update",
+                           previous_produced_it=False)
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=True)
+
+    def _check_finite(self, step: int, metrics: dict) -> None:
+        loss, grad_norm = (float(x) for x in jax.device_get((metrics["loss"],
+                                                              metrics["grad_norm"])))
+        if not (np.isfinite(loss) and np.isfinite(grad_norm)):
+            self._diverged(step, f"loss {loss:g}, gradient norm {grad_norm:g}",
+                           previous_produced_it=True)
+
+    def _diverged(self, step: int, what: str, previous_produced_it: bool) -> None:
+        """Raises ``optim.TrainingDiverged`` naming the checkpoint a rerun resumes from. When the
+        state of ``step - 1`` gave the non-finite loss or gradient, its checkpoint is set
+        aside: resuming from it would repeat the same step (same batch, same randomness)."""
+        self.manager.wait_until_finished()
+        if previous_produced_it and step - 1 in self.manager.all_steps():
+            self._set_aside(step - 1, f"produced the non-finite step {step}")
+        good = self.manager.latest_step()
+        rate = f"--config.optimizer.peak_lr (now {self.config.optimizer.peak_lr:g})"
+        if good is None:
+            after = f"no checkpoint is kept; lower {rate} and rerun to start over."
+        else:
+            after = (f"the last good checkpoint is step {good} ({self._step_directory(good)}); "
+                     f"lower {rate} and rerun to resume from it.")
+        raise optim.TrainingDiverged(f"Training diverged at step {step} ({what}); {after}")
 
     def _log_fingerprint(self, step: int, batch: dict) -> None:
         """Appends ``step crc32(images, labels)`` to ``batch_fingerprints.txt`` (an audit of
@@ -415,19 +585,45 @@ class Trainer:
         return self.workdir / "samples.png"
 
 
+class StopRequested(Exception):
+    """Raised by the SIGTERM handler into a wait for data (see ``_StopRequest``)."""
+
+
 class _StopRequest:
-    """Turns SIGTERM (what schedulers send before killing a job) into a clean stop at the
-    next step boundary; multi-host preemption comes through Orbax instead."""
+    """Turns SIGTERM (what schedulers send before killing a job) into a clean stop: at the
+    next step boundary, or at once while the loop waits for data (``interruptible``), where
+    no step is half-done and the batch may never come (a stalled file system, or a reader
+    blocked for good). A second SIGTERM ends the process at once. Multi-host preemption
+    comes through Orbax instead."""
 
     def __init__(self):
         self.requested = False
+        self._interruptible = False
         self._previous = None
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
 
+    @contextlib.contextmanager
+    def interruptible(self):
+        """A region that SIGTERM leaves by ``StopRequested`` (also if it came just before)."""
+        self._interruptible = True
+        try:
+            if self.requested:
+                raise StopRequested()
+            yield
+        finally:
+            self._interruptible = False
+
     def _handle(self, signum, frame):
-        del signum, frame
+        del frame
+        if self.requested:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         self.requested = True
+        if self._interruptible:
+            self._interruptible = False
+            raise StopRequested()
 
     def restore(self) -> None:
         if self._previous is not None:

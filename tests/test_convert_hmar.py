@@ -79,6 +79,9 @@ def test_truncated_and_incomplete_files(tmp_path, hmar_sd, capsys):
                "hmar", bad_shape)
     fails_with(tmp_path, capsys, "pass the matching --patch-nums", "hmar", hmar_sd,
                extra=["--patch-nums", "512"])
+    flat_scale = dict(hmar_sd, **{"base_blocks.0.attn.scale_mul_1H11": np.ones(4, np.float32)})
+    fails_with(tmp_path, capsys, "key 'base_blocks.0.attn.scale_mul_1H11' has shape (4,), not 4 "
+               "nonzero sizes", "hmar", flat_scale)
 
 
 def test_vqvae_file_and_stage2_file_are_recognised(tmp_path, hmar_sd, vqvae_state_dict, var_sd, capsys):

@@ -85,3 +85,13 @@ def test_config_is_inferred_from_shapes(vqvae_state_dict):
     layout = vqvae_convert.expected_layout(cfg)
     assert len(layout) == 323  # 324 entries minus the ema_vocab_hit_SV buffer
     assert layout["encoder.conv_in.weight"][1] == (32, 3, 3, 3)
+
+
+def test_damaged_shapes_the_config_is_read_from_name_the_key(tmp_path, vqvae_state_dict, capsys):
+    no_level = {k: v for k, v in vqvae_state_dict.items()
+                if k != "encoder.down.1.block.0.conv1.weight"}
+    assert_fails(tmp_path, capsys, "missing key 'encoder.down.1.block.0.conv1.weight'",
+                 state_dict=no_level)
+    zero_width = dict(vqvae_state_dict, **{"encoder.conv_in.weight": np.zeros((0, 3, 3, 3), np.float32)})
+    assert_fails(tmp_path, capsys, "key 'encoder.conv_in.weight' has shape (0, 3, 3, 3), not 4 "
+                 "nonzero sizes", state_dict=zero_width)

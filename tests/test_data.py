@@ -80,6 +80,30 @@ def test_image_folder_errors(tmp_path):
         data.ImageFolderSource.scan(str(tmp_path / "empty"))
 
 
+def test_unreadable_image_folders_stop_in_bounded_time(tmp_path):
+    """A folder none of whose images decode is refused at scan time; a source past that
+    check whose images fail 100 times in a row stops the pipeline instead of spinning."""
+    import time
+
+    for name in ("cat", "dog"):
+        (tmp_path / name).mkdir()
+        for i in range(20):
+            (tmp_path / name / f"{i}.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match=r"None of 16 images sampled from .* can be read \(e\.g\. "
+                                         r".*cat/0\.png: cannot identify image file"):
+        data.ImageFolderSource.scan(str(tmp_path))
+    paths = sorted(str(p) for p in tmp_path.rglob("*.png"))
+    source = data.ImageFolderSource(str(tmp_path), ("cat", "dog"), tuple(paths),
+                                    tuple(int("dog" in p) for p in paths))
+    iterator = data.image_iterator(source, image_size=16, batch_size=4, seed=0)
+    start = time.monotonic()
+    with pytest.raises(ValueError, match="100 images in a row could not be read"):
+        next(iterator)
+    assert time.monotonic() - start < 30
+    with pytest.raises(ValueError, match=r"data\.root is empty; set --config\.data\.root="):
+        data.ImageFolderSource.scan("")
+
+
 def test_resize_and_crop_follows_upstream():
     image = np.zeros((40, 80, 3), np.uint8)
     image[:, 40:] = 255

@@ -90,3 +90,11 @@ def test_edit_is_compiled_and_deterministic(pair):
     first = sampling.edit(model, vae, sources(), regenerate, jnp.asarray([2, 10]), jnp.arange(2), 5, config)
     again = sampling.edit(model, vae, sources(), regenerate, jnp.asarray([2, 10]), jnp.arange(2), 5, config)
     np.testing.assert_array_equal(np.asarray(first), np.asarray(again))
+
+
+def test_a_box_of_no_pixels_is_refused_with_its_size():
+    with pytest.raises(ValueError, match=r"Box \(0.5, 0.5, 0.52, 0.9\) covers no pixel of the "
+                                         r"16x16 image \(rows 8:8, columns 8:14\)"):
+        sampling.box_mask(16, (0.5, 0.5, 0.52, 0.9), inpaint=True)
+    one_row = np.asarray(sampling.box_mask(16, (0.5, 0.0, 0.54, 1.0), inpaint=True))[0]
+    assert one_row.sum() == 16 and one_row[8].all()  # rounds to row 8 alone

@@ -61,3 +61,22 @@ def test_digits_cli_reads_trainer_and_openai_layouts(tmp_path, capsys):
     assert evaluate_main(["digits", "--samples", str(tmp_path / "unlabelled.npz")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "expected 'images' (or 'arr_0') and 'labels'" in err, err
+
+
+def test_digits_cli_reports_files_that_are_not_npz_archives_in_one_line(tmp_path, capsys):
+    images, labels = data.digits_split(16, "eval")
+    np.save(tmp_path / "samples.npy", images)
+    (tmp_path / "samples.npy").rename(tmp_path / "renamed.npz")
+    np.savez(tmp_path / "whole.npz", images=images, labels=labels)
+    whole = (tmp_path / "whole.npz").read_bytes()
+    (tmp_path / "truncated.npz").write_bytes(whole[:len(whole) // 2])
+    (tmp_path / "empty.npz").write_bytes(b"")
+    np.savez(tmp_path / "float_labels.npz", images=images, labels=labels.astype(np.float32))
+    for name, message in [("renamed.npz", "renamed.npz is not a readable .npz archive"),
+                          ("truncated.npz", "truncated.npz is not a readable .npz archive"),
+                          ("empty.npz", "empty.npz is not a readable .npz archive"),
+                          ("float_labels.npz", "labels float32 (197,); expected uint8 "
+                                               "[N, S, S, 3] and integer [N]")]:
+        assert evaluate_main(["digits", "--samples", str(tmp_path / name)]) == 2, name
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err

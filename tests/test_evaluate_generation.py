@@ -131,7 +131,7 @@ def test_errors_name_the_problem_and_the_fix(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--preset", "no-such-preset", "--per-class", "50"], "Unknown --preset 'no-such-preset'"),
-    (["--preset", "default", "--per-class", "0"], "--per-class must be at least 1, got 0"),
+    (["--preset", "default", "--per-class", "0"], "--per-class 0 is out of range; give an integer in 1..2147483647"),
 ])
 def test_generate_cli_rejects_bad_arguments_before_loading(tmp_path, capsys, argv, message):
     code = evaluate_main(["generate", "--checkpoint", str(tmp_path / "missing"),
@@ -167,3 +167,38 @@ def test_generate_cli_end_to_end_with_a_tiny_bundle(tmp_path, capsys):
     np.testing.assert_array_equal(packed["labels"], np.repeat(np.arange(10), 2))
     assert len({packed["arr_0"][i].tobytes() for i in range(20)}) == 20  # every sample differs
     assert not generation.parts_dir(out).exists()
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "other samples"])
+def test_an_unusable_chunk_is_reported_and_generated_again(tmp_path, caplog, damage):
+    plan = generation.GenerationPlan(num_classes=3, per_class=2, chunk_size=2)  # 3 chunks
+    reference = read(generation.generate_npz(fake_generate, plan, tmp_path / "ref.npz",
+                                             run_info=RUN))
+    out = tmp_path / "samples.npz"
+    crashing, _ = counting(fake_generate, crash_after=2)
+    with pytest.raises(Crash):
+        generation.generate_npz(crashing, plan, out, run_info=RUN)
+    chunk = generation.chunk_path(out, 1)
+    if damage == "empty":
+        chunk.write_bytes(b"")
+    elif damage == "truncated":
+        chunk.write_bytes(chunk.read_bytes()[:200])
+    else:  # chunk 0's samples under chunk 1's name
+        chunk.write_bytes(generation.chunk_path(out, 0).read_bytes())
+    resumed, calls = counting(fake_generate)
+    generation.generate_npz(resumed, plan, out, run_info=RUN)
+    assert [list(c) for c in calls] == [[1, 1], [2, 2]]  # chunk 1 again, then chunk 2
+    assert f"{chunk} cannot be used" in caplog.text and "generating chunk 1 again" in caplog.text
+    packed = read(out)
+    for key in ("arr_0", "labels"):
+        np.testing.assert_array_equal(packed[key], reference[key])
+
+
+def test_packing_refuses_an_unreadable_chunk_by_name(tmp_path):
+    plan = generation.GenerationPlan(num_classes=2, per_class=2, chunk_size=2)
+    out = tmp_path / "samples.npz"
+    generation.generate_parts(fake_generate, plan, out, run_info=RUN)
+    generation.chunk_path(out, 1).write_bytes(b"")  # e.g. another process's chunk, lost
+    with pytest.raises(ValueError, match=r"chunk-000001.npz is unreadable .*delete it and rerun"):
+        generation.pack_parts(plan, out)
+    assert not out.exists()

@@ -248,3 +248,53 @@ def test_metrics_cli_prints_and_writes_all_numbers(tmp_path, capsys, monkeypatch
     for key, value in expected.items():
         assert report[key] == pytest.approx(value, rel=1e-5), key
     assert report["preprocessing"] == "tf_graph" and report["num_samples"] == 20
+
+
+def test_both_inputs_are_checked_before_any_image_reaches_the_inception(tmp_path):
+    _write_images(tmp_path / "samples.npz", 12, 0)
+    _write_images(tmp_path / "ref.npz", 12, 1)
+    np.savez(tmp_path / "floats.npz", arr_0=np.zeros((12, 8, 8, 3), np.float32))
+    _write_images(tmp_path / "few.npz", 9, 2)
+    _write_images(tmp_path / "half_stats.npz", 12, 3, mu=np.zeros(16))
+    np.save(tmp_path / "array.npy", np.zeros((12, 8, 8, 3), np.uint8))
+    (tmp_path / "array.npy").rename(tmp_path / "renamed.npz")
+    calls = []
+
+    def spy(batch):
+        calls.append(len(batch))
+        return _fake_features(batch)
+
+    cases = [
+        ("floats.npz", "ref.npz", "floats.npz:arr_0 is float32 (12, 8, 8, 3); expected uint8"),
+        ("few.npz", "ref.npz", "few.npz:arr_0 holds 9 images; the metrics (10 Inception Score "
+                               "splits) need at least 10"),
+        ("renamed.npz", "ref.npz", "renamed.npz is not an .npz archive"),
+        ("samples.npz", "half_stats.npz", "has ['mu'] but lacks ['sigma', 'mu_s', 'sigma_s']"),
+        ("samples.npz", "floats.npz", "floats.npz:arr_0 is float32"),
+    ]
+    for samples, ref, message in cases:
+        with pytest.raises(ValueError) as err:
+            metrics.evaluate(tmp_path / samples, tmp_path / ref, spy, batch_size=4)
+        assert message in str(err.value), (samples, ref, str(err.value))
+        assert calls == [], (samples, ref)  # not a single batch went through the network
+
+
+def test_metrics_cli_checks_its_inputs_before_loading_the_inception(tmp_path, capsys,
+                                                                     monkeypatch):
+    from hmar_jax.evaluate import inception
+
+    loaded = []
+    monkeypatch.setattr(inception, "load_inception",
+                        lambda directory, **kw: loaded.append(directory) or pytest.fail("loaded"))
+    np.savez(tmp_path / "floats.npz", arr_0=np.zeros((12, 8, 8, 3), np.float32))
+    _write_images(tmp_path / "ref.npz", 12, 1)
+    _write_images(tmp_path / "samples.npz", 12, 0)
+    (tmp_path / "truncated.npz").write_bytes((tmp_path / "ref.npz").read_bytes()[:500])
+    for samples, ref, message in [("floats.npz", "ref.npz", "expected uint8 images"),
+                                  ("samples.npz", "truncated.npz", "is not an .npz archive")]:
+        code = evaluate_main(["metrics", "--samples", str(tmp_path / samples),
+                              "--ref", str(tmp_path / ref), "--inception", str(tmp_path)])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+        assert message in err, err
+    assert loaded == []

@@ -128,7 +128,7 @@ def test_sample_cli_writes_npz_and_png(run, tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--classes", "10"], "Class id 10 is out of range: this model has classes 0..9"),
     (["--classes", "3,x"], "--classes entry 'x' is not an integer"),
-    (["--classes", "1", "--preset", "nope"], "Unknown preset 'nope'"),
+    (["--classes", "1", "--preset", "nope"], "Unknown --preset 'nope'"),
 ])
 def test_sample_cli_errors(run, tmp_path, capsys, argv, message):
     _, bundle = run

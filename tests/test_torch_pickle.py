@@ -2,8 +2,10 @@
 
 import argparse
 import collections
+import contextlib
 import io
 import os
+import re
 import struct
 import sys
 import types
@@ -149,7 +151,7 @@ def test_views_sharing_one_storage(tmp_path):
         "base": tensor(float_storage, "0", 24, 0, (4, 6), (6, 1)),
         "transposed": tensor(float_storage, "0", 24, 0, (6, 4), (1, 6)),
         "strided": tensor(float_storage, "0", 24, 7, (3, 3), (6, 2)),
-        "broadcast": tensor(float_storage, "0", 24, 2, (3, 4), (0, 1)),
+        "size_one_dims": tensor(float_storage, "0", 24, 2, (1, 4, 1), (0, 1, 99)),
         "param": global_("torch._utils", "_rebuild_parameter")
         + b"("
         + tensor(float_storage, "0", 24, 18, (6,), (1,))
@@ -163,17 +165,32 @@ def test_views_sharing_one_storage(tmp_path):
         "base": base,
         "transposed": base.T,
         "strided": base[1:, 1::2],
-        "broadcast": np.broadcast_to(base.ravel()[2:6], (3, 4)),
+        "size_one_dims": base.ravel()[2:6].reshape(1, 4, 1),
         "param": base[3],
     }
     assert list(loaded) == list(expected)
     for key, value in expected.items():
         assert_same(value, loaded[key])
 
-    too_far = {"w": tensor(float_storage, "0", 24, 20, (2, 3), (3, 1))}
-    write_archive(tmp_path / "too_far.pth", too_far, {"0": base.tobytes()})
-    with pytest.raises(tp.CheckpointFormatError, match="'ckpt/data/0' has 96 bytes; a float32 tensor"):
-        tp.load(tmp_path / "too_far.pth")
+
+
+REFUSED_VIEWS = {  # (offset, size, stride) of a view of 24 float32 elements -> message
+    "too-far": (20, (2, 3), (3, 1), "'ckpt/data/0' has 96 bytes; a float32 tensor of shape (2, 3)"),
+    "broadcast": (2, (3, 4), (0, 1), "repeats elements (stride 0, a broadcast view)"),
+    "overlapping": (0, (4, 6), (1, 1), "overlaps itself"),
+    "overlapping-transposed": (0, (6, 4), (1, 3), "overlaps itself"),
+    "negative": (0, (4,), (-1,), "invalid tensor layout"),
+}
+
+
+@pytest.mark.parametrize(("offset", "size", "stride", "message"), REFUSED_VIEWS.values(),
+                         ids=REFUSED_VIEWS.keys())
+def test_views_that_repeat_or_leave_their_storage_are_refused(tmp_path, offset, size, stride, message):
+    path = tmp_path / "view.pth"
+    view = tensor(("torch", "FloatStorage"), "0", 24, offset, size, stride)
+    write_archive(path, {"w": view}, {"0": np.arange(24, dtype=np.float32).tobytes()})
+    with pytest.raises(tp.CheckpointFormatError, match=re.escape(message)):
+        tp.load(path)
 
 
 @pytest.mark.parametrize("dtype", ["uint16", "uint32", "uint64", "float8_e4m3fn", "float8_e5m2"])
@@ -226,19 +243,63 @@ def test_big_endian_records_and_any_archive_name(tmp_path):
             assert_same(value, loaded[key])
 
 
-def test_restricted_unpickler_imports_nothing(tmp_path):
-    # {"cmd": os.system("exit 1 # pwn"), "thing": no_such_module_xyz.Thing()}
-    items = {
-        "cmd": global_("os", "system") + text("exit 1 # pwn") + b"\x85R",
-        "thing": global_("no_such_module_xyz", "Thing") + b")R",
-    }
-    write_archive(tmp_path / "evil.pth", items, {})
-    loaded = tp.load(tmp_path / "evil.pth")
-    assert isinstance(loaded["cmd"], tp.Placeholder)  # and the command did not run
-    command, thing = loaded["cmd"], loaded["thing"]
-    assert (command.module, command.name, command.args) == ("os", "system", ("exit 1 # pwn",))
-    assert (thing.module, thing.name) == ("no_such_module_xyz", "Thing")
-    assert "no_such_module_xyz" not in sys.modules
+MARKER = "pwned-marker"  # each payload below would create this file if it ran
+MALICIOUS = {  # data.pkl entries that would run code under pickle.load
+    "os.system": global_("os", "system") + text(f"touch {MARKER}") + b"\x85R",
+    "posix.system": global_("posix", "system") + text(f"touch {MARKER}") + b"\x85R",
+    "subprocess": global_("subprocess", "check_call") + b"(" + text("touch") + text(MARKER) + b"l\x85R",
+    "eval": global_("builtins", "eval") + text(f"open({MARKER!r}, 'w')") + b"\x85R",
+    "exec": global_("builtins", "exec") + text(f"open({MARKER!r}, 'w')") + b"\x85R",
+    "open": global_("io", "open") + text(MARKER) + text("w") + b"\x86R",
+    "import-chain": global_("builtins", "getattr") + global_("builtins", "__import__") + text("os")
+    + b"\x85R" + text("system") + b"\x86R" + text(f"touch {MARKER}") + b"\x85R",
+    "stack-global": b"\x8c\x02os\x8c\x06system\x93" + text(f"touch {MARKER}") + b"\x85R",
+    "inst-opcode": b"(" + text(f"touch {MARKER}") + b"ios\nsystem\n",
+    "obj-opcode": b"(" + global_("os", "system") + text(f"touch {MARKER}") + b"o",
+    "class-instance": global_("zipfile", "ZipFile") + text(MARKER) + text("w") + b"\x86R",
+    "partial": global_("functools", "partial") + global_("os", "system") + text(f"touch {MARKER}")
+    + b"\x86R)R",
+}
+
+
+@pytest.mark.parametrize("payload", MALICIOUS.values(), ids=MALICIOUS.keys())
+def test_restricted_unpickler_runs_and_imports_nothing(tmp_path, monkeypatch, payload):
+    monkeypatch.chdir(tmp_path)
+    write_archive(tmp_path / "evil.pth", {"obj": payload}, {})
+    modules = set(sys.modules)
+    with contextlib.suppress(tp.CheckpointFormatError):  # e.g. calling a Placeholder is refused
+        assert isinstance(tp.load(tmp_path / "evil.pth")["obj"], tp.Placeholder)
+    assert os.listdir(tmp_path) == ["evil.pth"]  # nothing ran, nothing was written
+    assert set(sys.modules) == modules  # nothing was imported
+
+
+def test_placeholder_records_what_would_have_run(tmp_path):
+    write_archive(tmp_path / "evil.pth", {"cmd": MALICIOUS["os.system"]}, {})
+    command = tp.load(tmp_path / "evil.pth")["cmd"]
+    assert (command.module, command.name, command.args) == ("os", "system", (f"touch {MARKER}",))
+
+
+def test_tensors_may_not_reuse_storage_over_and_over(tmp_path):
+    views = {f"w{i}": tensor(("torch", "FloatStorage"), "0", 1 << 18, 0, (1 << 18,), (1,)) for i in range(4)}
+    write_archive(tmp_path / "aliased.pth", dict(list(views.items())[:2]), {"0": bytes(1 << 20)})
+    tied = tp.load(tmp_path / "aliased.pth")  # two views of one storage: tied weights
+    assert set(tied) == {"w0", "w1"} and tied["w1"].shape == (1 << 18,)
+    write_archive(tmp_path / "aliased.pth", views, {"0": bytes(1 << 20)})
+    with pytest.raises(tp.CheckpointFormatError, match=r"view the same stored bytes over and over "
+                                                      r"\(4194304 bytes of tensors from 1048576"):
+        tp.load(tmp_path / "aliased.pth")
+
+
+def test_open_state_dict_reads_nothing_until_asked(tmp_path, saved, monkeypatch):
+    reads = []
+    monkeypatch.setattr(tp._Archive, "storage_bytes", lambda self, storage: reads.append(storage)
+                        or bytearray(storage.nbytes))
+    with tp.open_state_dict(saved) as state_dict:
+        assert {k: (v.shape, v.dtype) for k, v in state_dict.items()} == {
+            "w": ((2, 3), np.float32), "b": ((3,), np.int64)}
+        assert reads == []
+        assert np.asarray(state_dict["b"], np.float32).dtype == np.float32
+    assert len(reads) == 1
 
 
 def test_save_restores_sys_modules(tmp_path, monkeypatch):
@@ -300,6 +361,15 @@ ERROR_CASES = {
     "short-storage-record": (
         lambda p, s: rewrite(s, p, lambda n, d: d[:5] if n.endswith("data/0") else d),
         ["'archive/data/0' holds 5 bytes, not 6 elements of float32 (24 bytes)"],
+    ),
+    "long-storage-record": (
+        lambda p, s: rewrite(s, p, lambda n, d: d + bytes(4) if n.endswith("data/0") else d),
+        ["'archive/data/0' holds 28 bytes, not 6 elements of float32 (24 bytes)"],
+    ),
+    "oversized-data.pkl": (
+        lambda p, s: rewrite(
+            s, p, lambda n, d: d[:-1] + b" " * tp.PICKLE_LIMIT + b"." if n.endswith("data.pkl") else d),
+        ["record 'archive/data.pkl' declares", "more than the 16777216"],
     ),
     "unsupported-storage": (
         lambda p, s: rewrite(s, p, lambda n, d: d.replace(b"FloatStorage", b"QUInt8Storage")),

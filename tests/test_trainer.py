@@ -108,9 +108,12 @@ def test_microbatches_that_do_not_split_are_refused(tmp_path, tokenizer_export):
 
 
 def test_workdir_of_another_model_is_refused(tmp_path, tokenizer_export):
-    trainer.Trainer(demo_config(**{"tokenizer.export": tokenizer_export}), str(tmp_path))
+    """The workdir is claimed (``_record_workdir_config``, which ``run`` calls once the config
+    passed every check) for one model and stage; another is refused, naming the difference."""
+    trainer.Trainer(demo_config(**{"tokenizer.export": tokenizer_export}),
+                    str(tmp_path))._record_workdir_config()
     other = demo_config(**{"tokenizer.export": tokenizer_export, "model.overrides.width": 128})
-    with pytest.raises(ValueError, match="different model or stage"):
+    with pytest.raises(ValueError, match="another model or stage .*model width 64 there, 128 here"):
         trainer.Trainer(other, str(tmp_path))
 
 

@@ -8,7 +8,9 @@
 
 Reads ``.pth`` files without torch (``hmar_jax.convert.torch_pickle``), validates every
 key and shape, and writes an Orbax params checkpoint plus a JSON config atomically.
-Exit status 2 with a one-line message on any problem with the input.
+The output location is checked before the source is read, and tensors are read only after
+their shapes matched the expected layout, so a wrong or hostile file costs neither time
+nor memory. Exit status 2 with a one-line message on any problem with the input.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import pathlib
 import re
 import sys
 
+from hmar_jax import cli
 from hmar_jax.convert import hmar as hmar_convert
 from hmar_jax.convert import inception as inception_convert
 from hmar_jax.convert import torch_pickle
@@ -41,10 +44,10 @@ def convert_vqvae(args: argparse.Namespace) -> pathlib.Path:
     from hmar_jax.vqvae import VQVAE
 
     src = pathlib.Path(args.src)
-    state_dict = torch_pickle.load_state_dict(src, subtree=args.subtree)
-    cfg = vqvae_convert.infer_config(state_dict, args.patch_nums, norm_groups=args.norm_groups,
-                                     quant_resi=args.quant_resi)
-    params = vqvae_convert.convert_state_dict(state_dict, cfg)
+    with torch_pickle.open_state_dict(src, subtree=args.subtree) as state_dict:
+        cfg = vqvae_convert.infer_config(state_dict, args.patch_nums, norm_groups=args.norm_groups,
+                                         quant_resi=args.quant_resi)
+        params = vqvae_convert.convert_state_dict(state_dict, cfg)
     model = nnx.eval_shape(lambda: VQVAE(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(model)
     nnx.replace_by_pure_dict(state, params)
@@ -60,6 +63,18 @@ def _depth_from_name(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def _transformer_format(state_dict: dict, src: pathlib.Path, kind: str) -> str:
+    """The file's format, refused unless it is the one ``convert <kind>`` reads."""
+    fmt = hmar_convert.detect_format(state_dict)
+    if fmt != kind:
+        hint = ("use `python -m hmar_jax.convert var` (add --pattern block_diagonal for HMAR "
+                "stage-1 weights)" if fmt == "var" else "use `python -m hmar_jax.convert hmar`")
+        found = "VAR/NSP-format (blocks.*, head.*)" if fmt == "var" else "HMAR combined (base_blocks.*)"
+        raise vqvae_convert.ConversionError(
+            f"{src.name} is a {found} checkpoint, not what `convert {kind}` reads; {hint}.")
+    return fmt
+
+
 def convert_transformer(args: argparse.Namespace) -> pathlib.Path:
     """Converts an HMAR combined or VAR/NSP ``.pth`` into an ``hmar`` export."""
     from flax import nnx
@@ -68,20 +83,15 @@ def convert_transformer(args: argparse.Namespace) -> pathlib.Path:
     from hmar_jax.transformer import HMARTransformer
 
     src = pathlib.Path(args.src)
-    state_dict = torch_pickle.load_state_dict(src, subtree=args.subtree)
-    fmt = hmar_convert.detect_format(state_dict)
-    if fmt != args.kind:
-        hint = ("use `python -m hmar_jax.convert var` (add --pattern block_diagonal for HMAR "
-                "stage-1 weights)" if fmt == "var" else "use `python -m hmar_jax.convert hmar`")
-        found = "VAR/NSP-format (blocks.*, head.*)" if fmt == "var" else "HMAR combined (base_blocks.*)"
-        raise vqvae_convert.ConversionError(
-            f"{src.name} is a {found} checkpoint, not what `convert {args.kind}` reads; {hint}.")
-    expected_depth, source = args.depth, "--depth"
-    if expected_depth is None and (named := _depth_from_name(src.name)) is not None:
-        expected_depth, source = named, f"The file name {src.name!r}"
-    cfg = hmar_convert.infer_config(state_dict, fmt, args.patch_nums, expected_depth=expected_depth,
-                                    depth_source=source, attention_pattern=getattr(args, "pattern", None))
-    params = hmar_convert.convert_state_dict(state_dict, cfg, fmt)
+    with torch_pickle.open_state_dict(src, subtree=args.subtree) as state_dict:
+        fmt = _transformer_format(state_dict, src, args.kind)
+        expected_depth, source = args.depth, "--depth"
+        if expected_depth is None and (named := _depth_from_name(src.name)) is not None:
+            expected_depth, source = named, f"The file name {src.name!r}"
+        cfg = hmar_convert.infer_config(state_dict, fmt, args.patch_nums,
+                                        expected_depth=expected_depth, depth_source=source,
+                                        attention_pattern=getattr(args, "pattern", None))
+        params = hmar_convert.convert_state_dict(state_dict, cfg, fmt)
     model = nnx.eval_shape(lambda: HMARTransformer(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(model)
     nnx.replace_by_pure_dict(state, params)
@@ -179,16 +189,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def _convert(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        out = args.run(args)
-    except (torch_pickle.CheckpointFormatError, vqvae_convert.ConversionError,
-            FileExistsError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
+    cli.check_writable_output(args.out, overwrite=args.overwrite)
+    print(f"wrote {args.run(args)}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs one conversion; bad input is one ``error: ...`` line on stderr and exit status 2."""
+    return cli.run(_convert, argv)
 
 
 if __name__ == "__main__":

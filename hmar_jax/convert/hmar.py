@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from hmar_jax.convert.vqvae import ConversionError, shape_problems
+from hmar_jax.convert.vqvae import ConversionError, shape_problems, tensor_shape
 from hmar_jax.transformer import MODEL_PRESETS, HMARConfig
 from hmar_jax.scales import resolve_patch_nums
 
@@ -79,7 +79,8 @@ def detect_format(state_dict: dict[str, np.ndarray]) -> str:
 def infer_config(state_dict: dict[str, np.ndarray], fmt: str, patch_nums, *,
                  expected_depth: int | None = None, depth_source: str = "--depth",
                  attention_pattern: str | None = None) -> HMARConfig:
-    """Reads depth, n, width, heads, vocab and classes from the keys and shapes."""
+    """Reads depth, n, width, heads, vocab and classes from the keys and shapes (only the
+    shapes: the values are read after the whole layout was checked against the result)."""
     if fmt == "hmar":
         base, ns, mask = (_indices(state_dict, p) for p in ("base_blocks", "ns_blocks", "mask_blocks"))
         if len(ns) != len(mask):
@@ -97,16 +98,13 @@ def infer_config(state_dict: dict[str, np.ndarray], fmt: str, patch_nums, *,
         detail = (f"{len(base)} base + {len(ns)} ns blocks" if fmt == "hmar" else f"{depth} blocks")
         raise ConversionError(f"{depth_source} says depth {expected_depth}, but the file holds a "
                               f"depth-{depth} model ({detail}). Use the matching file or --depth.")
-    try:
-        classes, width = state_dict["class_emb.weight"].shape
-        heads = state_dict[f"{first_block}.attn.scale_mul_1H11"].shape[1]
-        hidden = state_dict[f"{first_block}.ffn.fc1.weight"].shape[0]
-        vocab = state_dict[f"{head}.weight"].shape[0]
-        latent = state_dict["word_embed.weight"].shape[1]
-        length = state_dict["pos_1LC"].shape[1]
-    except KeyError as err:
-        raise ConversionError(f"missing key {err}; the file is truncated or not a {fmt.upper()} "
-                              "checkpoint.") from None
+    model = fmt.upper()
+    classes, width = tensor_shape(state_dict, "class_emb.weight", 2, model)
+    heads = tensor_shape(state_dict, f"{first_block}.attn.scale_mul_1H11", 4, model)[1]
+    hidden = tensor_shape(state_dict, f"{first_block}.ffn.fc1.weight", 2, model)[0]
+    vocab = tensor_shape(state_dict, f"{head}.weight", 2, model)[0]
+    latent = tensor_shape(state_dict, "word_embed.weight", 2, model)[1]
+    length = tensor_shape(state_dict, "pos_1LC", 3, model)[1]
     patch_nums = resolve_patch_nums(patch_nums)
     if length != sum(p * p for p in patch_nums):
         raise ConversionError(f"pos_1LC has {length} tokens but patch_nums {patch_nums} give "

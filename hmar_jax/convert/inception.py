@@ -119,6 +119,7 @@ def convert(src: str | pathlib.Path, out: str | pathlib.Path, *, overwrite: bool
     src = pathlib.Path(src)
     if not src.is_file():
         raise FileNotFoundError(missing_weights_message(src))
-    params = convert_state_dict(torch_pickle.load_state_dict(src))
+    with torch_pickle.open_state_dict(src) as state_dict:
+        params = convert_state_dict(state_dict)
     return checkpointing.save_params(out, params, inception.KIND, inception.config_json(),
                                      extra_metadata=extra_metadata, overwrite=overwrite)

@@ -13,7 +13,15 @@ share one top-level folder of arbitrary name, ``<archive>``:
 * ``<archive>/byteorder`` (``little`` or ``big``) and ``<archive>/version``.
 
 :func:`load` imports nothing: tensors become NumPy arrays and unknown globals become
-:class:`Placeholder` objects. :func:`save` writes files ``torch.load(weights_only=True)`` reads.
+:class:`Placeholder` objects. :func:`open_state_dict` yields the tensors unread
+(:class:`StoredTensor`), so a caller can check names and shapes before paying for them.
+:func:`save` writes files ``torch.load(weights_only=True)`` reads.
+
+A checkpoint may come from anywhere, so no size it declares is trusted: storage sizes must
+equal their zip records' sizes, records must fit in the file (and compressed ones inflate
+only to a bounded ratio, read in chunks that stop at the declared size), and tensor views
+must lie inside their storage without repeating elements. Reading therefore never needs
+much more memory than the file's own size, whatever the file claims.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import io
+import math
 import os
 import pickle
 import sys
@@ -66,6 +75,14 @@ _DTYPES: dict[str, tuple[str | None, np.dtype]] = {
 _STORAGE_DTYPES = {storage: dtype for storage, dtype in _DTYPES.values() if storage}
 _STORAGE_NAMES = {dtype: storage for storage, dtype in _STORAGE_DTYPES.items()}
 _REPAIR = "Re-download the file or re-save it with torch.save(obj, path)"
+
+# Bounds on what a file may declare, so that reading costs memory in proportion to its size.
+PICKLE_LIMIT = 16 << 20  # bytes of data.pkl: a state_dict's object tree pickles to ~200 bytes a tensor
+INFLATE_LIMIT = 16  # the records together may inflate to this many times the file's size ...
+ALIAS_LIMIT = 2  # ... and the tensors hold at most this many times the bytes of their storages
+_ALLOWANCE = 1 << 20  # added to both bounds, for small files (records of zeros, tied small tensors)
+_CHUNK = 1 << 20  # bytes inflated per read
+_MAX_DIMS = 64  # NumPy's limit
 
 
 class CheckpointFormatError(ValueError):
@@ -119,6 +136,18 @@ class _StorageType(NamedTuple):
     dtype: np.dtype
 
 
+class _Storage(NamedTuple):
+    """A storage record: its zip entry and the element type and count data.pkl declares for it."""
+
+    record: zipfile.ZipInfo
+    dtype: np.dtype
+    numel: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
 def _swap_bytes(array: np.ndarray) -> None:
     """Reverses the byte order of each element (each complex component) of a C-contiguous array."""
     width = array.dtype.itemsize // (2 if array.dtype.kind == "c" else 1)
@@ -126,24 +155,173 @@ def _swap_bytes(array: np.ndarray) -> None:
         array.reshape(-1).view(f"u{width}").byteswap(inplace=True)
 
 
-def _rebuild_parameter(data: np.ndarray, *_: Any) -> np.ndarray:
+def _rebuild_parameter(data: Any, *_: Any) -> Any:
     return data
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Unpickles ``data.pkl`` without importing anything, reading storages from the archive."""
+class _Archive:
+    """An open checkpoint zip whose records are read only after their sizes were checked.
 
-    def __init__(self, archive: zipfile.ZipFile, prefix: str, path: PathLike) -> None:
-        super().__init__(io.BytesIO(_read_record(archive, f"{prefix}/data.pkl", path)))
-        self._archive, self._prefix, self._path = archive, prefix, path
-        has_byteorder = f"{prefix}/byteorder" in archive.namelist()
-        record = _read_record(archive, f"{prefix}/byteorder", path) if has_byteorder else b"little"
-        byteorder = record.decode("ascii", "replace")
+    Every size the archive declares is compared with what it can really hold before
+    anything is allocated: records must fit in the file without sharing bytes, stored
+    records hold exactly their declared size, all records together may inflate to at most
+    :data:`INFLATE_LIMIT` times the file's size (torch.save never compresses), and reads go
+    in chunks that stop at the declared size, so a record that inflates past it (a
+    compression bomb whose header lies) is cut there and refused by its CRC.
+    """
+
+    def __init__(self, path: PathLike) -> None:
+        self.path = path
+        self.zip = _open_zip(path)
+        self.byteorder_swap = False
+        self._cached: tuple[str, bytearray] | None = None  # the last storage read, for views sharing it
+        try:
+            self._check_sizes(os.path.getsize(path))
+        except BaseException:
+            self.zip.close()
+            raise
+
+    def _check_sizes(self, file_size: int) -> None:
+        path, records = self.path, self.zip.infolist()
+        for info in records:
+            if info.header_offset + info.compress_size > file_size:
+                raise _error(path, f"zip record {info.filename!r} extends past the end of the file "
+                                   "(the file is truncated)")
+        if sum(info.compress_size for info in records) > file_size:
+            raise _error(path, "zip records overlap (several entries share the same bytes)")
+        declared = sum(info.file_size for info in records)
+        if declared > INFLATE_LIMIT * file_size + _ALLOWANCE:
+            raise _error(path, f"its zip records declare {declared} bytes in a file of {file_size} "
+                               "(a compression bomb?); torch.save never compresses",
+                         "Re-save the checkpoint with torch.save(obj, path)")
+
+    def close(self) -> None:
+        self._cached = None
+        self.zip.close()
+
+    def record(self, name: str) -> zipfile.ZipInfo:
+        try:
+            return self.zip.getinfo(name)
+        except KeyError:
+            raise _error(self.path, f"record {name!r} is missing") from None
+
+    def read(self, info: zipfile.ZipInfo, limit: int) -> bytearray:
+        """The bytes of record ``info``, refused if it declares more than ``limit`` bytes."""
+        name, size = info.filename, info.file_size
+        if size > limit:
+            raise _error(self.path, f"record {name!r} declares {size} bytes, more than the {limit} "
+                                    "this reader accepts for it")
+        if info.compress_type == zipfile.ZIP_STORED and info.compress_size != size:
+            raise _error(self.path, f"stored zip record {name!r} declares {size} bytes but holds "
+                                    f"{info.compress_size}")
+        data = bytearray(size)
+        view = memoryview(data)
+        try:
+            with self.zip.open(info) as record:
+                filled = 0
+                while filled < size:
+                    chunk = record.read(min(_CHUNK, size - filled))
+                    if not chunk:
+                        raise _error(self.path, f"zip record {name!r} holds {filled} bytes, not "
+                                                f"the {size} its header declares")
+                    view[filled:filled + len(chunk)] = chunk  # zipfile checks the CRC at the end
+                    filled += len(chunk)
+        except (zipfile.BadZipFile, EOFError, zlib.error, NotImplementedError, OSError) as exc:
+            raise _error(self.path, f"zip record {name!r} is corrupt ({exc})") from exc
+        return data
+
+    def storage_bytes(self, storage: _Storage) -> bytearray:
+        name = storage.record.filename
+        if self._cached is None or self._cached[0] != name:
+            self._cached = None  # released before the next storage is allocated
+            self._cached = (name, self.read(storage.record, storage.nbytes))
+        return self._cached[1]
+
+
+class StoredTensor:
+    """A tensor of an open checkpoint (:func:`open_state_dict`) whose bytes are not read yet.
+
+    Its ``shape``, ``dtype`` and layout come from data.pkl and were checked against the
+    size its storage declares; ``np.asarray(tensor)`` (or :meth:`read`) reads the bytes.
+    A converter checks every shape against the layout it expects first, so a file that
+    declares tensors of the wrong size is refused before any of them is read.
+    """
+
+    def __init__(self, archive: _Archive, storage: _Storage, dtype: np.dtype, offset: int,
+                 shape: tuple[int, ...], strides: tuple[int, ...]) -> None:
+        self._archive, self._storage = archive, storage
+        self.dtype, self.shape = dtype, shape
+        self._offset, self._strides = offset, strides
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    def read(self) -> np.ndarray:
+        """The tensor as a C-contiguous array in native byte order."""
+        if 0 in self.shape:
+            return np.zeros(self.shape, self.dtype)
+        storage = self._archive.storage_bytes(self._storage)
+        itemsize = self.dtype.itemsize
+        array = np.ndarray(self.shape, self.dtype, storage, self._offset * itemsize,
+                           [s * itemsize for s in self._strides]).copy()
+        if self._archive.byteorder_swap:
+            _swap_bytes(array)
+        return array
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        array = self.read()
+        return array if dtype is None else array.astype(dtype, copy=False)
+
+    def __repr__(self) -> str:
+        return f"StoredTensor(shape={self.shape}, dtype={self.dtype})"
+
+
+def _layout_problem(shape: tuple[int, ...], strides: tuple[int, ...], offset: int,
+                    dtype: np.dtype, storage: _Storage) -> str | None:
+    """Why a view ``(offset, shape, strides)`` of ``storage`` cannot be read, or None.
+
+    Views of distinct elements are accepted (slices, transposes, permutations): with the
+    dimensions ordered by stride, each stride must step past everything the smaller ones
+    reach. A stride 0 or an overlap would let a few stored bytes declare an arbitrarily
+    large tensor.
+    """
+    layout = f"shape {shape}, strides {strides} and offset {offset}"
+    if 0 in shape:
+        return None
+    reach = 1  # elements spanned by the dimensions checked so far
+    for stride, length in sorted((s, n) for n, s in zip(shape, strides, strict=True) if n > 1):
+        if stride == 0:
+            return f"a tensor of {layout} repeats elements (stride 0, a broadcast view)"
+        if stride < reach:
+            return f"a tensor of {layout} overlaps itself (its elements share storage)"
+        reach += (length - 1) * stride
+    needed = (offset + reach) * dtype.itemsize
+    if needed > storage.nbytes:
+        return (f"storage record {storage.record.filename!r} has {storage.nbytes} bytes; a "
+                f"{dtype} tensor of {layout} needs {needed}")
+    return None
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickles ``data.pkl`` without importing anything; tensors become :class:`StoredTensor`
+    (or, with ``eager``, arrays read at once). Checks every storage and view size first."""
+
+    def __init__(self, archive: _Archive, prefix: str, eager: bool) -> None:
+        super().__init__(io.BytesIO(archive.read(archive.record(f"{prefix}/data.pkl"), PICKLE_LIMIT)))
+        self._archive, self._prefix, self._path, self._eager = archive, prefix, archive.path, eager
+        has_byteorder = f"{prefix}/byteorder" in archive.zip.NameToInfo
+        record = archive.read(archive.record(f"{prefix}/byteorder"), 16) if has_byteorder else b"little"
+        byteorder = bytes(record).decode("ascii", "replace")
         if byteorder not in ("little", "big"):
-            raise _error(path, f"record '{prefix}/byteorder' names an unknown byte order {byteorder!r}")
-        self._swap = byteorder != sys.byteorder
-        self._storages: dict[tuple[str, np.dtype], np.ndarray] = {}
-        self._record_names: dict[int, str] = {}  # id(storage array) -> record name
+            raise _error(self._path, f"record '{prefix}/byteorder' names an unknown byte order {byteorder!r}")
+        archive.byteorder_swap = byteorder != sys.byteorder
+        self._storages: dict[tuple[str, np.dtype], _Storage] = {}
+        self._storage_bytes = self._tensor_bytes = 0
         self._placeholders: dict[tuple[str, str], type[Placeholder]] = {}
 
     def find_class(self, module: str, name: str) -> Any:
@@ -166,7 +344,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
             self._placeholders[module, name] = type(name, (Placeholder,), {"module": module, "name": name})
         return self._placeholders[module, name]
 
-    def persistent_load(self, pid: Any) -> np.ndarray:
+    def persistent_load(self, pid: Any) -> _Storage:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] in ("storage", b"storage")):
             raise _error(self._path, f"data.pkl holds an unknown persistent id {pid!r}")
         _, storage_type, key, _location, numel = pid
@@ -175,56 +353,53 @@ class _RestrictedUnpickler(pickle.Unpickler):
             found = f"{storage_type.module}.{storage_type.name}" if is_placeholder else repr(storage_type)
             supported = ", ".join(f"torch.{name}" for name in [*_STORAGE_DTYPES, "UntypedStorage"])
             raise _error(self._path, f"unsupported storage type {found}", f"Supported: {supported}")
+        if not isinstance(key, str) or not _is_count(numel):
+            raise _error(self._path, f"data.pkl declares a storage with key {key!r} and size {numel!r}")
         name, dtype = f"{self._prefix}/data/{key}", storage_type.dtype
         if (name, dtype) not in self._storages:
-            data = _read_record(self._archive, name, self._path)
-            if len(data) < numel * dtype.itemsize:
-                declared = f"{numel} elements of {dtype} ({numel * dtype.itemsize} bytes)"
-                raise _error(self._path, f"storage record {name!r} holds {len(data)} bytes, not {declared}")
-            self._storages[name, dtype] = array = np.frombuffer(data, dtype, count=numel)
-            self._record_names[id(array)] = name
+            storage = _Storage(self._archive.record(name), dtype, numel)
+            if storage.record.file_size != storage.nbytes:
+                declared = f"{numel} elements of {dtype} ({storage.nbytes} bytes)"
+                problem = f"storage record {name!r} holds {storage.record.file_size} bytes, not {declared}"
+                raise _error(self._path, problem)
+            self._storages[name, dtype] = storage
+            self._storage_bytes += storage.nbytes
         return self._storages[name, dtype]
 
-    def _rebuild_tensor_v2(self, storage: Any, offset: int, size: Any, stride: Any, *_: Any) -> np.ndarray:
+    def _rebuild_tensor_v2(self, storage: Any, offset: Any, size: Any, stride: Any, *_: Any) -> Any:
         return self._tensor(storage, getattr(storage, "dtype", None), offset, size, stride)
 
     def _rebuild_tensor_v3(
-        self, storage: Any, offset: int, size: Any, stride: Any, _grad: Any, _hooks: Any, dtype: Any, *_: Any
-    ) -> np.ndarray:
+        self, storage: Any, offset: Any, size: Any, stride: Any, _grad: Any, _hooks: Any, dtype: Any, *_: Any
+    ) -> Any:
         return self._tensor(storage, dtype, offset, size, stride)
 
-    def _tensor(self, storage: Any, dtype: Any, offset: int, size: Any, stride: Any) -> np.ndarray:
-        """Copies a tensor out of its storage; ``offset`` and ``stride`` count ``dtype`` elements."""
-        name = self._record_names.get(id(storage))
-        if name is None or not isinstance(dtype, np.dtype):
+    def _tensor(self, storage: Any, dtype: Any, offset: Any, size: Any, stride: Any) -> Any:
+        """A view of ``storage``, checked before anything is read; ``offset`` and ``stride``
+        count ``dtype`` elements."""
+        if not isinstance(storage, _Storage) or not isinstance(dtype, np.dtype):
             raise _error(self._path, f"a tensor is built from {storage!r} with dtype {dtype!r}")
         size, stride = tuple(size), tuple(stride)
-        if len(size) != len(stride) or min((offset, *size, *stride)) < 0:
+        if (len(size) != len(stride) or len(size) > _MAX_DIMS
+                or not all(map(_is_count, (offset, *size, *stride)))):
             raise _error(self._path, f"invalid tensor layout size={size} stride={stride} offset={offset}")
-        if 0 in size:
-            return np.zeros(size, dtype)
-        needed = (offset + 1 + sum((n - 1) * s for n, s in zip(size, stride, strict=True))) * dtype.itemsize
-        if needed > storage.nbytes:
-            tensor = f"a {dtype} tensor of shape {size}, offset {offset} and strides {stride}"
-            problem = f"storage record {name!r} has {storage.nbytes} bytes; {tensor} needs {needed}"
-            raise _error(self._path, problem)
-        strides = [s * dtype.itemsize for s in stride]
-        array = np.ndarray(size, dtype, storage.view(np.uint8), offset * dtype.itemsize, strides).copy()
-        if self._swap:
-            _swap_bytes(array)
-        return array
+        if problem := _layout_problem(size, stride, offset, dtype, storage):
+            raise _error(self._path, problem, "Re-download the file, or re-save it with each tensor "
+                                              "made contiguous (tensor.contiguous())")
+        tensor = StoredTensor(self._archive, storage, dtype, offset, size, stride)
+        self._tensor_bytes += tensor.nbytes
+        if self._tensor_bytes > ALIAS_LIMIT * self._storage_bytes + _ALLOWANCE:
+            problem = (f"its tensors view the same stored bytes over and over ({self._tensor_bytes} "
+                       f"bytes of tensors from {self._storage_bytes} bytes of storage)")
+            raise _error(self._path, problem, "Re-save the checkpoint with each tensor cloned")
+        return tensor.read() if self._eager else tensor
 
 
-def _read_record(archive: zipfile.ZipFile, name: str, path: PathLike) -> bytes:
-    try:
-        return archive.read(name)
-    except KeyError as exc:
-        raise _error(path, f"record {name!r} is missing") from exc
-    except (zipfile.BadZipFile, EOFError, zlib.error) as exc:
-        raise _error(path, f"zip record {name!r} is corrupt ({exc})") from exc
+def _is_count(value: Any) -> bool:
+    return type(value) is int and 0 <= value < 2**62
 
 
-def _open_archive(path: PathLike) -> zipfile.ZipFile:
+def _open_zip(path: PathLike) -> zipfile.ZipFile:
     if not os.path.isfile(path):
         problem = "is a directory, not a checkpoint file" if os.path.isdir(path) else "no such file"
         raise _error(path, problem, "Check the path, and that the download or copy finished")
@@ -263,12 +438,24 @@ def _find_prefix(archive: zipfile.ZipFile, path: PathLike) -> str:
     raise _error(path, f"zip archive has no '<archive>/data.pkl' entry (entries: {listing})")
 
 
+def _unpickle(archive: _Archive, eager: bool) -> Any:
+    unpickler = _RestrictedUnpickler(archive, _find_prefix(archive.zip, archive.path), eager)
+    try:
+        return unpickler.load()
+    except CheckpointFormatError:
+        raise
+    except Exception as exc:
+        raise _error(archive.path, f"data.pkl could not be unpickled ({type(exc).__name__}: {exc})") from exc
+
+
 def load(path: PathLike) -> Any:
     """Loads a ``torch.save`` checkpoint (zip format, torch>=1.6) without torch.
 
     Tensors and parameters become C-contiguous NumPy arrays (bfloat16 and float8 as
     ``ml_dtypes`` arrays), torch dtypes become NumPy dtypes, and other globals are
-    never imported: they become :class:`Placeholder` objects.
+    never imported: they become :class:`Placeholder` objects. Every declared size is
+    checked before it is allocated (see :class:`_Archive` and :func:`_layout_problem`),
+    so memory stays proportional to the file's size.
 
     Args:
         path: The checkpoint file.
@@ -278,16 +465,13 @@ def load(path: PathLike) -> Any:
 
     Raises:
         CheckpointFormatError: The file is missing, not a torch>=1.6 checkpoint, corrupt,
-            or uses an unsupported storage type.
+            declares sizes it does not hold, or uses an unsupported storage type.
     """
-    with _open_archive(path) as archive:
-        unpickler = _RestrictedUnpickler(archive, _find_prefix(archive, path), path)
-        try:
-            return unpickler.load()
-        except CheckpointFormatError:
-            raise
-        except Exception as exc:
-            raise _error(path, f"data.pkl could not be unpickled ({type(exc).__name__}: {exc})") from exc
+    archive = _Archive(path)
+    try:
+        return _unpickle(archive, eager=True)
+    finally:
+        archive.close()
 
 
 def _describe(obj: Any) -> str:
@@ -295,35 +479,53 @@ def _describe(obj: Any) -> str:
         return f"a {type(obj).__name__}"
     keys = list(obj)
     listing = ", ".join(map(repr, keys[:20])) + (", ..." if len(keys) > 20 else "")
-    odd = [f"; {k!r} holds {type(v).__name__}" for k, v in obj.items() if not isinstance(v, np.ndarray)]
+    odd = [f"; {k!r} holds {type(v).__name__}" for k, v in obj.items() if not isinstance(v, StoredTensor)]
     return f"a {type(obj).__name__} with keys [{listing}]" + (odd[0] if odd else "")
 
 
-def load_state_dict(path: PathLike, *, subtree: str | None = None) -> dict[str, np.ndarray]:
-    """Loads a checkpoint holding a state_dict, as ``{name: array}``.
+@contextlib.contextmanager
+def open_state_dict(path: PathLike, *, subtree: str | None = None) -> Iterator[dict[str, StoredTensor]]:
+    """Opens a checkpoint holding a state_dict as ``{name: StoredTensor}``, nothing read yet.
+
+    Names, shapes and dtypes are known at once; ``np.asarray(tensor)`` reads a tensor's
+    bytes while the block runs. A converter checks the shapes against the layout it
+    expects before reading, so a wrong file costs no memory.
 
     Args:
         path: The checkpoint file.
         subtree: Slash-separated key path to a nested state_dict, e.g.
             ``"trainer/transformer_wo_ddp"`` in a training checkpoint.
 
-    Returns:
-        A plain dict from parameter names to NumPy arrays, in saved order.
-
     Raises:
         CheckpointFormatError: As :func:`load`, or the selected object is not a mapping
-            of names to arrays (the message lists its keys).
+            of names to tensors (the message lists its keys).
     """
-    obj, where = load(path), "the top-level object"
-    for part in subtree.strip("/").split("/") if subtree else []:
-        if not isinstance(obj, Mapping) or part not in obj:
-            problem = f"subtree {subtree!r} not found: {where} is {_describe(obj)}, with no key {part!r}"
-            raise _error(path, problem, "Pass a slash-separated path of existing keys")
-        obj, where = obj[part], f"the object at subtree {subtree!r}"
-    if isinstance(obj, Mapping) and all(isinstance(k, str) and isinstance(obj[k], np.ndarray) for k in obj):
-        return dict(obj)
-    fix = "A slash-separated subtree= path (e.g. 'trainer/transformer_wo_ddp') selects a nested state_dict"
-    raise _error(path, f"{where} is {_describe(obj)}, not a mapping of names to arrays", fix)
+    archive = _Archive(path)
+    try:
+        obj, where = _unpickle(archive, eager=False), "the top-level object"
+        for part in subtree.strip("/").split("/") if subtree else []:
+            if not isinstance(obj, Mapping) or part not in obj:
+                problem = f"subtree {subtree!r} not found: {where} is {_describe(obj)}, with no key {part!r}"
+                raise _error(path, problem, "Pass a slash-separated path of existing keys")
+            obj, where = obj[part], f"the object at subtree {subtree!r}"
+        if not (isinstance(obj, Mapping)
+                and all(isinstance(k, str) and isinstance(obj[k], StoredTensor) for k in obj)):
+            fix = ("A slash-separated subtree= path (e.g. 'trainer/transformer_wo_ddp') selects a "
+                   "nested state_dict")
+            raise _error(path, f"{where} is {_describe(obj)}, not a mapping of names to arrays", fix)
+        yield dict(obj)
+    finally:
+        archive.close()
+
+
+def load_state_dict(path: PathLike, *, subtree: str | None = None) -> dict[str, np.ndarray]:
+    """Loads a checkpoint holding a state_dict, as ``{name: array}`` in saved order.
+
+    Arguments and errors as :func:`open_state_dict`, which reads the same without
+    reading the tensors yet.
+    """
+    with open_state_dict(path, subtree=subtree) as state_dict:
+        return {name: tensor.read() for name, tensor in state_dict.items()}
 
 
 def _stand_in_module(name: str, members: list[str]) -> types.ModuleType:

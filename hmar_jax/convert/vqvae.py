@@ -36,6 +36,20 @@ class ConversionError(ValueError):
     """A state_dict does not match the layout the converter expects."""
 
 
+def tensor_shape(state_dict: dict[str, Any], key: str, ndim: int, model: str) -> tuple[int, ...]:
+    """The shape of ``state_dict[key]``, which a converter reads the architecture from:
+    refused unless present with ``ndim`` nonzero sizes, so that a damaged file stops with
+    a message instead of an inferred config of zero widths."""
+    if key not in state_dict:
+        raise ConversionError(f"missing key '{key}'; the file is truncated or not a {model} "
+                              "checkpoint.")
+    shape = tuple(int(n) for n in state_dict[key].shape)
+    if len(shape) != ndim or 0 in shape:
+        raise ConversionError(f"key '{key}' has shape {shape}, not {ndim} nonzero sizes; the file "
+                              f"is corrupt or not a {model} checkpoint.")
+    return shape
+
+
 def shape_problems(state_dict: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]],
                    order=None) -> list[str]:
     """``missing key`` / ``has shape`` messages for the expected keys (sorted by ``order``);
@@ -91,22 +105,26 @@ def _torch_shape(path: tuple[Any, ...], shape: tuple[int, ...]) -> tuple[int, ..
 
 def infer_config(state_dict: dict[str, np.ndarray], patch_nums, norm_groups: int = 32,
                  quant_resi: float = 0.5) -> VQVAEConfig:
-    """Reads the architecture of a VAR VQ-VAE from its state_dict shapes."""
+    """Reads the architecture of a VAR VQ-VAE from its state_dict shapes (only the shapes:
+    the values are read after the whole layout was checked against the result)."""
     _reject_foreign(state_dict)
-    ch, in_channels = state_dict["encoder.conv_in.weight"].shape[:2]
+    ch, in_channels = tensor_shape(state_dict, "encoder.conv_in.weight", 4, "VQ-VAE")[:2]
     levels = sorted({int(m.group(1)) for k in state_dict
                      if (m := re.match(r"encoder\.down\.(\d+)\.", k))})
     if not levels:
         raise ConversionError("No 'encoder.down.<i>.' keys found: this state_dict has no encoder levels.")
-    ch_mult = tuple(int(state_dict[f"encoder.down.{i}.block.0.conv1.weight"].shape[0]) // ch
-                    for i in levels)
+    ch_mult = tuple(tensor_shape(state_dict, f"encoder.down.{i}.block.0.conv1.weight", 4, "VQ-VAE")[0]
+                    // ch for i in levels)
+    if 0 in ch_mult:
+        raise ConversionError(f"encoder level widths {ch_mult} (times {ch}) include 0; the file is "
+                              "corrupt or not a VAR VQ-VAE checkpoint.")
     num_res_blocks = len({k.split(".")[4] for k in state_dict if k.startswith("encoder.down.0.block.")})
     num_phi = len({k.split(".")[3] for k in state_dict if k.startswith("quantize.quant_resi.qresi_ls.")})
     if num_phi < 2:
         raise ConversionError(
             "Only the partially shared phi layout ('quantize.quant_resi.qresi_ls.<j>', "
             f"share_quant_resi >= 2) is supported; found {num_phi} such convs.")
-    vocab, z_channels = state_dict["quantize.embedding.weight"].shape
+    vocab, z_channels = tensor_shape(state_dict, "quantize.embedding.weight", 2, "VQ-VAE")
     return VQVAEConfig(
         vocab_size=int(vocab), z_channels=int(z_channels), ch=int(ch), ch_mult=ch_mult,
         num_res_blocks=num_res_blocks, in_channels=int(in_channels),

@@ -29,22 +29,32 @@ import time
 
 import numpy as np
 
+from hmar_jax import cli
+from hmar_jax.atomic_io import atomic_write
+
+
+def _check_report_output(path: str | None) -> None:
+    """A JSON report replaces an earlier one (no --overwrite); its folder must be writable."""
+    if path is not None:
+        cli.check_writable_output(path, overwrite=True)
+
 
 def _write_json(path: str | None, report: dict) -> None:
     if path is not None:
         out = pathlib.Path(path)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2) + "\n")
+        atomic_write(out, lambda f: f.write((json.dumps(report, indent=2) + "\n").encode()))
         print(f"wrote {out}")
 
 
 def run_metrics(args: argparse.Namespace) -> int:
+    from hmar_jax import sample
     from hmar_jax.evaluate import inception, metrics
 
-    samples = pathlib.Path(args.samples)
-    if not samples.is_file():
-        raise FileNotFoundError(f"Sample batch {samples} not found; write one with `python -m "
-                                "hmar_jax.evaluate generate`.")
+    sample.check_int_range("--batch-size", args.batch_size, 1)
+    sample.check_int_range("--block", args.block, 1)
+    _check_report_output(args.out)
+    samples = metrics.check_samples(args.samples)  # the inputs before the Inception is loaded
     metrics.check_reference(args.ref)
     model = inception.load_inception(args.inception, preprocessing=args.preprocessing)
     feature_fn = metrics.make_feature_fn(model, args.batch_size)
@@ -63,25 +73,31 @@ def run_metrics(args: argparse.Namespace) -> int:
 
 
 def _read_digit_samples(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
+    from hmar_jax.evaluate import metrics
+
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file (the trainer writes samples.npz in its "
                                 "workdir).")
-    with np.load(path) as npz:
-        key = next((k for k in ("images", "arr_0") if k in npz.files), None)
-        if key is None or "labels" not in npz.files:
-            raise ValueError(f"{path} has keys {npz.files}; expected 'images' (or 'arr_0') and "
-                             "'labels', as the trainer writes.")
-        images, labels = npz[key], npz["labels"]
+    keys = metrics.npz_keys(path)
+    key = next((k for k in ("images", "arr_0") if k in keys), None)
+    if key is None or "labels" not in keys:
+        raise ValueError(f"{path} has keys {keys}; expected 'images' (or 'arr_0') and "
+                         "'labels', as the trainer writes.")
+    arrays = metrics.load_npz(path, (key, "labels"))
+    images, labels = arrays[key], arrays["labels"]
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 \
-            or labels.shape != images.shape[:1]:
+            or labels.shape != images.shape[:1] or labels.dtype.kind not in "iu" \
+            or not len(labels):
         raise ValueError(f"{path}: images {images.dtype} {images.shape} and labels "
-                         f"{labels.shape}; expected uint8 [N, S, S, 3] and [N].")
+                         f"{labels.dtype} {labels.shape}; expected uint8 [N, S, S, 3] and "
+                         "integer [N], N >= 1.")
     return images, labels
 
 
 def run_digits(args: argparse.Namespace) -> int:
     from hmar_jax.evaluate import digits
 
+    _check_report_output(args.out)
     images, labels = _read_digit_samples(pathlib.Path(args.samples))
     report = digits.evaluate_samples(images, labels)
     print(f"Accuracy: {report['accuracy']:.4f} (classifier on held-out real digits: "
@@ -95,17 +111,13 @@ def run_digits(args: argparse.Namespace) -> int:
 
 
 def _check_generate_args(args: argparse.Namespace) -> None:
-    if args.per_class < 1:
-        raise ValueError(f"--per-class must be at least 1, got {args.per_class}.")
-    if args.chunk < 1 or args.batch_size < 1:
-        raise ValueError(f"--chunk and --batch-size must be at least 1, got {args.chunk} and "
-                         f"{args.batch_size}.")
-    from hmar_jax import sampling
+    from hmar_jax import sample, sampling
 
-    names = [*sorted(sampling.PRESETS), "default"]
-    if args.preset not in names:
-        raise ValueError(f"Unknown --preset {args.preset!r}; choose one of {', '.join(names)} "
-                         "('default' is the checkpoint's own sampling config).")
+    sample.check_int_range("--per-class", args.per_class, 1)
+    sample.check_int_range("--chunk", args.chunk, 1)
+    sample.check_int_range("--batch-size", args.batch_size, 1)
+    sample.check_int_range("--seed", args.seed, sample.INT32_MIN)
+    sampling.check_preset_name(args.preset)
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -163,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="sampling preset (hmar_jax.sampling.PRESETS) or 'default'")
     gen.add_argument("--per-class", type=int, default=50, help="samples per class (50 -> 50k)")
     gen.add_argument("--out", required=True, help="npz to write (arr_0, labels)")
-    gen.add_argument("--seed", type=int, default=0, help="sampling seed")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed, -2147483648..2147483647")
     gen.add_argument("--chunk", type=int, default=1000,
                      help="samples per resumable chunk in <out>.parts/")
     gen.add_argument("--batch-size", type=int, default=64, help="sampler batch size")
@@ -193,14 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    try:
-        return args.run(args)
-    except (FileNotFoundError, FileExistsError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return args.run(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.run(run, argv)
 
 
 if __name__ == "__main__":

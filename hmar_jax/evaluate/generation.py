@@ -4,8 +4,10 @@
 ``i // per_class`` and index ``i % per_class`` within its class. The sequence is cut into
 chunks of ``chunk_size``; each finished chunk is written to ``<out>.parts/`` as its own
 npz (temporary name, then an atomic rename), so a crashed or preempted run resumes from
-the chunks that exist. When all chunks are there they are packed, streaming one chunk
-at a time, into ``<out>`` (written under a temporary name and renamed) with
+the chunks that exist; a chunk file that cannot be read back (empty, truncated, other
+samples) is reported and generated again. When all chunks are there they are packed,
+streaming one chunk at a time, into ``<out>`` (written under a temporary name and
+renamed) with
 
 * ``arr_0``: uint8 ``[N, H, W, 3]`` (what OpenAI's evaluator reads),
 * ``labels``: int32 ``[N]``,
@@ -37,7 +39,9 @@ from collections.abc import Callable
 
 import numpy as np
 
+from hmar_jax import cli
 from hmar_jax.atomic_io import atomic_write
+from hmar_jax.evaluate import metrics
 
 RUN_FILE = "run.json"
 
@@ -142,7 +146,11 @@ def generate_parts(generate_fn: Callable[[np.ndarray, np.ndarray], np.ndarray],
     for chunk_id in mine:
         path = chunk_path(out, chunk_id)
         if path.is_file():
-            continue
+            problem = _chunk_problem(plan, out, chunk_id)
+            if problem is None:
+                continue
+            logging.warning("%s cannot be used (%s); generating chunk %d again.", path, problem,
+                            chunk_id)
         labels, index = plan.chunk(chunk_id)
         images = _validated_images(generate_fn(labels, index), labels, chunk_id)
         atomic_write(path, lambda f: np.savez(f, images=images, labels=labels,
@@ -153,19 +161,39 @@ def generate_parts(generate_fn: Callable[[np.ndarray, np.ndarray], np.ndarray],
     return done
 
 
+def _chunk_problem(plan: GenerationPlan, out: pathlib.Path, chunk_id: int) -> str | None:
+    """Why an existing chunk file cannot be packed, or None. Reads its labels and the
+    header of its images only, so resuming does not read every finished chunk whole."""
+    path = chunk_path(out, chunk_id)
+    labels, index = plan.chunk(chunk_id)
+    try:
+        stored = metrics.load_npz(path, ("labels", "sample_index"))
+        with metrics.open_npz_array(path, "images") as reader:
+            shape, dtype = reader.shape, reader.dtype
+    except ValueError as error:
+        return str(error)
+    if not (np.array_equal(stored["labels"], labels)
+            and np.array_equal(stored["sample_index"], index)):
+        return f"it holds other samples than chunk {chunk_id} of this run"
+    if dtype != np.uint8 or shape is None or len(shape) != 4 or shape[0] != len(labels) \
+            or shape[-1] != 3:
+        return f"its images are {dtype} {shape}, not uint8 [{len(labels)}, H, W, 3]"
+    return None
+
+
 def _read_chunk(plan: GenerationPlan, out: pathlib.Path, chunk_id: int) -> np.ndarray:
     path = chunk_path(out, chunk_id)
     labels, index = plan.chunk(chunk_id)
     try:
-        with np.load(path) as z:
-            images, stored_labels, stored_index = z["images"], z["labels"], z["sample_index"]
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as err:
+        stored = metrics.load_npz(path, ("images", "labels", "sample_index"))
+    except ValueError as err:
         raise ValueError(f"{path} is unreadable ({err}); delete it and rerun to regenerate "
                          "it.") from None
-    if not (np.array_equal(stored_labels, labels) and np.array_equal(stored_index, index)):
+    if not (np.array_equal(stored["labels"], labels)
+            and np.array_equal(stored["sample_index"], index)):
         raise ValueError(f"{path} holds other samples than chunk {chunk_id} of this run; "
                          f"delete {parts_dir(out)} and rerun.")
-    return images
+    return stored["images"]
 
 
 def pack_parts(plan: GenerationPlan, out: str | pathlib.Path) -> pathlib.Path:
@@ -197,20 +225,21 @@ def pack_parts(plan: GenerationPlan, out: str | pathlib.Path) -> pathlib.Path:
             with zf.open("labels.npy", "w") as member:
                 np.lib.format.write_array(member, plan.labels())
 
-    atomic_write(out, write)
+    atomic_write(out, write, overwrite=False)  # never replaces another run's batch
     shutil.rmtree(parts_dir(out))
     return out
 
 
 def check_output_free(out: str | pathlib.Path) -> pathlib.Path:
-    """Raises FileExistsError if ``out`` exists (a finished batch is never overwritten)."""
+    """Raises FileExistsError if ``out`` exists (a finished batch is never overwritten),
+    InputError if its folder cannot be written: both before any sample is generated."""
     out = pathlib.Path(out)
     if out.exists():
         leftover = (f" (and {parts_dir(out)} is left from the run that wrote it: delete it)"
                     if parts_dir(out).exists() else "")
         raise FileExistsError(f"{out} already exists{leftover}; choose another --out or "
                               "delete it.")
-    return out
+    return cli.check_writable_output(out, overwrite=False)
 
 
 def generate_npz(generate_fn: Callable[[np.ndarray, np.ndarray], np.ndarray],

@@ -38,7 +38,8 @@ import math
 import pathlib
 import warnings
 import zipfile
-from collections.abc import Callable, Iterator
+import zlib
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -312,10 +313,43 @@ def _read_exactly(stream, size: int, path: pathlib.Path) -> bytes:
     return b"".join(chunks)
 
 
+def _unreadable_npz(path: pathlib.Path, error: BaseException) -> ValueError:
+    return ValueError(f"{path} is not a readable .npz archive ({error or type(error).__name__}); "
+                      "write it again (numpy.savez).")
+
+
 def npz_keys(path: str | pathlib.Path) -> list[str]:
-    """The array names of an npz (without reading the arrays)."""
-    with zipfile.ZipFile(path) as archive:
-        return [n[:-4] for n in archive.namelist() if n.endswith(".npy")]
+    """The array names of an npz (without reading the arrays).
+
+    Raises:
+      FileNotFoundError: no such file.
+      ValueError: not an npz (e.g. an ``.npy`` renamed, an empty or truncated file).
+    """
+    path = pathlib.Path(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return [n[:-4] for n in archive.namelist() if n.endswith(".npy")]
+    except zipfile.BadZipFile as error:
+        raise _unreadable_npz(path, error) from None
+
+
+def load_npz(path: str | pathlib.Path, keys: Sequence[str]) -> dict[str, np.ndarray]:
+    """Arrays ``keys`` of an npz, read whole (for small files: digit samples, chunks).
+
+    Raises:
+      FileNotFoundError: no such file.
+      ValueError: not a readable npz, or a key is missing (the message lists the keys).
+    """
+    path = pathlib.Path(path)
+    present = npz_keys(path)
+    missing = [k for k in keys if k not in present]
+    if missing:
+        raise ValueError(f"{path} has no array {missing[0]!r} (it has {present}).")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in keys}
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as error:
+        raise _unreadable_npz(path, error) from None
 
 
 @contextlib.contextmanager
@@ -337,7 +371,11 @@ def open_npz_array(path: str | pathlib.Path, key: str) -> Iterator[NpzArrayReade
         keys = [n[:-4] for n in archive.namelist() if n.endswith(".npy")]
         if key not in keys:
             raise ValueError(f"{path} has no array {key!r} (it has {keys}).")
-        yield NpzArrayReader(archive, key, path)
+        try:
+            reader = NpzArrayReader(archive, key, path)
+        except (zipfile.BadZipFile, zlib.error, EOFError, ValueError) as error:
+            raise _unreadable_npz(path, error) from None
+        yield reader
 
 
 def _check_images(reader: NpzArrayReader, path: pathlib.Path, key: str) -> None:
@@ -432,19 +470,60 @@ def missing_reference_message(path: str | pathlib.Path) -> str:
             f"{REFERENCE_URL} and pass its path with --ref.")
 
 
+# Fewest images the metrics are defined for: the Inception Score splits the samples into
+# 10 parts, and the k-NN radii of precision/recall need more than k = 3 points per set.
+MIN_SAMPLES, MIN_REFERENCE = 10, 4
+STATISTICS_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
+
+
+def _check_image_count(path: pathlib.Path, count: int, minimum: int, what: str) -> None:
+    if count < minimum:
+        raise ValueError(f"{path}:arr_0 holds {count} images; {what} need at least {minimum}.")
+
+
+def _stores_statistics(path: pathlib.Path, keys: list[str]) -> bool:
+    """Whether the reference npz stores its FID statistics; ValueError if only some."""
+    present = [k for k in STATISTICS_KEYS if k in keys]
+    if present and len(present) < len(STATISTICS_KEYS):
+        missing = [k for k in STATISTICS_KEYS if k not in keys]
+        raise ValueError(f"{path} has {present} but lacks {missing}; it is not a complete "
+                         f"reference batch like {REFERENCE_FILE}.")
+    return bool(present)
+
+
+def check_samples(path: str | pathlib.Path) -> pathlib.Path:
+    """Checks, without reading the images, that the sample npz holds uint8 ``arr_0``
+    ``[N, H, W, 3]`` with enough images: run before any Inception work."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Sample batch {path} not found; write one with `python -m "
+                                "hmar_jax.evaluate generate`.")
+    with open_npz_array(path, "arr_0") as reader:
+        _check_images(reader, path, "arr_0")
+        _check_image_count(path, len(reader), MIN_SAMPLES,
+                           "the metrics (10 Inception Score splits)")
+    return path
+
+
 def check_reference(path: str | pathlib.Path) -> pathlib.Path:
-    """Checks that the reference npz exists and holds images (``arr_0``)."""
+    """Checks that the reference npz exists, holds uint8 images (``arr_0``) and, if it
+    stores FID statistics, all four of them: run before any Inception work."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(missing_reference_message(path))
     try:
         keys = npz_keys(path)
-    except zipfile.BadZipFile:
+    except ValueError:
         raise ValueError(f"{path} is not an .npz archive; --ref must be OpenAI's "
                          f"{REFERENCE_FILE}.") from None
     if "arr_0" not in keys:
         raise ValueError(f"{path} has no 'arr_0' reference images (it has {keys}); "
                          f"--ref must be OpenAI's {REFERENCE_FILE}.")
+    _stores_statistics(path, keys)
+    with open_npz_array(path, "arr_0") as reader:
+        _check_images(reader, path, "arr_0")
+        _check_image_count(path, len(reader), MIN_REFERENCE,
+                           "the precision/recall radii (k = 3 neighbours)")
     return path
 
 
@@ -452,15 +531,9 @@ def reference_statistics(path: str | pathlib.Path, activations: dict[str, np.nda
                          ) -> ReferenceStatistics:
     """The npz's stored ``mu``/``sigma``/``mu_s``/``sigma_s`` if present (as the evaluator
     does), else statistics of the reference ``activations``."""
-    with np.load(path) as npz:
-        stored = {k: np.asarray(npz[k], np.float64) for k in ("mu", "sigma", "mu_s", "sigma_s")
-                  if k in npz.files}
-    if "mu" in stored:
-        missing = [k for k in ("sigma", "mu_s", "sigma_s") if k not in stored]
-        if missing:
-            raise ValueError(f"{path} has 'mu' but lacks {missing}; it is not a complete "
-                             f"reference batch like {REFERENCE_FILE}.")
-        return ReferenceStatistics(**stored)
+    if _stores_statistics(path, npz_keys(path)):
+        stored = load_npz(path, STATISTICS_KEYS)
+        return ReferenceStatistics(**{k: np.asarray(v, np.float64) for k, v in stored.items()})
     mu, sigma = feature_statistics(activations["pool"])
     mu_s, sigma_s = feature_statistics(activations["spatial"])
     return ReferenceStatistics(mu, sigma, mu_s, sigma_s)
@@ -479,11 +552,8 @@ def evaluate(samples: str | pathlib.Path, reference: str | pathlib.Path, feature
       ``{"inception_score", "fid", "sfid", "precision", "recall", "num_samples",
       "num_reference"}``.
     """
+    samples = check_samples(samples)  # both inputs before any image goes through feature_fn
     reference = check_reference(reference)
-    samples = pathlib.Path(samples)
-    if not samples.is_file():
-        raise FileNotFoundError(f"Sample batch {samples} not found; write one with `python -m "
-                                "hmar_jax.evaluate generate`.")
     logging.info("Reference activations (%s)...", reference.name)
     ref_acts = compute_activations(reference, feature_fn, batch_size=batch_size)
     ref_stats = reference_statistics(reference, ref_acts)
