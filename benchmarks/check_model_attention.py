@@ -24,7 +24,7 @@ from flax import nnx
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from benchmarks.attention import time_ms  # noqa: E402
-from hmar_jax import losses  # noqa: E402
+from hmar_jax.training import losses  # noqa: E402
 from hmar_jax.transformer import HMARTransformer, preset  # noqa: E402
 
 

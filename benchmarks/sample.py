@@ -98,7 +98,7 @@ def sample_worker(spec: dict) -> dict:
 
     from hmar_jax import sampling
     from hmar_jax.transformer import HMARTransformer, cast_matmul_weights, unstack_blocks
-    from hmar_jax.vqvae import VQVAE
+    from hmar_jax.tokenizer.model import VQVAE
 
     mode, batch, lower_only = spec["mode"], spec["batch"], spec.get("lower_only", False)
     import dataclasses

@@ -3,7 +3,7 @@
 Random init, 256 px (patch_nums 1..16, L = 680, V = 4096, Cv = 32, the ch=160 VQ-VAE of
 ``VQVAEConfig()``), bf16 compute. Modes:
 
-* ``full``: ``hmar_jax.trainer.make_step`` with the Trainer's optimizer (AdamW with the
+* ``full``: ``hmar_jax.training.trainer.make_step`` with the Trainer's optimizer (AdamW with the
   upstream decay groups, clipping 2.0, EMA, the ImageNet recipe of
   ``configs/hmar_imagenet.py``) and donated state: tokenizer encode, teacher-forcing inputs,
   forward, loss, backward, clip, AdamW, EMA. Inputs are random uint8 images mapped to
@@ -355,7 +355,7 @@ def fmt(value, spec: str, width: int) -> str:
 
 def quick_vae_config():
     """16 px tokenizer with patch_nums (1, 2, 3, 4) for CPU smoke runs."""
-    from hmar_jax.vqvae import VQVAEConfig
+    from hmar_jax.tokenizer.model import VQVAEConfig
 
     return VQVAEConfig(vocab_size=64, z_channels=8, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1,
                        using_sa=False, norm_groups=4, patch_nums=(1, 2, 3, 4),
@@ -370,7 +370,7 @@ TOKENIZER_PRECISION = "default"
 def vae_config(quick: bool, precision: str = TOKENIZER_PRECISION, norm_backend: str = "auto"):
     import dataclasses
 
-    from hmar_jax.vqvae import VQVAEConfig
+    from hmar_jax.tokenizer.model import VQVAEConfig
 
     # VQVAEConfig() = vae_ch160v4096z32
     config = quick_vae_config() if quick else VQVAEConfig()
@@ -432,10 +432,12 @@ def train_worker(spec: dict) -> dict:
     import numpy as np
     from flax import nnx
 
-    from hmar_jax import losses, optim, sharding
+    from hmar_jax import sharding
+    from hmar_jax.training import losses
+    from hmar_jax.training import optim
     from hmar_jax.transformer import HMARTransformer
-    from hmar_jax.trainer import TrainState, make_step, model_config, trainable_filter
-    from hmar_jax.vqvae import VQVAE
+    from hmar_jax.training.trainer import TrainState, make_step, model_config, trainable_filter
+    from hmar_jax.tokenizer.model import VQVAE
 
     mode, n_dev, batch = spec["mode"], spec["devices"], spec["batch"]
     if len(jax.devices()) < n_dev:
@@ -454,7 +456,7 @@ def train_worker(spec: dict) -> dict:
     rng = np.random.default_rng(spec["seed"])
     side = vae.config.image_size
     images_u8 = rng.integers(0, 256, (global_batch, side, side, 3), dtype=np.uint8)
-    images = images_u8.astype(np.float32) / 127.5 - 1.0  # as hmar_jax.data does
+    images = images_u8.astype(np.float32) / 127.5 - 1.0  # as hmar_jax.training.data does
     labels = rng.integers(0, cfg.num_classes, (global_batch,)).astype(np.int32)
     result = {"remat": cfg.remat, "scan_blocks": cfg.scan_blocks, "L": layout.seq_len,
               "width": cfg.width, "depth": cfg.depth, "vocab": cfg.vocab_size,
@@ -601,7 +603,7 @@ def _index_agreement(vae, images, precision: str) -> list[float]:
     import jax
     from flax import nnx
 
-    from hmar_jax.vqvae import VQVAE
+    from hmar_jax.tokenizer.model import VQVAE
 
     graphdef, state = nnx.split(vae)
     exact_config = dataclasses.replace(vae.config, precision="highest")
@@ -986,7 +988,7 @@ def main() -> None:
                              "microbatches, one update (config.microbatches; B/k per pass)")
     parser.add_argument("--mu-dtype", default="float32",
                         help="AdamW's first-moment dtype (optimizer.mu_dtype, one of "
-                             "hmar_jax.optim.MU_DTYPES) in the full step")
+                             "hmar_jax.training.optim.MU_DTYPES) in the full step")
     parser.add_argument("--tokenizer-precision", default=TOKENIZER_PRECISION,
                         help="comma list of tokenizer precisions for the full and tokenize modes: "
                              "default (TF32 on GPUs, the training configs' setting), bfloat16, "
@@ -1010,7 +1012,7 @@ def main() -> None:
         args.out = str(REPO / "benchmarks" / "results" /
                        ("train_step_quick.json" if args.quick else "train_step.json"))
     from hmar_jax.transformer import REMAT_POLICIES  # imports jax, initialises no backend
-    from hmar_jax.optim import MU_DTYPES
+    from hmar_jax.training.optim import MU_DTYPES
     from hmar_jax.pallas.backend_choice import KERNEL_BACKENDS
     from hmar_jax.pallas.qkv_prologue import PROLOGUE_BACKENDS
     for flag, allowed in (("gelu_backend", KERNEL_BACKENDS), ("norm_backend", KERNEL_BACKENDS),

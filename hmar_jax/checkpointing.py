@@ -147,30 +147,33 @@ def save_hmar(directory: str | pathlib.Path, model, **kwargs) -> pathlib.Path:
     return save_module(directory, model, HMAR, **kwargs)
 
 
-def load_tokenizer(directory: str | pathlib.Path, **config_overrides):
-    """Loads a tokenizer export written by ``save_tokenizer`` or the converter;
-    ``config_overrides`` may change runtime-only fields (``precision``).
+def load_tokenizer(directory: str | pathlib.Path, execution=None):
+    """Loads a tokenizer export written by ``save_tokenizer`` or the converter, to run with
+    a resolved ``execution`` (default ``execution.REFERENCE``: exact float32, plain jnp).
 
     Example:
       >>> vae = load_tokenizer("checkpoints/vae_ch160v4096z32")
       >>> indices = vae.encode_to_indices(images)   # images [B, 256, 256, 3] in [-1, 1]
     """
-    from hmar_jax.vqvae import VQVAE, VQVAEConfig  # local: keeps this module model-agnostic
+    from hmar_jax.execution import REFERENCE
+    from hmar_jax.tokenizer import VQVAE, VQVAEConfig  # local: keeps this module model-agnostic
 
-    cfg = VQVAEConfig.from_dict(read_config(directory, TOKENIZER) | config_overrides)
-    return restore_into(directory, lambda: VQVAE(cfg, rngs=nnx.Rngs(0)))
+    cfg = VQVAEConfig.from_dict(read_config(directory, TOKENIZER))
+    return restore_into(directory, lambda: VQVAE(cfg, execution or REFERENCE, rngs=nnx.Rngs(0)))
 
 
-def load_hmar(directory: str | pathlib.Path, **config_overrides):
-    """Loads an ``HMARTransformer`` export; ``config_overrides`` may change runtime-only
-    fields such as ``dtype``, ``attention_backend``, ``scan_blocks`` or ``remat``.
+def load_hmar(directory: str | pathlib.Path, execution=None):
+    """Loads an ``HMARTransformer`` export, to run with a resolved ``execution`` (default
+    ``execution.REFERENCE``).
 
     Example:
-      >>> model = load_hmar("checkpoints/hmar-d16", dtype="bfloat16")
+      >>> model = load_hmar("checkpoints/hmar-d16", execution.resolved())
     """
+    from hmar_jax.execution import REFERENCE
     from hmar_jax.transformer import HMARConfig, HMARTransformer
 
     values = read_config(directory, HMAR)
     values["patch_nums"] = tuple(values["patch_nums"])
-    cfg = HMARConfig.from_dict(values | config_overrides)
-    return restore_into(directory, lambda: HMARTransformer(cfg, rngs=nnx.Rngs(0)))
+    cfg = HMARConfig.from_dict(values)
+    return restore_into(directory, lambda: HMARTransformer(cfg, execution or REFERENCE,
+                                                          rngs=nnx.Rngs(0)))

@@ -64,7 +64,7 @@ def read_image(path: str, flag: str, mode: str) -> np.ndarray:
 
 def fit_image(image: np.ndarray, size: int, resize: bool) -> np.ndarray:
     """uint8 ``[size, size, 3]``; ValueError if the size differs and ``resize`` is off."""
-    from hmar_jax import data
+    from hmar_jax.training import data
 
     if image.shape[:2] != (size, size):
         if not resize:
@@ -131,7 +131,8 @@ def run(argv: list[str] | None = None) -> int:
     mask = read_image(args.mask, "--mask", "L") if args.mask else None
     import jax.numpy as jnp
 
-    from hmar_jax import sampling, visualize
+    from hmar_jax import sampling
+    from hmar_jax.sampling import visualize
 
     out = pathlib.Path(args.out)
     bundle, config = sample.open_bundle(args)

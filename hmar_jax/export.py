@@ -31,7 +31,7 @@ def export_workdir(workdir: str | pathlib.Path, out: str | pathlib.Path, *,
     sampling settings."""
     import ml_collections
 
-    from hmar_jax import trainer as trainer_lib
+    from hmar_jax.training import trainer as trainer_lib
 
     workdir = pathlib.Path(workdir)
     config_path = workdir / trainer_lib.RUN_CONFIG
@@ -96,7 +96,7 @@ def run(argv: list[str] | None = None) -> int:
     if args.preset:
         sampling.check_preset_name(args.preset)
     cli.check_writable_output(args.out, overwrite=args.overwrite)  # before loading any weights
-    from hmar_jax import metric_writers
+    from hmar_jax.training import metric_writers
 
     metric_writers.quiet_library_logs()
     if args.workdir:

@@ -6,7 +6,7 @@
 The dataset, the tokenizer (``config.tokenizer.export``, else ``workdir/tokenizer``,
 trained there first for the embedded digits) and its precision come from the config, as
 in training; images are centre-cropped. One process encodes everything on its default
-device (see ``hmar_jax.token_cache`` for the format). Bad input ends in one ``error:`` line
+device (see ``hmar_jax.training.token_cache`` for the format). Bad input ends in one ``error:`` line
 and exit status 2.
 """
 
@@ -18,7 +18,11 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from hmar_jax import cli, data, metric_writers, token_cache, trainer
+from hmar_jax import cli
+from hmar_jax.training import data
+from hmar_jax.training import metric_writers
+from hmar_jax.training import token_cache
+from hmar_jax.training import trainer
 
 
 def _define_flags() -> dict:

@@ -28,7 +28,7 @@ from hmar_jax import transformer as hmar_model
 from hmar_jax.atomic_io import atomic_directory
 from hmar_jax.transformer import HMARTransformer, cast_matmul_weights
 from hmar_jax.sampling import SamplingConfig
-from hmar_jax.vqvae import VQVAE
+from hmar_jax.tokenizer.model import VQVAE
 
 FORMAT = "hmar_jax.pretrained"
 VERSION = 1

@@ -55,7 +55,7 @@ def write_samples(path: pathlib.Path, images: np.ndarray, labels: np.ndarray,
                   sample_index: np.ndarray, per_class: int, *, overwrite: bool) -> pathlib.Path:
     """``.npz`` (images, labels, sample_index) or ``.png`` (a row per class), written
     atomically so an interrupted run leaves no file that looks complete."""
-    from hmar_jax import visualize
+    from hmar_jax.sampling import visualize
 
     if path.suffix == ".npz":
         write_output(path, lambda f: np.savez(f, images=images, labels=labels,
@@ -109,7 +109,8 @@ def check_common_arguments(args: argparse.Namespace) -> None:
 def open_bundle(args: argparse.Namespace):
     """``(bundle, sampling config)`` for the command's flags; raises FileNotFoundError or
     ValueError with the message the command prints."""
-    from hmar_jax import metric_writers, pretrained, sampling
+    from hmar_jax import pretrained, sampling
+    from hmar_jax.training import metric_writers
 
     metric_writers.quiet_library_logs()
     bundle = pretrained.load_pretrained(args.checkpoint, unstack_blocks=args.unstack_blocks)

@@ -14,7 +14,9 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from hmar_jax import cli, metric_writers, trainer
+from hmar_jax import cli
+from hmar_jax.training import metric_writers
+from hmar_jax.training import trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)

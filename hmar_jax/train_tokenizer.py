@@ -10,7 +10,9 @@ status 2.
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from hmar_jax import cli, metric_writers, tokenizer_trainer
+from hmar_jax import cli
+from hmar_jax.training import metric_writers
+from hmar_jax.training import tokenizer_trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Tokenizer config file.",
                                           lock_config=True)

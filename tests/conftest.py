@@ -80,7 +80,7 @@ def tokenizer_export(tmp_path_factory) -> str:
     from flax import nnx
 
     from hmar_jax import checkpointing
-    from hmar_jax.vqvae import VQVAE, VQVAEConfig
+    from hmar_jax.tokenizer.model import VQVAE, VQVAEConfig
 
     cfg = VQVAEConfig(vocab_size=32, z_channels=8, ch=16, ch_mult=(1, 2), num_res_blocks=1,
                       using_sa=False, norm_groups=4, patch_nums=(1, 2, 3, 4, 6, 8))

@@ -5,7 +5,7 @@ import pathlib
 
 import pytest
 
-from hmar_jax.model import preset
+from hmar_jax.transformer import preset
 
 CONFIGS = pathlib.Path(__file__).parents[1] / "configs"
 

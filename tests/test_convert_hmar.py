@@ -11,7 +11,7 @@ from hmar_jax import checkpointing
 from hmar_jax.convert import hmar as hmar_convert
 from hmar_jax.convert import torch_pickle
 from hmar_jax.convert.__main__ import main as convert_main
-from hmar_jax.model import HMARTransformer, preset
+from hmar_jax.transformer import HMARTransformer, preset
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from hmar_jax import checkpointing
 from hmar_jax.convert import torch_pickle
 from hmar_jax.convert import vqvae as vqvae_convert
 from hmar_jax.convert.__main__ import main as convert_main
-from hmar_jax.vqvae import VQVAEConfig
+from hmar_jax.tokenizer.model import VQVAEConfig
 
 # A normal conversion of the small fixture VQ-VAE (an 18 MB .pth) peaks at about 300 MB
 # resident (the JAX and Orbax imports are most of it); refusing a hostile file must cost no

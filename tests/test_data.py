@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from hmar_jax import data
+from hmar_jax.training import data
 
 
 def test_digits_are_real_and_balanced():

@@ -7,8 +7,8 @@ import pytest
 from flax import nnx
 
 from hmar_jax import sampling
-from hmar_jax.model import HMARTransformer, preset
-from hmar_jax.vqvae import VQVAE, VQVAEConfig
+from hmar_jax.transformer import HMARTransformer, preset
+from hmar_jax.tokenizer.model import VQVAE, VQVAEConfig
 
 PATCH_NUMS = (1, 2, 3, 4, 6, 8)
 

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from hmar_jax import data
+from hmar_jax.training import data
 from hmar_jax.evaluate import digits
 from hmar_jax.evaluate.__main__ import main as evaluate_main
 

@@ -147,8 +147,8 @@ def test_generate_cli_end_to_end_with_a_tiny_bundle(tmp_path, capsys):
     from flax import nnx
 
     from hmar_jax import pretrained, sampling
-    from hmar_jax.model import HMARTransformer, preset
-    from hmar_jax.vqvae import VQVAE, VQVAEConfig
+    from hmar_jax.transformer import HMARTransformer, preset
+    from hmar_jax.tokenizer.model import VQVAE, VQVAEConfig
 
     vae = VQVAE(VQVAEConfig(vocab_size=64, z_channels=8, ch=16, ch_mult=(1, 2), num_res_blocks=1,
                             using_sa=False, norm_groups=4, patch_nums=(1, 2, 3, 4)),

@@ -18,7 +18,7 @@ from hmar_jax.execution import REFERENCE, ExecutionConfig, resolved
 from hmar_jax.pallas import adaln, bias_gelu, group_norm, ops, qkv_prologue
 from hmar_jax.transformer import HMARConfig, HMARTransformer, preset
 from hmar_jax.transformer.config import LEGACY_EXECUTION_FIELDS
-from hmar_jax.vqvae import VQVAE, VQVAEConfig
+from hmar_jax.tokenizer.model import VQVAE, VQVAEConfig
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 KERNEL_FIELDS = ("attention", "layer_norm", "gelu", "group_norm")

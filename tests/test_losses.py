@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hmar_jax import losses
+from hmar_jax.training import losses
 from hmar_jax.scales import ScaleLayout
 
 LAYOUT = ScaleLayout.create((1, 2, 3, 4))  # L = 30

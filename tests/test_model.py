@@ -12,7 +12,8 @@ import optax
 import pytest
 from flax import nnx
 
-from hmar_jax import checkpointing, losses, sharding
+from hmar_jax import checkpointing, sharding
+from hmar_jax.training import losses
 from hmar_jax.convert import torch_pickle
 from hmar_jax.convert.__main__ import main as convert_main
 from hmar_jax.execution import resolved

@@ -8,7 +8,7 @@ from flax import nnx
 
 from hmar_jax import execution
 from hmar_jax.pallas import group_norm as gn
-from hmar_jax.vqvae import VQVAE, VQVAEConfig
+from hmar_jax.tokenizer.model import VQVAE, VQVAEConfig
 
 pytestmark = pytest.mark.usefixtures("exact_float32_matmuls")  # exact references on a GPU too
 

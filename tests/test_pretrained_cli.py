@@ -12,8 +12,9 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from hmar_jax import checkpointing, edit, export, pretrained, sample, sampling, sharding, trainer
-from hmar_jax.vqvae import VQVAE, VQVAEConfig
+from hmar_jax import checkpointing, edit, export, pretrained, sample, sampling, sharding
+from hmar_jax.training import trainer
+from hmar_jax.tokenizer.model import VQVAE, VQVAEConfig
 from tiny_runs import demo_config
 
 

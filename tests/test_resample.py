@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hmar_jax import resample
+from hmar_jax.tokenizer import resample
 from hmar_jax.scales import PATCH_NUMS
 
 

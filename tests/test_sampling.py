@@ -11,9 +11,9 @@ from flax import nnx
 from hmar_jax import sampling
 from hmar_jax.convert import hmar as hmar_convert
 from hmar_jax.convert import vqvae as vqvae_convert
-from hmar_jax.model import HMARTransformer, cast_matmul_weights, preset
+from hmar_jax.transformer import HMARTransformer, cast_matmul_weights, preset
 from hmar_jax.scales import ScaleLayout
-from hmar_jax.vqvae import VQVAE, VQVAEConfig
+from hmar_jax.tokenizer.model import VQVAE, VQVAEConfig
 
 
 def build(module_cls, cfg, params):

@@ -10,8 +10,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from hmar_jax import checkpointing, data, pretokenize, token_cache, trainer
-from hmar_jax.vqvae import VQVAE
+from hmar_jax import checkpointing, pretokenize
+from hmar_jax.training import data
+from hmar_jax.training import token_cache
+from hmar_jax.training import trainer
+from hmar_jax.tokenizer.model import VQVAE
 from tiny_runs import demo_config
 
 

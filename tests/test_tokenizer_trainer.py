@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from hmar_jax import checkpointing, tokenizer_trainer
-from hmar_jax.vqvae import VQVAE
+from hmar_jax import checkpointing
+from hmar_jax.training import tokenizer_trainer
+from hmar_jax.tokenizer.model import VQVAE
 
 CONFIG_PATH = "configs/tokenizer_digits.py"
 

@@ -9,8 +9,10 @@ import optax
 import pytest
 from flax import nnx
 
-from hmar_jax import checkpointing, optim, sharding, trainer
-from hmar_jax.model import is_mask_branch
+from hmar_jax import checkpointing, sharding
+from hmar_jax.training import optim
+from hmar_jax.training import trainer
+from hmar_jax.transformer import is_mask_branch
 from tiny_runs import demo_config
 
 

@@ -17,7 +17,9 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from hmar_jax import checkpointing, optim, trainer
+from hmar_jax import checkpointing
+from hmar_jax.training import optim
+from hmar_jax.training import trainer
 from tiny_runs import demo_config
 
 ROOT = pathlib.Path(__file__).parents[1]

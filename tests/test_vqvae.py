@@ -13,7 +13,7 @@ from hmar_jax.convert import torch_pickle
 from hmar_jax.convert.__main__ import main as convert_main
 from hmar_jax.execution import resolved
 from hmar_jax.scales import ScaleLayout
-from hmar_jax.vqvae import VQVAE, VQVAEConfig
+from hmar_jax.tokenizer.model import VQVAE, VQVAEConfig
 
 
 def nhwc(x):
@@ -182,7 +182,7 @@ def test_narrow_input_convolution_runs_as_a_patch_matmul(padding, kernel):
     """``vqvae.Conv`` on 3 channels (the encoder's ``conv_in``) is one matmul over patches
     with the same result as flax's convolution (float32 at highest precision, and bf16);
     wider inputs and strided convolutions stay convolutions."""
-    from hmar_jax.vqvae import Conv
+    from hmar_jax.tokenizer.model import Conv
 
     ours = Conv(3, 8, (kernel, kernel), padding=padding, rngs=nnx.Rngs(0))
     flax_conv = nnx.Conv(3, 8, (kernel, kernel), padding=padding, rngs=nnx.Rngs(0))

@@ -41,7 +41,7 @@ def convert_vqvae(args: argparse.Namespace) -> pathlib.Path:
     from flax import nnx
 
     from hmar_jax import checkpointing
-    from hmar_jax.vqvae import VQVAE
+    from hmar_jax.tokenizer.model import VQVAE
 
     src = pathlib.Path(args.src)
     with torch_pickle.open_state_dict(src, subtree=args.subtree) as state_dict:

@@ -1,4 +1,4 @@
-"""VAR VQ-VAE state_dict (``vae_ch160v4096z32.pth``) -> ``hmar_jax.vqvae.VQVAE`` params.
+"""VAR VQ-VAE state_dict (``vae_ch160v4096z32.pth``) -> ``hmar_jax.tokenizer.model.VQVAE`` params.
 
 The NNX module tree mirrors the PyTorch module tree, so a key converts by
 splitting on dots and renaming the leaf:
@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from hmar_jax.vqvae import VQVAE, VQVAEConfig
+from hmar_jax.tokenizer.model import VQVAE, VQVAEConfig
 
 # Buffers upstream saves; checked for presence/shape only and regenerated, never loaded.
 BUFFERS = ("quantize.ema_vocab_hit_SV",)

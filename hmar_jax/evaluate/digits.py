@@ -22,7 +22,7 @@ import functools
 
 import numpy as np
 
-from hmar_jax import data
+from hmar_jax.training import data
 from hmar_jax.evaluate.metrics import feature_statistics, frechet_distance
 
 FEATURE_WIDTH = 64

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from hmar_jax import resample
+from hmar_jax.tokenizer import resample
 from hmar_jax.execution import REFERENCE, ExecutionConfig
 from hmar_jax.frozen_config import config_from_dict
 from hmar_jax.pallas import group_norm as group_norm_ops

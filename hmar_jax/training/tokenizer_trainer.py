@@ -26,8 +26,12 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
-from hmar_jax import checkpointing, data, metric_writers, optim, visualize
-from hmar_jax.vqvae import VQVAE, VQVAEConfig
+from hmar_jax import checkpointing
+from hmar_jax.training import data
+from hmar_jax.training import metric_writers
+from hmar_jax.training import optim
+from hmar_jax.sampling import visualize
+from hmar_jax.tokenizer.model import VQVAE, VQVAEConfig
 from clu import periodic_actions  # after metric_writers (TF-free shim)
 
 

@@ -44,8 +44,14 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
-from hmar_jax import (atomic_io, checkpointing, data, losses, metric_writers, optim, sampling,
-                      sharding, token_cache, tokenizer_trainer, visualize)
+from hmar_jax import atomic_io, checkpointing, sampling, sharding
+from hmar_jax.training import data
+from hmar_jax.training import losses
+from hmar_jax.training import metric_writers
+from hmar_jax.training import optim
+from hmar_jax.training import token_cache
+from hmar_jax.training import tokenizer_trainer
+from hmar_jax.sampling import visualize
 from hmar_jax.cli import InputError
 from hmar_jax.transformer import (MASK_BRANCH, STAGE1_TRAINABLE, STAGE2_TRAINABLE, HMARConfig,
                             HMARTransformer, preset)
@@ -370,7 +376,7 @@ class Trainer:
 
     # ----- data ------------------------------------------------------------------------------
     def make_iterator(self):
-        """Process-local batches of the configured dataset (see ``hmar_jax.data``)."""
+        """Process-local batches of the configured dataset (see ``hmar_jax.training.data``)."""
         d = self.config.data
         count, index = jax.process_count(), jax.process_index()
         if self.config.batch_size % count:

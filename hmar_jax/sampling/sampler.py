@@ -21,19 +21,16 @@ P latent side, Cv latent channels.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from hmar_jax import resample
+from hmar_jax.sampling.editing import EditTarget, edit_target
+from hmar_jax.tokenizer.model import VQVAE
 from hmar_jax.transformer import HMARTransformer
-from hmar_jax.vqvae import VQVAE
 
 DEFAULT_MASK_SCHEDULE_256 = ((1,), (1, 3), (1, 1, 2, 5), (16,), (25,), (36,), (64,), (100,), (169,),
                              (256,))
@@ -71,17 +68,6 @@ class SamplingConfig:
 
     def guidance(self, k: int, num_scales: int) -> float:
         return self.cfg * k / max(num_scales - 1, 1)
-
-
-# Named presets per released checkpoint (upstream config/sample and config/evaluate).
-PRESETS: dict[str, SamplingConfig] = {
-    "hmar-d16": SamplingConfig(cfg=1.7, top_k=1000, top_p=0.99),
-    "hmar-d20": SamplingConfig(cfg=1.9, top_k=950, top_p=0.99),
-    "hmar-d24": SamplingConfig(cfg=2.1, top_k=900, top_p=0.99),
-    "hmar-d30": SamplingConfig(cfg=1.7, top_k=1000, top_p=0.99),
-    "hmar-d30-fid": SamplingConfig(cfg=1.6, top_k=650, top_p=0.99),
-    "var-readme": SamplingConfig(cfg=1.5, top_k=900, top_p=0.96, mask_schedule=None),
-}
 
 
 def filter_logits(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
@@ -139,111 +125,6 @@ def _guide(logits: jax.Array, t: float) -> jax.Array:
 
 
 TokenSampler = Callable[[int, jax.Array, jax.Array], jax.Array]
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class EditTarget:
-    """Tokens to teacher-force while sampling (zero-shot editing).
-
-    Attributes:
-      tokens: per scale k, int32 ``[B, p_k^2]``: the source image's tokens.
-      keep: per scale k, bool ``[B, p_k^2]``: True where the source token is kept; the
-        sampler only writes where it is False.
-      source_latent: ``[B, P, P, Cv]``, the source's cumulative reconstruction f_hat.
-      latent_keep: bool ``[B, P, P, 1]``: where the final f_hat is the source's. Coarse
-        scales spread every regenerated token over a wide area (bicubic up-sampling), so
-        without this the kept region would drift from the source's reconstruction.
-      pixel_keep: bool ``[B, H, W, 1]``: where the returned image is the source's
-        reconstruction (the decoder's self-attention otherwise lets an edit shift
-        far-away pixels slightly).
-    """
-
-    tokens: tuple[jax.Array, ...]
-    keep: tuple[jax.Array, ...]
-    source_latent: jax.Array
-    latent_keep: jax.Array
-    pixel_keep: jax.Array
-
-
-def scale_keep_masks(regenerate: jax.Array, patch_nums: tuple[int, ...]) -> tuple[jax.Array, ...]:
-    """Pixel mask -> per-scale keep masks, following VAR's zero-shot editing demo.
-
-    The keep mask (not ``regenerate``) is area-averaged to the latent side P and
-    thresholded at 0.5, then resized to each scale with bilinear interpolation
-    (align_corners=False) and thresholded at 0.5; scales of at most 3 tokens keep
-    everything.
-
-    Args:
-      regenerate: bool ``[B, H, W]``, True where new content is generated.
-      patch_nums: the scale sides.
-
-    Returns:
-      per scale k, bool ``[B, p_k^2]``.
-    """
-    latent = latent_keep_mask(regenerate, patch_nums[-1]).astype(jnp.float32)
-    masks = []
-    for side in patch_nums:
-        scaled = resample.resize(latent, side, "bilinear")[..., 0] > 0.5  # [B, p, p]
-        if side * side <= 3:
-            scaled = jnp.ones_like(scaled)
-        masks.append(scaled.reshape(scaled.shape[0], side * side))
-    return tuple(masks)
-
-
-def latent_keep_mask(regenerate: jax.Array, latent_side: int) -> jax.Array:
-    """bool ``[B, P, P, 1]``: latent cells whose pixels are mostly kept (area average > 0.5)."""
-    keep = (~regenerate).astype(jnp.float32)[..., None]  # [B, H, W, 1]
-    return resample.resize(keep, latent_side, "area") > 0.5
-
-
-def edit_target(vae: VQVAE, images: jax.Array, regenerate: jax.Array) -> EditTarget:
-    """Encodes the source images and builds the per-scale keep masks.
-
-    Args:
-      vae: the model's tokenizer.
-      images: ``[B, H, W, 3]`` in [0, 1] at the tokenizer's resolution.
-      regenerate: bool ``[B, H, W]``, True where new content is generated (inpainting:
-        the hole; outpainting: everything outside the kept region).
-    """
-    side = vae.config.image_size
-    if images.ndim != 4 or images.shape[1:] != (side, side, 3):
-        raise ValueError(f"Edit images must be [B, {side}, {side}, 3] in [0, 1] for this tokenizer, "
-                         f"got shape {tuple(images.shape)}; resize or crop them first.")
-    if regenerate.shape != images.shape[:3]:
-        raise ValueError(f"The edit mask must be [B, H, W] = {tuple(images.shape[:3])}, got "
-                         f"{tuple(regenerate.shape)}; give one mask pixel per image pixel.")
-    indices = vae.encode_to_indices(images * 2.0 - 1.0)
-    tokens = tuple(idx.reshape(idx.shape[0], -1) for idx in indices)
-    regenerate = regenerate.astype(bool)
-    return EditTarget(tokens, scale_keep_masks(regenerate, vae.config.patch_nums),
-                      vae.indices_to_fhat(indices),
-                      latent_keep_mask(regenerate, vae.config.patch_nums[-1]), ~regenerate[..., None])
-
-
-def box_mask(image_size: int, box: tuple[float, float, float, float], *, inpaint: bool,
-             batch: int = 1) -> jax.Array:
-    """bool ``[batch, H, W]`` regenerate mask from a box ``(y0, x0, y1, x1)`` in [0, 1].
-
-    ``inpaint=True`` regenerates the box; ``False`` (outpainting) keeps the box and
-    regenerates the rest. The fractions are rounded to pixel edges; a box that rounds to
-    no pixel is refused, since it would edit nothing (inpainting) or keep nothing
-    (outpainting) while looking like a valid request.
-    """
-    y0, x0, y1, x1 = box
-    if not (0 <= y0 < y1 <= 1 and 0 <= x0 < x1 <= 1):
-        raise ValueError(f"Box {box} must be (y0, x0, y1, x1) with 0 <= y0 < y1 <= 1 and "
-                         "0 <= x0 < x1 <= 1.")
-    top, left, bottom, right = (round(v * image_size) for v in (y0, x0, y1, x1))
-    if top >= bottom or left >= right:
-        raise ValueError(f"Box {box} covers no pixel of the {image_size}x{image_size} image (rows "
-                         f"{top}:{bottom}, columns {left}:{right}); make each side at least "
-                         f"1/{image_size} of the image.")
-    rows = jnp.arange(image_size)[:, None]
-    cols = jnp.arange(image_size)[None, :]
-    inside = (rows >= top) & (rows < bottom) & (cols >= left) & (cols < right)
-    mask = inside if inpaint else ~inside
-    return jnp.broadcast_to(mask, (batch, image_size, image_size))
 
 
 def _resolve_schedules(config: SamplingConfig, model: HMARTransformer):
@@ -416,84 +297,8 @@ def check_labels(labels, num_classes: int, allow_null: bool = False) -> None:
         raise ValueError(f"Class id {int(bad[0])} is out of range: this model has classes {allowed}.")
 
 
-def check_preset_name(name: str) -> str:
-    """Raises ValueError unless ``name`` is a preset of :data:`PRESETS` or ``"default"``;
-    needs no checkpoint, so command lines check it before loading one."""
-    if name != "default" and name not in PRESETS:
-        raise ValueError(f"Unknown --preset {name!r}; choose one of {', '.join(sorted(PRESETS))} "
-                         "or 'default' (the checkpoint's own sampling config).")
-    return name
-
-
-def resolve_preset(name: str, pretrained=None) -> SamplingConfig:
-    """A named preset, or ``"default"``: the sampling config stored with a pretrained
-    checkpoint (``hmar_jax.pretrained.Pretrained``)."""
-    check_preset_name(name)
-    if name == "default":
-        if pretrained is None or pretrained.sampling is None:
-            raise ValueError("Preset 'default' needs a checkpoint that stores a sampling config; "
-                             f"choose one of {sorted(PRESETS)}.")
-        return pretrained.sampling
-    return PRESETS[name]
-
-
-@functools.lru_cache(maxsize=8)
-def _sharded_sampler(model_graph, vae_graph, seed: int, config: SamplingConfig, mesh: Mesh):
-    replicated, batched = NamedSharding(mesh, P()), NamedSharding(mesh, P(mesh.axis_names))
-
-    def run(model_state, vae_state, labels, sample_index):
-        model, vae = nnx.merge(model_graph, model_state), nnx.merge(vae_graph, vae_state)
-        return generate(model, vae, labels, sample_index, seed, config)
-
-    return jax.jit(run, in_shardings=(replicated, replicated, batched, batched),
-                   out_shardings=batched)
-
-
 def to_uint8(images: np.ndarray) -> np.ndarray:
     """float ``[N, H, W, 3]`` in [0, 1] -> uint8 with torchvision's ``save_image`` rounding."""
     return np.clip(np.floor(np.asarray(images, np.float32) * 255.0 + 0.5), 0, 255).astype(np.uint8)
 
 
-def generate_batches(model: HMARTransformer, vae: VQVAE, labels, sample_index, *, seed: int,
-                     config: SamplingConfig, batch_size: int = 64, mesh: Mesh | None = None
-                     ) -> np.ndarray:
-    """Many samples, batch-sharded over the devices of ``mesh`` (default: all local devices).
-
-    Every call runs one compiled sampler on fixed-size batches (the last one padded);
-    sample i depends only on ``(seed, labels[i], sample_index[i])``, so the result does
-    not depend on ``batch_size`` or on the number of devices.
-
-    Args:
-      labels, sample_index: int ``[N]``.
-      batch_size: samples per compiled call (rounded up to a multiple of the device count).
-
-    Returns:
-      uint8 ``[N, H, W, 3]``.
-    """
-    labels = np.asarray(labels)
-    check_labels(labels, model.config.num_classes, allow_null=True)
-    labels, sample_index = labels.astype(np.int32), np.asarray(sample_index, np.int32)
-    if labels.shape != sample_index.shape or labels.ndim != 1:
-        raise ValueError(f"labels {labels.shape} and sample_index {sample_index.shape} must both "
-                         "be [N].")
-    if mesh is None:
-        mesh = Mesh(np.asarray(jax.local_devices()), ("data",))
-    devices = mesh.devices.size
-    batch_size = -(-min(batch_size, max(len(labels), 1)) // devices) * devices
-    model_graph, model_state = nnx.split(model)
-    vae_graph, vae_state = nnx.split(vae)
-    replicated = NamedSharding(mesh, P())
-    model_state = jax.device_put(model_state, replicated)
-    vae_state = jax.device_put(vae_state, replicated)
-    sampler = _sharded_sampler(model_graph, vae_graph, seed, config, mesh)
-    chunks = []
-    for begin in range(0, len(labels), batch_size):
-        count = min(batch_size, len(labels) - begin)
-        pad = lambda a: np.concatenate([a[begin:begin + count],  # noqa: E731
-                                        np.repeat(a[begin + count - 1:begin + count],
-                                                  batch_size - count)])
-        with jax.set_mesh(mesh):  # the attention kernel then runs per device (pallas.ops)
-            images = sampler(model_state, vae_state, pad(labels), pad(sample_index))
-        chunks.append(to_uint8(jax.device_get(images))[:count])
-    return np.concatenate(chunks) if chunks else np.zeros((0,) + (vae.config.image_size,) * 2 + (3,),
-                                                            np.uint8)

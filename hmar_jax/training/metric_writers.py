@@ -6,7 +6,7 @@ module registers a stand-in for that one submodule; everything else in CLU
 (``LoggingWriter``, ``AsyncMultiWriter``, ``periodic_actions``) then imports and
 works. Event files are written with tensorboardX instead.
 
-Import ``hmar_jax.metric_writers`` before ``clu.metric_writers`` or
+Import ``hmar_jax.training.metric_writers`` before ``clu.metric_writers`` or
 ``clu.periodic_actions``.
 """
 
@@ -28,7 +28,7 @@ def _install_tf_free_summary_writer() -> None:
 
         def __init__(self, *args, **kwargs):
             raise ImportError("CLU's TensorFlow SummaryWriter is unavailable (no TensorFlow); "
-                              "use hmar_jax.metric_writers.create_writer.")
+                              "use hmar_jax.training.metric_writers.create_writer.")
 
     stub.SummaryWriter = SummaryWriter
     sys.modules[name] = stub

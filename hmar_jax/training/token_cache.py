@@ -35,9 +35,9 @@ import numpy as np
 from flax import nnx
 
 from hmar_jax.atomic_io import atomic_directory
-from hmar_jax.vqvae import VQVAE
+from hmar_jax.tokenizer.model import VQVAE
 
-FORMAT = "hmar_jax.token_cache/1"
+FORMAT = "hmar_jax.training.token_cache/1"
 TOKENS, LABELS, MANIFEST = "tokens.npy", "labels.npy", "manifest.json"
 
 
