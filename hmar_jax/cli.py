@@ -49,10 +49,17 @@ def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None 
         return report(error)
 
 
-def run_absl(main: Callable[[list[str]], object]) -> None:
+def run_absl(main: Callable[[list[str], dict], object], define_flags: Callable[[], dict]) -> None:
     """``absl.app.run`` with the same error style, flag parsing included: an unknown
-    ``--config.KEY`` or a value of the wrong type is one line and exit 2, not a traceback."""
+    ``--config.KEY`` or a value of the wrong type is one line and exit 2, not a traceback.
+
+    ``define_flags()`` defines the command's absl flags and returns them by name; it runs
+    here, when the command runs, never at import (absl refuses a flag defined twice in one
+    process, and importing a module must not change global state). ``main(argv, flags)``
+    gets what it returned."""
     from absl import app, flags
+
+    defined = define_flags()
 
     def parse_flags(argv: list[str]) -> list[str]:
         try:
@@ -64,7 +71,7 @@ def run_absl(main: Callable[[list[str]], object]) -> None:
 
     def guarded(argv: list[str]) -> object:
         try:
-            return main(argv)
+            return main(argv, defined)
         except USER_ERRORS as error:
             sys.exit(report(error))
 
