@@ -25,7 +25,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.train_step import (  # noqa: E402
-    _time_calls, elementwise_benchmark_main, timing_summary)
+    _time_calls, elementwise_benchmark_main, kernel_implementation, timing_summary)
 
 # (name, B, L, C): d16 training at B64, d30 training at B32, d30 sampling at 16x16 (2B = 128).
 SHAPES = (("d16_train_b64", 64, 680, 1024), ("d30_train_b32", 32, 680, 1920),
@@ -62,7 +62,7 @@ def measure(name: str, batch: int, length: int, width: int, num_warps: list[int]
     from hmar_jax.pallas import adaln
 
     x, branch, gate, scale, shift, dh, dx_out = random_inputs(batch, length, width)
-    interpret = jax.default_backend() != "gpu"
+    interpret = kernel_implementation("layer_norm") == "interpret"
     norm = dict(eps=1e-6, out_dtype=jnp.bfloat16)
     elements = batch * length * width
     rows_out = []

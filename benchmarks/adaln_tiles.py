@@ -27,7 +27,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.adaln import BYTES_PER_ELEMENT, random_inputs  # noqa: E402
-from benchmarks.train_step import _time_back_to_back, parse_list, standalone_header  # noqa: E402
+from benchmarks.train_step import (  # noqa: E402
+    _time_back_to_back, kernel_implementation, parse_list, standalone_header)
 
 SHAPES = (("d16_train_b64", 64, 680, 1024), ("d30_train_b32", 32, 680, 1920))
 QUICK_SHAPES = (("quick", 2, 16, 256),)
@@ -40,7 +41,7 @@ def measure(name: str, batch: int, length: int, width: int, args) -> list[dict]:
     from hmar_jax.pallas import adaln
 
     x, branch, gate, scale, shift, dh, dx_out = random_inputs(batch, length, width)
-    interpret = jax.default_backend() != "gpu"
+    interpret = kernel_implementation("layer_norm") == "interpret"
     _, _, mean, rstd = adaln.forward(x, branch, gate, scale, shift, eps=1e-6,
                                      out_dtype=jnp.bfloat16, interpret=interpret)
     inputs = {"ln": (x, None, None, scale, mean, rstd, dh, None),

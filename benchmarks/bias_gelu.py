@@ -26,7 +26,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.train_step import (  # noqa: E402
-    _time_calls, elementwise_benchmark_main, timing_summary)
+    _time_calls, elementwise_benchmark_main, kernel_implementation, timing_summary)
 
 # (name, rows M, width C): d30 sampling at the 16x16 and 13x13 scales (2B = 128 rows),
 # d16 training at B64 (64 x 680 tokens), d30 training at B32.
@@ -49,7 +49,8 @@ def measure(name: str, rows: int, width: int, num_warps: list[int], iters: int,
     bias = 0.1 * jax.random.normal(keys[2], (hidden,), jnp.float32)
     x = jax.random.normal(keys[3], (rows, width), jnp.bfloat16)
     kernel = (jax.random.normal(keys[0], (width, hidden)) / width ** 0.5).astype(jnp.bfloat16)
-    interpret = jax.default_backend() != "gpu"
+    implementation = kernel_implementation("gelu")
+    interpret = implementation == "interpret"
     exact = bg.reference_bias_gelu(h.astype(jnp.float32), bias)
     pass_bytes = {"forward": 2 * h.nbytes, "backward": 3 * h.nbytes}
     rows_out = []
@@ -81,18 +82,18 @@ def measure(name: str, rows: int, width: int, num_warps: list[int], iters: int,
                lambda h, b, dy, warps=warps: bg.backward(h, b, dy, interpret=interpret,
                                                           num_warps=warps), h, bias, dy)
 
-    def fc1(backend):
+    def fc1(variant):
         def run(x, kernel, bias):
-            if backend == "xla":  # nnx.Linear: bf16 matmul, bias added in bf16, then the GELU
+            if variant == "xla":  # nnx.Linear: bf16 matmul, bias added in bf16, then the GELU
                 return jax.nn.gelu(x @ kernel + bias.astype(x.dtype), approximate=True)
-            return bg.bias_gelu(x @ kernel, bias, backend)
+            return bg.bias_gelu(x @ kernel, bias, implementation)
         return run
 
-    for backend in ("xla", "pallas"):
-        record("fc1_forward", backend, fc1(backend), x, kernel, bias)
-        grad = jax.grad(lambda x, k, b, f=fc1(backend): jnp.sum(f(x, k, b).astype(jnp.float32)),
+    for variant in ("xla", "pallas"):
+        record("fc1_forward", variant, fc1(variant), x, kernel, bias)
+        grad = jax.grad(lambda x, k, b, f=fc1(variant): jnp.sum(f(x, k, b).astype(jnp.float32)),
                         argnums=(0, 1, 2))
-        record("fc1_forward_backward", backend, grad, x, kernel, bias)
+        record("fc1_forward_backward", variant, grad, x, kernel, bias)
     return rows_out
 
 

@@ -33,7 +33,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.train_step import (  # noqa: E402
-    _time_calls, elementwise_benchmark_main, timing_summary)
+    _time_calls, elementwise_benchmark_main, kernel_implementation, timing_summary)
 
 GROUPS, EPS = 32, 1e-6
 # (name, batch, side, channels): the encoder's GroupNorm inputs at B64, the d16 step's batch
@@ -57,7 +57,7 @@ def measure(name: str, batch: int, side: int, channels: int, num_warps: list[int
     x = (2.0 * jax.random.normal(keys[0], (batch, side, side, channels)) + 0.5).astype(jnp.bfloat16)
     scale = (1.0 + 0.1 * jax.random.normal(keys[1], (channels,))).astype(jnp.bfloat16)
     bias = (0.1 * jax.random.normal(keys[2], (channels,))).astype(jnp.bfloat16)
-    interpret = jax.default_backend() != "gpu"
+    interpret = kernel_implementation("group_norm") == "interpret"
 
     def flax_norm(fast: bool, dtype):
         norm = nnx.GroupNorm(channels, num_groups=GROUPS, epsilon=EPS, use_fast_variance=fast,

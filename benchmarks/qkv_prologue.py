@@ -21,7 +21,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.train_step import (  # noqa: E402
-    _time_calls, elementwise_benchmark_main, timing_summary)
+    _time_calls, elementwise_benchmark_main, kernel_implementation, timing_summary)
 
 # (name, batch, tokens, heads, head dim): d16 training at B64, d30 at B32 (256 px).
 SHAPES = (("d16_train_b64", 64, 680, 16, 64), ("d30_train_b32", 32, 680, 30, 64))
@@ -43,7 +43,7 @@ def measure(name: str, batch: int, length: int, heads: int, head_dim: int,
              for k in jax.random.split(keys[2], 3)]
     args = (qkv, bias, temperature, *grads)
     moved = 2 * qkv.nbytes + sum(g.nbytes for g in grads)
-    interpret = jax.default_backend() != "gpu"
+    interpret = kernel_implementation("attention") == "interpret"
     want = jax.jit(qkv_prologue.reference_prologue_backward)(*args)
     rows = []
 

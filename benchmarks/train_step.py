@@ -147,6 +147,15 @@ def elementwise_benchmark_main(benchmark: str, doc: str, shapes: tuple, quick_sh
         pathlib.Path(args.out).write_text(json.dumps(result, indent=1))
 
 
+def kernel_implementation(op: str) -> str:
+    """The platform's Pallas kernel for ``op`` (an ``ExecutionConfig`` kernel field) as the
+    execution config resolves ``"pallas"``: ``"gpu"`` on a GPU, ``"interpret"`` on CPU (the
+    kernel benchmarks' quick modes)."""
+    from hmar_jax.execution import ExecutionConfig
+
+    return getattr(ExecutionConfig(**{op: "pallas"}).resolve(), op)
+
+
 def versions() -> dict:
     out = {}
     for name in ("jax", "jaxlib", "flax", "optax", "jax-cuda12-plugin", "jax-cuda13-plugin",
