@@ -17,6 +17,8 @@ import sys
 import tempfile
 from collections.abc import Callable, Sequence
 
+from hmar_jax import atomic_io
+
 # Exceptions that mean "the input is wrong", raised with a message written for the user.
 # ``ValueError`` covers the library's own checks (and the converters' format errors, which
 # subclass it); the ``OSError`` subclasses cover paths that are missing, taken or not ours
@@ -26,6 +28,10 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     IsADirectoryError, PermissionError)
 
 EXIT_USAGE = 2
+
+# Counts and seeds are int32 inside the sampler. A JAX key keeps 32 bits of its seed, so
+# seeds outside int32 would silently repeat others (2**32 draws what 0 draws).
+INT32_MIN, INT32_MAX = -2**31, 2**31 - 1
 
 
 class InputError(ValueError):
@@ -126,4 +132,21 @@ def check_writable_output(path: str | os.PathLike, *, overwrite: bool,
                          f"choose another {flag}.") from None
     os.close(probe)
     os.remove(probe_name)
+    return path
+
+
+def check_int_range(flag: str, value: int, low: int, high: int = INT32_MAX) -> int:
+    """Returns ``value`` if ``low <= value <= high``, else raises InputError naming the range."""
+    if not low <= value <= high:
+        raise InputError(f"{flag} {value} is out of range; give an integer in {low}..{high}.")
+    return value
+
+
+def write_output(path: str | os.PathLike, write: Callable, *, overwrite: bool) -> pathlib.Path:
+    """Creates the parent folder, then writes ``path`` atomically with ``write(file)``.
+    Without ``overwrite`` a file that another run created meanwhile is refused
+    (FileExistsError), never silently replaced. Returns the path."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_io.atomic_write(path, write, overwrite=overwrite)
     return path

@@ -25,7 +25,8 @@ import sys
 import numpy as np
 from PIL import Image
 
-from hmar_jax import cli, sample
+from hmar_jax import cli
+from hmar_jax.sampling import commands
 
 
 def read_image(path: str, flag: str, mode: str) -> np.ndarray:
@@ -108,7 +109,7 @@ def parse_box(text: str) -> tuple[float, float, float, float]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m hmar_jax.edit", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sample.add_common_arguments(parser, "number of edits", 4)
+    commands.add_bundle_arguments(parser, "number of edits", 4)
     parser.add_argument("--image", required=True, help="source image (PNG/JPEG)")
     parser.add_argument("--resize", action="store_true", help="centre-crop and resize the image")
     region = parser.add_mutually_exclusive_group(required=True)
@@ -119,7 +120,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--class", dest="label", type=int, default=None,
                         help="class of the regenerated content (default: unconditional)")
     args = parser.parse_args(argv)
-    sample.check_common_arguments(args)
+    commands.check_bundle_arguments(args)
     if args.box:
         parse_box(args.box)
     return args
@@ -135,7 +136,7 @@ def run(argv: list[str] | None = None) -> int:
     from hmar_jax.sampling import visualize
 
     out = pathlib.Path(args.out)
-    bundle, config = sample.open_bundle(args)
+    bundle, config = commands.open_bundle(args)
     size, num_classes = bundle.vae.config.image_size, bundle.model.config.num_classes
     label = num_classes if args.label is None else args.label  # null class: unconditional
     if args.label is not None:
@@ -156,14 +157,14 @@ def run(argv: list[str] | None = None) -> int:
                            seed=args.seed, config=config)
     edited = sampling.to_uint8(np.asarray(edited))
     if out.suffix == ".npz":
-        sample.write_output(out, lambda f: np.savez(f, images=edited, source=image,
-                                                    regenerate=regenerate[0]),
-                            overwrite=args.overwrite)
+        cli.write_output(out, lambda f: np.savez(f, images=edited, source=image,
+                                                 regenerate=regenerate[0]),
+                         overwrite=args.overwrite)
     else:
         row = np.concatenate([image[None], edited])  # uint8 [1 + num, H, W, 3]
         grid = visualize.grid_image([row], upscale=max(1, 128 // size))
-        sample.write_output(out, lambda f: Image.fromarray(grid).save(f, format="PNG"),
-                            overwrite=args.overwrite)
+        cli.write_output(out, lambda f: Image.fromarray(grid).save(f, format="PNG"),
+                         overwrite=args.overwrite)
     print(f"Wrote {batch} edits to {out}")
     return 0
 

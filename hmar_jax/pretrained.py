@@ -8,8 +8,11 @@ the evaluation CLI and the notebook load::
     DIR/tokenizer/         ``tokenizer`` export (params-only Orbax checkpoint + config)
 
 Trained runs (EMA weights when the run kept them) and converted official checkpoints use
-the same layout. ``load_pretrained`` restores onto whatever devices exist: the host's
-default device, or replicated/FSDP-sharded over a given mesh.
+the same layout. ``load_pretrained`` is a boundary: it resolves the execution config for
+the platform once, builds the tokenizer and the transformer with it, applies the inference
+transforms it asks for (:func:`cast_matmul_weights`, :func:`unstack_blocks`) and restores
+onto whatever devices exist: the host's default device, or replicated/FSDP-sharded over a
+given mesh.
 """
 
 from __future__ import annotations
@@ -17,18 +20,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
 from hmar_jax import checkpointing, sharding
-from hmar_jax import transformer as hmar_model
 from hmar_jax.atomic_io import atomic_directory
-from hmar_jax.transformer import HMARTransformer, cast_matmul_weights
+from hmar_jax.execution import ExecutionConfig
 from hmar_jax.sampling import SamplingConfig
-from hmar_jax.tokenizer.model import VQVAE
+from hmar_jax.tokenizer.model import VQVAE, VQVAEConfig
+from hmar_jax.transformer import MODEL_PRESETS, HMARConfig, HMARTransformer
 
 FORMAT = "hmar_jax.pretrained"
 VERSION = 1
@@ -109,6 +114,30 @@ def sampling_from_json(values: Any, where: str = "sampling") -> SamplingConfig:
     return SamplingConfig(**values)
 
 
+def run_model_config(config: Mapping[str, Any], tokenizer: VQVAEConfig) -> HMARConfig:
+    """The transformer a training config trains (``config`` as a mapping, e.g. the JSON a run
+    stores): ``model.preset`` with ``model.overrides``, on the tokenizer's vocabulary,
+    latent channels and scales. Override keys of execution settings that older configs
+    carried are dropped (``HMARConfig.from_dict``)."""
+    model = config["model"]
+    if model["preset"] not in MODEL_PRESETS:
+        raise ValueError(f"Unknown model preset {model['preset']!r}; available: "
+                         f"{sorted(MODEL_PRESETS)}.")
+    values = dict(MODEL_PRESETS[model["preset"]]) | dict(model.get("overrides") or {})
+    values.update(vocab_size=tokenizer.vocab_size, latent_channels=tokenizer.z_channels,
+                  patch_nums=tuple(tokenizer.patch_nums))
+    return HMARConfig.from_dict(values)
+
+
+def run_sampling_config(config: Mapping[str, Any]) -> SamplingConfig:
+    """The sampling settings of a training config (``config.sampling``); mask refinement only
+    once stage 2 has trained the mask branch."""
+    values = config["sampling"]
+    return SamplingConfig(cfg=values["cfg"], top_k=values["top_k"], top_p=values["top_p"],
+                          mask_schedule="auto" if config["stage"] == 2 else None,
+                          mask_cfg=values["mask_cfg"])
+
+
 def check_pair(model: HMARTransformer, vae: VQVAE, where: str = "") -> None:
     """Raises ValueError if the tokenizer cannot feed the model."""
     m, v = model.config, vae.config
@@ -177,49 +206,102 @@ def read_manifest(directory: str | pathlib.Path) -> dict[str, Any]:
     return manifest
 
 
-def load_pretrained(directory: str | pathlib.Path, *, mesh: Mesh | None = None,
-                    tokenizer_precision: str = "default", cast_weights: bool = True,
-                    unstack_blocks: bool = False, **model_overrides) -> Pretrained:
-    """Loads a bundle.
+def load_pretrained(directory: str | pathlib.Path, execution: ExecutionConfig | None = None, *,
+                    mesh: Mesh | None = None) -> Pretrained:
+    """Loads a bundle to run with ``execution``.
 
     Args:
       directory: a bundle written by ``save_pretrained`` / ``python -m hmar_jax.export``.
+      execution: how the transformer and the tokenizer run, including the inference
+        transforms ``cast_weights`` (:func:`cast_matmul_weights`) and ``unstack_blocks``
+        (:func:`unstack_blocks`); default ``ExecutionConfig()``, the platform's fast path.
+        Resolved here for the platform (once: everything below takes it as it is).
       mesh: place the parameters on this mesh (large arrays FSDP-sharded over its ``fsdp``
         axis, the rest replicated); default: the default device.
-      tokenizer_precision: ``default`` (the platform's fast float32, e.g. TF32 on NVIDIA
-        GPUs, as PyTorch decodes) or ``highest`` (exact float32).
-      cast_weights: store the transformer's matmul weights in its compute dtype
-        (``model.cast_matmul_weights``: same samples, half the weight memory and no
-        per-pass conversion for a bf16 model); False keeps the float32 weights (to
-        fine-tune them).
-      unstack_blocks: give every block its own weight arrays (``model.unstack_blocks``):
-        the sampler's blocks then run unrolled and read their weights in place. Faster
-        batches (d30 B64 on an H200: 574.5 instead of 603 ms) for a much longer first
-        compile (174 instead of 39 s), so for long generation runs; the compiled sampler
-        can be kept across runs with ``JAX_COMPILATION_CACHE_DIR``.
-      model_overrides: runtime-only model settings, e.g. ``dtype="float32"``,
-        ``attention_backend="reference"``.
 
     Example:
       >>> pre = load_pretrained("checkpoints/hmar-d16")
       >>> images = sampling.generate_batches(pre.model, pre.vae, labels, index, seed=0,
       ...                                    config=pre.sampling)
+      >>> exact = load_pretrained("checkpoints/hmar-d16", execution.REFERENCE)
     """
     directory = pathlib.Path(directory)
     manifest = read_manifest(directory)
     stored = manifest.get("sampling")  # checked before the weights are read
     sampling = (None if stored is None
                 else sampling_from_json(stored, f"{directory / MANIFEST}: sampling"))
-    model = checkpointing.load_hmar(directory / manifest["model"], **model_overrides)
-    vae = checkpointing.load_tokenizer(directory / manifest["tokenizer"],
-                                       precision=tokenizer_precision)
+    execution = (execution or ExecutionConfig()).resolve()
+    model = checkpointing.load_hmar(directory / manifest["model"], execution)
+    vae = checkpointing.load_tokenizer(directory / manifest["tokenizer"], execution)
     check_pair(model, vae, f"{directory}: ")
-    if cast_weights:
+    if execution.cast_weights:
         cast_matmul_weights(model)
     if mesh is not None:
         for module in (model, vae):
             state = nnx.state(module)
             nnx.update(module, jax.device_put(state, sharding.tree_shardings(state, mesh)))
-    if unstack_blocks:
-        hmar_model.unstack_blocks(model)
+    if execution.unstack_blocks:
+        unstack_blocks(model)
     return Pretrained(model, vae, sampling, manifest)
+
+
+# ----- inference transforms (``ExecutionConfig.cast_weights`` / ``.unstack_blocks``) ------------
+def cast_matmul_weights(module: nnx.Module) -> nnx.Module:
+    """Stores every ``nnx.Linear``'s kernel and bias in that layer's compute dtype, in place.
+
+    For inference. A Linear with ``dtype=bfloat16`` converts its float32 weights at every
+    call, and the sampler calls every block once per scale and refinement step. Stored in
+    bf16, the outputs are the same bit for bit (the layer would cast to that dtype anyway),
+    the weights take half the memory and no pass converts them. Layers without a compute
+    dtype (the heads, ``word_embed``) keep theirs. Not for training: the optimizer wants
+    the float32 weights.
+
+    Returns:
+      ``module`` (modified).
+    """
+    for _, layer in nnx.iter_modules(module):
+        if not isinstance(layer, nnx.Linear) or layer.dtype is None:
+            continue
+        for param in (layer.kernel, layer.bias):
+            value = None if param is None else param.get_value()
+            if value is None or value.dtype == jnp.dtype(layer.dtype):
+                continue
+            if isinstance(value, jax.ShapeDtypeStruct):  # abstract (nnx.eval_shape)
+                param.set_value(jax.ShapeDtypeStruct(value.shape, jnp.dtype(layer.dtype)))
+            else:
+                param.set_value(value.astype(layer.dtype))
+    return module
+
+
+def unstack_blocks(model: HMARTransformer) -> HMARTransformer:
+    """Gives every block its own weight arrays, in place. For inference.
+
+    Trained and checkpointed models keep each stack's parameters in arrays with a leading
+    layer axis (``[depth, ...]``, what ``lax.scan`` and the sharding rules want). At
+    inference every pass then slices each block's weights out of those arrays, and XLA
+    copies each slice before the matmul reads it. Unstacked, the blocks always run
+    unrolled (``scan_blocks`` no longer applies) and read their weights in place, at the
+    price of a much longer first compile: for long generation runs (the compiled sampler
+    can be kept across runs with ``JAX_COMPILATION_CACHE_DIR``). Outputs are unchanged.
+    Call after :func:`cast_matmul_weights` and after placing the parameters on devices;
+    the model's state then has ``blocks/0/...`` paths, so save the model it came from, not
+    this one.
+
+    Returns:
+      ``model`` (modified).
+    """
+    for name in ("blocks", "mask_blocks"):
+        stack = getattr(model, name)
+        if stack is None or isinstance(stack, nnx.List):
+            continue
+        graphdef, state = nnx.split(stack)
+        count = jax.tree.leaves(state)[0].shape[0]
+
+        def layer(a, i):  # abstract arrays (nnx.eval_shape) stay abstract
+            if isinstance(a, jax.ShapeDtypeStruct):
+                return jax.ShapeDtypeStruct(a.shape[1:], a.dtype)
+            return a[i]
+
+        setattr(model, name, nnx.List([nnx.merge(graphdef, jax.tree.map(lambda a: layer(a, i), state))
+                                       for i in range(count)]))
+    return model

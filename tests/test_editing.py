@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from hmar_jax import sampling
+from hmar_jax.sampling import editing
 from hmar_jax.transformer import HMARTransformer, preset
 from hmar_jax.tokenizer.model import VQVAE, VQVAEConfig
 
@@ -56,7 +57,7 @@ def test_keep_masks_follow_vars_convention():
     # down-sizing thresholded at 0.5; the 1x1 scale always keeps its token.
     regenerate = sampling.box_mask(16, (0.25, 0.25, 0.75, 0.75), inpaint=True)
     masks = [np.asarray(m).reshape(s, s) for m, s in
-             zip(sampling.scale_keep_masks(regenerate, PATCH_NUMS), PATCH_NUMS)]
+             zip(editing.scale_keep_masks(regenerate, PATCH_NUMS), PATCH_NUMS)]
     assert masks[0].all()
     expected_latent = np.ones((8, 8), bool)
     expected_latent[2:6, 2:6] = False

@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from hmar_jax import sampling
+from hmar_jax import execution, sampling
 from hmar_jax.convert import hmar as hmar_convert
 from hmar_jax.convert import vqvae as vqvae_convert
-from hmar_jax.transformer import HMARTransformer, cast_matmul_weights, preset
+from hmar_jax.pretrained import cast_matmul_weights
+from hmar_jax.transformer import HMARTransformer, preset
+from hmar_jax.sampling import sampler
 from hmar_jax.scales import ScaleLayout
 from hmar_jax.tokenizer.model import VQVAE, VQVAEConfig
 
@@ -70,8 +72,8 @@ def test_top_k_top_p_filter_matches_upstream(hmar_fixture):
 
 def test_default_schedule_matches_upstream_at_256px():
     assert sampling.default_mask_schedule(ScaleLayout.create(256).patch_nums) == \
-        sampling.DEFAULT_MASK_SCHEDULE_256
-    passes = sum(len(s) for s in sampling.DEFAULT_MASK_SCHEDULE_256)
+        sampler.DEFAULT_MASK_SCHEDULE_256
+    passes = sum(len(s) for s in sampler.DEFAULT_MASK_SCHEDULE_256)
     assert passes == 14  # 10 next-scale passes + 1 + 3 mask steps
 
 
@@ -110,7 +112,8 @@ def test_samples_are_deterministic_per_class_and_index(tiny_pair):
 def test_matmul_weights_cast_once_give_the_same_passes():
     """``cast_matmul_weights`` (what load_pretrained does): both branches' logits equal bit
     for bit, bf16 block kernels, float32 heads, less than 60% of the parameter bytes."""
-    model = HMARTransformer(preset("tiny", init_head=1.0, dtype="bfloat16"), rngs=nnx.Rngs(1))
+    model = HMARTransformer(preset("tiny", init_head=1.0),
+                            execution.resolved("cpu", compute_dtype="bfloat16"), rngs=nnx.Rngs(1))
     labels = jnp.asarray([3, 5, 0, 10])
     x_ns = jax.random.normal(jax.random.key(0), (4, 9, model.config.latent_channels))
     masked = jnp.arange(9)[None].repeat(4, 0) % 3 == 0
@@ -231,7 +234,7 @@ def reference_generate(model, vae, labels, cfg, top_k, top_p, schedules, uniform
 @pytest.mark.heavy
 def test_sampler_matches_a_step_by_step_reference_with_fixed_draws(upstream_pair):
     model, vae = upstream_pair
-    schedules = sampling.DEFAULT_MASK_SCHEDULE_256
+    schedules = sampler.DEFAULT_MASK_SCHEDULE_256
     config = sampling.SamplingConfig(cfg=1.7, top_k=40, top_p=0.9, mask_schedule=schedules)
     rng = np.random.default_rng(0)
     labels = jnp.asarray([3, 7])

@@ -48,11 +48,10 @@ def _write_json(path: str | None, report: dict) -> None:
 
 
 def run_metrics(args: argparse.Namespace) -> int:
-    from hmar_jax import sample
     from hmar_jax.evaluate import inception, metrics
 
-    sample.check_int_range("--batch-size", args.batch_size, 1)
-    sample.check_int_range("--block", args.block, 1)
+    cli.check_int_range("--batch-size", args.batch_size, 1)
+    cli.check_int_range("--block", args.block, 1)
     _check_report_output(args.out)
     samples = metrics.check_samples(args.samples)  # the inputs before the Inception is loaded
     metrics.check_reference(args.ref)
@@ -111,12 +110,12 @@ def run_digits(args: argparse.Namespace) -> int:
 
 
 def _check_generate_args(args: argparse.Namespace) -> None:
-    from hmar_jax import sample, sampling
+    from hmar_jax import sampling
 
-    sample.check_int_range("--per-class", args.per_class, 1)
-    sample.check_int_range("--chunk", args.chunk, 1)
-    sample.check_int_range("--batch-size", args.batch_size, 1)
-    sample.check_int_range("--seed", args.seed, sample.INT32_MIN)
+    cli.check_int_range("--per-class", args.per_class, 1)
+    cli.check_int_range("--chunk", args.chunk, 1)
+    cli.check_int_range("--batch-size", args.batch_size, 1)
+    cli.check_int_range("--seed", args.seed, cli.INT32_MIN)
     sampling.check_preset_name(args.preset)
 
 
@@ -127,17 +126,14 @@ def run_generate(args: argparse.Namespace) -> int:
     out = generation.check_output_free(args.out)  # before the (slow) model load
     import jax
 
-    from hmar_jax import sampling
-    from hmar_jax.pretrained import load_pretrained
-    from hmar_jax.train import is_multi_process_launch
+    from hmar_jax import distributed, sampling
+    from hmar_jax.sampling import commands
 
-    if is_multi_process_launch():
-        jax.distributed.initialize()
+    distributed.initialize_if_multi_process()
     # Placed once, replicated over the local devices exactly as generate_batches shards
     # its sampler, so the per-chunk calls below do not copy the weights again.
     local_mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()), ("data",))
-    pre = load_pretrained(args.checkpoint, mesh=local_mesh, unstack_blocks=args.unstack_blocks)
-    config = sampling.resolve_preset(args.preset, pre)
+    pre, config = commands.open_bundle(args, mesh=local_mesh)
     plan = generation.GenerationPlan(pre.model.config.num_classes, args.per_class, args.chunk)
     run_info = {"checkpoint": str(pathlib.Path(args.checkpoint).absolute()),
                 "preset": args.preset, "sampling": repr(config), "seed": args.seed}
@@ -165,6 +161,8 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from hmar_jax.sampling import commands
+
     parser = argparse.ArgumentParser(prog="python -m hmar_jax.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -175,13 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="sampling preset (hmar_jax.sampling.PRESETS) or 'default'")
     gen.add_argument("--per-class", type=int, default=50, help="samples per class (50 -> 50k)")
     gen.add_argument("--out", required=True, help="npz to write (arr_0, labels)")
-    gen.add_argument("--seed", type=int, default=0, help="sampling seed, -2147483648..2147483647")
+    gen.add_argument("--seed", type=int, default=0,
+                     help=f"sampling seed, {cli.INT32_MIN}..{cli.INT32_MAX}")
     gen.add_argument("--chunk", type=int, default=1000,
                      help="samples per resumable chunk in <out>.parts/")
     gen.add_argument("--batch-size", type=int, default=64, help="sampler batch size")
-    gen.add_argument("--unstack-blocks", action="store_true",
-                     help="a weight array per block (pretrained.load_pretrained): 2-5%% faster "
-                          "batches at d30, ~2 more minutes of compile")
+    commands.add_execution_arguments(gen)
     gen.set_defaults(run=run_generate)
 
     met = sub.add_parser("metrics", help="IS, FID, sFID, precision, recall of a sample npz")

@@ -8,6 +8,7 @@ multi-device batch driver.
 | ``presets`` | ``PRESETS`` per released checkpoint, ``resolve_preset`` |
 | ``batch`` | ``generate_batches``: many samples, sharded over devices |
 | ``visualize`` | sample grids |
+| ``commands`` | what the sampling command lines share (flags, checks, opening a bundle) |
 """
 
 from hmar_jax.sampling.batch import generate_batches

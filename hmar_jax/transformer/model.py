@@ -300,67 +300,6 @@ STAGE2_TRAINABLE = nnx.All(nnx.Param, is_mask_branch)
 STAGE1_TRAINABLE = nnx.All(nnx.Param, nnx.Not(is_mask_branch))
 
 
-def cast_matmul_weights(module: nnx.Module) -> nnx.Module:
-    """Stores every ``nnx.Linear``'s kernel and bias in that layer's compute dtype, in place.
-
-    For inference. A Linear with ``dtype=bfloat16`` converts its float32 weights at every
-    call, and the sampler calls every block 14 times per batch. Stored in bf16, the outputs
-    are the same bit for bit (the layer would cast to that dtype anyway), the weights take
-    half the memory and no pass converts them: for d30 B64 on an H200 the sampler's XLA buffers fall from
-    15.4 to 8.9 GiB and the batch from 631.8 to 617.5 ms. Layers without a compute dtype
-    (the heads, ``word_embed``) keep theirs. Not for training: the optimizer wants the
-    float32 weights.
-
-    Returns:
-      ``module`` (modified).
-    """
-    for _, layer in nnx.iter_modules(module):
-        if not isinstance(layer, nnx.Linear) or layer.dtype is None:
-            continue
-        for param in (layer.kernel, layer.bias):
-            value = None if param is None else param.get_value()
-            if value is None or value.dtype == jnp.dtype(layer.dtype):
-                continue
-            if isinstance(value, jax.ShapeDtypeStruct):  # abstract (nnx.eval_shape)
-                param.set_value(jax.ShapeDtypeStruct(value.shape, jnp.dtype(layer.dtype)))
-            else:
-                param.set_value(value.astype(layer.dtype))
-    return module
-
-
-def unstack_blocks(model: HMARTransformer) -> HMARTransformer:
-    """Gives every block its own weight arrays, in place. For inference.
-
-    Trained and checkpointed models keep each stack's parameters in arrays with a leading
-    layer axis (``[depth, ...]``, what ``lax.scan`` and the sharding rules want). At
-    inference every pass then slices each block's weights out of those arrays, and XLA
-    copies each slice before cuBLAS reads it: on an H200 that was about 27 ms of copies in
-    a 605 ms d30 B64 batch (14 passes x 30 blocks x 88 MB of bf16 weights). Unstacked,
-    the blocks always run unrolled (``scan_blocks`` no longer applies) and read their
-    weights in place, at the price of a longer compile. Outputs are unchanged. Call after
-    ``cast_matmul_weights`` and after placing the parameters on devices; the model's
-    state then has ``blocks/0/...`` paths, so save the model it came from, not this one.
-
-    Returns:
-      ``model`` (modified).
-    """
-    for name in ("blocks", "mask_blocks"):
-        stack = getattr(model, name)
-        if stack is None or isinstance(stack, nnx.List):
-            continue
-        graphdef, state = nnx.split(stack)
-        count = jax.tree.leaves(state)[0].shape[0]
-
-        def layer(a, i):  # abstract arrays (nnx.eval_shape) stay abstract
-            if isinstance(a, jax.ShapeDtypeStruct):
-                return jax.ShapeDtypeStruct(a.shape[1:], a.dtype)
-            return a[i]
-
-        setattr(model, name, nnx.List([nnx.merge(graphdef, jax.tree.map(lambda a: layer(a, i), state))
-                                       for i in range(count)]))
-    return model
-
-
 def count_params(cfg: HMARConfig, which=nnx.Param) -> int:
     """Number of parameters matching ``which``, from abstract shapes (nothing allocated)."""
     abstract = nnx.eval_shape(lambda: HMARTransformer(cfg, rngs=nnx.Rngs(0)))
