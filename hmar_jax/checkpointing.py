@@ -1,16 +1,23 @@
-"""Orbax I/O for parameter exports: a params tree plus a JSON model config.
+"""Orbax I/O for parameter exports (a params tree plus a JSON model config), and reading
+parts of training checkpoints.
 
 An export directory holds ``params/`` (an Orbax standard checkpoint of the module's
 ``nnx.Param`` tree as a pure dict) and ``<kind>_config.json``. Writes go to a
 temporary sibling directory that is renamed into place only when complete, so a
 crash never leaves a directory that looks finished.
+
+A training run's checkpoints (an Orbax ``CheckpointManager`` directory of numbered steps)
+are read by :func:`newest_usable_entries`: only the entries asked for (e.g. the EMA
+weights), so exporting needs neither the optimizer nor the code that built it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import pathlib
+from collections.abc import Sequence
 from typing import Any, Callable
 
 import jax
@@ -90,19 +97,105 @@ def restore_into(directory: str | pathlib.Path, build: Callable[[], nnx.Module])
     """
     directory = pathlib.Path(directory)
     abstract = nnx.eval_shape(build)
-    graphdef, state = nnx.split(abstract)
-    target = _string_keys(nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
-    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), target)
+    target = _param_shapes(abstract)
     with ocp.StandardCheckpointer() as checkpointer:
         stored = checkpointer.metadata(directory.absolute() / PARAMS_DIR)
         stored_tree = getattr(stored, "item_metadata", stored)
         _check_same_layout(target, stored_tree, directory)
         restored = checkpointer.restore(directory.absolute() / PARAMS_DIR, target)
+    return _filled(abstract, restored)
+
+
+def module_from_params(build: Callable[[], nnx.Module], params: dict,
+                       where: str | pathlib.Path) -> nnx.Module:
+    """Builds a module with ``build`` (abstractly: nothing allocated twice) holding ``params``
+    (a pure dict of arrays, as ``nnx.to_pure_dict`` gives); a mismatch in structure or
+    shapes raises ValueError naming ``where`` and the first differing entry."""
+    abstract = nnx.eval_shape(build)
+    _check_same_layout(_param_shapes(abstract), _string_keys(params), pathlib.Path(where))
+    return _filled(abstract, params)
+
+
+def _param_shapes(abstract: nnx.Module) -> dict:
+    target = _string_keys(nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), target)
+
+
+def _filled(abstract: nnx.Module, params: dict) -> nnx.Module:
+    graphdef, state = nnx.split(abstract)
     params_state = nnx.state(abstract, nnx.Param)
-    nnx.replace_by_pure_dict(params_state, _int_keys(restored))
+    nnx.replace_by_pure_dict(params_state, _int_keys(params))
     model = nnx.merge(graphdef, state)
     nnx.update(model, params_state)
     return model
+
+
+def _unwrap_variables(tree: Any) -> Any:
+    """``{"value": leaf}`` (how an ``nnx.State`` leaf is stored) -> ``leaf``, throughout."""
+    if isinstance(tree, dict):
+        if set(tree) == {"value"} and not isinstance(tree["value"], dict):
+            return tree["value"]
+        return {k: _unwrap_variables(v) for k, v in tree.items()}
+    return tree
+
+
+def read_entries(directory: str | pathlib.Path, names: Sequence[str]) -> dict[str, Any]:
+    """The named top-level entries of an Orbax PyTree checkpoint (e.g. ``ema`` of a training
+    state), read onto the host as numpy arrays, as pure dicts (``nnx.State`` leaves
+    unwrapped). The other entries (an optimizer's moments) are not read.
+
+    Raises:
+      ValueError: an entry is not in the checkpoint (naming the entries it has).
+    """
+    directory = pathlib.Path(directory).absolute()
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        metadata = checkpointer.metadata(directory)
+        tree = getattr(metadata, "item_metadata", metadata)
+        tree = getattr(tree, "tree", tree)
+        missing = [name for name in names if name not in tree]
+        if missing:
+            raise ValueError(f"{directory} has no entry {missing[0]!r} (it has "
+                             f"{sorted(tree)}); it was not written by this trainer.")
+        wanted = {name: tree[name] for name in names}
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), wanted)
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
+        restored = checkpointer.restore(directory, args=ocp.args.PyTreeRestore(
+            item=target, restore_args=restore_args, partial_restore=True))
+    return {name: _unwrap_variables(dict(restored[name])) for name in names}
+
+
+def newest_usable_entries(directory: str | pathlib.Path, item: str, names: Sequence[str]
+                          ) -> tuple[int, dict[str, Any]] | None:
+    """``(step, entries)`` from the newest step of a ``CheckpointManager`` directory whose
+    ``item`` can be read and holds finite values (:func:`read_entries`); newer unusable
+    steps are skipped with a warning, as the trainer skips them when it resumes. None if
+    there is no step.
+
+    Raises:
+      ValueError: there are steps but none is usable (naming the newest and why).
+    """
+    directory = pathlib.Path(directory).absolute()
+    if not directory.is_dir():
+        return None
+    manager = ocp.CheckpointManager(directory,
+                                    options=ocp.CheckpointManagerOptions(read_only=True))
+    unusable = []
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            entries = read_entries(directory / str(step) / item, names)
+        except Exception as err:  # noqa: BLE001 - any read failure makes the step unusable
+            reason = f"cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+        else:
+            if all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(entries)):
+                return step, entries
+            reason = "holds non-finite values"
+        logging.warning("Checkpoint %s %s; trying the previous one.", directory / str(step),
+                        reason)
+        unusable.append((step, reason))
+    if unusable:
+        raise ValueError(f"No checkpoint in {directory} can be read (newest: step "
+                         f"{unusable[0][0]} {unusable[0][1]}).")
+    return None
 
 
 def _check_same_layout(target: Any, stored: Any, directory: pathlib.Path) -> None:
@@ -150,6 +243,7 @@ def save_hmar(directory: str | pathlib.Path, model, **kwargs) -> pathlib.Path:
 def load_tokenizer(directory: str | pathlib.Path, execution=None):
     """Loads a tokenizer export written by ``save_tokenizer`` or the converter, to run with
     a resolved ``execution`` (default ``execution.REFERENCE``: exact float32, plain jnp).
+    ``pretrained.load_pretrained`` resolves the platform's fast path and passes it here.
 
     Example:
       >>> vae = load_tokenizer("checkpoints/vae_ch160v4096z32")
@@ -164,7 +258,8 @@ def load_tokenizer(directory: str | pathlib.Path, execution=None):
 
 def load_hmar(directory: str | pathlib.Path, execution=None):
     """Loads an ``HMARTransformer`` export, to run with a resolved ``execution`` (default
-    ``execution.REFERENCE``).
+    ``execution.REFERENCE``). The weights stay as stored (float32, stacked per layer): the
+    inference transforms are ``pretrained.load_pretrained``'s.
 
     Example:
       >>> model = load_hmar("checkpoints/hmar-d16", execution.resolved())

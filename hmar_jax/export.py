@@ -25,36 +25,69 @@ import sys
 from hmar_jax import checkpointing, cli, pretrained, sampling
 
 
+# What export reads of a training workdir (``hmar_jax.training.trainer`` writes it): the run's
+# config as JSON, and an Orbax CheckpointManager directory whose steps hold the TrainState
+# under ``state``: the EMA of the trainable parameters under ``ema``, the rest under ``frozen``.
+RUN_CONFIG = "train_config.json"
+CHECKPOINTS, STATE_ITEM, EMA, FROZEN = "checkpoints", "state", "ema", "frozen"
+FINAL_EXPORT = "export"
+
+
+def _merged(a: dict, b: dict) -> dict:
+    """Nested dicts ``a`` and ``b`` as one (``b`` wins where both hold a leaf)."""
+    out = dict(a)
+    for key, value in b.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(
+            out.get(key), dict) else value
+    return out
+
+
 def export_workdir(workdir: str | pathlib.Path, out: str | pathlib.Path, *,
                    overwrite: bool = False) -> pathlib.Path:
-    """Bundles a training run: EMA weights of its newest checkpoint, its tokenizer and its
-    sampling settings."""
-    import ml_collections
+    """Bundles a training run: EMA weights of its newest usable checkpoint (or the run's
+    final export when its checkpoints were removed), its tokenizer and its sampling
+    settings.
 
-    from hmar_jax.training import trainer as trainer_lib
+    Reads the run's stored config and only the EMA and frozen parameters of the checkpoint
+    (not the optimizer state), so neither the training code nor the training data is
+    needed, and the weights are restored onto whatever device exists here.
+    """
+    from flax import nnx
+
+    from hmar_jax.transformer import HMARTransformer
 
     workdir = pathlib.Path(workdir)
-    config_path = workdir / trainer_lib.RUN_CONFIG
+    config_path = workdir / RUN_CONFIG
     if not config_path.is_file():
-        raise FileNotFoundError(f"{workdir} is not a training workdir (no {trainer_lib.RUN_CONFIG}); "
+        raise FileNotFoundError(f"{workdir} is not a training workdir (no {RUN_CONFIG}); "
                                 "pass the --workdir of a `python -m hmar_jax.train` run.")
-    config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
-    config.mesh = (("data", -1), ("fsdp", 1))  # restore onto whatever devices exist here
-    tokenizer_dir = pathlib.Path(config.tokenizer.export or workdir / "tokenizer")
-    checkpointing.read_config(tokenizer_dir, checkpointing.TOKENIZER)  # clear error if missing
-    trainer = trainer_lib.Trainer(config, str(workdir))
-    state = trainer.restore_latest()
-    if state is not None:
-        model, step, weights = trainer.ema_model(state), int(state.step), "ema"
-    elif (workdir / "export").is_dir():
-        model = checkpointing.load_hmar(workdir / "export")
+    try:
+        config = json.loads(config_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{config_path} is not valid JSON ({error}); it is written by "
+                         "`python -m hmar_jax.train`.") from None
+    tokenizer_dir = pathlib.Path(config["tokenizer"]["export"] or workdir / "tokenizer")
+    vae = checkpointing.load_tokenizer(tokenizer_dir)  # clear error if missing
+    cfg = pretrained.run_model_config(config, vae.config)
+    restored = checkpointing.newest_usable_entries(workdir / CHECKPOINTS, STATE_ITEM,
+                                                   (EMA, FROZEN))
+    if restored is not None:
+        step, entries = restored
+        params = _merged(entries[FROZEN], entries[EMA])
+        model = checkpointing.module_from_params(
+            lambda: HMARTransformer(cfg, rngs=nnx.Rngs(0)), params,
+            workdir / CHECKPOINTS / str(step))
+        weights = "ema"
+    elif (workdir / FINAL_EXPORT).is_dir():
+        model = checkpointing.load_hmar(workdir / FINAL_EXPORT)
         step, weights = None, "final export"
     else:
-        raise FileNotFoundError(f"{workdir} holds neither checkpoints/ nor export/; the run has "
-                                "not saved anything yet.")
-    metadata = {"source": {"workdir": workdir.name, "stage": config.stage, "step": step,
+        raise FileNotFoundError(f"{workdir} holds neither {CHECKPOINTS}/ nor {FINAL_EXPORT}/; "
+                                "the run has not saved anything yet.")
+    metadata = {"source": {"workdir": workdir.name, "stage": config["stage"], "step": step,
                            "weights": weights}}
-    return pretrained.save_pretrained(out, model, trainer.vae, sampling=trainer.sampling_config(),
+    return pretrained.save_pretrained(out, model, vae,
+                                      sampling=pretrained.run_sampling_config(config),
                                       metadata=metadata, overwrite=overwrite)
 
 

@@ -1,9 +1,14 @@
-"""Pretrained bundles: export from a workdir, load onto one device or a mesh, and the
-sample / edit command lines with their error messages."""
+"""Pretrained bundles: export from a workdir, load onto one device or a mesh with an
+execution config, the shipped demo bundle, and the sample / edit command lines with their
+error messages."""
 
+import hashlib
 import json
+import os
 import pathlib
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,10 +17,14 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from hmar_jax import checkpointing, edit, export, pretrained, sample, sampling, sharding
+from hmar_jax import checkpointing, edit, execution, export, pretrained, sample, sampling, sharding
+from hmar_jax.execution import ExecutionConfig
 from hmar_jax.training import trainer
 from hmar_jax.tokenizer.model import VQVAE, VQVAEConfig
 from tiny_runs import demo_config
+
+ROOT = pathlib.Path(__file__).parent.parent
+DEMO = ROOT / "checkpoints" / "digits-demo"
 
 
 @pytest.fixture(scope="module")
@@ -43,16 +52,84 @@ def test_workdir_export_holds_the_ema_model_tokenizer_and_sampling(run, tokenize
     assert loaded.sampling.mask_schedule is None  # stage 1: no refinement
     assert loaded.sampling.cfg == demo_config().sampling.cfg
     assert loaded.metadata["source"] == {"workdir": "workdir", "stage": 1, "step": 2, "weights": "ema"}
-    # A bf16 model is loaded with bf16 matmul weights unless asked to keep float32 ones.
-    half = pretrained.load_pretrained(bundle, dtype="bfloat16").model
-    assert half.blocks.ffn.fc1.kernel.dtype == jnp.bfloat16 and half.head.kernel.dtype == jnp.float32
-    kept = pretrained.load_pretrained(bundle, dtype="bfloat16", cast_weights=False).model
-    assert kept.blocks.ffn.fc1.kernel.dtype == jnp.float32
-    unstacked = pretrained.load_pretrained(bundle, unstack_blocks=True).model
+    unstacked = pretrained.load_pretrained(bundle, ExecutionConfig(unstack_blocks=True)).model
     assert isinstance(unstacked.blocks, nnx.List) and len(unstacked.blocks) == loaded.model.config.depth
     assert isinstance(unstacked.mask_blocks, nnx.List)
     np.testing.assert_array_equal(unstacked.blocks[1].attn.mat_qkv.kernel[...],
                                   loaded.model.blocks.attn.mat_qkv.kernel[...][1])
+
+
+def test_the_execution_config_decides_the_weight_dtypes(run):
+    """Matmul weights are stored in the resolved compute dtype (float32 on CPU by default)
+    unless ``cast_weights`` is off; the heads keep float32."""
+    _, bundle = run
+    default = pretrained.load_pretrained(bundle).model
+    assert default.execution == ExecutionConfig().resolve("cpu")
+    assert default.blocks.ffn.fc1.kernel.dtype == jnp.float32
+    half = pretrained.load_pretrained(bundle, execution.resolved("cpu", compute_dtype="bfloat16"))
+    assert half.model.blocks.ffn.fc1.kernel.dtype == jnp.bfloat16
+    assert half.model.mask_blocks.attn.mat_qkv.kernel.dtype == jnp.bfloat16
+    assert half.model.head.kernel.dtype == jnp.float32
+    kept = pretrained.load_pretrained(bundle, execution.resolved("cpu", compute_dtype="bfloat16",
+                                                                 cast_weights=False)).model
+    assert kept.blocks.ffn.fc1.kernel.dtype == kept.mask_blocks.attn.mat_qkv.kernel.dtype \
+        == jnp.float32
+    plain = pretrained.load_pretrained(bundle, execution.resolved("cpu", cast_weights=False))
+    assert plain.model.blocks.ffn.fc1.kernel.dtype == jnp.float32
+    assert plain.vae.precision == "default"  # the tokenizer runs with the same config
+    exact = pretrained.load_pretrained(bundle, execution.REFERENCE)
+    assert exact.vae.precision == "highest"
+    for a, b in zip(params(plain.model), params(default)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_the_demo_bundle_samples_as_it_always_has():
+    """The shipped bundle through ``load_pretrained`` with the default execution: its samples
+    and an inpainting edit are bit for bit those of the code before the execution config
+    (CPU: float32 model, xla kernels, the tokenizer at the platform's default precision)."""
+    pre = pretrained.load_pretrained(DEMO)
+    assert pre.model.execution.compute_dtype == "float32" and pre.vae.precision == "default"
+    assert pre.sampling == sampling.SamplingConfig(cfg=5.0, top_k=0, top_p=0.9,
+                                                   mask_schedule="auto", mask_cfg=2.0)
+    labels = np.repeat(np.arange(10, dtype=np.int32), 2)
+    index = np.tile(np.arange(2, dtype=np.int32), 10)
+    images = sampling.generate_batches(pre.model, pre.vae, labels, index, seed=3,
+                                       config=pre.sampling, batch_size=8)
+    assert images.shape == (20, 16, 16, 3) and images.dtype == np.uint8
+    assert hashlib.sha256(images.tobytes()).hexdigest() == (
+        "c7dfda5f30247a4d275c5583e1b189fc4c22b9771adf90e96750b7937055d271")
+    source = jnp.broadcast_to(jnp.asarray(images[0], jnp.float32)[None] / 255.0, (3, 16, 16, 3))
+    regenerate = sampling.box_mask(16, (0.25, 0.25, 0.75, 0.75), inpaint=True)
+    edited = sampling.edit(pre.model, pre.vae, source,
+                           jnp.broadcast_to(jnp.asarray(regenerate), (3, 16, 16)),
+                           jnp.full((3,), 4, jnp.int32), jnp.arange(3, dtype=jnp.int32), seed=1,
+                           config=pre.sampling)
+    assert hashlib.sha256(np.asarray(edited).tobytes()).hexdigest() == (
+        "4c97b94a68da3adb04ad13155bf70da81e62199553b25348f57498d68ffd4e0c")
+
+
+def test_export_needs_no_trainer(run, tmp_path):
+    """``python -m hmar_jax.export --workdir`` reads the run's config and the EMA weights
+    without the trainer (nor the training data): the same bundle as in process."""
+    root, bundle = run
+    out = tmp_path / "bundle"
+    script = (
+        "import sys\n"
+        "from hmar_jax import export\n"
+        f"code = export.main(['--workdir', {str(root / 'workdir')!r}, '--out', {str(out)!r}])\n"
+        "assert code == 0, code\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith('hmar_jax.train'))\n"
+        "assert 'hmar_jax.training.trainer' not in sys.modules, loaded\n"
+        "print('training modules:', loaded)\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert pretrained.read_manifest(out)["source"] == pretrained.read_manifest(bundle)["source"]
+    got, want = pretrained.load_pretrained(out), pretrained.load_pretrained(bundle)
+    for a, b in zip(params(got.model) + params(got.vae), params(want.model) + params(want.vae)):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_export_errors(run, tmp_path):
