@@ -16,13 +16,16 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	@touch $@
 
-# Tokenizer (trained into stage1/ when missing), stage 1 (a 10-per-class sample grid), then
-# stage 2 from stage 1's export (1,000 samples, scored by the digits classifier).
+# The tokenizer (tokenizer/), stage 1 on it (a 10-per-class sample grid), then stage 2 from
+# stage 1's export (1,000 samples, scored by the digits classifier).
 demo: env
+	$(PY) -m hmar_jax.train_tokenizer --config configs/tokenizer_digits.py \
+	    --workdir $(WORKDIR)/tokenizer
 	$(PY) -m hmar_jax.train --config configs/demo.py --workdir $(WORKDIR)/stage1 \
+	    --config.tokenizer.export=$(abspath $(WORKDIR))/tokenizer/tokenizer \
 	    --config.sampling.samples_per_class=10
 	$(PY) -m hmar_jax.train --config configs/demo.py:stage=2 --workdir $(WORKDIR)/stage2 \
-	    --config.tokenizer.export=$(abspath $(WORKDIR))/stage1/tokenizer \
+	    --config.tokenizer.export=$(abspath $(WORKDIR))/tokenizer/tokenizer \
 	    --config.stage2.parent=$(abspath $(WORKDIR))/stage1/export
 
 test: env

@@ -1,4 +1,4 @@
-"""Helpers shared by config files (loaded by path, so imported as ``configs.common``)."""
+"""Helpers shared by config files (each loads this file by path: ``configs`` is no package)."""
 
 from __future__ import annotations
 
@@ -20,3 +20,20 @@ def parse_arg(arg: str | None, **defaults) -> dict:
         else:
             values[key] = type(default)(raw)
     return values
+
+
+def execution(**choices):
+    """The ``config.execution`` section: every ``hmar_jax.execution.ExecutionConfig`` field
+    (but the resolved ``platform``) at its default, ``"auto"`` where it has one, with
+    ``choices`` set. Every field is present so that any can be set from the command line
+    (``--config.execution.remat=block``); the run resolves them for its platform."""
+    import dataclasses
+
+    import ml_collections
+
+    from hmar_jax.execution import ExecutionConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(ExecutionConfig)
+                if f.name != "platform"}
+    ExecutionConfig.from_mapping(choices)  # an unknown key or value fails at launch
+    return ml_collections.ConfigDict(defaults | choices)

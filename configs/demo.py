@@ -1,14 +1,16 @@
-"""HMAR on the embedded 8x8 digits (CPU-sized): tokenizer, stage 1 and stage 2.
+"""HMAR on the embedded 8x8 digits (CPU-sized): stage 1 and stage 2 on a trained tokenizer.
 
+The tokenizer first (configs/tokenizer_digits.py; it writes workdirs/digits/tokenizer):
+  python -m hmar_jax.train_tokenizer --config configs/tokenizer_digits.py --workdir workdirs/digits
 Stage 1 (next-scale prediction, Markov mask):
-  python -m hmar_jax.train --config configs/demo.py --workdir workdirs/demo
+  python -m hmar_jax.train --config configs/demo.py --workdir workdirs/demo \\
+      --config.tokenizer.export=workdirs/digits/tokenizer
 Stage 2 (masked refinement from the stage-1 export):
   python -m hmar_jax.train --config configs/demo.py:stage=2 --workdir workdirs/demo_stage2 \\
-      --config.stage2.parent=workdirs/demo/export
+      --config.tokenizer.export=workdirs/digits/tokenizer --config.stage2.parent=workdirs/demo/export
 Quick smoke run:
-  python -m hmar_jax.train --config configs/demo.py:runlocal --workdir /tmp/demo
-
-The tokenizer is trained into the workdir first if it is not there (configs/tokenizer_digits.py).
+  python -m hmar_jax.train --config configs/demo.py:runlocal --workdir /tmp/demo \\
+      --config.tokenizer.export=workdirs/digits/tokenizer
 """
 
 import importlib.util
@@ -17,12 +19,12 @@ import pathlib
 import ml_collections
 
 
-def _tokenizer_config(arg):
-    path = pathlib.Path(__file__).with_name("tokenizer_digits.py")
-    spec = importlib.util.spec_from_file_location("tokenizer_digits", path)
+def _common():
+    path = pathlib.Path(__file__).with_name("common.py")
+    spec = importlib.util.spec_from_file_location("configs_common", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return module
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -49,9 +51,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.pretokenized = ""        # token cache dir (python -m hmar_jax.pretokenize) or ""
 
     config.tokenizer = ml_collections.ConfigDict()
-    config.tokenizer.export = ""  # empty: workdir/tokenizer, trained there if missing
-    config.tokenizer.precision = "default"  # encode at TF32 on GPUs, like upstream; "highest": exact f32
-    config.tokenizer.training = _tokenizer_config("runlocal" if runlocal else None)
+    config.tokenizer.export = ""  # required: a tokenizer export (python -m hmar_jax.train_tokenizer)
 
     config.model = ml_collections.ConfigDict()
     config.model.preset = "tiny"
@@ -72,13 +72,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optimizer.grad_clip = 2.0
     config.optimizer.b1 = 0.9
     config.optimizer.b2 = 0.95
-    config.optimizer.mu_dtype = "float32"  # "bfloat16": first moment in bf16 (memory option)
+
+    # How it runs (kernels, dtypes, remat, microbatches, ...): the platform's defaults; the
+    # tokenizer encodes at the platform's fast float32 (TF32 on GPUs, like upstream).
+    config.execution = _common().execution()
 
     config.stage2 = ml_collections.ConfigDict()
     config.stage2.parent = ""              # stage-1 export directory (required for stage 2)
 
     config.batch_size = 48
-    config.microbatches = 1                # k > 1: k sequential parts, one update (less memory)
     config.num_train_steps = 1200 if config.stage == 1 else 120
     config.ema_decay = 0.999
     config.log_every_steps = 50

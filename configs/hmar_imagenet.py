@@ -13,7 +13,7 @@ released VQ-VAE converted with
 Launch, one GPU node (8 GPUs) or a local machine:
   launch/local.sh configs/hmar_imagenet.py:variant=d16 /data/runs/hmar-d16 \\
       --config.tokenizer.export=checkpoints/vae --config.data.data_dir=/data/tfds
-(d30 on one 8-GPU node: its 1024-image batch is 128 per GPU; add --config.microbatches=4.)
+(d30 on one 8-GPU node: its 1024-image batch is 128 per GPU; add --config.execution.microbatches=4.)
 SLURM (one process per GPU) or a TPU pod slice:
   sbatch --nodes=4 --ntasks-per-node=8 --gpus-per-task=1 launch/slurm_gpu.sh \\
       configs/hmar_imagenet.py:variant=d30 /shared/runs/hmar-d30 --config.tokenizer.export=...
@@ -68,11 +68,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.stage = stage
-    # d16/d20: data parallel; d24/d30: parameters and optimizer state FSDP-sharded over all devices.
-    # FSDP lowers memory per device only with scanned blocks (model.overrides.scan_blocks=True):
-    # unrolled (the 256 px setting, 9% faster) XLA keeps all blocks' gathered weights and
-    # gradients live at once when they fit (d30 B32 on two H200s: 67.1 GiB per GPU unrolled,
-    # 51.8 scanned).
+    # d16/d20: data parallel; d24/d30: parameters and optimizer state FSDP-sharded over all
+    # devices. With unrolled blocks (the GPU default) XLA keeps every block's gathered weights
+    # live when they fit; --config.execution.scan_blocks=True gathers one block at a time.
     config.mesh = (("data", -1), ("fsdp", 1)) if args["variant"] in ("d16", "d20") else (
         ("data", 1), ("fsdp", -1))
 
@@ -89,32 +87,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.tokenizer = ml_collections.ConfigDict()
     config.tokenizer.export = ""  # required: a converted VAR VQ-VAE export
-    config.tokenizer.precision = "default"  # encode at TF32 on GPUs, like upstream; "highest": exact f32
-    config.tokenizer.training = ml_collections.ConfigDict()  # unused: no tokenizer training here
 
     config.model = ml_collections.ConfigDict()
     config.model.preset = args["variant"]
-    # 256 px: the fastest measured on an H200 that fits with room to spare
-    # (benchmarks/README.md): matmul and attention outputs kept, blocks unrolled, the Pallas
-    # AdaLN kernels on GPU, the head's matmuls in bf16 (head_dtype=auto) (d16 B64 182 ms at
-    # 24.6 GiB, d30 B32 421 ms at 67.7 GiB per GPU).
-    # Faster: remat=activations_saveable (d16 184 ms, 33.1 GiB; d30 with
-    # optimizer.mu_dtype=bfloat16 393-406 ms, 76 GiB, which needs
-    # XLA_PYTHON_CLIENT_MEM_FRACTION=0.95) or remat=none at d16 (168-179 ms, 35 GiB; the H200
-    # runs at its 700 W cap, and chips differ by 2-3% there). Less
-    # memory: remat=projections_saveable
-    # (+ optimizer.mu_dtype=bfloat16: d30 B32 48.9 GiB at 452 ms), remat=none with
-    # config.microbatches=2 (d16 B64 in two passes of 32: 21.1 GiB at 190 ms) or remat=block.
-    # 512 px (L = 2240, not measured): block remat, scanned. attention_prologue_backend=auto
-    # differentiates the attention's q/k/v prologue with one Pallas pass on GPU (d16 B64
-    # 172.3-172.6 ms against 174.9-175.2 with xla, d30 B32 389-391 ms against 391-394,
-    # alternating runs on one H200).
-    fast = args["res"] == 256
     config.model.overrides = ml_collections.ConfigDict(dict(
-        num_classes=1000, num_mask_layers=MASK_LAYERS, init_adaln_gamma=recipe["alng"],
-        remat="dots_attention_saveable" if fast else "block", dtype="auto", head_dtype="auto",
-        attention_backend="auto", scan_blocks=not fast, gelu_backend="auto",
-        norm_backend="auto" if fast else "xla", attention_prologue_backend="auto"))
+        num_classes=1000, num_mask_layers=MASK_LAYERS, init_adaln_gamma=recipe["alng"]))
+
+    # How it runs. 256 px: the platform's defaults, on GPUs the fastest setting measured
+    # that fits (benchmarks/README.md). 512 px (L = 2240): four times the activations per
+    # image, so every block reruns in the backward and the blocks are scanned, which also
+    # lets FSDP gather one block's weights at a time.
+    config.execution = _common().execution(
+        **({} if args["res"] == 256 else dict(remat="block", scan_blocks=True)))
 
     config.loss = ml_collections.ConfigDict()
     config.loss.weighting = "lognorm"
@@ -129,15 +113,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optimizer.grad_clip = 2.0
     config.optimizer.b1 = 0.9
     config.optimizer.b2 = 0.95
-    config.optimizer.mu_dtype = "float32"  # "bfloat16": first moment in bf16 (memory option)
 
     config.stage2 = ml_collections.ConfigDict()
     config.stage2.parent = ""  # stage 2: the stage-1 export (ours or converted)
 
     config.batch_size = recipe["batch"]  # global; per GPU on 8 GPUs: 96 (d16-d24), 128 (d30)
-    # k > 1: each step's batch runs as k sequential microbatches (one update, the activation
-    # memory of batch/k). d30 at 128 images per GPU: 4 gives the benchmarked 32 per pass.
-    config.microbatches = 1
     config.num_train_steps = epochs * steps_per_epoch
     config.ema_decay = 0.9999
     config.log_every_steps = 100

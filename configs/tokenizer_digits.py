@@ -15,7 +15,18 @@ originals, then the reconstruction after each scale), ``tokenizer_metrics.json``
 TensorBoard events and Orbax training checkpoints under ``tokenizer_ckpt/``.
 """
 
+import importlib.util
+import pathlib
+
 import ml_collections
+
+
+def _common():
+    path = pathlib.Path(__file__).with_name("common.py")
+    spec = importlib.util.spec_from_file_location("configs_common", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -40,6 +51,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.tokenizer.share_quant_resi = 4
     config.tokenizer.beta = 0.25
     config.tokenizer.patch_nums = (1, 2, 3, 4, 6, 8)
+
+    # How it runs: exact float32 convolutions (the trained weights do not depend on the
+    # platform's fast float32); the other fields at the platform's defaults.
+    config.execution = _common().execution(tokenizer_precision="highest")
 
     config.batch_size = 64
     config.num_train_steps = 1200

@@ -1,46 +1,46 @@
 """Command line for HMAR training.
 
-  python -m hmar_jax.train --config configs/demo.py --workdir DIR [--config.a.b=value ...]
+  python -m hmar_jax.train --config configs/demo.py --workdir DIR \
+      --config.tokenizer.export=TOKENIZER_DIR [--config.a.b=value ...]
 
-The config is locked, so a mistyped key fails at launch. On multi-process launches
-(TPU pods, SLURM) ``jax.distributed.initialize()`` runs first. Bad input (a config key or
-value, a data folder, a workdir of another run, a diverging learning rate) ends in one
-``error:`` line and exit status 2.
+The config is locked, so a mistyped key fails at launch. The tokenizer is an export made
+beforehand (``python -m hmar_jax.train_tokenizer``, or converted). On multi-process
+launches (TPU pods, SLURM) the distributed runtime starts first
+(``hmar_jax.distributed``). Bad input (a config key or value, a missing tokenizer, a data
+folder, a workdir of another run, a diverging learning rate) ends in one ``error:`` line
+and exit status 2.
 """
 
 import os
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
 
-from hmar_jax import cli
-from hmar_jax.training import metric_writers
-from hmar_jax.training import trainer
+def define_flags() -> dict:
+    """The command's absl flags, defined when it runs (``cli.run_absl``)."""
+    from absl import flags
+    from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and exports.")
-flags.mark_flags_as_required(["config", "workdir"])
-
-
-
-def is_multi_process_launch() -> bool:
-    """True under SLURM with several tasks, an explicit JAX coordinator, or a TPU pod."""
-    if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        return True
-    return any(os.environ.get(k) for k in ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES"))
+    defined = {
+        "config": config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                                  lock_config=True),
+        "workdir": flags.DEFINE_string("workdir", None,
+                                       "Directory for checkpoints, logs and exports."),
+    }
+    flags.mark_flags_as_required(["config", "workdir"])
+    return defined
 
 
-def main(argv):
+def main(argv, defined: dict):
+    from absl import app, logging
+
+    from hmar_jax import distributed
+    from hmar_jax.training import metric_writers, trainer
+
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     metric_writers.quiet_library_logs()
-    if is_multi_process_launch():
-        import jax
-
-        jax.distributed.initialize()  # reads the SLURM / TPU / coordinator environment
-    metrics = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    distributed.initialize_if_multi_process()
+    metrics = trainer.train_and_evaluate(defined["config"].value, defined["workdir"].value)
     logging.info("Final metrics: %s", metrics)
     if "stopped_at_step" in metrics:
         # Stopped on request, with everything saved and flushed: exit now. The stop may have
@@ -53,4 +53,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    cli.run_absl(main)
+    from hmar_jax import cli
+
+    cli.run_absl(main, define_flags)

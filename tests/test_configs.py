@@ -1,10 +1,13 @@
 """Config files: every variant builds, follows the upstream recipes, and rejects typos."""
 
+import dataclasses
 import importlib.util
 import pathlib
 
 import pytest
 
+from hmar_jax import execution
+from hmar_jax.execution import ExecutionConfig
 from hmar_jax.transformer import preset
 
 CONFIGS = pathlib.Path(__file__).parents[1] / "configs"
@@ -33,9 +36,13 @@ def test_imagenet_recipes_match_upstream(variant, batch, peak_lr, epochs, wd_end
     assert stage2.stage == 2 and stage2.num_train_steps == 100 * steps_per_epoch
     assert stage2.model.overrides.num_mask_layers == 8 and stage2.data.image_size == 512
     # 256 px: the measured fastest (matmul and attention outputs kept, unrolled); 512 px: the lean default
-    fast, lean = config.model.overrides, stage2.model.overrides
-    assert (fast.remat, fast.scan_blocks, fast.norm_backend) == ("dots_attention_saveable", False, "auto")
-    assert (lean.remat, lean.scan_blocks, lean.norm_backend) == ("block", True, "xla")
+    fast = ExecutionConfig.from_mapping(config.execution).resolve("gpu")
+    lean = ExecutionConfig.from_mapping(stage2.execution).resolve("gpu")
+    assert (fast.remat, fast.scan_blocks, fast.layer_norm) == ("dots_attention_saveable", False, "gpu")
+    assert (fast.attention, fast.compute_dtype, fast.head_dtype) == ("gpu", "bfloat16", "bfloat16")
+    assert (lean.remat, lean.scan_blocks) == ("block", True)
+    # The model section is architecture only.
+    assert not set(config.model.overrides) & {"remat", "scan_blocks", "dtype", "head_dtype"}
 
 
 def test_config_arguments_are_checked():
@@ -47,3 +54,28 @@ def test_config_arguments_are_checked():
         load("demo").get_config("stages=2")
     assert load("demo").get_config("stage=2").stage == 2
     assert load("tokenizer_digits").get_config("runlocal").num_train_steps == 30
+
+
+@pytest.mark.parametrize("name, arg", [("demo", None), ("demo", "stage=2"),
+                                       ("tokenizer_digits", None), ("hmar_imagenet", None),
+                                       ("hmar_imagenet", "res=512,stage=2")])
+def test_every_config_has_the_whole_execution_section(name, arg):
+    """Every ExecutionConfig field but the resolved platform is there to override from the
+    command line, and nothing of it is left elsewhere in the config."""
+    config = load(name).get_config(arg)
+    fields = {f.name for f in dataclasses.fields(ExecutionConfig)} - {"platform"}
+    assert set(config.execution) == fields
+    ExecutionConfig.from_mapping(config.execution).resolve("cpu")
+    assert "microbatches" not in config and "precision" not in config.get("tokenizer", {})
+    assert "mu_dtype" not in config.get("optimizer", {})
+
+
+def test_the_cpu_configs_keep_their_cpu_behaviour():
+    """The demo runs the plain float32 reference model with the tokenizer at the platform's
+    fast float32 (as before); the digits tokenizer trains at exact float32."""
+    demo = ExecutionConfig.from_mapping(load("demo").get_config().execution).resolve("cpu")
+    assert demo == execution.REFERENCE.replace(tokenizer_precision="default")
+    assert (demo.microbatches, demo.moment_dtype) == (1, "float32")
+    tokenizer = load("tokenizer_digits").get_config()
+    assert ExecutionConfig.from_mapping(tokenizer.execution).resolve("cpu") == execution.REFERENCE
+    assert "training" not in load("demo").get_config().tokenizer

@@ -111,3 +111,34 @@ def test_resize_and_crop_follows_upstream():
     assert center.shape == (16, 16, 3) and 0 < center.mean() < 255
     crops = {data.resize_and_crop(image, 16, np.random.default_rng(s)).mean() for s in range(8)}
     assert len(crops) > 1  # random crops differ
+
+
+def test_one_dataset_dispatch_for_training_and_pretokenizing(tmp_path):
+    """open_dataset serves training (endless, shuffled, the digits' own pipeline) and
+    pretokenizing (every example once, in order, centre-cropped) from one data block."""
+    import ml_collections
+
+    config = ml_collections.ConfigDict(dict(
+        name="digits", split="eval", image_size=16, root="", tfds_name="", data_dir="",
+        num_workers=0, skip_corrupt=True))
+    dataset = data.open_dataset(config)
+    assert (dataset.num_classes, dataset.name) == (10, "data.name=digits")
+    images, labels = data.digits_split(16, "eval")
+    once = list(dataset.batches(64, train=False))
+    assert [len(b["label"]) for b in once] == [64, 64, 64, 5]
+    np.testing.assert_array_equal(np.concatenate([b["label"] for b in once]), labels)
+    np.testing.assert_array_equal(np.concatenate([b["image"] for b in once]),
+                                  data.to_model_range({"image": images, "label": labels})["image"])
+    training, reference = dataset.batches(50, seed=3), data.batched_iterator(images, labels, 50, 3)
+    for _ in range(5):
+        np.testing.assert_array_equal(next(training)["image"], next(reference)["image"])
+
+    folder = ml_collections.ConfigDict(config.to_dict() | dict(
+        name="image_folder", root=str(_image_folder(tmp_path / "images"))))
+    dataset = data.open_dataset(folder)
+    assert dataset.num_classes == 2 and dataset.name.startswith("data.root=")
+    once = list(dataset.batches(4, train=False))
+    assert [len(b["label"]) for b in once] == [4, 2]
+    assert np.concatenate([b["label"] for b in once]).tolist() == [0, 0, 0, 1, 1, 1]
+    with pytest.raises(ValueError, match="Unknown data.name 'mnist'"):
+        data.open_dataset(ml_collections.ConfigDict(config.to_dict() | dict(name="mnist")))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from hmar_jax import checkpointing, pretokenize
+from hmar_jax import checkpointing
 from hmar_jax.training import data
 from hmar_jax.training import token_cache
 from hmar_jax.training import trainer
@@ -23,13 +23,13 @@ def digits_cache(tmp_path_factory, tokenizer_export):
     """The whole digits set ('all') encoded by the test tokenizer: (config, cache dir)."""
     config = demo_config(**{"tokenizer.export": tokenizer_export})
     root = tmp_path_factory.mktemp("cache")
-    pretokenize.pretokenize(config, str(root / "workdir"), str(root / "tokens"))
+    token_cache.pretokenize(config, root / "tokens")
     return config, root / "tokens"
 
 
 def test_cache_holds_the_tokenizers_indices(digits_cache, tokenizer_export):
     config, path = digits_cache
-    vae = checkpointing.load_tokenizer(tokenizer_export, precision=config.tokenizer.precision)
+    vae = checkpointing.load_tokenizer(tokenizer_export, trainer.resolve_execution(config))
     tokens, labels, manifest = token_cache.open_token_cache(path, vae)
     images, want_labels = data.digits_split(config.data.image_size, "all")
     assert manifest["num_examples"] == len(want_labels) == tokens.shape[0]
@@ -40,9 +40,9 @@ def test_cache_holds_the_tokenizers_indices(digits_cache, tokenizer_export):
     indices = vae.encode_to_indices(jnp.asarray(batch))
     np.testing.assert_array_equal(np.asarray(tokens[some]),
                                   np.asarray(token_cache.flatten_indices(indices)))
-    # split_indices inverts flatten_indices
-    for a, b in zip(token_cache.split_indices(jnp.asarray(tokens[some], jnp.int32),
-                                              vae.config.patch_nums), indices):
+    # ScaleLayout.split_tokens inverts flatten_indices, on jax arrays too
+    for a, b in zip(vae.config.layout.split_tokens(jnp.asarray(tokens[some], jnp.int32)),
+                    indices):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
@@ -72,11 +72,11 @@ def test_bad_caches_are_refused(tmp_path, digits_cache, tokenizer_export):
     with pytest.raises(FileNotFoundError, match="python -m hmar_jax.pretokenize"):
         token_cache.open_token_cache(tmp_path / "missing", other)
     with pytest.raises(FileExistsError, match="already exists"):
-        pretokenize.pretokenize(config, str(tmp_path / "w"), str(path))
+        token_cache.pretokenize(config, path)
     with pytest.raises(ValueError, match="leave it empty"):
         cached = demo_config(**{"tokenizer.export": tokenizer_export,
                                 "data.pretokenized": str(path)})
-        pretokenize.pretokenize(cached, str(tmp_path / "w"), str(tmp_path / "again"))
+        token_cache.pretokenize(cached, tmp_path / "again")
     broken = tmp_path / "broken"
     broken.mkdir()
     manifest = json.loads((path / token_cache.MANIFEST).read_text())
@@ -87,10 +87,11 @@ def test_bad_caches_are_refused(tmp_path, digits_cache, tokenizer_export):
     with pytest.raises(ValueError, match="malformed"):
         token_cache.open_token_cache(broken, vae)
     # A run pointed at a cache of another tokenizer fails at start, naming the fix.
-    wrong = demo_config(**{"data.pretokenized": str(path)})  # trains its own digits tokenizer
     run_dir = pathlib.Path(tmp_path / "run")
     run_dir.mkdir()
     checkpointing.save_tokenizer(run_dir / "tokenizer", other)
+    wrong = demo_config(**{"data.pretokenized": str(path),
+                           "tokenizer.export": str(run_dir / "tokenizer")})
     with pytest.raises(ValueError, match="different tokenizer"):
         trainer.Trainer(wrong, str(run_dir)).make_iterator()
 
@@ -102,8 +103,8 @@ def test_image_folder_is_encoded_once_centre_cropped(tmp_path, tokenizer_export)
     (root / "dog" / "broken.jpg").write_bytes(b"not an image")  # skipped with a warning
     config = demo_config(**{"tokenizer.export": tokenizer_export, "data.name": "image_folder",
                             "data.root": str(root), "batch_size": 4})
-    manifest = pretokenize.pretokenize(config, str(tmp_path / "w"), str(tmp_path / "tokens"))
-    vae = checkpointing.load_tokenizer(tokenizer_export, precision=config.tokenizer.precision)
+    manifest = token_cache.pretokenize(config, tmp_path / "tokens")
+    vae = checkpointing.load_tokenizer(tokenizer_export, trainer.resolve_execution(config))
     tokens, labels, _ = token_cache.open_token_cache(tmp_path / "tokens", vae)
     assert manifest["num_examples"] == 6 and sorted(labels.tolist()) == [0, 0, 0, 1, 1, 1]
     source = data.ImageFolderSource.scan(str(root))
@@ -113,12 +114,3 @@ def test_image_folder_is_encoded_once_centre_cropped(tmp_path, tokenizer_export)
     want = token_cache.flatten_indices(vae.encode_to_indices(
         jnp.asarray(data.to_model_range({"image": images, "label": labels})["image"])))
     np.testing.assert_array_equal(np.asarray(tokens), np.asarray(want))
-
-
-def test_the_cli_module_imports_next_to_the_training_cli():
-    """Both CLIs take --config/--workdir; absl refuses a flag defined twice in one process,
-    so pretokenize defines its flags only when run as a program."""
-    import importlib
-
-    importlib.import_module("hmar_jax.train")
-    importlib.import_module("hmar_jax.pretokenize")

@@ -9,7 +9,8 @@ import optax
 import pytest
 from flax import nnx
 
-from hmar_jax import checkpointing, sharding
+from hmar_jax import checkpointing, execution, sharding
+from hmar_jax.execution import ExecutionConfig
 from hmar_jax.training import optim
 from hmar_jax.training import trainer
 from hmar_jax.transformer import is_mask_branch
@@ -85,7 +86,7 @@ def test_sharded_step_matches_single_device(tmp_path, tokenizer_export, mesh, mi
     """One step on a forced 8-device mesh (data x FSDP; on 4x2 in two microbatches) gives
     the loss, gradient norm and parameters of the unsharded single-device step."""
     config = demo_config(**{"tokenizer.export": tokenizer_export, "mesh": mesh,
-                            "microbatches": microbatches}, **STEP_CHANGES)
+                            "execution.microbatches": microbatches}, **STEP_CHANGES)
     run = trainer.Trainer(config, str(tmp_path))
     assert run.mesh.devices.size == 8
     images, labels = run._global_batch(next(run.make_iterator()))
@@ -104,9 +105,11 @@ def test_sharded_step_matches_single_device(tmp_path, tokenizer_export, mesh, mi
 def test_microbatches_that_do_not_split_are_refused(tmp_path, tokenizer_export):
     changes = {"tokenizer.export": tokenizer_export, **STEP_CHANGES}
     with pytest.raises(ValueError, match="must split evenly over the 8 devices"):
-        trainer.Trainer(demo_config(**changes, microbatches=4), str(tmp_path / "uneven")).run()
+        trainer.Trainer(demo_config(**changes, **{"execution.microbatches": 4}),
+                        str(tmp_path / "uneven")).run()
     with pytest.raises(ValueError, match="divide batch_size=16"):
-        trainer.Trainer(demo_config(**changes, microbatches=3), str(tmp_path / "odd")).run()
+        trainer.Trainer(demo_config(**changes, **{"execution.microbatches": 3}),
+                        str(tmp_path / "odd")).run()
 
 
 def test_workdir_of_another_model_is_refused(tmp_path, tokenizer_export):
@@ -145,11 +148,10 @@ def test_bfloat16_first_moment_keeps_the_update_close():
     grads = jax.tree.map(lambda p: 0.1 * jnp.cos(3 * p) + 0.01, params)
     opt = ml_collections.ConfigDict(dict(peak_lr=1e-3, warmup_steps=0, end_fraction=0.1,
                                          weight_decay=0.05, weight_decay_end=0.05, grad_clip=2.0,
-                                         b1=0.9, b2=0.95, mu_dtype="float32"))
+                                         b1=0.9, b2=0.95))
     updates = {}
-    for mu_dtype in optim.MU_DTYPES:
-        opt.mu_dtype = mu_dtype
-        tx, _ = optim.from_config(opt, params, total_steps=10)
+    for mu_dtype in execution.DTYPES:
+        tx, _ = optim.from_config(opt, params, total_steps=10, moment_dtype=mu_dtype)
         state = tx.init(params)
         adam = [s for s in jax.tree.leaves(state, is_leaf=lambda x: hasattr(x, "mu"))
                 if hasattr(s, "mu")][0]
@@ -160,9 +162,8 @@ def test_bfloat16_first_moment_keeps_the_update_close():
     for name in params:
         np.testing.assert_allclose(updates["bfloat16"][name], updates["float32"][name],
                                    rtol=1e-2, atol=1e-8)
-    opt.mu_dtype = "float16"
-    with pytest.raises(ValueError, match="optimizer.mu_dtype"):
-        optim.from_config(opt, params, total_steps=10)
+    with pytest.raises(ValueError, match="execution.moment_dtype"):
+        ExecutionConfig(moment_dtype="float16")
 
 
 def test_mesh_errors():
@@ -266,3 +267,50 @@ def test_sigterm_stops_cleanly_with_a_checkpoint(tmp_path, tokenizer_export):
     steps = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
     assert 3 <= max(steps) < 400  # saved at the stop, off the 1000-step interval
     assert not (workdir / "export").exists()
+
+
+def test_the_run_is_built_from_its_resolved_execution_config(tmp_path, tokenizer_export):
+    """config.execution is resolved once: the model, the tokenizer, the optimizer moments and
+    the step's microbatches follow it."""
+    config = demo_config(**{"tokenizer.export": tokenizer_export, "execution.moment_dtype":
+                            "bfloat16", "execution.microbatches": 2, "execution.remat": "block",
+                            "execution.tokenizer_precision": "highest"})
+    run = trainer.Trainer(config, str(tmp_path))
+    assert run.execution == execution.resolved("cpu", moment_dtype="bfloat16", microbatches=2,
+                                               remat="block", tokenizer_precision="highest")
+    assert run.vae.precision == "highest"
+    model = nnx.eval_shape(lambda: run._new_model(0))
+    assert model.execution == run.execution
+    state = jax.eval_shape(run._init_state)
+    adam = [s for s in jax.tree.leaves(state.opt_state, is_leaf=lambda x: hasattr(x, "mu"))
+            if hasattr(s, "mu")][0]
+    assert {leaf.dtype for leaf in jax.tree.leaves(adam.mu)} == {jnp.dtype("bfloat16")}
+
+
+def test_clu_imports_whatever_imported_it_before(tmp_path):
+    """CLU is reached through metric_writers.import_clu, which works after another module
+    tried (and, without TensorFlow, failed) to import clu.metric_writers first; importing
+    metric_writers itself loads nothing of CLU."""
+    import subprocess
+    import sys
+
+    script = f"""
+import sys
+try:
+    import clu.metric_writers
+except ImportError:
+    pass
+from hmar_jax.training import metric_writers
+writer = metric_writers.create_writer({str(tmp_path)!r})
+writer.write_scalars(1, {{"loss": 1.0}})
+writer.flush()
+_, periodic_actions = metric_writers.import_clu()
+periodic_actions.ReportProgress(num_train_steps=2, writer=writer)(1)
+"""
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=pathlib.Path(__file__).parents[1])
+    assert list(tmp_path.glob("events.out.tfevents.*"))
+    fresh = subprocess.run([sys.executable, "-c", "import sys\nfrom hmar_jax.training import "
+                            "metric_writers\nprint(sorted(m for m in sys.modules if m.startswith('clu')))"],
+                           check=True, capture_output=True, text=True,
+                           cwd=pathlib.Path(__file__).parents[1])
+    assert fresh.stdout.strip() == "[]"

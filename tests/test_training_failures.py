@@ -195,8 +195,14 @@ def refused_launches(tokenizer_export, tmp_path_factory):
                                       "--config", "configs/tokenizer_digits.py:fast",
                                       "--workdir", str(tmp / "c")],
         "pretokenize_unknown_key": [sys.executable, "-m", "hmar_jax.pretokenize", "--config",
-                                    "configs/demo.py", "--workdir", str(tmp / "d"), "--out",
-                                    str(tmp / "d" / "tokens"), "--config.nonexistent=3"],
+                                    "configs/demo.py", "--out", str(tmp / "d" / "tokens"),
+                                    "--config.nonexistent=3"],
+        "missing_tokenizer": [sys.executable, "-m", "hmar_jax.train", "--config",
+                              "configs/demo.py:runlocal", "--workdir", str(tmp / "g")],
+        "pretokenize_missing_tokenizer": [sys.executable, "-m", "hmar_jax.pretokenize",
+                                          "--config", "configs/demo.py", "--out",
+                                          str(tmp / "h" / "tokens")],
+        "execution_value": [*train, "--workdir", str(tmp / "i"), "--config.execution.remat=fast"],
         "unreadable_images": [*train, "--workdir", str(tmp / "e"),
                               "--config.data.name=image_folder",
                               f"--config.data.root={tmp / 'unreadable'}"],
@@ -230,7 +236,13 @@ def refused_launches(tokenizer_export, tmp_path_factory):
     ("unreadable_images", r"None of 6 images sampled from .*unreadable can be read"),
     ("other_model", r"holds a run of another model or stage \(model width 128 there, 64 here\); "
                     r"use a new --workdir"),
-    ("digits_split", r"Unknown digits split 'test'")])
+    ("digits_split", r"Unknown digits split 'test'"),
+    ("missing_tokenizer", r"config\.tokenizer\.export is not set; train one with `python -m "
+                          r"hmar_jax\.train_tokenizer --config configs/tokenizer_digits\.py "
+                          r"--workdir DIR` and pass --config\.tokenizer\.export=DIR/tokenizer"),
+    ("pretokenize_missing_tokenizer", r"config\.tokenizer\.export is not set; train one with "
+                                      r"`python -m hmar_jax\.train_tokenizer"),
+    ("execution_value", r"execution\.remat='fast' is not one of")])
 def test_bad_input_is_one_line_and_exit_2(refused_launches, name, message):
     returncode, stderr, seconds = refused_launches[name]
     line = _error_line(returncode, stderr)
@@ -280,3 +292,49 @@ def test_sigterm_stops_a_run_whose_data_never_comes(tokenizer_export, tmp_path):
     assert returncode == 0 and seconds < 30, stderr[-2000:]
     assert "Stopped on request (SIGTERM) while waiting for the data of step 1" in stderr
     assert checkpoint_steps(workdir) == []
+
+
+def test_a_missing_tokenizer_is_refused_with_the_command_that_makes_one(tmp_path):
+    """The trainer never trains a tokenizer: without an export it names the command and the
+    flag, and leaves no workdir behind."""
+    for export in ("", str(tmp_path / "nothing_here")):
+        with pytest.raises(ValueError, match=r"train one with `python -m hmar_jax\.train_tokenizer "
+                                             r"--config configs/tokenizer_digits\.py --workdir "
+                                             r"DIR` and pass --config\.tokenizer\.export="
+                                             r"DIR/tokenizer"):
+            trainer.Trainer(demo_config(**{"tokenizer.export": export}), str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_bad_execution_section_is_one_clear_error(tokenizer_export, tmp_path):
+    config = demo_config(**{"tokenizer.export": tokenizer_export})
+    config.execution.remat_policy = "block"  # not a setting
+    with pytest.raises(ValueError, match=r"Unknown execution setting\(s\) \['remat_policy'\]; "
+                                         r"the settings are \["):
+        trainer.Trainer(config, str(tmp_path / "run"))
+    for key, value, message in [("remat", "fast", r"execution\.remat='fast' is not one of"),
+                                ("moment_dtype", "float16", r"execution\.moment_dtype='float16'"),
+                                ("attention", "cudnn", r"execution\.attention='cudnn'")]:
+        config = demo_config(**{"tokenizer.export": tokenizer_export, f"execution.{key}": value})
+        with pytest.raises(ValueError, match=message):
+            trainer.Trainer(config, str(tmp_path / "run"))
+    # A runtime setting left in the architecture section is named, with where it belongs.
+    config = demo_config(**{"tokenizer.export": tokenizer_export})
+    config.model.overrides.remat = "block"
+    with pytest.raises(ValueError, match=r"config\.model\.overrides holds execution settings "
+                                         r"\['remat'\]; set them in config\.execution"):
+        trainer.Trainer(config, str(tmp_path / "run"))
+
+
+def test_importing_the_commands_defines_no_flag():
+    """Every absl command defines its flags when it runs (cli.run_absl), so importing them
+    all in one process (tests, notebooks, another tool) leaves absl's flags untouched."""
+    script = """
+from absl import flags
+before = set(flags.FLAGS)
+import hmar_jax.train, hmar_jax.train_tokenizer, hmar_jax.pretokenize, hmar_jax.evaluate.__main__
+print(sorted(set(flags.FLAGS) - before))
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, check=True,
+                            capture_output=True, text=True)
+    assert result.stdout.strip() == "[]", result.stdout

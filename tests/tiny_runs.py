@@ -6,7 +6,8 @@ import pathlib
 
 def demo_config(**changes):
     """configs/demo.py:runlocal shrunk further (depth 2, width 64, batch 8, no samples);
-    ``changes`` maps dotted keys to values, e.g. ``{"optimizer.peak_lr": 1e-3}``."""
+    ``changes`` maps dotted keys of the config to values, e.g. ``{"optimizer.peak_lr": 1e-3}``
+    (a key the config does not have is an error, as on the command line)."""
     path = pathlib.Path(__file__).parents[1] / "configs" / "demo.py"
     spec = importlib.util.spec_from_file_location("demo_config", path)
     module = importlib.util.module_from_spec(spec)
@@ -23,5 +24,7 @@ def demo_config(**changes):
         *parents, leaf = key.split(".")
         for p in parents:
             node = node[p]
+        if leaf not in node:
+            raise KeyError(f"configs/demo.py has no key {key!r}")
         node[leaf] = value
     return config

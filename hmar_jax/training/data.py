@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any, Iterator
+
 import grain
 import numpy as np
 from absl import logging
@@ -252,15 +254,64 @@ def image_iterator(source, *, image_size: int, batch_size: int, seed: int, train
     return iter(dataset)
 
 
-def image_source(data_config):
-    """The random-access image source of a config's ``data`` block (``image_folder`` or
-    ``tfds``; the embedded digits are arrays, see ``digits_split``)."""
-    if data_config.name == "image_folder":
-        return ImageFolderSource.scan(data_config.root)
-    if data_config.name == "tfds":
-        return tfds_source(data_config.tfds_name, data_config.split, data_config.data_dir or None)
-    raise ValueError(f"Unknown data.name {data_config.name!r}; use 'digits', 'image_folder' or "
-                     "'tfds'.")
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """A config's ``data`` block, opened: the one place that knows the dataset kinds
+    (``digits``, ``image_folder``, ``tfds``), for training and for pretokenizing alike.
+
+    Attributes:
+      config: the ``data`` block.
+      source: random access to the examples (``ArraySource`` of uint8 digits, or
+        ``ImageFolderSource``/TFDS elements decoded in the pipeline).
+      num_classes: the labels' count where known without reading every example (None for
+        TFDS).
+      name: the setting that chose the data, for messages (``data.root=DIR``).
+    """
+
+    config: Any
+    source: Any
+    num_classes: int | None
+    name: str
+
+    def batches(self, batch_size: int, *, seed: int = 0, train: bool = True,
+                process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
+        """Process-local batches ``{"image": f32 [B, S, S, 3] in [-1, 1], "label": i32 [B]}``.
+
+        ``train``: endless, reshuffled every epoch, random crops (image datasets), and
+        checkpointable (``get_state``/``set_state``). Otherwise every example once, in
+        order, centre-cropped, the last batch possibly smaller (pretokenizing).
+        """
+        d = self.config
+        if isinstance(self.source, ArraySource):
+            images = self.source.images[process_index::process_count]
+            labels = self.source.labels[process_index::process_count]
+            if train:
+                return batched_iterator(images, labels, batch_size, seed)
+            return (to_model_range({"image": images[i:i + batch_size],
+                                    "label": labels[i:i + batch_size]})
+                    for i in range(0, len(labels), batch_size))
+        return image_iterator(self.source, image_size=d.image_size, batch_size=batch_size,
+                              seed=seed, train=train, skip_corrupt=d.skip_corrupt,
+                              num_workers=d.num_workers, process_index=process_index,
+                              process_count=process_count)
+
+
+def open_dataset(data_config) -> Dataset:
+    """The dataset of a config's ``data`` block (``name``: ``digits``, ``image_folder`` or
+    ``tfds``), checked before any batch is read."""
+    name = data_config.name
+    if name == "digits":
+        images, labels = digits_split(data_config.image_size, data_config.split)
+        return Dataset(data_config, ArraySource(images, labels), DIGITS_NUM_CLASSES,
+                       "data.name=digits")
+    if name == "image_folder":
+        source = ImageFolderSource.scan(data_config.root)
+        return Dataset(data_config, source, len(source.classes), f"data.root={data_config.root}")
+    if name == "tfds":
+        source = tfds_source(data_config.tfds_name, data_config.split,
+                             data_config.data_dir or None)
+        return Dataset(data_config, source, None, f"data.tfds_name={data_config.tfds_name}")
+    raise ValueError(f"Unknown data.name {name!r}; use 'digits', 'image_folder' or 'tfds'.")
 
 
 def tfds_source(name: str, split: str, data_dir: str | None = None):

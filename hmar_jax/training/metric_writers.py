@@ -1,13 +1,11 @@
 """TF-free CLU metric writers: console logging plus TensorBoard event files.
 
 CLU 0.0.12's ``clu.metric_writers`` package imports a TensorFlow summary writer at
-import time. We never install TensorFlow, so before the first CLU import this
-module registers a stand-in for that one submodule; everything else in CLU
-(``LoggingWriter``, ``AsyncMultiWriter``, ``periodic_actions``) then imports and
-works. Event files are written with tensorboardX instead.
-
-Import ``hmar_jax.training.metric_writers`` before ``clu.metric_writers`` or
-``clu.periodic_actions``.
+import time. We never install TensorFlow, so ``import_clu`` registers a stand-in for that
+one submodule before importing CLU; everything else in CLU (``LoggingWriter``,
+``AsyncMultiWriter``, ``periodic_actions``) then imports and works. Event files are written
+with tensorboardX instead. The project reaches CLU only through ``import_clu``, so no import
+order can break it, and importing this module changes nothing.
 """
 
 from __future__ import annotations
@@ -16,32 +14,38 @@ import sys
 import types
 from typing import Any, Mapping
 
+import numpy as np
 
-def _install_tf_free_summary_writer() -> None:
-    name = "clu.metric_writers.summary_writer"
-    if name in sys.modules:
-        return
-    stub = types.ModuleType(name)
-
-    class SummaryWriter:  # pylint: disable=too-few-public-methods
-        """Stand-in for CLU's TensorFlow writer; use TensorBoardXWriter."""
-
-        def __init__(self, *args, **kwargs):
-            raise ImportError("CLU's TensorFlow SummaryWriter is unavailable (no TensorFlow); "
-                              "use hmar_jax.training.metric_writers.create_writer.")
-
-    stub.SummaryWriter = SummaryWriter
-    sys.modules[name] = stub
+_TF_SUMMARY_WRITER = "clu.metric_writers.summary_writer"
 
 
-_install_tf_free_summary_writer()
+def import_clu() -> tuple[types.ModuleType, types.ModuleType]:
+    """``(clu.metric_writers, clu.periodic_actions)``, importable without TensorFlow.
 
-import numpy as np  # noqa: E402
-from clu import metric_writers  # noqa: E402  (needs the stub above)
+    Registers the stand-in for CLU's TensorFlow writer unless a summary writer module is
+    already loaded (TensorFlow installed, or an earlier call); an earlier failed import of
+    CLU left nothing behind, so this works whatever imported CLU before."""
+    if _TF_SUMMARY_WRITER not in sys.modules:
+        stub = types.ModuleType(_TF_SUMMARY_WRITER)
+
+        class SummaryWriter:  # pylint: disable=too-few-public-methods
+            """Stand-in for CLU's TensorFlow writer; use TensorBoardXWriter."""
+
+            def __init__(self, *args, **kwargs):
+                raise ImportError("CLU's TensorFlow SummaryWriter is unavailable (no "
+                                  "TensorFlow); use hmar_jax.training.metric_writers."
+                                  "create_writer.")
+
+        stub.SummaryWriter = SummaryWriter
+        sys.modules[_TF_SUMMARY_WRITER] = stub
+    from clu import metric_writers, periodic_actions
+
+    return metric_writers, periodic_actions
 
 
-class TensorBoardXWriter(metric_writers.MetricWriter):
-    """Writes scalars, images, texts, histograms and hparams as TensorBoard events."""
+class TensorBoardXWriter:
+    """Writes scalars, images, texts, histograms and hparams as TensorBoard events (CLU's
+    ``MetricWriter`` interface; CLU's writers call it by its methods only)."""
 
     def __init__(self, logdir: str):
         import tensorboardX  # local: only the writing process needs it
@@ -90,12 +94,14 @@ class TensorBoardXWriter(metric_writers.MetricWriter):
         self._writer.close()
 
 
-def create_writer(logdir: str | None, *, just_logging: bool = False) -> metric_writers.MetricWriter:
-    """Console logging, plus TensorBoard events under ``logdir`` unless ``just_logging``.
+def create_writer(logdir: str | None, *, just_logging: bool = False):
+    """A CLU ``MetricWriter``: console logging, plus TensorBoard events under ``logdir``
+    unless ``just_logging``.
 
     Non-zero processes of a multi-host job should pass ``just_logging=True``.
     """
-    writers: list[metric_writers.MetricWriter] = [metric_writers.LoggingWriter()]
+    metric_writers, _ = import_clu()
+    writers = [metric_writers.LoggingWriter()]
     if logdir and not just_logging:
         writers.append(TensorBoardXWriter(logdir))
     return metric_writers.AsyncMultiWriter(writers)

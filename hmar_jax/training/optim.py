@@ -8,8 +8,11 @@
   the remaining steps, then linear decay to ``end_fraction`` x peak.
 * Weight decay follows a cosine from ``weight_decay`` to ``weight_decay_end`` over the
   run (constant when they are equal, as in most upstream configs).
-* The moments are float32 as upstream's; ``mu_dtype="bfloat16"`` stores the first moment
-  in bfloat16 (half its memory: 4 GB less at d30) as a memory option.
+* The moments are float32 as upstream's; ``execution.moment_dtype="bfloat16"`` stores the
+  first moment in bfloat16 (half its memory: 4 GB less at d30) as a memory option.
+
+The stage parameter groups (``STAGE1_TRAINABLE``, ``STAGE2_TRAINABLE``) live here too: what
+the optimizer updates in each stage.
 """
 
 from __future__ import annotations
@@ -19,8 +22,22 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
 from hmar_jax.cli import InputError
+from hmar_jax.transformer import is_mask_branch
+
+# Stage 1 trains everything but the mask branch; stage 2 only the mask branch (the other
+# parameters are frozen and not even differentiated).
+STAGE1_TRAINABLE = nnx.All(nnx.Param, nnx.Not(is_mask_branch))
+STAGE2_TRAINABLE = nnx.All(nnx.Param, is_mask_branch)
+
+
+def trainable_filter(stage: int):
+    """The nnx filter of the parameters ``stage`` (1 or 2) trains."""
+    if stage not in (1, 2):
+        raise InputError(f"config.stage must be 1 or 2, got {stage}; set --config.stage=1 or 2.")
+    return STAGE1_TRAINABLE if stage == 1 else STAGE2_TRAINABLE
 
 
 class TrainingDiverged(InputError):
@@ -83,32 +100,29 @@ def scheduled_weight_decay(schedule: optax.Schedule) -> optax.GradientTransforma
     return optax.GradientTransformation(init, update)
 
 
-MU_DTYPES = ("float32", "bfloat16")
-
-
 def adamw(schedule: optax.Schedule, params: Any, *, weight_decay: float, grad_clip: float,
           b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
           weight_decay_end: float | None = None, total_steps: int = 1,
-          mu_dtype: str = "float32") -> optax.GradientTransformation:
-    """Clipped AdamW with the upstream decay groups for ``params``' tree."""
-    if mu_dtype not in MU_DTYPES:
-        raise ValueError(f"Unknown optimizer.mu_dtype {mu_dtype!r}; use one of {MU_DTYPES}.")
+          moment_dtype: str = "float32") -> optax.GradientTransformation:
+    """Clipped AdamW with the upstream decay groups for ``params``' tree; the first moment in
+    ``moment_dtype`` (a resolved ``ExecutionConfig.moment_dtype``)."""
     end = weight_decay if weight_decay_end is None else weight_decay_end
     decay = cosine_weight_decay(weight_decay, end, total_steps)
     return optax.chain(
         optax.clip_by_global_norm(grad_clip),
-        optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=jnp.dtype(mu_dtype)),
+        optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=jnp.dtype(moment_dtype)),
         optax.masked(scheduled_weight_decay(decay), decay_mask(params)),
         optax.scale_by_learning_rate(schedule))
 
 
-def from_config(optimizer: Any, params: Any, total_steps: int
+def from_config(optimizer: Any, params: Any, total_steps: int, moment_dtype: str = "float32"
                 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """``(AdamW, lr schedule)`` from a training config's ``optimizer`` block."""
+    """``(AdamW, lr schedule)`` from a training config's ``optimizer`` block and the run's
+    resolved ``execution.moment_dtype``."""
     schedule = lin0_schedule(optimizer.peak_lr, total_steps, optimizer.warmup_steps,
                              end_fraction=optimizer.end_fraction)
     tx = adamw(schedule, params, weight_decay=optimizer.weight_decay,
                weight_decay_end=optimizer.weight_decay_end, total_steps=total_steps,
                grad_clip=optimizer.grad_clip, b1=optimizer.b1, b2=optimizer.b2,
-               mu_dtype=optimizer.mu_dtype)
+               moment_dtype=moment_dtype)
     return tx, schedule

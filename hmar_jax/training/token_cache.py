@@ -1,7 +1,7 @@
 """Pretokenized training data: token-index caches that replace the tokenizer in the step.
 
-By default the frozen tokenizer encodes every batch inside the jitted training step (at
-256 px on an H200 that is 45-68 ms of a 226-287 ms d16 step). With
+By default the frozen tokenizer encodes every batch inside the jitted training step, a
+sizeable share of the step at 256 px. With
 ``config.data.pretokenized=DIR`` the step reads the indices from a cache written once by
 ``python -m hmar_jax.pretokenize`` and only builds the teacher-forcing inputs from them
 (codebook lookups and resampling, no encoder).
@@ -42,10 +42,10 @@ TOKENS, LABELS, MANIFEST = "tokens.npy", "labels.npy", "manifest.json"
 
 
 def tokenizer_fingerprint(vae: VQVAE) -> str:
-    """sha256 of the tokenizer's architecture (its config minus the runtime ``precision``)
-    and of every parameter and buffer, in path order."""
+    """sha256 of the tokenizer's architecture (its config) and of every parameter and
+    buffer, in path order."""
     digest = hashlib.sha256()
-    config = {k: v for k, v in dataclasses.asdict(vae.config).items() if k != "precision"}
+    config = dataclasses.asdict(vae.config)
     digest.update(json.dumps(config, sort_keys=True, default=list).encode())
     leaves = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(vae)))[0]
     for path, value in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
@@ -59,17 +59,6 @@ def tokenizer_fingerprint(vae: VQVAE) -> str:
 def flatten_indices(indices: list[jax.Array]) -> jax.Array:
     """S index maps ``[B, p_k, p_k]`` -> ``[B, L]`` (the training targets' order)."""
     return jnp.concatenate([i.reshape(i.shape[0], -1) for i in indices], axis=1)
-
-
-def split_indices(tokens: jax.Array, patch_nums: tuple[int, ...]) -> list[jax.Array]:
-    """``[B, L]`` -> S index maps ``[B, p_k, p_k]`` (int32); inverse of ``flatten_indices``."""
-    sizes = [p * p for p in patch_nums]
-    if tokens.shape[-1] != sum(sizes):
-        raise ValueError(f"Token rows of length {tokens.shape[-1]} do not match patch_nums "
-                         f"{tuple(patch_nums)} (L = {sum(sizes)}).")
-    bounds = np.cumsum([0, *sizes])
-    return [tokens[:, a:b].astype(jnp.int32).reshape(-1, p, p)
-            for a, b, p in zip(bounds[:-1], bounds[1:], patch_nums)]
 
 
 def write_token_cache(vae: VQVAE, batches: Iterable[dict], out_dir: str | pathlib.Path, *,
@@ -95,7 +84,7 @@ def write_token_cache(vae: VQVAE, batches: Iterable[dict], out_dir: str | pathli
                 "patch_nums": list(vae.config.patch_nums), "vocab_size": vae.config.vocab_size,
                 "image_size": vae.config.image_size, "crop": "center",
                 "tokenizer_fingerprint": tokenizer_fingerprint(vae),
-                "tokenizer_precision": vae.config.precision, "source": source}
+                "tokenizer_precision": vae.precision, "source": source}
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         np.save(tmp / TOKENS, tokens)
         np.save(tmp / LABELS, labels)
@@ -107,8 +96,7 @@ def open_token_cache(path: str | pathlib.Path, vae: VQVAE) -> tuple[np.ndarray, 
     """``(tokens uint16 [N, L] memory-mapped, labels int32 [N], manifest)``, checked against
     the tokenizer that will build the teacher-forcing inputs."""
     path = pathlib.Path(path)
-    fix = ("write one with `python -m hmar_jax.pretokenize --config <config> --workdir <workdir> "
-           f"--out {path}`")
+    fix = f"write one with `python -m hmar_jax.pretokenize --config <config> --out {path}`"
     if not (path / MANIFEST).exists():
         raise FileNotFoundError(f"config.data.pretokenized={path} is not a token cache (no "
                                 f"{MANIFEST}); {fix}.")
@@ -156,3 +144,24 @@ def token_iterator(tokens: np.ndarray, labels: np.ndarray, *, batch_size: int, s
                          "examples.")
     dataset = dataset.shuffle(seed=seed).repeat().batch(batch_size, drop_remainder=True)
     return iter(dataset.to_iter_dataset())
+
+
+def pretokenize(config, out: str | pathlib.Path, *, overwrite: bool = False) -> dict:
+    """Writes the token cache of a training config's dataset (every example once,
+    centre-cropped) to ``out``, encoded by its tokenizer (``config.tokenizer.export``) as the
+    run's ``config.execution`` resolves it; returns the manifest. One process encodes
+    everything on its default device."""
+    from hmar_jax.execution import ExecutionConfig
+    from hmar_jax.training import data, tokenizer_trainer  # local: the image pipelines
+
+    if config.data.pretokenized:
+        raise ValueError("config.data.pretokenized is set: pretokenize reads the images, leave it "
+                         "empty here.")
+    execution = ExecutionConfig.from_mapping(config.execution).resolve()
+    vae = tokenizer_trainer.load_trained_tokenizer(config, execution)
+    dataset = data.open_dataset(config.data)
+    d = config.data
+    source = {"name": d.name, "split": d.split, "image_size": d.image_size,
+              "tfds_name": d.tfds_name, "root": pathlib.Path(d.root).name if d.root else ""}
+    return write_token_cache(vae, dataset.batches(config.batch_size, train=False), out,
+                             source=source, overwrite=overwrite)

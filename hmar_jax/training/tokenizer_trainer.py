@@ -7,6 +7,9 @@ EMA of each code's share of assignments is kept, and every ``restart_every`` ste
 codes below ``dead_fraction / V`` are re-seeded with residual vectors drawn from the
 current batch (the vectors the quantiser was actually asked to match).
 
+Tokenizer training is its own command (``python -m hmar_jax.train_tokenizer``); the HMAR
+trainer and ``pretokenize`` load its export (``load_trained_tokenizer``) and never train one.
+
 Dimension letters: B batch, H/W image side, P latent side, Cv latent channels,
 V codebook size.
 """
@@ -27,12 +30,40 @@ from absl import logging
 from flax import nnx
 
 from hmar_jax import checkpointing
+from hmar_jax.cli import InputError
+from hmar_jax.execution import ExecutionConfig
+from hmar_jax.sampling import visualize
+from hmar_jax.tokenizer.model import VQVAE, VQVAEConfig
 from hmar_jax.training import data
 from hmar_jax.training import metric_writers
 from hmar_jax.training import optim
-from hmar_jax.sampling import visualize
-from hmar_jax.tokenizer.model import VQVAE, VQVAEConfig
-from clu import periodic_actions  # after metric_writers (TF-free shim)
+
+TRAIN_COMMAND = ("python -m hmar_jax.train_tokenizer --config configs/tokenizer_digits.py "
+                 "--workdir DIR")
+
+
+def load_trained_tokenizer(config: ml_collections.ConfigDict, execution: ExecutionConfig
+                           ) -> VQVAE:
+    """The frozen tokenizer of an HMAR training config: the export ``config.tokenizer.export``
+    (trained by this module's command or converted), built to run with the resolved
+    ``execution``, checked against ``config.data.image_size``.
+
+    Raises:
+      InputError: no export there (naming the commands that make one), or another image size.
+    """
+    path = config.tokenizer.export
+    if not path or not (pathlib.Path(path) / f"{checkpointing.TOKENIZER}_config.json").is_file():
+        where = f"config.tokenizer.export={path} is not a tokenizer export" if path else \
+            "config.tokenizer.export is not set"
+        raise InputError(f"{where}; train one with `{TRAIN_COMMAND}` and pass "
+                         "--config.tokenizer.export=DIR/tokenizer (or convert one with "
+                         "`python -m hmar_jax.convert vqvae`).")
+    vae = checkpointing.load_tokenizer(path, execution)
+    if vae.config.image_size != config.data.image_size:
+        raise InputError(f"The tokenizer {path} takes {vae.config.image_size} px images but "
+                         f"data.image_size={config.data.image_size}; set "
+                         f"--config.data.image_size={vae.config.image_size}.")
+    return vae
 
 
 class CodeUsage(nnx.Variable):
@@ -147,7 +178,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     train_images, train_labels = data.digits_split(config.data.image_size, "train")
     eval_images, _ = data.digits_split(config.data.image_size, "eval")
 
-    model = VQVAE(cfg, rngs=nnx.Rngs(config.seed))
+    execution = ExecutionConfig.from_mapping(config.execution).resolve()
+    model = VQVAE(cfg, execution, rngs=nnx.Rngs(config.seed))
     tx, schedule = make_optimizer(config)
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     usage = CodeUsageTracker(cfg.vocab_size)
@@ -167,6 +199,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         iterator.set_state(restored["data"])
         logging.info("Resumed tokenizer training from step %d.", first_step)
 
+    _, periodic_actions = metric_writers.import_clu()
     writer = metric_writers.create_writer(str(workdir_path / "tokenizer_tb"))
     writer.write_hparams(config.to_dict() | {"tokenizer": cfg.to_json()})
     report = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,

@@ -16,8 +16,14 @@ that trained. Resuming skips checkpoints that cannot be read or hold non-finite 
 
 Stage 1 trains everything but the mask branch. Stage 2 starts from a stage-1 export
 (``config.stage2.parent``), copies the last n blocks and the head into the mask branch,
-and trains only that branch (``model.STAGE2_TRAINABLE``); the other parameters are not
+and trains only that branch (``optim.STAGE2_TRAINABLE``); the other parameters are not
 even differentiated.
+
+The run's ``config.execution`` is resolved once here, for the platform at hand; the model,
+the frozen tokenizer (``config.tokenizer.export``, trained beforehand by
+``python -m hmar_jax.train_tokenizer`` or converted), the optimizer and the step are built
+from that resolved config. What judges the finished model (sample grids, digits scores) are
+evaluation hooks (``training.hooks``).
 
 Dimension letters: B batch, H/W image side, L tokens, Cv latent channels.
 """
@@ -45,17 +51,17 @@ from absl import logging
 from flax import nnx
 
 from hmar_jax import atomic_io, checkpointing, sampling, sharding
+from hmar_jax.cli import InputError
+from hmar_jax.execution import ExecutionConfig
 from hmar_jax.training import data
+from hmar_jax.training import hooks
 from hmar_jax.training import losses
 from hmar_jax.training import metric_writers
 from hmar_jax.training import optim
 from hmar_jax.training import token_cache
 from hmar_jax.training import tokenizer_trainer
-from hmar_jax.sampling import visualize
-from hmar_jax.cli import InputError
-from hmar_jax.transformer import (MASK_BRANCH, STAGE1_TRAINABLE, STAGE2_TRAINABLE, HMARConfig,
-                            HMARTransformer, preset)
-from clu import periodic_actions  # after metric_writers (TF-free shim)
+from hmar_jax.transformer import MASK_BRANCH, HMARConfig, HMARTransformer, preset
+from hmar_jax.transformer.config import LEGACY_EXECUTION_FIELDS
 
 
 RUN_CONFIG = "train_config.json"
@@ -75,62 +81,52 @@ class TrainState:
 
 
 def model_config(config: ml_collections.ConfigDict, vae_config) -> HMARConfig:
+    """The architecture: ``config.model`` with the tokenizer's vocabulary, latent channels
+    and scales."""
     overrides = dict(config.model.overrides.to_dict())
+    misplaced = sorted(set(overrides) & set(LEGACY_EXECUTION_FIELDS))
+    if misplaced:
+        raise InputError(f"config.model.overrides holds execution settings {misplaced}; set "
+                         "them in config.execution (e.g. --config.execution.remat=block).")
     overrides.update(vocab_size=vae_config.vocab_size, latent_channels=vae_config.z_channels,
                      patch_nums=vae_config.patch_nums)
     return preset(config.model.preset, **overrides)
 
 
-def trainable_filter(stage: int):
-    if stage not in (1, 2):
-        raise InputError(f"config.stage must be 1 or 2, got {stage}; set --config.stage=1 or 2.")
-    return STAGE1_TRAINABLE if stage == 1 else STAGE2_TRAINABLE
+def resolve_execution(config: ml_collections.ConfigDict) -> ExecutionConfig:
+    """``config.execution`` resolved for this platform (unknown keys or values: one error)."""
+    return ExecutionConfig.from_mapping(config.execution.to_dict()).resolve()
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
     """The checks that need no files, made before anything is trained or written."""
-    trainable_filter(config.stage)
+    optim.trainable_filter(config.stage)
     if config.stage == 2 and not config.stage2.parent:
         raise InputError("Stage 2 needs config.stage2.parent; set --config.stage2.parent=DIR, "
                          "a stage-1 export directory.")
 
 
-def load_or_train_tokenizer(config: ml_collections.ConfigDict, workdir: pathlib.Path):
-    """The frozen tokenizer: ``config.tokenizer.export`` if set, else ``workdir/tokenizer``,
-    trained there first (embedded digits only) when it does not exist yet."""
-    path = pathlib.Path(config.tokenizer.export) if config.tokenizer.export else workdir / "tokenizer"
-    if not (path / "tokenizer_config.json").exists():
-        if config.tokenizer.export:
-            raise FileNotFoundError(f"config.tokenizer.export={path} is not a tokenizer export; "
-                                    "convert one with `python -m hmar_jax.convert vqvae`.")
-        if config.data.name != "digits":
-            raise FileNotFoundError(f"No tokenizer at {path}; set config.tokenizer.export.")
-        logging.info("No tokenizer in %s yet: training one on the embedded digits.", workdir)
-        tokenizer_trainer.train_and_evaluate(config.tokenizer.training, str(workdir))
-    return checkpointing.load_tokenizer(path, precision=config.tokenizer.precision)
-
-
 def make_step(graphdef, vae_graphdef, cfg: HMARConfig, config: ml_collections.ConfigDict,
-              tx: optax.GradientTransformation, schedule):
+              tx: optax.GradientTransformation, schedule, *, microbatches: int = 1):
     """The jittable ``train_step(state, vae_state, inputs, labels) -> (state, metrics)``.
 
-    With ``config.microbatches = k > 1`` the batch is split into k microbatches that are
-    encoded, run forward and backward one after another (``lax.scan``); their mean
-    gradient makes one optimizer update, as for the whole batch, with the activation
-    memory of one microbatch. Each device keeps its own rows: microbatch i takes rows
-    ``i, i + k, i + 2k, ...`` of the global batch.
+    ``graphdef`` and ``vae_graphdef`` were built with the run's resolved execution config.
+    With ``microbatches = k > 1`` (``execution.microbatches``) the batch is split into k
+    microbatches that are encoded, run forward and backward one after another
+    (``lax.scan``); their mean gradient makes one optimizer update, as for the whole batch,
+    with the activation memory of one microbatch. Each device keeps its own rows:
+    microbatch i takes rows ``i, i + k, i + 2k, ...`` of the global batch.
     """
     layout = cfg.layout
     weights = jnp.asarray(layout.token_loss_weights(config.loss.weighting))
     stage, ema_decay = config.stage, config.ema_decay
     pretokenized = bool(config.data.pretokenized)
-    microbatches = config.microbatches
 
     def loss_and_grads(state: TrainState, vae, inputs, labels, rng):
         """Mean loss, metrics and gradients of one (micro)batch."""
         drop_rng, path_rng, mask_rng = jax.random.split(rng, 3)
         if pretokenized:
-            indices = token_cache.split_indices(inputs, layout.patch_nums)
+            indices = [i.astype(jnp.int32) for i in layout.split_tokens(inputs)]
         else:
             indices = [jax.lax.stop_gradient(i) for i in vae.encode_to_indices(inputs)]
         targets = token_cache.flatten_indices(indices)  # [B, L]
@@ -206,25 +202,25 @@ class Trainer:
     def __init__(self, config: ml_collections.ConfigDict, workdir: str):
         check_config(config)
         self.config = config
+        self.execution = resolve_execution(config)
         self.workdir = pathlib.Path(workdir).absolute()
-        self.workdir.mkdir(parents=True, exist_ok=True)
         self.mesh = sharding.make_mesh(tuple(tuple(a) for a in config.mesh))
-        self.vae = load_or_train_tokenizer(config, self.workdir)
-        if self.vae.config.image_size != config.data.image_size:
-            raise ValueError(f"The tokenizer takes {self.vae.config.image_size} px images but "
-                             f"data.image_size={config.data.image_size}.")
+        self.vae = tokenizer_trainer.load_trained_tokenizer(config, self.execution)
+        self.workdir.mkdir(parents=True, exist_ok=True)
         self.cfg = model_config(config, self.vae.config)
         self._check_workdir_config()
-        abstract_model = nnx.eval_shape(lambda: HMARTransformer(self.cfg, rngs=nnx.Rngs(0)))
-        self.filter = trainable_filter(config.stage)
+        abstract_model = nnx.eval_shape(lambda: self._new_model(0))
+        self.filter = optim.trainable_filter(config.stage)
         self.graphdef, abstract_trainable, _ = nnx.split(abstract_model, self.filter, ...)
         self.tx, self.schedule = optim.from_config(config.optimizer, abstract_trainable,
-                                                   config.num_train_steps)
+                                                   config.num_train_steps,
+                                                   self.execution.moment_dtype)
         self.vae_graphdef, vae_state = nnx.split(self.vae)
         self.vae_state = jax.device_put(vae_state, sharding.replicated(self.mesh))
         self.state_shardings = sharding.tree_shardings(jax.eval_shape(self._init_state), self.mesh)
         self.batch_sharding = sharding.batch_sharding(self.mesh)
-        step = make_step(self.graphdef, self.vae_graphdef, self.cfg, config, self.tx, self.schedule)
+        step = make_step(self.graphdef, self.vae_graphdef, self.cfg, config, self.tx,
+                         self.schedule, microbatches=self.execution.microbatches)
         self.train_step = jax.jit(
             step, in_shardings=(self.state_shardings, None, self.batch_sharding, self.batch_sharding),
             out_shardings=(self.state_shardings, None), donate_argnums=0)
@@ -237,14 +233,17 @@ class Trainer:
                                                  save_interval_steps=config.checkpoint_every_steps))
 
     # ----- state ---------------------------------------------------------------------------
+    def _new_model(self, seed: int) -> HMARTransformer:
+        return HMARTransformer(self.cfg, self.execution, rngs=nnx.Rngs(seed))
+
     def _init_state(self) -> TrainState:
-        model = HMARTransformer(self.cfg, rngs=nnx.Rngs(self.config.seed))
+        model = self._new_model(self.config.seed)
         _, trainable, frozen = nnx.split(model, self.filter, ...)
         return TrainState(jnp.zeros((), jnp.int32), trainable, frozen, self.tx.init(trainable),
                           jax.tree.map(jnp.copy, trainable))
 
     def _parent_params(self) -> dict:
-        parent = checkpointing.load_hmar(self.config.stage2.parent)
+        parent = checkpointing.load_hmar(self.config.stage2.parent, self.execution)
         if parent.config.architecture(ignore=("num_mask_layers",)) != self.cfg.architecture(
                 ignore=("num_mask_layers",)):
             raise ValueError(f"The stage-1 parent {self.config.stage2.parent} has a different "
@@ -389,18 +388,11 @@ class Trainer:
             return token_cache.token_iterator(tokens, labels, batch_size=local_batch,
                                               seed=self.config.seed, process_index=index,
                                               process_count=count)
-        if d.name == "digits":
-            self._check_num_classes(data.DIGITS_NUM_CLASSES, "data.name=digits")
-            images, labels = data.digits_split(d.image_size, d.split)
-            return data.batched_iterator(images[index::count], labels[index::count], local_batch,
-                                         self.config.seed)
-        source = data.image_source(d)
-        if d.name == "image_folder":
-            self._check_num_classes(len(source.classes), f"data.root={d.root}")
-        return data.image_iterator(source, image_size=d.image_size,
-                                   batch_size=local_batch, seed=self.config.seed, skip_corrupt=d.skip_corrupt,
-                                   num_workers=d.num_workers, process_index=index,
-                                   process_count=count)
+        dataset = data.open_dataset(d)
+        if dataset.num_classes is not None:
+            self._check_num_classes(dataset.num_classes, dataset.name)
+        return dataset.batches(local_batch, seed=self.config.seed, process_index=index,
+                               process_count=count)
 
     def _check_num_classes(self, num_classes: int, dataset: str) -> None:
         """Labels beyond the model's class embedding would train on garbage (and diverge)."""
@@ -431,7 +423,8 @@ class Trainer:
     def _train(self, stop: "_StopRequest") -> dict[str, float]:
         config = self.config
         # Training needs the batch split evenly (restoring or exporting does not).
-        sharding.check_batch_split(config.batch_size, config.microbatches, self.mesh.devices.size)
+        sharding.check_batch_split(config.batch_size, self.execution.microbatches,
+                                   self.mesh.devices.size)
         try:
             with stop.interruptible():
                 iterator = self.make_iterator()
@@ -450,10 +443,12 @@ class Trainer:
         self._record_workdir_config()  # the config passed every check: claim the workdir
         is_main = jax.process_index() == 0
         writer = metric_writers.create_writer(str(self.workdir / "tb"), just_logging=not is_main)
-        hooks = [periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
-                                                 writer=writer, every_steps=config.log_every_steps)]
+        _, periodic_actions = metric_writers.import_clu()
+        progress = [periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
+                                                    writer=writer,
+                                                    every_steps=config.log_every_steps)]
         if is_main and config.profile_first_step > 0:
-            hooks.append(periodic_actions.Profile(
+            progress.append(periodic_actions.Profile(
                 logdir=str(self.workdir / "tb"), num_profile_steps=5, profile_duration_ms=None,
                 first_profile=config.profile_first_step, every_steps=None, every_secs=None))
         last: dict[str, float] = {}
@@ -497,8 +492,8 @@ class Trainer:
                     last = _scalar_metrics(jax.device_get(metrics))
                     last["param_norm"] = float(self.param_norm(state.trainable))
                     writer.write_scalars(step, last)
-                for hook in hooks:
-                    hook(step)
+                for action in progress:
+                    action(step)
                 if saving:
                     self._save(step, state, data_state)
                 if preempted:
@@ -510,8 +505,10 @@ class Trainer:
         self.manager.wait_until_finished()
         writer.flush()
         model = self.export(state)
-        if is_main and config.sampling.samples_per_class > 0:
-            self.write_samples(model)
+        if is_main:
+            finished = hooks.FinishedRun(model, self.vae, self.workdir)
+            for hook in hooks.end_of_training_hooks(config, self.sampling_config()):
+                hook(finished)
         return last
 
     def _save(self, step: int, state: TrainState, data_state: dict) -> None:
@@ -562,33 +559,6 @@ class Trainer:
                                 extra_metadata={"stage": self.config.stage,
                                                 "step": int(state.step), "weights": "ema"})
         return model
-
-    def write_samples(self, model: HMARTransformer, chunk: int = 100) -> pathlib.Path:
-        """``samples.png`` (one row per class) and ``samples.npz`` (uint8 images, labels)."""
-        per_class, classes = self.config.sampling.samples_per_class, self.cfg.num_classes
-        labels = np.repeat(np.arange(classes, dtype=np.int32), per_class)
-        index = np.tile(np.arange(per_class, dtype=np.int32), classes)
-        uint8_images = sampling.generate_batches(model, self.vae, labels, index,
-                                                 seed=self.config.seed,
-                                                 config=self.sampling_config(),
-                                                 batch_size=chunk)  # [N, H, W, 3]
-        shown = min(per_class, 10)  # the grid shows the first 10 samples of each class
-        rows = [uint8_images[c * per_class:c * per_class + shown] for c in range(classes)]
-        visualize.save_grid(self.workdir / "samples.png", rows, upscale=4)
-        np.savez(self.workdir / "samples.npz", images=uint8_images, labels=labels)
-        if self.config.data.name == "digits":
-            from hmar_jax.evaluate import digits  # local: pulls in scikit-learn
-
-            report = digits.evaluate_samples(uint8_images, labels)
-            (self.workdir / "samples_eval.json").write_text(json.dumps(report, indent=2))
-            logging.info("Samples: %.1f%% classified as their class (classifier on real digits: "
-                         "%.1f%% held-out), Frechet distance %.1f in its feature space (real "
-                         "held-out digits: %.1f), variety %.2f of real digits, %.1f%% "
-                         "near-duplicates.", 100 * report["accuracy"],
-                         100 * report["classifier_accuracy_on_real_held_out"],
-                         report["frechet_distance"], report["frechet_distance_real_held_out"],
-                         report["variety_vs_real_mean"], 100 * report["near_duplicate_fraction"])
-        return self.workdir / "samples.png"
 
 
 class StopRequested(Exception):

@@ -296,10 +296,6 @@ def is_mask_branch(path: tuple, _value=None) -> bool:
     return bool(path) and path[0] in MASK_BRANCH
 
 
-STAGE2_TRAINABLE = nnx.All(nnx.Param, is_mask_branch)
-STAGE1_TRAINABLE = nnx.All(nnx.Param, nnx.Not(is_mask_branch))
-
-
 def count_params(cfg: HMARConfig, which=nnx.Param) -> int:
     """Number of parameters matching ``which``, from abstract shapes (nothing allocated)."""
     abstract = nnx.eval_shape(lambda: HMARTransformer(cfg, rngs=nnx.Rngs(0)))
