@@ -1,7 +1,7 @@
 """Two settings of ``train_step.py`` in alternating runs on one GPU: A, B, A, B, ...
 
 The H200 runs the training step at its 700 W power limit, and two chips of the same kind
-held different clocks under it (2-3% apart, ``benchmarks/README.md``, session 13). A
+held different clocks under it (2-3% apart, ``benchmarks/README.md``). A
 change worth 1% is therefore only visible against its baseline on the same chip, with
 the two interleaved so that drifts in clock or temperature hit both. Each run is a fresh
 ``train_step.py`` process (its own compile, ``--iters`` timed steps); the table gives
@@ -9,9 +9,12 @@ every run's median, min and back-to-back ms with the SM clock while it was timed
 per setting the median of the run medians and the pooled median of all steps, and B's
 difference to A.
 
+The ``--execution`` settings of ``--common`` and of a setting make that setting's one
+execution variant (the setting's keys win), so each run has exactly one row:
+
   python benchmarks/ab_pairs.py --pairs 2 --out ab.json \\
-      --common "--pairs d16x64 --modes full --backends pallas --remat none --iters 25" \\
-      --a "--prologue-backend xla" --b "--prologue-backend auto"
+      --common "--pairs d16x64 --modes full --execution moment_dtype=bfloat16 --iters 25" \\
+      --a "--execution remat=dots_attention_saveable" --b "--execution remat=activations_saveable"
   python benchmarks/ab_pairs.py --quick --out /tmp/ab_quick.json   # CPU smoke run
 
 The per-run ``--run-timeout`` must cover the compile (about 50-60 s for d16 and d30 on an
@@ -33,13 +36,24 @@ import tempfile
 import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-QUICK_COMMON = "--quick --pairs tinyx2 --modes full --backends reference --iters 3 --warmup 1"
-QUICK_SETTINGS = ("--remat none", "--remat block")
+QUICK_COMMON = "--quick --pairs tinyx2 --modes full --iters 3 --warmup 1"
+QUICK_SETTINGS = ("--execution remat=none", "--execution remat=block")
 
 
-def run_once(common: list[str], setting: list[str], out: pathlib.Path, timeout: float) -> dict:
+def setting_flags(common: str, setting: str) -> list[str]:
+    """``train_step.py`` flags of one setting: ``common``'s, then ``setting``'s, with the
+    ``--execution`` values of both joined into one variant (``setting``'s keys win)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--execution", action="append", default=[])
+    shared, shared_rest = parser.parse_known_args(shlex.split(common))
+    own, own_rest = parser.parse_known_args(shlex.split(setting))
+    execution = ",".join(shared.execution + own.execution)
+    return [*shared_rest, *own_rest, *(["--execution", execution] if execution else [])]
+
+
+def run_once(flags: list[str], out: pathlib.Path, timeout: float) -> dict:
     """One ``train_step.py`` process; its first row, or ``{"status": ...}`` on failure."""
-    command = [sys.executable, str(REPO / "benchmarks" / "train_step.py"), *common, *setting,
+    command = [sys.executable, str(REPO / "benchmarks" / "train_step.py"), *flags,
                "--out", str(out)]
     start = time.perf_counter()
     # Its own process group: train_step.py runs each configuration in a worker process,
@@ -127,7 +141,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--run-timeout", type=float, default=300.0,
                         help="seconds per train_step.py process (compile included)")
     parser.add_argument("--quick", action="store_true",
-                        help=f"CPU smoke run: --common '{QUICK_COMMON}', A/B = remat none/block")
+                        help=f"CPU smoke run: --common '{QUICK_COMMON}', A/B = "
+                             f"'{QUICK_SETTINGS[0]}' / '{QUICK_SETTINGS[1]}'")
     parser.add_argument("--out", default=None, help="JSON with every run's row and the summary")
     args = parser.parse_args(argv)
     if args.pairs < 1:
@@ -137,13 +152,13 @@ def main(argv: list[str] | None = None) -> dict:
         common, (a, b) = QUICK_COMMON, QUICK_SETTINGS
     if "--out" in shlex.split(common + " " + a + " " + b):
         parser.error("--out is set by ab_pairs.py; leave it out of --common, --a and --b")
-    settings = {"a": shlex.split(a), "b": shlex.split(b)}
+    settings = {"a": setting_flags(common, a), "b": setting_flags(common, b)}
     runs = []
     with tempfile.TemporaryDirectory() as scratch:
         for pair in range(args.pairs):
             for name in ("a", "b"):
-                row = run_once(shlex.split(common), settings[name],
-                               pathlib.Path(scratch) / f"{name}{pair}.json", args.run_timeout)
+                row = run_once(settings[name], pathlib.Path(scratch) / f"{name}{pair}.json",
+                               args.run_timeout)
                 runs.append({"setting": name, "pair": pair, "row": row})
                 print(f"pair {pair} {name}: {row.get('status')} "
                       f"{row.get('ms_median', float('nan')):.1f} ms", flush=True)

@@ -1,4 +1,4 @@
-"""Sampling benchmark (issue #6): wall time per batch at 256 px with random weights.
+"""Sampling benchmark: wall time per batch at 256 px with random weights.
 
 ``hmar_jax.sampling.generate_compiled`` with ``SamplingConfig(cfg=1.7, top_k=1000,
 top_p=0.99)`` (the hmar-d16/d30 preset) on the ch=160 VQ-VAE (``VQVAEConfig()``) and a
@@ -11,13 +11,17 @@ randomly initialised d16/d30 transformer. Modes:
   sampled the same way (the sampler runs it with a KV cache; a ``NotImplementedError``
   is recorded in the row);
 * ``decode``: the tokenizer decode alone, ``vae.decode_latent`` on a random
-  ``f_hat [B, 16, 16, 32]``, jitted (always float32: the tokenizer has no bf16 mode);
+  ``f_hat [B, 16, 16, 32]``, jitted, at the execution's ``tokenizer_precision``;
 * ``accuracy``: bf16 vs float32 sampling of the same weights, labels and seeds (d16 B8 by
   default; see below).
 
-The transformer's matmul weights are stored in the compute dtype, as ``load_pretrained``
-does (``model.cast_matmul_weights``; ``--cast-weights false`` keeps float32 weights, which
-every pass then converts again).
+The model and tokenizer run as ``pretrained.load_pretrained`` runs them: with the
+execution config ``ExecutionConfig()`` resolved for the platform, the transformer's
+matmul weights stored in the compute dtype (``execution.cast_weights``). Each
+``--execution KEY=VALUE[,KEY=VALUE...]`` is one variant of those settings
+(``compute_dtype=float32``, ``cast_weights=false``, ``unstack_blocks=true``,
+``tokenizer_precision=bfloat16``, ``attention=xla``, ...); every row runs once per variant,
+and records the resolved config (``execution``).
 
 The timed batch includes everything ``generate_compiled`` does: 10 scales of guided
 next-scale passes over ``[cond; uncond]`` (2B rows), top-k/top-p filtering, the draws,
@@ -28,7 +32,8 @@ synchronised with ``jax.block_until_ready``. Peak GiB = ``peak_bytes_in_use`` af
 timed calls (None on CPU).
 
 Accuracy row: the float32 model's weights are also run with bf16 matmuls (same parameters;
-only ``dtype`` differs), with the default refinement schedule. The head is initialised
+only the execution's ``compute_dtype`` and ``head_dtype`` differ; the other settings are
+the first ``--execution`` variant's), with the default refinement schedule. The head is initialised
 larger than upstream (``init_head=1``, ``init_adaln_gamma=0.3``) so that logits are not
 flat; the numbers therefore describe random weights, not a trained model. Reported: the
 fraction of equal final tokens per scale (scale 0, scale 1, last; all scales in the JSON;
@@ -38,7 +43,10 @@ relative L2 error of the scale-0 logits (identical inputs there).
 
   python benchmarks/sample.py --time-budget 540 --out benchmarks/results/sample_h200.json
   python benchmarks/sample.py --batches 32 --modes markov_refine,decode,var,markov
-  python benchmarks/sample.py --batches 64 --modes markov_refine,var,markov --dtypes float32
+  python benchmarks/sample.py --batches 64 --modes markov_refine,var,markov \\
+      --execution compute_dtype=float32
+  python benchmarks/sample.py --batches 64 --modes markov_refine --execution unstack_blocks=false \\
+      --execution unstack_blocks=true
   python benchmarks/sample.py --quick --out /tmp/sample_quick.json                 # CPU smoke
 """
 
@@ -54,14 +62,15 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.train_step import (  # noqa: E402
-    Runner, _compile, _memory, add_harness_flags, fmt, init_on_device, maybe_profile, parse_bool,
-    parse_list, peak_gib, status_text, timed, vae_config, worker_main, xla_memory)
+    Runner, _compile, _memory, add_execution_flag, add_harness_flags, execution_label, fmt,
+    init_on_device, maybe_profile, parse_list, peak_gib, status_text, timed, vae_config,
+    worker_main, xla_memory)
 
 SAMPLING = dict(cfg=1.7, top_k=1000, top_p=0.99)
 MODES = ("markov_refine", "decode", "var", "markov", "accuracy")
 PEAK_FRACTION = 0.6
 
-# Issue #6 reference points: official = upstream PyTorch, fp32/TF32, per batch of 64.
+# Reference points: official = upstream PyTorch, fp32/TF32, per batch of 64.
 REFERENCE = {
     "sampling": SAMPLING,
     "official_precision": "fp32/TF32",
@@ -81,34 +90,32 @@ def model_config(spec: dict, vcfg, **overrides):
     from hmar_jax.transformer import preset
 
     kwargs = dict(vocab_size=vcfg.vocab_size, latent_channels=vcfg.z_channels,
-                  patch_nums=vcfg.patch_nums, dtype=spec["dtype"],
-                  attention_backend=spec["backend"], scan_blocks=spec["scan_blocks"],
-                  gelu_backend=spec.get("gelu_backend", "auto"),
-                  norm_backend=spec.get("norm_backend", "xla"))
+                  patch_nums=vcfg.patch_nums)
     if spec["mode"] == "var":
         kwargs.update(attention_pattern="block_causal", num_mask_layers=0)
     return preset(spec["model"], **(kwargs | overrides))
 
 
 def sample_worker(spec: dict) -> dict:
+    import dataclasses
+
     import jax
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx
 
     from hmar_jax import sampling
-    from hmar_jax.transformer import HMARTransformer, cast_matmul_weights, unstack_blocks
-    from hmar_jax.tokenizer.model import VQVAE
+    from hmar_jax.execution import ExecutionConfig
+    from hmar_jax.tokenizer import VQVAE
+    from hmar_jax.pretrained import cast_matmul_weights, unstack_blocks
+    from hmar_jax.transformer import HMARTransformer
 
     mode, batch, lower_only = spec["mode"], spec["batch"], spec.get("lower_only", False)
-    import dataclasses
-
-    vae_cfg = dataclasses.replace(vae_config(spec["quick"]),
-                                  precision=spec.get("tokenizer_precision", "default"))
-    make_vae = lambda: VQVAE(vae_cfg, rngs=nnx.Rngs(0))  # noqa: E731
+    execution = ExecutionConfig.from_mapping(spec["execution_settings"]).resolve()
+    make_vae = lambda: VQVAE(vae_config(spec["quick"]), execution, rngs=nnx.Rngs(0))  # noqa: E731
     vae = nnx.eval_shape(make_vae) if lower_only else init_on_device(make_vae)
     vcfg = vae.config
-    result = {"image_size": vcfg.image_size}
+    result = {"image_size": vcfg.image_size, "execution": dataclasses.asdict(execution)}
 
     if mode == "decode":
         graphdef, state = nnx.split(vae)
@@ -126,15 +133,15 @@ def sample_worker(spec: dict) -> dict:
         return _per_image(result, batch)
 
     if mode == "accuracy":
-        return _accuracy(spec, vae, result)
+        return _accuracy(spec, vae, execution, result)
 
     cfg = model_config(spec, vcfg)
-    result.update(remat=cfg.remat, L=cfg.layout.seq_len, depth=cfg.depth, width=cfg.width)
-    make_model = lambda: HMARTransformer(cfg, rngs=nnx.Rngs(spec["seed"]))  # noqa: E731
+    result.update(L=cfg.layout.seq_len, depth=cfg.depth, width=cfg.width)
+    make_model = lambda: HMARTransformer(cfg, execution, rngs=nnx.Rngs(spec["seed"]))  # noqa: E731
     model = nnx.eval_shape(make_model) if lower_only else init_on_device(make_model)
-    if spec.get("cast_weights", True):  # as load_pretrained does: bf16 matmul weights
+    if execution.cast_weights:  # as load_pretrained does: matmul weights in the compute dtype
         cast_matmul_weights(model)
-    if spec.get("unstack_blocks", False):  # as load_pretrained does: a weight array per block
+    if execution.unstack_blocks:  # as load_pretrained does: a weight array per block
         unstack_blocks(model)
     schedule = "auto" if mode == "markov_refine" else None
     config = sampling.SamplingConfig(**SAMPLING, mask_schedule=schedule)
@@ -145,7 +152,7 @@ def sample_worker(spec: dict) -> dict:
     if mode == "var":  # until the sampler's KV-cache path exists, each scale sees only itself
         import inspect
 
-        result["sampler_kv_cache_path"] = "kv_cache" in inspect.getsource(sampling)
+        result["sampler_kv_cache_path"] = "kv_cache" in inspect.getsource(sampling.sampler)
 
     # The body of generate_compiled as a pure jitted function, so that XLA's buffer sizes
     # can be read from the compiled executable.
@@ -193,8 +200,9 @@ def _per_image(result: dict, batch: int) -> dict:
     return result
 
 
-def _accuracy(spec: dict, vae, result: dict) -> dict:
-    """bf16 vs float32 sampling with the same weights, labels and per-sample keys."""
+def _accuracy(spec: dict, vae, execution, result: dict) -> dict:
+    """bf16 vs float32 sampling with the same weights, labels and per-sample keys:
+    ``execution`` (resolved) with both compute dtypes float32, then bfloat16."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -204,18 +212,19 @@ def _accuracy(spec: dict, vae, result: dict) -> dict:
     from hmar_jax.transformer import HMARTransformer
 
     batch = spec["batch"]
-    cfg32 = model_config(dict(spec, dtype="float32"), vae.config, init_head=1.0,
-                         init_adaln_gamma=0.3)
-    cfg16 = cfg32.replace(dtype="bfloat16")
-    make_model = lambda: HMARTransformer(cfg32, rngs=nnx.Rngs(spec["seed"]))  # noqa: E731
+    cfg = model_config(spec, vae.config, init_head=1.0, init_adaln_gamma=0.3)
+    float32, bfloat16 = (execution.replace(compute_dtype=dtype, head_dtype=dtype)
+                         for dtype in ("float32", "bfloat16"))
+    make_model = lambda: HMARTransformer(cfg, float32, rngs=nnx.Rngs(spec["seed"]))  # noqa: E731
     lower_only = spec.get("lower_only", False)
     model32 = nnx.eval_shape(make_model) if lower_only else init_on_device(make_model)
     graph32, weights = nnx.split(model32)
-    graph16 = nnx.graphdef(nnx.eval_shape(lambda: HMARTransformer(cfg16, rngs=nnx.Rngs(0))))
+    graph16 = nnx.graphdef(nnx.eval_shape(lambda: HMARTransformer(cfg, bfloat16,
+                                                                  rngs=nnx.Rngs(0))))
     vae_graphdef, vae_state = nnx.split(vae)
     config = sampling.SamplingConfig(**SAMPLING, mask_schedule="auto")
     rng = np.random.default_rng(spec["seed"])
-    labels = jnp.asarray(rng.integers(0, cfg32.num_classes, (batch,)), jnp.int32)
+    labels = jnp.asarray(rng.integers(0, cfg.num_classes, (batch,)), jnp.int32)
     index = jnp.arange(batch, dtype=jnp.int32)
 
     def make(graphdef):
@@ -269,45 +278,51 @@ def _accuracy(spec: dict, vae, result: dict) -> dict:
 
 def build_specs(args) -> list[dict]:
     models, batches = parse_list(args.models), parse_list(args.batches, int)
-    modes, dtypes = parse_list(args.modes), parse_list(args.dtypes)
+    modes, variants = parse_list(args.modes), args.execution or [{}]
     for mode in modes:
         if mode not in MODES:
             raise SystemExit(f"unknown mode {mode!r}; use {', '.join(MODES)}")
-    common = dict(backend=args.backend, scan_blocks=args.scan_blocks, quick=args.quick,
-                  cast_weights=args.cast_weights, unstack_blocks=args.unstack_blocks,
-                  gelu_backend=args.gelu_backend, norm_backend=args.norm_backend,
-                  iters=args.iters, warmup=args.warmup, seed=0, lower_only=args.lower_only,
-                  profile=args.profile)
+    common = dict(quick=args.quick, iters=args.iters, warmup=args.warmup, seed=0,
+                  lower_only=args.lower_only, profile=args.profile)
+    labels = [execution_label(settings) for settings in variants]
     specs = []
     for mode in modes:
         if mode == "accuracy":
             specs.append(dict(common, model=args.accuracy_model, batch=args.accuracy_batch,
-                              mode=mode, dtype="bfloat16 vs float32"))
+                              mode=mode, variant=labels[0], execution_settings=variants[0]))
             continue
         for batch in batches:
-            for tok in args.tokenizer_precision.split(","):
-                if mode == "decode":
-                    specs.append(dict(common, model=None, batch=batch, mode=mode, dtype="float32",
-                                      tokenizer_precision=tok))
-                    continue
-                for model in models:
-                    for dtype in dtypes:
-                        specs.append(dict(common, model=model, batch=batch, mode=mode, dtype=dtype,
-                                          tokenizer_precision=tok))
+            for settings, label in zip(variants, labels):
+                for model in [None] if mode == "decode" else models:
+                    specs.append(dict(common, model=model, batch=batch, mode=mode, variant=label,
+                                      execution_settings=settings))
     top = max(batches)
 
     def priority(s):
         group = 0 if s["mode"] == "accuracy" or s["batch"] == top else 1
         model = models.index(s["model"]) if s["model"] in models else 0
-        dtype = dtypes.index(s["dtype"]) if s["dtype"] in dtypes else 0
-        return (group, MODES.index(s["mode"]), model, dtype, -s["batch"])
+        return (group, MODES.index(s["mode"]), model, labels.index(s["variant"]), -s["batch"])
 
     return sorted(specs, key=priority)
 
 
 HEADER = (f"{'model':>5} {'B':>4} {'dtype':>8} {'mode':>13} {'passes':>6} {'ms med':>9} "
           f"{'ms min':>9} {'img/s':>8} {'ms/img':>7} {'XLA GiB':>8} {'peak GiB':>8} {'1st call s':>10}  "
-          "status")
+          "status  [--execution]")
+
+DTYPE_SHORT = {"bfloat16": "bf16", "float32": "f32"}
+TOKENIZER_SHORT = {"bfloat16": "bf16", "default": "tf32", "highest": "f32"}
+
+
+def row_dtype(r: dict) -> str | None:
+    """The row's compute dtype (the tokenizer's precision for ``decode``); None where the
+    worker failed before resolving its execution config."""
+    ex = r.get("execution")
+    if not ex:
+        return None
+    if r["mode"] == "decode":
+        return ex["tokenizer_precision"]
+    return ex["compute_dtype"]
 
 
 def format_row(r: dict) -> str:
@@ -319,12 +334,13 @@ def format_row(r: dict) -> str:
                 f"{r['equal_s0']:.3f}, scale 1 {r['equal_s1']:.3f}, last {r['equal_last']:.3f}; "
                 f"image |diff| {r['image_mean_abs_diff']:.4f}; scale-0 logits rel err "
                 f"{r['logits_s0_rel_err']:.1e}  {status_text(r)}")
-    dtype = {"bfloat16": "bf16", "float32": "f32"}.get(r["dtype"], r["dtype"])
+    ex = r.get("execution") or {}
     if r["mode"] == "decode":  # the tokenizer's own precision
-        dtype = {"bfloat16": "bf16", "default": "tf32", "highest": "f32"}.get(
-            r.get("tokenizer_precision"), dtype)
-    elif r.get("tokenizer_precision") == "bfloat16":
-        dtype += "+bf16d"  # bf16 tokenizer decode
+        dtype = TOKENIZER_SHORT.get(row_dtype(r), "-")
+    else:
+        dtype = DTYPE_SHORT.get(row_dtype(r), "-")
+        if ex.get("tokenizer_precision") == "bfloat16":
+            dtype += "+bf16d"  # bf16 tokenizer decode
     return (head + f"{dtype:>8} {r['mode']:>13} {fmt(r.get('passes'), 'd', 6)} "
             f"{fmt(r.get('ms_median'), '.1f', 9)} {fmt(r.get('ms_min'), '.1f', 9)} "
             f"{fmt(r.get('img_s'), '.1f', 8)} {fmt(r.get('ms_per_image'), '.2f', 7)} "
@@ -332,7 +348,7 @@ def format_row(r: dict) -> str:
             f"{fmt(r.get('compile_s'), '.1f', 10)}  "
             f"{status_text(r)}"
             + (" (sampler has no KV-cache path: not VAR attention)"
-               if r.get("sampler_kv_cache_path") is False else ""))
+               if r.get("sampler_kv_cache_path") is False else "") + f"  [{r['variant']}]")
 
 
 def comparison(rows: list[dict]) -> list[dict]:
@@ -343,13 +359,13 @@ def comparison(rows: list[dict]) -> list[dict]:
             model = key.split("_B")[0] if "_B" in key else None
             candidates = [r for r in rows if r.get("status") == "ok" and "ms_median" in r
                           and r["mode"] == mode and r["batch"] == batch and r["model"] == model]
-            for dtype in sorted({r["dtype"] for r in candidates}) or [None]:
-                same = [r for r in candidates if r["dtype"] == dtype]
+            for dtype in sorted({row_dtype(r) for r in candidates}) or [None]:
+                same = [r for r in candidates if row_dtype(r) == dtype]
                 best = min(same, key=lambda r: r["ms_median"]) if same else None
                 entry = {"mode": mode, "config": key, "dtype": dtype, "measured": None}
                 if best is not None:
                     entry["measured"] = {k: best.get(k) for k in ("ms_median", "peak_gib",
-                                                                  "xla_total_gib")}
+                                                                  "xla_total_gib", "variant")}
                     checks = {}
                     if "target_ms" in ref:
                         checks["ms"] = best["ms_median"] <= ref["target_ms"]
@@ -363,7 +379,7 @@ def comparison(rows: list[dict]) -> list[dict]:
 
 
 def print_comparison(entries: list[dict]) -> None:
-    print("\n== measured vs issue #6 targets (official: PyTorch fp32/TF32) ==")
+    print("\n== measured vs the reference targets (official: PyTorch fp32/TF32) ==")
     for e in entries:
         ref = REFERENCE[e["mode"]][e["config"]]
         title = f"{e['config'].replace('_', ' ')} {e['mode']} {e['dtype'] or ''}".strip()
@@ -393,21 +409,7 @@ def main() -> None:
                         help="comma list (default d16,d30; tiny with --quick)")
     parser.add_argument("--batches", default=None, help="comma list (default 64,32)")
     parser.add_argument("--modes", default=",".join(MODES), help=", ".join(MODES))
-    parser.add_argument("--dtypes", default="bfloat16", help="comma list of bfloat16,float32")
-    parser.add_argument("--tokenizer-precision", default="default",
-                        help="comma list of tokenizer precisions: default (TF32 on GPUs), "
-                             "bfloat16, highest")
-    parser.add_argument("--backend", default="auto", help="attention backend (auto: Pallas on GPU)")
-    parser.add_argument("--scan-blocks", type=parse_bool, default=True)
-    parser.add_argument("--gelu-backend", default="auto", choices=["auto", "xla", "pallas"],
-                        help="the FFN's bias + GELU (model.gelu_backend)")
-    parser.add_argument("--norm-backend", default="xla", choices=["auto", "xla", "pallas"],
-                        help="the blocks' LayerNorm + modulation (model.norm_backend)")
-    parser.add_argument("--cast-weights", type=parse_bool, default=True,
-                        help="matmul weights in the compute dtype, as load_pretrained stores them")
-    parser.add_argument("--unstack-blocks", type=parse_bool, default=False,
-                        help="every block with its own weight arrays, unrolled "
-                             "(model.unstack_blocks)")
+    add_execution_flag(parser, "ExecutionConfig()'s defaults, as load_pretrained runs")
     parser.add_argument("--accuracy-model", default=None, help="default d16 (tiny with --quick)")
     parser.add_argument("--accuracy-batch", type=int, default=None,
                         help="default 8 (2 with --quick)")
@@ -424,9 +426,6 @@ def main() -> None:
     if args.out is None:
         args.out = str(REPO / "benchmarks" / "results" /
                        ("sample_quick.json" if args.quick else "sample.json"))
-    for dtype in parse_list(args.dtypes):
-        if dtype not in ("bfloat16", "float32"):
-            raise SystemExit(f"unknown dtype {dtype!r}")
     runner = Runner(pathlib.Path(__file__).resolve(), "sample", args, REFERENCE, format_row, HEADER)
     rows = runner.run(build_specs(args))
     entries = comparison(rows)

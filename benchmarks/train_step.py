@@ -1,7 +1,8 @@
-"""Stage-1 training-step benchmark (issue #5): the real trainer step and forward+backward.
+"""Stage-1 training-step benchmark: the real trainer step and forward+backward.
 
 Random init, 256 px (patch_nums 1..16, L = 680, V = 4096, Cv = 32, the ch=160 VQ-VAE of
-``VQVAEConfig()``), bf16 compute. Modes:
+``VQVAEConfig()``), run as the ImageNet config's ``config.execution`` resolves for the
+platform (on GPUs: bf16 compute, the Pallas kernels, unrolled blocks). Modes:
 
 * ``full``: ``hmar_jax.training.trainer.make_step`` with the Trainer's optimizer (AdamW with the
   upstream decay groups, clipping 2.0, EMA, the ImageNet recipe of
@@ -26,17 +27,22 @@ with ``jax.block_until_ready``; median and min ms, images/s, model TFLOP/s
 The JSON (``--out``) is rewritten after every row.
 
   python benchmarks/train_step.py --time-budget 540 --out benchmarks/results/train_step_h200.json
-  python benchmarks/train_step.py --pairs d16x64,d30x32 --modes full --backends pallas \\
-      --remat none,block,dots_saveable --time-budget 540
+  python benchmarks/train_step.py --pairs d16x64,d30x32 --modes full --execution remat=none \\
+      --execution remat=block --execution remat=block,scan_blocks=true --time-budget 540
   python benchmarks/train_step.py --pairs d16x64 --modes full --devices 1,2    # x2 machine
   python benchmarks/train_step.py --quick --out /tmp/train_step_quick.json       # CPU smoke
 
-``--remat default`` (the default) uses the model's own setting (``preset(...)``, i.e.
-``HMARConfig.remat``); the ImageNet config uses ``block``. ``--devices 1,N`` is
+Each ``--execution KEY=VALUE[,KEY=VALUE...]`` is one execution variant: those
+``hmar_jax.execution.ExecutionConfig`` fields set over the config's ``config.execution``
+(``--execution attention=xla,compute_dtype=float32``, ``--execution microbatches=2``,
+``--execution moment_dtype=bfloat16``, ``--execution tokenizer_precision=bfloat16``). Every
+pair and mode runs once per variant; without the option once, with the config's settings
+as a training run resolves them on this platform. Each worker resolves its variant once,
+and its row records the resolved config (``execution``). ``--devices 1,N`` is
 data-parallel weak scaling: the batch is per device, the global batch N times it, the full
 step is jitted over a ``data`` mesh of N devices; efficiency = img/s(N) / (N img/s(1)).
 ``--parallelism fsdp`` shards parameters, gradients and optimizer state over the N
-devices instead (an ``fsdp`` mesh axis of size N, issue #8); the batch is split the same way.
+devices instead (an ``fsdp`` mesh axis of size N); the batch is split the same way.
 
 This file also holds the subprocess harness used by ``benchmarks/sample.py``.
 """
@@ -101,6 +107,42 @@ def parse_bool(text: str) -> bool:
     if text.lower() in ("0", "false", "no", "unrolled"):
         return False
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def parse_execution(text: str) -> dict:
+    """``--execution`` value -> settings: ``"remat=block,scan_blocks=false"`` ->
+    ``{"remat": "block", "scan_blocks": False}`` (true/false as booleans, integers as
+    ints), checked against ``hmar_jax.execution.ExecutionConfig``."""
+    from hmar_jax.execution import ExecutionConfig
+
+    settings = {}
+    for item in parse_list(text):
+        key, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or not key:
+            raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {item!r} (e.g. "
+                                             "remat=block,scan_blocks=false)")
+        if value.lower() in ("true", "false"):
+            settings[key] = value.lower() == "true"
+        else:
+            settings[key] = int(value) if value.isdigit() else value
+    try:
+        ExecutionConfig.from_mapping(settings)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return settings
+
+
+def execution_label(settings: dict) -> str:
+    """The row's ``--execution`` settings as text; ``defaults`` for none."""
+    return ",".join(f"{key}={value}" for key, value in settings.items()) or "defaults"
+
+
+def add_execution_flag(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--execution", action="append", type=parse_execution, default=None,
+                        metavar="KEY=VALUE[,KEY=VALUE...]",
+                        help=f"one execution variant (hmar_jax.execution.ExecutionConfig "
+                             f"fields over {what}); repeat it to compare variants, each gets "
+                             "its rows; default: one run as the platform resolves the defaults")
 
 
 # Environment variables that change what XLA compiles or how it allocates; kept in the JSON.
@@ -362,28 +404,15 @@ def fmt(value, spec: str, width: int) -> str:
 
 # ==================================== model / recipe setup ====================================
 
-def quick_vae_config():
-    """16 px tokenizer with patch_nums (1, 2, 3, 4) for CPU smoke runs."""
-    from hmar_jax.tokenizer.model import VQVAEConfig
+def vae_config(quick: bool):
+    """``VQVAEConfig()`` (vae_ch160v4096z32), or with ``quick`` a 16 px tokenizer with
+    patch_nums (1, 2, 3, 4) for CPU smoke runs."""
+    from hmar_jax.tokenizer import VQVAEConfig
 
+    if not quick:
+        return VQVAEConfig()
     return VQVAEConfig(vocab_size=64, z_channels=8, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1,
-                       using_sa=False, norm_groups=4, patch_nums=(1, 2, 3, 4),
-                       precision=TOKENIZER_PRECISION)
-
-
-# The training configs' tokenizer precision: TF32 convolutions on NVIDIA GPUs, as PyTorch
-# runs cuDNN convolutions by default (upstream's tokenizer encode and decode).
-TOKENIZER_PRECISION = "default"
-
-
-def vae_config(quick: bool, precision: str = TOKENIZER_PRECISION, norm_backend: str = "auto"):
-    import dataclasses
-
-    from hmar_jax.tokenizer.model import VQVAEConfig
-
-    # VQVAEConfig() = vae_ch160v4096z32
-    config = quick_vae_config() if quick else VQVAEConfig()
-    return dataclasses.replace(config, precision=precision, norm_backend=norm_backend)
+                       using_sa=False, norm_groups=4, patch_nums=(1, 2, 3, 4))
 
 
 def init_on_device(ctor):
@@ -397,7 +426,8 @@ def init_on_device(ctor):
 
 
 def recipe_config(spec: dict):
-    """The ImageNet stage-1 recipe (configs/hmar_imagenet.py) with the row's model settings."""
+    """The ImageNet stage-1 recipe (configs/hmar_imagenet.py) with the row's model and its
+    execution settings over ``config.execution``."""
     import importlib.util
 
     import ml_collections
@@ -409,21 +439,13 @@ def recipe_config(spec: dict):
     variant = spec["model"] if spec["model"] in module.RECIPES else "d16"
     config = module.get_config(f"variant={variant},res=256,stage=1")
     config.model.preset = spec["model"]
-    overrides = config.model.overrides.to_dict()
-    overrides.update(dtype=spec["dtype"], attention_backend=spec["backend"],
-                     scan_blocks=spec["scan_blocks"], gelu_backend=spec.get("gelu_backend", "auto"),
-                     norm_backend=spec.get("norm_backend", "xla"),
-                     head_dtype=spec.get("head_dtype", "float32"),
-                     attention_prologue_backend=spec.get("prologue_backend", "auto"))
-    if spec["remat"] == "default":
-        overrides.pop("remat", None)  # the preset's own value
-    else:
-        overrides["remat"] = spec["remat"]
     if spec["quick"]:
-        overrides.update(num_mask_layers=1, num_classes=10)
-    config.model.overrides = ml_collections.ConfigDict(overrides)
-    config.optimizer.mu_dtype = spec.get("mu_dtype", "float32")
-    config.microbatches = spec.get("microbatches", 1)
+        overrides = config.model.overrides.to_dict() | dict(num_mask_layers=1, num_classes=10)
+        config.model.overrides = ml_collections.ConfigDict(overrides)
+    # A new section rather than field updates: ConfigDict keeps each field's type, and a
+    # setting may change it ("auto" -> False).
+    config.execution = ml_collections.ConfigDict(config.execution.to_dict()
+                                                | spec["execution_settings"])
     return config
 
 
@@ -436,17 +458,18 @@ def model_flops(cfg, batch: int) -> float:
 # ========================================== worker ============================================
 
 def train_worker(spec: dict) -> dict:
+    import dataclasses
+
     import jax
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx
 
     from hmar_jax import sharding
-    from hmar_jax.training import losses
-    from hmar_jax.training import optim
+    from hmar_jax.tokenizer import VQVAE
+    from hmar_jax.training import losses, optim
+    from hmar_jax.training.trainer import TrainState, make_step, model_config, resolve_execution
     from hmar_jax.transformer import HMARTransformer
-    from hmar_jax.training.trainer import TrainState, make_step, model_config, trainable_filter
-    from hmar_jax.tokenizer.model import VQVAE
 
     mode, n_dev, batch = spec["mode"], spec["devices"], spec["batch"]
     if len(jax.devices()) < n_dev:
@@ -454,11 +477,9 @@ def train_worker(spec: dict) -> dict:
     devices = jax.devices()[:n_dev]
     global_batch = batch * n_dev
     config = recipe_config(spec)
+    execution = resolve_execution(config)  # as the trainer does: once, for this platform
     lower_only = spec.get("lower_only", False)
-    precision = spec.get("tokenizer_precision") or TOKENIZER_PRECISION
-    norm_backend = spec.get("tokenizer_norm_backend", "auto")
-    make_vae = lambda: VQVAE(vae_config(spec["quick"], precision, norm_backend),  # noqa: E731
-                             rngs=nnx.Rngs(0))
+    make_vae = lambda: VQVAE(vae_config(spec["quick"]), execution, rngs=nnx.Rngs(0))  # noqa: E731
     vae = nnx.eval_shape(make_vae) if lower_only else init_on_device(make_vae)
     cfg = model_config(config, vae.config)
     layout = cfg.layout
@@ -467,12 +488,11 @@ def train_worker(spec: dict) -> dict:
     images_u8 = rng.integers(0, 256, (global_batch, side, side, 3), dtype=np.uint8)
     images = images_u8.astype(np.float32) / 127.5 - 1.0  # as hmar_jax.training.data does
     labels = rng.integers(0, cfg.num_classes, (global_batch,)).astype(np.int32)
-    result = {"remat": cfg.remat, "scan_blocks": cfg.scan_blocks, "L": layout.seq_len,
+    result = {"execution": dataclasses.asdict(execution), "L": layout.seq_len,
               "width": cfg.width, "depth": cfg.depth, "vocab": cfg.vocab_size,
               "global_batch": global_batch, "image_size": vae.config.image_size}
 
     if mode == "tokenize":
-        result["remat"] = None
         vae_graphdef, vae_state = nnx.split(vae)
 
         def tokenize(vae_state, images):
@@ -489,12 +509,12 @@ def train_worker(spec: dict) -> dict:
         result.update(timed(make_call(compiled), spec["warmup"], spec["iters"]),
                       peak_gib=peak_gib(devices))
         maybe_profile(result, spec, tokenize, args, make_call)
-        if precision != "highest":
-            result["index_agreement_vs_highest"] = _index_agreement(vae, images_dev, precision)
+        if execution.tokenizer_precision != "highest":
+            result["index_agreement_vs_highest"] = _index_agreement(vae, images_dev, execution)
         return _throughput(result, None, global_batch, n_dev)
 
-    filt = trainable_filter(1)
-    abstract_model = nnx.eval_shape(lambda: HMARTransformer(cfg, rngs=nnx.Rngs(0)))
+    filt = optim.trainable_filter(1)
+    abstract_model = nnx.eval_shape(lambda: HMARTransformer(cfg, execution, rngs=nnx.Rngs(0)))
     graphdef, abstract_trainable, _ = nnx.split(abstract_model, filt, ...)
     result["params_trainable"] = int(sum(np.prod(a.shape)
                                          for a in jax.tree.leaves(abstract_trainable)))
@@ -507,7 +527,7 @@ def train_worker(spec: dict) -> dict:
 
         @jax.jit
         def init():
-            model = HMARTransformer(cfg, rngs=nnx.Rngs(config.seed))
+            model = HMARTransformer(cfg, execution, rngs=nnx.Rngs(config.seed))
             _, trainable, frozen = nnx.split(model, filt, ...)
             return trainable, frozen
 
@@ -555,21 +575,23 @@ def train_worker(spec: dict) -> dict:
     # over all devices (sharding.param_spec), the batch split over both axes either way.
     fsdp = n_dev if spec.get("parallelism", "data") == "fsdp" else 1
     mesh = sharding.make_mesh((("data", n_dev // fsdp), ("fsdp", fsdp)), devices=devices)
-    tx, schedule = optim.from_config(config.optimizer, abstract_trainable, config.num_train_steps)
+    tx, schedule = optim.from_config(config.optimizer, abstract_trainable, config.num_train_steps,
+                                     execution.moment_dtype)
     vae_graphdef, vae_state = nnx.split(vae)
     if not lower_only:
         vae_state = jax.device_put(vae_state, sharding.replicated(mesh))
     del vae
 
     def init_state() -> TrainState:
-        model = HMARTransformer(cfg, rngs=nnx.Rngs(config.seed))
+        model = HMARTransformer(cfg, execution, rngs=nnx.Rngs(config.seed))
         _, trainable, frozen = nnx.split(model, filt, ...)
         return TrainState(jnp.zeros((), jnp.int32), trainable, frozen, tx.init(trainable),
                           jax.tree.map(jnp.copy, trainable))
 
     state_shardings = sharding.tree_shardings(jax.eval_shape(init_state), mesh)
     batch_sharding = sharding.batch_sharding(mesh)
-    step = make_step(graphdef, vae_graphdef, cfg, config, tx, schedule)
+    step = make_step(graphdef, vae_graphdef, cfg, config, tx, schedule,
+                     microbatches=execution.microbatches)
     train_step = jax.jit(step, in_shardings=(state_shardings, None, batch_sharding, batch_sharding),
                          out_shardings=(state_shardings, None), donate_argnums=0)
     state = (jax.eval_shape(init_state) if lower_only
@@ -604,19 +626,18 @@ def train_worker(spec: dict) -> dict:
     return _throughput(result, flops, global_batch, n_dev)
 
 
-def _index_agreement(vae, images, precision: str) -> list[float]:
+def _index_agreement(vae, images, execution) -> list[float]:
     """Per scale, the fraction of token indices equal to those of an exact float32 encode
     of the same images (random pixels here, so a pessimistic proxy for real images)."""
-    import dataclasses
-
     import jax
     from flax import nnx
 
-    from hmar_jax.tokenizer.model import VQVAE
+    from hmar_jax.tokenizer import VQVAE
 
     graphdef, state = nnx.split(vae)
-    exact_config = dataclasses.replace(vae.config, precision="highest")
-    exact_graphdef = nnx.graphdef(nnx.eval_shape(lambda: VQVAE(exact_config, rngs=nnx.Rngs(0))))
+    exact = execution.replace(tokenizer_precision="highest")
+    exact_graphdef = nnx.graphdef(nnx.eval_shape(lambda: VQVAE(vae.config, exact,
+                                                               rngs=nnx.Rngs(0))))
     encode = lambda g: jax.jit(lambda s, x: nnx.merge(g, s).encode_to_indices(x))  # noqa: E731
     fast, exact = encode(graphdef)(state, images), encode(exact_graphdef)(state, images)
     return [round(float((a == b).mean()), 5) for a, b in zip(fast, exact)]
@@ -748,56 +769,50 @@ def build_specs(args) -> list[dict]:
         pairs = [(p.split("x")[0], int(p.split("x")[1])) for p in parse_list(args.pairs)]
     else:
         pairs = [(m, b) for m in parse_list(args.models) for b in parse_list(args.batches, int)]
-    backends, modes = parse_list(args.backends), parse_list(args.modes)
-    remats, scans = parse_list(args.remat), parse_list(args.scan_blocks, parse_bool)
+    modes, variants = parse_list(args.modes), args.execution or [{}]
     devices = sorted(set(parse_list(args.devices, int)) | {1})
-    precisions = parse_list(args.tokenizer_precision)
     for mode in modes:
         if mode not in MODES:
             raise SystemExit(f"unknown mode {mode!r}; use {', '.join(MODES)}")
+    if args.global_batch and any("microbatches" in v for v in variants):
+        raise SystemExit("--global-batch sets each row's microbatches itself (global batch / "
+                         "devices / the pair's batch); leave microbatches out of --execution.")
     from hmar_jax.sharding import check_batch_split
     for model, batch in pairs:
-        for n in devices:  # each device runs the pair's batch
-            try:
-                check_batch_split(batch * n, args.microbatches, n)
-            except ValueError as err:
-                raise SystemExit(f"--microbatches, {model}x{batch} on {n} devices: {err}") from None
+        for settings in variants:
+            for n in devices:  # each device runs the pair's batch
+                try:
+                    check_batch_split(batch * n, settings.get("microbatches", 1), n)
+                except ValueError as err:
+                    raise SystemExit(f"--execution {execution_label(settings)}, {model}x{batch} "
+                                     f"on {n} devices: {err}") from None
         for n in devices if args.global_batch else []:
             if args.global_batch % (n * batch):
                 raise SystemExit(f"--global-batch {args.global_batch} must be a multiple of "
                                  f"{n} devices x {batch} images per pass ({model}x{batch}).")
-    common = dict(dtype=args.dtype, quick=args.quick, iters=args.iters, warmup=args.warmup,
-                  seed=0, lower_only=args.lower_only, profile=args.profile,
-                  gelu_backend=args.gelu_backend, norm_backend=args.norm_backend,
-                  tokenizer_norm_backend=args.tokenizer_norm_backend, mu_dtype=args.mu_dtype,
-                  head_dtype=args.head_dtype, prologue_backend=args.prologue_backend,
-                  parallelism=args.parallelism, microbatches=args.microbatches)
+    common = dict(quick=args.quick, iters=args.iters, warmup=args.warmup, seed=0,
+                  lower_only=args.lower_only, profile=args.profile, parallelism=args.parallelism)
     specs = []
     for model, batch in pairs:
         for mode in modes:
-            for backend in (backends[:1] if mode == "tokenize" else backends):
-                for remat in (remats[:1] if mode == "tokenize" else remats):
-                    for scan in (scans[:1] if mode == "tokenize" else scans):
-                        for n in (devices if mode.startswith("full") else [1]):
-                            encodes = mode in ("full", "tokenize")
-                            for tok in (precisions if encodes else [None]):
-                                spec = dict(common, model=model, batch=batch, mode=mode,
-                                            backend=backend, remat=remat, scan_blocks=scan,
-                                            devices=n, tokenizer_precision=tok)
-                                if args.global_batch and mode.startswith("full"):
-                                    per_device = args.global_batch // n
-                                    spec.update(batch=per_device, microbatches=per_device // batch,
-                                                fixed_global_batch=args.global_batch)
-                                specs.append(spec)
+            for settings in variants:
+                for n in (devices if mode.startswith("full") else [1]):
+                    spec = dict(common, model=model, batch=batch, mode=mode, devices=n,
+                                variant=execution_label(settings),
+                                execution_settings=dict(settings))
+                    if args.global_batch and mode.startswith("full"):
+                        per_device = args.global_batch // n
+                        spec.update(batch=per_device, fixed_global_batch=args.global_batch)
+                        spec["execution_settings"]["microbatches"] = per_device // batch
+                    specs.append(spec)
     model_order = {m: i for i, m in enumerate(dict.fromkeys(m for m, _ in pairs))}
     mode_rank = {mode: i for i, mode in enumerate(MODES)}
+    labels = [execution_label(settings) for settings in variants]
 
     def priority(s):
         key_pair = (s["model"], s["batch"]) in KEY_PAIRS
-        return (not key_pair, s["backend"] != backends[0], mode_rank[s["mode"]],
-                remats.index(s["remat"]), not s["scan_blocks"] if len(scans) > 1 else 0,
-                model_order[s["model"]], -s["batch"], s["devices"],
-                precisions.index(s["tokenizer_precision"]) if s["tokenizer_precision"] else 0)
+        return (not key_pair, mode_rank[s["mode"]], labels.index(s["variant"]),
+                model_order[s["model"]], -s["batch"], s["devices"])
 
     return sorted(specs, key=priority)
 
@@ -805,26 +820,35 @@ def build_specs(args) -> list[dict]:
 # ===================================== parent: output =========================================
 
 # b2b img/s: full-step rows only, steps dispatched back to back (``_time_back_to_back``).
-HEADER = (f"{'model':>5} {'B':>6} {'dev':>3} {'backend':>9} {'mode':>17} {'remat':>20} {'scan':>4} {'tok':>4} "
+HEADER = (f"{'model':>5} {'B':>6} {'dev':>3} {'mode':>17} {'attn':>9} {'remat':>23} {'scan':>4} {'tok':>4} "
           f"{'ms med':>8} {'ms min':>8} {'img/s':>8} {'b2b img/s':>9} {'TFLOP/s':>8} {'MFU':>6} "
-          f"{'XLA GiB':>8} {'peak GiB':>8} {'comp s':>7} {'loss':>7} {'eff':>5}  status")
+          f"{'XLA GiB':>8} {'peak GiB':>8} {'comp s':>7} {'loss':>7} {'eff':>5}  status  "
+          "[--execution]")
 
 
 TOKENIZER_SHORT = {"default": "tf32", "bfloat16": "bf16", "highest": "f32"}
 
 
 def format_row(r: dict) -> str:
-    batch = r["batch"] if r.get("microbatches", 1) == 1 else f"{r['batch']}/{r['microbatches']}"
-    text = (f"{r['model']:>5} {batch:>6} {r['devices']:>3} {r['backend']:>9} {r['mode']:>17} "
-            f"{str(r.get('remat')):>20} {('y' if r['scan_blocks'] else 'n'):>4} "
-            f"{TOKENIZER_SHORT.get(r.get('tokenizer_precision'), '-'):>4} "
+    """One table line; the execution columns show the resolved config (``-`` where the
+    worker failed before resolving it)."""
+    ex = r.get("execution") or {}
+    resolved = bool(ex)
+    microbatches = (ex or r["execution_settings"]).get("microbatches", 1)
+    passes = microbatches > 1 and r["mode"].startswith("full")  # the other modes take no parts
+    batch = f"{r['batch']}/{microbatches}" if passes else r["batch"]
+    scan = ("y" if ex["scan_blocks"] else "n") if resolved else "-"
+    text = (f"{r['model']:>5} {batch:>6} {r['devices']:>3} {r['mode']:>17} "
+            f"{(ex['attention'] if resolved else '-'):>9} "
+            f"{(ex['remat'] if resolved else '-'):>23} {scan:>4} "
+            f"{(TOKENIZER_SHORT.get(ex['tokenizer_precision'], '-') if resolved else '-'):>4} "
             f"{fmt(r.get('ms_median'), '.1f', 8)} {fmt(r.get('ms_min'), '.1f', 8)} "
             f"{fmt(r.get('img_s'), '.1f', 8)} {fmt(r.get('img_s_back_to_back'), '.1f', 9)} "
             f"{fmt(r.get('tflops'), '.1f', 8)} "
             f"{fmt(r.get('mfu'), '.1%', 6)} {fmt(r.get('xla_total_gib'), '.2f', 8)} "
             f"{fmt(r.get('peak_gib'), '.2f', 8)} "
             f"{fmt(r.get('compile_s'), '.1f', 7)} {fmt(r.get('loss'), '.3f', 7)} "
-            f"{fmt(r.get('efficiency'), '.2f', 5)}  {status_text(r)}")
+            f"{fmt(r.get('efficiency'), '.2f', 5)}  {status_text(r)}  [{r.get('variant')}]")
     if r.get("index_agreement_vs_highest"):
         text += f"  (indices = f32 encode: {min(r['index_agreement_vs_highest']):.3f} worst scale)"
     return text
@@ -834,9 +858,9 @@ def add_efficiency(row: dict, rows: list[dict]) -> None:
     """Weak-scaling efficiency of an N-device row against its 1-device twin."""
     if row.get("status") != "ok" or "img_s" not in row or row["devices"] == 1:
         return
-    same = ("model", "batch", "backend", "mode", "remat", "scan_blocks", "microbatches")
+    same = ("model", "batch", "mode", "variant")
     if row.get("fixed_global_batch"):  # strong scaling: the twin has the same global batch
-        same = ("model", "backend", "mode", "remat", "scan_blocks", "fixed_global_batch")
+        same = ("model", "mode", "variant", "fixed_global_batch")
     for other in rows:
         if (other.get("status") == "ok" and "img_s" in other and other["devices"] == 1
                 and all(other.get(k) == row.get(k) for k in same)):
@@ -844,10 +868,9 @@ def add_efficiency(row: dict, rows: list[dict]) -> None:
             row["img_s_1_device"] = other["img_s"]
 
 
-def _best(rows, model, batch, mode, backend="pallas"):
+def _best(rows, model, batch, mode):
     ok = [r for r in rows if r.get("status") == "ok" and "img_s" in r and r["model"] == model
-          and r["batch"] == batch and r["mode"] == mode and r["backend"] == backend
-          and r["devices"] == 1]
+          and r["batch"] == batch and r["mode"] == mode and r["devices"] == 1]
     return max(ok, key=lambda r: r["img_s"]) if ok else None
 
 
@@ -863,7 +886,8 @@ def _verdict(ok: bool) -> str:
 
 
 def comparison(rows: list[dict]) -> list[dict]:
-    """Measured vs issue-#5 targets: the best pallas row (over remat/scan) of each key pair."""
+    """Measured vs the reference targets: the best row (over the execution variants) of
+    each key pair."""
     lines = []
     for mode in ("full", "fwdbwd"):
         for key, ref in REFERENCE[mode].items():
@@ -874,7 +898,7 @@ def comparison(rows: list[dict]) -> list[dict]:
             if best is not None:
                 entry["measured"] = {k: best.get(k) for k in (
                     "img_s", "img_s_back_to_back", "mfu", "peak_gib", "xla_total_gib", "ms_median",
-                    "remat", "scan_blocks")}
+                    "variant", "execution")}
                 checks = {}
                 if "target_img_s" in ref:
                     checks["img_s"] = best["img_s"] >= ref["target_img_s"]
@@ -895,7 +919,7 @@ def comparison(rows: list[dict]) -> list[dict]:
 
 
 def print_comparison(entries: list[dict]) -> None:
-    print("\n== measured vs issue #5 targets (best pallas row of each pair, 1 device) ==")
+    print("\n== measured vs the reference targets (best row of each pair, 1 device) ==")
     for e in entries:
         mode, key = e["mode"], e["config"]
         ref = REFERENCE[mode][key]
@@ -905,7 +929,9 @@ def print_comparison(entries: list[dict]) -> None:
         if m is None:
             print(f"{title}: no successful row")
             continue
-        print(f"{title}  (remat {m['remat']}, scan {m['scan_blocks']}, {m['ms_median']:.1f} ms)")
+        ex = m["execution"]
+        print(f"{title}  (--execution {m['variant']}: attention {ex['attention']}, remat "
+              f"{ex['remat']}, scan {ex['scan_blocks']}, {m['ms_median']:.1f} ms)")
         line = f"  img/s    {m['img_s']:8.1f}"
         if "target_img_s" in ref:
             line += f"   target >= {ref['target_img_s']:<5} {_verdict(e['targets_met']['img_s']):8}"
@@ -949,9 +975,10 @@ def print_scaling(rows: list[dict]) -> None:
             print("\n== strong scaling (global batch fixed) ==" if strong
                   else "\n== weak scaling (per-device batch fixed) ==")
         for r in group:
-            passes = f" in {r['microbatches']} passes" if r.get("microbatches", 1) > 1 else ""
+            microbatches = r["execution"]["microbatches"]
+            passes = f" in {microbatches} passes" if microbatches > 1 else ""
             print(f"{r['model']} B{r['batch']}/device{passes} x{r['devices']} "
-                  f"{r.get('parallelism', 'data')} {r['backend']} remat {r['remat']}: "
+                  f"{r.get('parallelism', 'data')} [{r['variant']}]: "
                   f"{r['img_s']:.1f} img/s vs {fmt(r.get('img_s_1_device'), '.1f', 0)} on 1 device, "
                   f"efficiency {fmt(r.get('efficiency'), '.2f', 0)}; collectives in the step: "
                   f"{r.get('hlo_collectives')}")
@@ -965,48 +992,19 @@ def main() -> None:
     parser.add_argument("--batches", default=None, help="per-device batches (default 8,32,64)")
     parser.add_argument("--pairs", default=None,
                         help="model x batch pairs instead of the cross product, e.g. d16x64,d30x32")
-    parser.add_argument("--backends", default="pallas,reference", help="attention backends")
     parser.add_argument("--modes", default="full,fwdbwd,tokenize", help=", ".join(MODES))
-    parser.add_argument("--remat", default="default",
-                        help="comma list of default or hmar_jax.transformer.REMAT_POLICIES names")
-    parser.add_argument("--scan-blocks", default="true", help="comma list of true|false")
+    add_execution_flag(parser, "the ImageNet config's config.execution")
     parser.add_argument("--devices", default="1",
                         help="device counts for weak scaling of the full step, e.g. 1,2 (1 is "
                              "always added when another count is given)")
     parser.add_argument("--parallelism", default="data", choices=["data", "fsdp"],
                         help="multi-device full-step rows: data parallel (replicated state) or "
                              "FSDP (state sharded over all devices)")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    parser.add_argument("--gelu-backend", default="auto",
-                        help="the FFN's bias + GELU (model.gelu_backend: "
-                             "hmar_jax.pallas.backend_choice.KERNEL_BACKENDS)")
-    parser.add_argument("--prologue-backend", default="auto",
-                        help="the backward of the attention's q/k/v prologue "
-                             "(model.attention_prologue_backend: "
-                             "hmar_jax.pallas.qkv_prologue.PROLOGUE_BACKENDS)")
-    parser.add_argument("--norm-backend", default="xla",
-                        help="the blocks' LayerNorm + modulation (model.norm_backend: "
-                             "hmar_jax.pallas.backend_choice.KERNEL_BACKENDS)")
     parser.add_argument("--global-batch", type=int, default=None,
                         help="strong scaling of the full step: for each --devices count N the "
                              "per-device batch is GLOBAL/N, run in passes of the pair's batch "
                              "(microbatches GLOBAL/N/B); efficiency against 1 device at the same "
                              "global batch")
-    parser.add_argument("--microbatches", type=int, default=1,
-                        help="full step: each device's batch runs as this many sequential "
-                             "microbatches, one update (config.microbatches; B/k per pass)")
-    parser.add_argument("--mu-dtype", default="float32",
-                        help="AdamW's first-moment dtype (optimizer.mu_dtype, one of "
-                             "hmar_jax.training.optim.MU_DTYPES) in the full step")
-    parser.add_argument("--tokenizer-precision", default=TOKENIZER_PRECISION,
-                        help="comma list of tokenizer precisions for the full and tokenize modes: "
-                             "default (TF32 on GPUs, the training configs' setting), bfloat16, "
-                             "highest")
-    parser.add_argument("--head-dtype", default="float32", choices=("auto", "float32", "bfloat16"),
-                        help="the output head's matmuls (model.head_dtype)")
-    parser.add_argument("--tokenizer-norm-backend", default="auto",
-                        help="the tokenizer's GroupNorm + SiLU under bfloat16 precision "
-                             "(VQVAEConfig.norm_backend: auto, xla, pallas)")
     add_harness_flags(parser, "benchmarks/results/train_step.json", default_budget=540,
                       default_timeout=300, default_iters=10, default_warmup=2)
     args = parser.parse_args()
@@ -1020,24 +1018,6 @@ def main() -> None:
     if args.out is None:
         args.out = str(REPO / "benchmarks" / "results" /
                        ("train_step_quick.json" if args.quick else "train_step.json"))
-    from hmar_jax.transformer import REMAT_POLICIES  # imports jax, initialises no backend
-    from hmar_jax.training.optim import MU_DTYPES
-    from hmar_jax.pallas.backend_choice import KERNEL_BACKENDS
-    from hmar_jax.pallas.qkv_prologue import PROLOGUE_BACKENDS
-    for flag, allowed in (("gelu_backend", KERNEL_BACKENDS), ("norm_backend", KERNEL_BACKENDS),
-                          ("tokenizer_norm_backend", KERNEL_BACKENDS),
-                          ("prologue_backend", PROLOGUE_BACKENDS)):
-        if getattr(args, flag) not in allowed:
-            raise SystemExit(f"unknown --{flag.replace('_', '-')} {getattr(args, flag)!r}; "
-                             f"use one of {allowed}")
-    for remat in parse_list(args.remat):
-        if remat != "default" and remat not in REMAT_POLICIES:
-            raise SystemExit(f"unknown remat policy {remat!r}")
-    if args.mu_dtype not in MU_DTYPES:
-        raise SystemExit(f"unknown --mu-dtype {args.mu_dtype!r}; use one of {MU_DTYPES}")
-    if args.global_batch and args.microbatches != 1:
-        raise SystemExit("--global-batch sets each row's microbatches itself (global batch / "
-                         "devices / the pair's batch); leave --microbatches out.")
     specs = build_specs(args)
     runner = Runner(pathlib.Path(__file__).resolve(), "train_step", args, REFERENCE, format_row,
                     HEADER)

@@ -1,12 +1,17 @@
 """The benchmark scripts' measuring tools: the GPU clock/power summary, the profile's
-idle-gap timeline and the A/B pairs summary (synthetic inputs; the GPU runs are in
-benchmarks/results)."""
+idle-gap timeline, the A/B pairs summary (synthetic inputs; the GPU runs are in
+benchmarks/results), the ``--execution`` option, and the quick CPU modes of
+``train_step.py`` and ``sample.py``."""
 
+import argparse
+import json
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
 
-from benchmarks import ab_pairs, gpu_monitor, profiling
+from benchmarks import ab_pairs, gpu_monitor, profiling, train_step
 
 
 def test_gpu_monitor_summarizes_clocks_power_and_power_cap_per_visible_gpu():
@@ -88,3 +93,44 @@ def test_ab_pairs_pools_each_settings_steps_and_reports_the_difference():
     assert "b_over_a" not in ab_pairs.summarize(runs[:1] + runs[3:])
     with pytest.raises(SystemExit):  # --out belongs to ab_pairs.py itself
         ab_pairs.main(["--common", "--quick --out x.json"])
+
+
+def test_execution_option_parses_one_variant_and_names_bad_settings():
+    assert train_step.parse_execution("remat=block, scan_blocks=false,microbatches=2") == {
+        "remat": "block", "scan_blocks": False, "microbatches": 2}
+    assert train_step.execution_label({}) == "defaults"
+    for text, problem in (("remat", "expected KEY=VALUE"), ("dtype=bfloat16", "Unknown"),
+                          ("remat=dots_saveable", "remat")):
+        with pytest.raises(argparse.ArgumentTypeError, match=problem):
+            train_step.parse_execution(text)
+    # ab_pairs: --common's and a setting's --execution make one variant, the setting's last.
+    assert ab_pairs.setting_flags("--quick --execution remat=none --iters 3",
+                                  "--execution remat=block") == [
+        "--quick", "--iters", "3", "--execution", "remat=none,remat=block"]
+
+
+def _quick(script: str, tmp_path, *flags: str) -> list[dict]:
+    out = tmp_path / f"{script}.json"
+    subprocess.run([sys.executable, str(train_step.REPO / "benchmarks" / f"{script}.py"),
+                    "--quick", "--iters", "1", "--warmup", "0", "--out", str(out), *flags],
+                   cwd=train_step.REPO, check=True, capture_output=True, text=True, timeout=600)
+    return json.loads(out.read_text())["rows"]
+
+
+@pytest.mark.heavy
+def test_train_step_quick_mode_runs_each_execution_variant_resolved(tmp_path):
+    rows = _quick("train_step", tmp_path, "--pairs", "tinyx2", "--modes", "full,tokenize",
+                  "--execution", "remat=block,microbatches=2")
+    assert [(r["mode"], r["status"]) for r in rows] == [("full", "ok"), ("tokenize", "ok")]
+    full = rows[0]
+    assert full["execution"] == dict(full["execution"], remat="block", microbatches=2,
+                                     platform="cpu", attention="xla", compute_dtype="float32")
+    assert full["img_s"] > 0 and full["loss"] > 0
+
+
+@pytest.mark.heavy
+def test_sample_quick_mode_runs_the_platform_defaults(tmp_path):
+    rows = _quick("sample", tmp_path, "--batches", "2", "--modes", "markov_refine,decode")
+    assert [(r["mode"], r["status"]) for r in rows] == [("markov_refine", "ok"), ("decode", "ok")]
+    assert all(r["variant"] == "defaults" and r["execution"]["platform"] == "cpu" for r in rows)
+    assert rows[0]["image_finite"] and rows[0]["passes"] == 8
