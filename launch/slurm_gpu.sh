@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # SLURM, one process per GPU (e.g. 2 nodes x 8 GPUs). Submit with:
 #   sbatch --nodes=2 --ntasks-per-node=8 --gpus-per-task=1 launch/slurm_gpu.sh \
-#       configs/demo.py /shared/workdirs/run1 [--config.key=value ...]
-# jax.distributed.initialize() picks up the SLURM environment (SLURM_NTASKS > 1), every
-# process runs the same program, and process 0 writes logs and exports. The workdir must
+#       configs/demo.py /shared/workdirs/run1 --config.tokenizer.export=DIR [--config.key=value ...]
+# hmar_jax.distributed starts JAX's distributed runtime from the SLURM environment
+# (SLURM_NTASKS > 1), every process runs the same program, and process 0 writes logs and
+# exports. The workdir must
 # be on storage that every node sees.
 #SBATCH --job-name=hmar
 #SBATCH --time=48:00:00
