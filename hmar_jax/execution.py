@@ -128,6 +128,10 @@ class ExecutionConfig:
     def from_mapping(cls, values: Mapping[str, Any] | None) -> "ExecutionConfig":
         """From a config section (``config.execution``); unknown keys are one clear error."""
         values = dict(values or {})
+        for name in ("scan_blocks", "cast_weights", "unstack_blocks"):
+            # A command-line override of a field whose config default is "auto" arrives as text.
+            if isinstance(values.get(name), str) and values[name].lower() in ("true", "false"):
+                values[name] = values[name].lower() == "true"
         fields = {f.name for f in dataclasses.fields(cls)} - {"platform"}
         unknown = sorted(set(values) - fields)
         if unknown:

@@ -249,3 +249,14 @@ def test_the_shipped_bundle_configs_load():
                                              if k != "precision"} | {
         "ch_mult": (1, 2), "patch_nums": (1, 2, 3, 4, 6, 8)}
     assert tokenizer.patch_nums == cfg.patch_nums and tokenizer.vocab_size == cfg.vocab_size
+
+
+def test_boolean_overrides_given_as_text_are_booleans():
+    """``--config.execution.scan_blocks=False`` arrives as text (the config's default is
+    "auto"); it means the boolean."""
+    from hmar_jax.execution import ExecutionConfig
+
+    config = ExecutionConfig.from_mapping({"scan_blocks": "False", "unstack_blocks": "true"})
+    assert config.scan_blocks is False and config.unstack_blocks is True
+    with pytest.raises(ValueError, match="scan_blocks='sometimes'"):
+        ExecutionConfig.from_mapping({"scan_blocks": "sometimes"})

@@ -18,8 +18,9 @@ from hmar_jax.convert import torch_pickle
 from hmar_jax.convert.__main__ import main as convert_main
 from hmar_jax.execution import resolved
 from hmar_jax.pallas import adaln, bias_gelu, ops
-from hmar_jax.transformer import (STAGE2_TRAINABLE, HMARConfig, HMARTransformer, count_params,
-                                  is_mask_branch, layers, preset)
+from hmar_jax.training.optim import STAGE2_TRAINABLE
+from hmar_jax.transformer import (HMARConfig, HMARTransformer, count_params, is_mask_branch, layers,
+                                  preset)
 
 TOL = dict(atol=1e-4, rtol=1e-4)
 CFG_LABELS = jnp.asarray([7, 10, 10, 10])  # generate(): [cond labels; null class]
