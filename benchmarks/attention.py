@@ -1,4 +1,5 @@
-"""Attention benchmark: block-sparse Pallas kernel vs jnp reference vs cuDNN (dense mask).
+"""Attention benchmark: block-sparse Pallas kernel vs jnp reference vs JAX's cuDNN
+attention with a dense mask (GPU).
 
 Times the forward and forward+backward of each implementation in the same run, checks
 each against a float32 reference, and states the memory-traffic floor of every shape
@@ -6,6 +7,10 @@ each against a float32 reference, and states the memory-traffic floor of every s
 
   python benchmarks/attention.py --out benchmarks/results/attention_h200.json
   python benchmarks/attention.py --shapes 32x30x680 --patterns block_diagonal --dtypes bfloat16
+  python benchmarks/attention.py --quick --out /tmp/attention_quick.json   # CPU smoke run
+
+The kernel runs as the execution config resolves ``attention=pallas``: compiled on a GPU,
+in interpret mode on CPU.
 
 Tile sizes are the defaults of ``hmar_jax.pallas.ops.KernelTiles`` (tuned with
 ``benchmarks/tune_attention.py``).
@@ -29,11 +34,14 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from benchmarks.train_step import kernel_implementation  # noqa: E402
 from hmar_jax.pallas import kernel_gpu, ops  # noqa: E402
 from hmar_jax.pallas.reference import reference_attention  # noqa: E402
 from hmar_jax.scales import PATCH_NUMS, ScaleLayout  # noqa: E402
 
 DEFAULT_SHAPES = ("32x30x680", "64x16x680", "4x30x680", "16x24x2240", "4x30x2240")
+QUICK = dict(shapes=["1x2x680"], patterns=["block_diagonal"], dtypes=["float32"])
+QUICK_TIMING = dict(repeats=1, inner=1)
 HBM_BYTES_PER_S = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12}
 HEAD_DIM = 64
 SM_SCALE = 0.5
@@ -76,10 +84,11 @@ def relative_error(x, ref) -> float:
 
 
 def make_impls(pattern: str, patch_nums, mask):
-    spec = ops.AttentionSpec(pattern, patch_nums, "pallas")
+    implementation = kernel_implementation("attention")
+    spec = ops.AttentionSpec(pattern, patch_nums, implementation)
     impls = {"reference_xla": lambda q, k, v: reference_attention(q, k, v, mask, sm_scale=SM_SCALE),
              "pallas": lambda q, k, v: ops.attention(q, k, v, spec, sm_scale=SM_SCALE)}
-    if jax.default_backend() == "gpu":
+    if implementation == "gpu":
         impls["cudnn_dense_mask"] = lambda q, k, v: jax.nn.dot_product_attention(
             q, k, v, mask=mask[None, None], scale=SM_SCALE, implementation="cudnn")
     return impls
@@ -90,6 +99,7 @@ def run(args) -> list[dict]:
     kind = device.device_kind
     bandwidth = next((bw for name, bw in HBM_BYTES_PER_S.items() if name in kind), 4.8e12)
     tiles = ops.KernelTiles().forward
+    timing = QUICK_TIMING if args.quick else {}
     rows = []
     for shape in args.shapes:
         b, h, length = map(int, shape.split("x"))
@@ -125,8 +135,8 @@ def run(args) -> list[dict]:
                         record["err_out"] = relative_error(out, ref_out)
                         record["err_dq"], record["err_dk"], record["err_dv"] = (
                             relative_error(g, r) for g, r in zip(grads, ref_grads))
-                        record["fwd_ms"] = time_ms(fwd, q, k, v)
-                        record["fwd_bwd_ms"] = time_ms(fwd_bwd, q, k, v, do)
+                        record["fwd_ms"] = time_ms(fwd, q, k, v, **timing)
+                        record["fwd_bwd_ms"] = time_ms(fwd_bwd, q, k, v, do, **timing)
                     except Exception as err:  # noqa: BLE001 - a failing variant is reported, not fatal
                         record["error"] = f"{type(err).__name__}: {str(err)[:300]}"
                     rows.append(record)
@@ -162,8 +172,12 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES))
     parser.add_argument("--patterns", nargs="+", default=["block_diagonal", "block_causal"])
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float16"])
+    parser.add_argument("--quick", action="store_true",
+                        help="one small shape, one timed call (CPU: interpret mode)")
     parser.add_argument("--out", default=None, help="JSON file for the results")
     args = parser.parse_args()
+    if args.quick:
+        vars(args).update(QUICK)
     rows = run(args)
     print("\nsummary (ms): shape pattern dtype impl fwd fwd+bwd")
     for r in rows:

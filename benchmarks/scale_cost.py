@@ -1,4 +1,4 @@
-"""Where the sampler's time goes, scale by scale (issue #6 diagnostic).
+"""Where the sampler's time goes, scale by scale (a diagnostic of ``sample.py``).
 
 Times each pass of the Markov sampler alone, jitted on its own, with random weights:
 the next-scale forward of every scale k (``forward_scale(k, ...)`` on ``[cond; uncond]``,
@@ -7,10 +7,11 @@ guidance + top-k/top-p filter of each scale's logits. Each row also gives the tw
 that pass on the GPU: its matmul FLOPs at ``--peak-tflops`` and one read of the weights
 it touches at ``--bandwidth``. A pass far above both floors is paying fixed costs
 (launches, slicing the stacked weights); the sum over the schedule is compared with the
-whole compiled sampler in ``sample.py``.
+whole compiled sampler in ``sample.py``. The model runs as ``sample.py`` runs it: the
+execution config's defaults resolved for the platform, or each ``--execution`` variant.
 
-  python benchmarks/scale_cost.py --model d30 --batch 64 --cast-weights false,true \
-      --out benchmarks/results/scale_cost_h200.json
+  python benchmarks/scale_cost.py --model d30 --batch 64 --execution cast_weights=false \
+      --execution cast_weights=true --out benchmarks/results/scale_cost_h200.json
   python benchmarks/scale_cost.py --quick --out /tmp/scale_cost.json       # CPU smoke
 """
 
@@ -27,16 +28,17 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.train_step import (  # noqa: E402
-    _time_calls, init_on_device, parse_bool, parse_list, standalone_header, timing_summary,
-    vae_config)
+    _time_calls, add_execution_flag, execution_label, init_on_device, standalone_header,
+    timing_summary, vae_config)
 
 SAMPLING = dict(cfg=1.7, top_k=1000, top_p=0.99)
 
 
 def pass_floors(cfg, rows: int, tokens: int, layers: int, peak_tflops: float,
-                bandwidth_tbs: float) -> dict:
-    """Lower bounds of one pass over ``layers`` blocks on ``rows`` sequences of ``tokens``."""
-    width, depth_bytes = cfg.width, 2 if cfg.dtype == "bfloat16" else 4
+                bandwidth_tbs: float, weight_bytes_each: int) -> dict:
+    """Lower bounds of one pass over ``layers`` blocks on ``rows`` sequences of ``tokens``
+    with weights of ``weight_bytes_each`` bytes."""
+    width, depth_bytes = cfg.width, weight_bytes_each
     block_params = 12 * width * width + 6 * width * width  # attn+ffn, ada_lin
     flops = 2 * rows * tokens * layers * 12 * width * width + 2 * rows * tokens * width * cfg.vocab_size
     weight_bytes = layers * block_params * depth_bytes + width * cfg.vocab_size * depth_bytes
@@ -44,23 +46,28 @@ def pass_floors(cfg, rows: int, tokens: int, layers: int, peak_tflops: float,
             "weights_floor_ms": weight_bytes / (bandwidth_tbs * 1e12) * 1e3}
 
 
-def measure(model_name: str, batch: int, scan_blocks: bool, cast_weights: bool, iters: int,
-            quick: bool, peak_tflops: float, bandwidth_tbs: float) -> list[dict]:
+def measure(model_name: str, batch: int, execution, iters: int, quick: bool,
+            peak_tflops: float, bandwidth_tbs: float) -> list[dict]:
+    """The rows of one model built with ``execution`` (resolved)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
     from hmar_jax import sampling
-    from hmar_jax.transformer import HMARTransformer, cast_matmul_weights, preset
+    from hmar_jax.pretrained import cast_matmul_weights, unstack_blocks
+    from hmar_jax.sampling import sampler
+    from hmar_jax.transformer import HMARTransformer, preset
 
     vcfg = vae_config(quick)
     overrides = dict(depth=2, width=64, num_heads=2, num_mask_layers=1) if quick else {}
     cfg = preset(model_name, vocab_size=vcfg.vocab_size, latent_channels=vcfg.z_channels,
-                 patch_nums=vcfg.patch_nums, dtype="bfloat16", scan_blocks=scan_blocks,
-                 **overrides)
-    model = init_on_device(lambda: HMARTransformer(cfg, rngs=nnx.Rngs(0)))
-    if cast_weights:
+                 patch_nums=vcfg.patch_nums, **overrides)
+    model = init_on_device(lambda: HMARTransformer(cfg, execution, rngs=nnx.Rngs(0)))
+    if execution.cast_weights:  # as load_pretrained does
         cast_matmul_weights(model)
+    if execution.unstack_blocks:
+        unstack_blocks(model)
+    weight_bytes_each = jnp.dtype(execution.compute_dtype).itemsize
     graphdef, state = nnx.split(model)
     schedules = sampling.default_mask_schedule(cfg.patch_nums)
     labels = jnp.arange(2 * batch, dtype=jnp.int32) % cfg.num_classes
@@ -86,12 +93,13 @@ def measure(model_name: str, batch: int, scan_blocks: bool, cast_weights: bool, 
         def next_scale(state, labels, x_ns, k=k):
             return nnx.merge(graphdef, state).forward_scale(k, labels, x_ns)
 
-        floors = pass_floors(cfg, 2 * batch, tokens, cfg.depth, peak_tflops, bandwidth_tbs)
+        floors = pass_floors(cfg, 2 * batch, tokens, cfg.depth, peak_tflops, bandwidth_tbs,
+                             weight_bytes_each)
         timed("next_scale", next_scale, state, labels, x_ns, scale=k, tokens=tokens, **floors)
         logits = jax.random.normal(key, (2 * batch, tokens, cfg.vocab_size), jnp.float32)
 
         def guide_filter(logits):
-            guided = sampling._guide(logits, SAMPLING["cfg"])
+            guided = sampler._guide(logits, SAMPLING["cfg"])
             return sampling.filter_logits(guided, SAMPLING["top_k"], SAMPLING["top_p"])
 
         timed("filter", guide_filter, logits, scale=k, tokens=tokens)
@@ -112,9 +120,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="d30")
     parser.add_argument("--batch", type=int, default=64, help="images (the passes run 2B rows)")
-    parser.add_argument("--scan-blocks", default="true", help="comma list of true|false")
-    parser.add_argument("--cast-weights", default="true",
-                        help="comma list of true|false: matmul weights stored in bf16")
+    add_execution_flag(parser, "ExecutionConfig()'s defaults, as load_pretrained runs")
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--peak-tflops", type=float, default=790.0, help="bf16 dense peak")
     parser.add_argument("--bandwidth", type=float, default=4.8, help="HBM TB/s")
@@ -123,16 +129,21 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.model, args.batch, args.iters = "d16", 2, 2
+    import dataclasses
+
+    from hmar_jax.execution import ExecutionConfig
+
     result = standalone_header("scale_cost", args) | {"runs": []}
-    for cast in parse_list(args.cast_weights, parse_bool):
-        for scan in parse_list(args.scan_blocks, parse_bool):
-            print(f"{args.model} B{args.batch} scan_blocks={scan} cast_weights={cast}", flush=True)
-            rows = measure(args.model, args.batch, scan, cast, args.iters, args.quick,
-                           args.peak_tflops, args.bandwidth)
-            total = sum(r["ms_median"] * r.get("refinements", 1) for r in rows)
-            print(f"  schedule total (passes x refinements, filters included): {total:.1f} ms")
-            result["runs"].append({"scan_blocks": scan, "cast_weights": cast, "rows": rows,
-                                   "schedule_total_ms": total})
+    for settings in args.execution or [{}]:
+        execution = ExecutionConfig.from_mapping(settings).resolve()
+        print(f"{args.model} B{args.batch} --execution {execution_label(settings)}", flush=True)
+        rows = measure(args.model, args.batch, execution, args.iters, args.quick,
+                       args.peak_tflops, args.bandwidth)
+        total = sum(r["ms_median"] * r.get("refinements", 1) for r in rows)
+        print(f"  schedule total (passes x refinements, filters included): {total:.1f} ms")
+        result["runs"].append({"variant": execution_label(settings),
+                               "execution": dataclasses.asdict(execution), "rows": rows,
+                               "schedule_total_ms": total})
     if args.out:
         pathlib.Path(args.out).write_text(json.dumps(result, indent=1))
 

@@ -1,6 +1,8 @@
 """Tile sweep for the three GPU attention kernels (forward, dK/dV, dQ), each timed alone.
 
   python benchmarks/tune_attention.py --shapes 32x30x680 16x24x2240 --out tune.json
+  python benchmarks/tune_attention.py --quick --shapes 1x2x680 --patterns block_diagonal \\
+      --dtype float32                      # CPU smoke run (interpret mode)
 
 Every variant is checked against the reference before it is timed; the best launch per
 kernel, shape and pattern is printed last.
@@ -18,7 +20,8 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from benchmarks.attention import patch_nums_for, relative_error, time_ms  # noqa: E402
+from benchmarks.attention import QUICK_TIMING, patch_nums_for, relative_error, time_ms  # noqa: E402
+from benchmarks.train_step import kernel_implementation  # noqa: E402
 from hmar_jax.pallas import kernel_gpu  # noqa: E402
 from hmar_jax.pallas.reference import reference_attention  # noqa: E402
 from hmar_jax.scales import ScaleLayout  # noqa: E402
@@ -44,7 +47,8 @@ def sweep(shape: str, pattern: str, dtype, quick: bool = False) -> list[dict]:
     f32 = [a.astype(jnp.float32) for a in (q, k, v)]
     ref_o, vjp = jax.vjp(lambda *x: reference_attention(*x, mask, sm_scale=0.5), *f32)
     ref_dq, ref_dk, ref_dv = vjp(do.astype(jnp.float32))
-    o, lse = kernel_gpu.forward(q, k, v, row_start, row_end, sm_scale=0.5)
+    interpret = kernel_implementation("attention") == "interpret"  # CPU: the quick check
+    o, lse = kernel_gpu.forward(q, k, v, row_start, row_end, sm_scale=0.5, interpret=interpret)
     delta = kernel_gpu.softmax_delta(o, do)
     rows = []
 
@@ -56,23 +60,26 @@ def sweep(shape: str, pattern: str, dtype, quick: bool = False) -> list[dict]:
         try:
             got = fn()
             row["error"] = max(relative_error(g, r) for g, r in zip(outputs(got), refs))
-            row["ms"] = time_ms(fn)
+            row["ms"] = time_ms(fn, **(QUICK_TIMING if quick else {}))
         except Exception as err:  # noqa: BLE001 - report and continue the sweep
             row["failure"] = f"{type(err).__name__}: {str(err)[:200]}"
         rows.append(row)
         print(json.dumps(row), flush=True)
 
     for launch in QUICK if quick else FORWARD:
-        kw = dict(zip(("block_q", "block_k", "num_warps", "num_stages"), launch))
+        kw = dict(zip(("block_q", "block_k", "num_warps", "num_stages"), launch),
+                  interpret=interpret)
         fn = jax.jit(lambda: kernel_gpu.forward(q, k, v, row_start, row_end, sm_scale=0.5, **kw))
         record("forward", launch, fn, lambda out: out[:1], [ref_o])
     for launch in QUICK if quick else DKDV:
-        kw = dict(zip(("block_q", "block_k", "num_warps", "num_stages"), launch))
+        kw = dict(zip(("block_q", "block_k", "num_warps", "num_stages"), launch),
+                  interpret=interpret)
         fn = jax.jit(lambda: kernel_gpu.backward_dkdv(q, k, v, do, lse, delta, col_start, col_end,
                                                       sm_scale=0.5, **kw))
         record("dkdv", launch, fn, lambda out: out, [ref_dk, ref_dv])
     for launch in QUICK if quick else DQ:
-        kw = dict(zip(("block_q", "block_k", "num_warps", "num_stages"), launch))
+        kw = dict(zip(("block_q", "block_k", "num_warps", "num_stages"), launch),
+                  interpret=interpret)
         fn = jax.jit(lambda: kernel_gpu.backward_dq(q, k, v, do, lse, delta, row_start, row_end,
                                                     sm_scale=0.5, **kw))
         record("dq", launch, fn, lambda out: [out], [ref_dq])
@@ -84,7 +91,8 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=["32x30x680", "16x24x2240"])
     parser.add_argument("--patterns", nargs="+", default=["block_diagonal", "block_causal"])
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--quick", action="store_true", help="five launches per kernel")
+    parser.add_argument("--quick", action="store_true",
+                        help="five launches per kernel, each timed once")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     rows = []
