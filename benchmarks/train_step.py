@@ -74,7 +74,7 @@ GIB = 2.0 ** 30
 KEY_PAIRS = (("d16", 64), ("d30", 32))  # the rows that come first
 MODES = ("full", "full_pretokenized", "fwdbwd", "tokenize")
 
-# Issue #5 reference points (per single GPU). img/s = images per second; GiB = peak memory.
+# Reference points: targets and the upstream PyTorch step (per single GPU). img/s = images per second; GiB = peak memory.
 REFERENCE = {
     "peak_tflops_bf16_dense": PEAK_TFLOPS,
     "full": {
@@ -87,7 +87,7 @@ REFERENCE = {
         "d16_B64": {"official_img_s": 225},
         "d30_B32": {"official_img_s": 52},
     },
-    # A plain-jnp + cuDNN attention + remat model (issue #5; its mode is not stated there).
+    # A plain-jnp + cuDNN attention + remat model (its mode is not stated).
     "plain_jnp_cudnn_remat": {
         "d16_B64": {"img_s": 329, "peak_gib": 7.4},
         "d30_B32": {"img_s": 62, "peak_gib": 27},
@@ -99,14 +99,6 @@ REFERENCE = {
 
 def parse_list(text: str, kind=str) -> list:
     return [kind(item.strip()) for item in text.split(",") if item.strip()]
-
-
-def parse_bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "scan"):
-        return True
-    if text.lower() in ("0", "false", "no", "unrolled"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
 def parse_execution(text: str) -> dict:
