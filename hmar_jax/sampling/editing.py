@@ -16,7 +16,6 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from hmar_jax.tokenizer import resample
 from hmar_jax.tokenizer.model import VQVAE

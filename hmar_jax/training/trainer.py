@@ -50,7 +50,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
-from hmar_jax import atomic_io, checkpointing, sampling, sharding
+from hmar_jax import atomic_io, checkpointing, pretrained, sampling, sharding
 from hmar_jax.cli import InputError
 from hmar_jax.execution import ExecutionConfig
 from hmar_jax.training import data
@@ -60,7 +60,7 @@ from hmar_jax.training import metric_writers
 from hmar_jax.training import optim
 from hmar_jax.training import token_cache
 from hmar_jax.training import tokenizer_trainer
-from hmar_jax.transformer import MASK_BRANCH, HMARConfig, HMARTransformer, preset
+from hmar_jax.transformer import MASK_BRANCH, HMARConfig, HMARTransformer
 from hmar_jax.transformer.config import LEGACY_EXECUTION_FIELDS
 
 
@@ -82,15 +82,13 @@ class TrainState:
 
 def model_config(config: ml_collections.ConfigDict, vae_config) -> HMARConfig:
     """The architecture: ``config.model`` with the tokenizer's vocabulary, latent channels
-    and scales."""
-    overrides = dict(config.model.overrides.to_dict())
-    misplaced = sorted(set(overrides) & set(LEGACY_EXECUTION_FIELDS))
+    and scales (``pretrained.run_model_config``, which export shares); execution settings
+    left in ``model.overrides`` are refused here, where a user can still move them."""
+    misplaced = sorted(set(config.model.overrides.to_dict()) & set(LEGACY_EXECUTION_FIELDS))
     if misplaced:
         raise InputError(f"config.model.overrides holds execution settings {misplaced}; set "
                          "them in config.execution (e.g. --config.execution.remat=block).")
-    overrides.update(vocab_size=vae_config.vocab_size, latent_channels=vae_config.z_channels,
-                     patch_nums=vae_config.patch_nums)
-    return preset(config.model.preset, **overrides)
+    return pretrained.run_model_config(config.to_dict(), vae_config)
 
 
 def resolve_execution(config: ml_collections.ConfigDict) -> ExecutionConfig:
@@ -337,10 +335,7 @@ class Trainer:
 
     def sampling_config(self) -> sampling.SamplingConfig:
         """The run's sampling settings (refinement only once stage 2 trained the mask branch)."""
-        sc = self.config.sampling
-        return sampling.SamplingConfig(cfg=sc.cfg, top_k=sc.top_k, top_p=sc.top_p,
-                                       mask_schedule="auto" if self.config.stage == 2 else None,
-                                       mask_cfg=sc.mask_cfg)
+        return pretrained.run_sampling_config(self.config.to_dict())
 
     def _run_identity(self) -> dict:
         identity = {"stage": self.config.stage, "model": self.cfg.architecture()}

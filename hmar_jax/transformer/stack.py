@@ -16,7 +16,6 @@ Dimension letters: n blocks, B batch, l tokens, C width, D conditioning width.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import jax
