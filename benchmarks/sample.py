@@ -111,7 +111,7 @@ def sample_worker(spec: dict) -> dict:
     from hmar_jax.transformer import HMARTransformer
 
     mode, batch, lower_only = spec["mode"], spec["batch"], spec.get("lower_only", False)
-    execution = ExecutionConfig.from_mapping(spec["execution_settings"]).resolve()
+    execution = ExecutionConfig.from_mapping(spec["execution_settings"]).resolve(inference=True)
     make_vae = lambda: VQVAE(vae_config(spec["quick"]), execution, rngs=nnx.Rngs(0))  # noqa: E731
     vae = nnx.eval_shape(make_vae) if lower_only else init_on_device(make_vae)
     vcfg = vae.config

@@ -135,7 +135,7 @@ def main() -> None:
 
     result = standalone_header("scale_cost", args) | {"runs": []}
     for settings in args.execution or [{}]:
-        execution = ExecutionConfig.from_mapping(settings).resolve()
+        execution = ExecutionConfig.from_mapping(settings).resolve(inference=True)
         print(f"{args.model} B{args.batch} --execution {execution_label(settings)}", flush=True)
         rows = measure(args.model, args.batch, execution, args.iters, args.quick,
                        args.peak_tflops, args.bandwidth)

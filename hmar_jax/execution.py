@@ -20,7 +20,8 @@ platform it runs on.
 | head_dtype | the compute dtype | the compute dtype | the compute dtype |
 | tokenizer_precision | ``default`` | ``default`` | ``default`` |
 | remat | ``dots_attention_saveable`` | ``dots_attention_saveable`` | ``none`` |
-| scan_blocks | False (unrolled) | True | True |
+| scan_blocks, training | False (unrolled) | True | True |
+| scan_blocks, inference | True | True | True |
 
 Kernel fields take ``"auto"``, ``"xla"`` (the op's plain-jnp reference), ``"pallas"`` (the
 platform's kernel: compiled on GPU and TPU, interpret mode on CPU) or ``"interpret"``
@@ -146,10 +147,15 @@ class ExecutionConfig:
     def replace(self, **changes) -> "ExecutionConfig":
         return dataclasses.replace(self, **changes)
 
-    def resolve(self, platform: str | None = None) -> "ExecutionConfig":
+    def resolve(self, platform: str | None = None, *, inference: bool = False
+                ) -> "ExecutionConfig":
         """The concrete choices for ``platform`` (``cpu``, ``gpu`` or ``tpu``; default: JAX's
         default backend); idempotent for the same platform. The only place that asks JAX
-        which platform it runs on."""
+        which platform it runs on.
+
+        ``inference``: for sampling (``pretrained.load_pretrained``). Blocks then stay
+        scanned under ``"auto"``: the sampler runs the stack in every one of its passes, and
+        unrolled that program takes minutes to compile for a few percent per batch."""
         if platform is None:
             import jax
 
@@ -169,8 +175,10 @@ class ExecutionConfig:
         changes["compute_dtype"] = compute
         changes["head_dtype"] = compute if self.head_dtype == "auto" else self.head_dtype
         changes["remat"] = auto["remat"] if self.remat == "auto" else self.remat
-        changes["scan_blocks"] = (auto["scan_blocks"] if self.scan_blocks == "auto"
-                                  else self.scan_blocks)
+        if self.scan_blocks != "auto":
+            changes["scan_blocks"] = self.scan_blocks
+        else:
+            changes["scan_blocks"] = True if inference else auto["scan_blocks"]
         return dataclasses.replace(self, **changes)
 
     def require_resolved(self, where: str) -> "ExecutionConfig":

@@ -230,7 +230,7 @@ def load_pretrained(directory: str | pathlib.Path, execution: ExecutionConfig | 
     stored = manifest.get("sampling")  # checked before the weights are read
     sampling = (None if stored is None
                 else sampling_from_json(stored, f"{directory / MANIFEST}: sampling"))
-    execution = (execution or ExecutionConfig()).resolve()
+    execution = (execution or ExecutionConfig()).resolve(inference=True)
     model = checkpointing.load_hmar(directory / manifest["model"], execution)
     vae = checkpointing.load_tokenizer(directory / manifest["tokenizer"], execution)
     check_pair(model, vae, f"{directory}: ")

@@ -260,3 +260,14 @@ def test_boolean_overrides_given_as_text_are_booleans():
     assert config.scan_blocks is False and config.unstack_blocks is True
     with pytest.raises(ValueError, match="scan_blocks='sometimes'"):
         ExecutionConfig.from_mapping({"scan_blocks": "sometimes"})
+
+
+@pytest.mark.parametrize("platform", ["cpu", "gpu", "tpu"])
+def test_inference_keeps_the_blocks_scanned_unless_asked(platform):
+    """The sampler runs the stack in each of its passes: unrolled, that program compiles for
+    minutes, so "auto" scans for inference while training on a GPU unrolls."""
+    from hmar_jax.execution import ExecutionConfig
+
+    assert ExecutionConfig().resolve(platform, inference=True).scan_blocks is True
+    assert ExecutionConfig(scan_blocks=False).resolve(platform, inference=True).scan_blocks is False
+    assert ExecutionConfig().resolve("gpu").scan_blocks is False
