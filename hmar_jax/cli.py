@@ -84,6 +84,23 @@ def run_absl(main: Callable[[list[str], dict], object], define_flags: Callable[[
     app.run(guarded, flags_parser=parse_flags)
 
 
+def define_config_flags(config_help: str, workdir_help: str | None) -> dict:
+    """The locked ``--config`` file flag (``--config.KEY=VALUE`` overrides; a mistyped key
+    fails at launch) and, unless ``workdir_help`` is None, a required ``--workdir``: the
+    flags of the config-file commands, for their ``define_flags``."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    defined = {"config": config_flags.DEFINE_config_file("config", None, config_help,
+                                                         lock_config=True)}
+    required = ["config"]
+    if workdir_help is not None:
+        defined["workdir"] = flags.DEFINE_string("workdir", None, workdir_help)
+        required.append("workdir")
+    flags.mark_flags_as_required(required)
+    return defined
+
+
 def _innermost_message(text: str) -> str:
     """A flag error whose text quotes a traceback (a config file's ``get_config`` raised) cut
     to the flag and the exception's own message."""

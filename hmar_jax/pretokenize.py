@@ -17,15 +17,13 @@ from __future__ import annotations
 def define_flags() -> dict:
     """The command's absl flags, defined when it runs (``cli.run_absl``)."""
     from absl import flags
-    from ml_collections import config_flags
 
-    defined = {
-        "config": config_flags.DEFINE_config_file("config", None, "Training config file.",
-                                                  lock_config=True),
-        "out": flags.DEFINE_string("out", None, "Directory to write the token cache to."),
-        "overwrite": flags.DEFINE_bool("overwrite", False, "Replace an existing --out."),
-    }
-    flags.mark_flags_as_required(["config", "out"])
+    from hmar_jax import cli
+
+    defined = cli.define_config_flags("Training config file.", None)
+    defined["out"] = flags.DEFINE_string("out", None, "Directory to write the token cache to.")
+    defined["overwrite"] = flags.DEFINE_bool("overwrite", False, "Replace an existing --out.")
+    flags.mark_flags_as_required(["out"])
     return defined
 
 

@@ -17,17 +17,9 @@ import sys
 
 def define_flags() -> dict:
     """The command's absl flags, defined when it runs (``cli.run_absl``)."""
-    from absl import flags
-    from ml_collections import config_flags
+    from hmar_jax import cli
 
-    defined = {
-        "config": config_flags.DEFINE_config_file("config", None, "Experiment config file.",
-                                                  lock_config=True),
-        "workdir": flags.DEFINE_string("workdir", None,
-                                       "Directory for checkpoints, logs and exports."),
-    }
-    flags.mark_flags_as_required(["config", "workdir"])
-    return defined
+    return cli.define_config_flags("Experiment config file.", "Directory for checkpoints, logs and exports.")
 
 
 def main(argv, defined: dict):

@@ -11,17 +11,9 @@ input ends in one ``error:`` line and exit status 2.
 
 def define_flags() -> dict:
     """The command's absl flags, defined when it runs (``cli.run_absl``)."""
-    from absl import flags
-    from ml_collections import config_flags
+    from hmar_jax import cli
 
-    defined = {
-        "config": config_flags.DEFINE_config_file("config", None, "Tokenizer config file.",
-                                                  lock_config=True),
-        "workdir": flags.DEFINE_string("workdir", None,
-                                       "Directory for checkpoints, logs and outputs."),
-    }
-    flags.mark_flags_as_required(["config", "workdir"])
-    return defined
+    return cli.define_config_flags("Tokenizer config file.", "Directory for checkpoints, logs and outputs.")
 
 
 def main(argv, defined: dict):
