@@ -144,9 +144,8 @@ class Conv(nnx.Conv):
     """``nnx.Conv`` (``[B, H, W, Cin] -> [B, H', W', Cout]``); a stride-1 convolution of an
     input with at most ``PATCH_MATMUL_MAX_CHANNELS`` channels (the encoder's ``conv_in`` on
     RGB) runs as one matmul of its ``[B, H, W, k k Cin]`` patches with the kernel reshaped to
-    ``[k k Cin, Cout]``: the same sums, in another order. cuDNN took 1.8 ms for the 3-channel
-    ``conv_in`` of the d16 B64 training step's encode on an H200, a pass whose output alone
-    is 1.3 GB (0.3 ms of writes)."""
+    ``[k k Cin, Cout]``: the same sums, in another order. cuDNN handles a 3-channel input
+    far below the bandwidth its large output needs; one matmul does not."""
 
     def __call__(self, x: jax.Array) -> jax.Array:
         kh, kw, cin, cout = self.kernel.shape
