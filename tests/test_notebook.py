@@ -2,7 +2,6 @@
 order in one namespace, the install cell included: it is a no-op where hmar_jax imports)."""
 
 import json
-import os
 import pathlib
 
 import numpy as np
@@ -35,4 +34,3 @@ def test_sample_notebook_runs_on_the_digits_bundle(monkeypatch, capsys):
             edits[:1, ~regenerate], edits[:, ~regenerate].shape))
         assert len({e[regenerate].tobytes() for e in edits}) > 1
     assert "devices:" in capsys.readouterr().out
-    assert os.environ["HMAR_CHECKPOINT"].endswith("digits-demo")
