@@ -164,12 +164,37 @@ def read_entries(directory: str | pathlib.Path, names: Sequence[str]) -> dict[st
     return {name: _unwrap_variables(dict(restored[name])) for name in names}
 
 
+def newest_usable(steps: Sequence[int], read: Callable[[int], Any],
+                  is_finite: Callable[[Any], bool], where: Callable[[int], Any]
+                  ) -> tuple[int | None, Any, list[tuple[int, str]]]:
+    """The newest step whose checkpoint ``read(step)`` can read and ``is_finite``; newer
+    unusable steps are skipped with a warning naming ``where(step)``. The one rule by which
+    resuming a run and exporting from it choose a checkpoint.
+
+    Returns:
+      ``(step, read(step), unusable)`` with ``unusable`` the skipped ``(step, reason)``
+      pairs, newest first; ``step`` is None (and the value too) when no step is usable.
+    """
+    unusable = []
+    for step in sorted(steps, reverse=True):
+        try:
+            value = read(step)
+        except Exception as err:  # noqa: BLE001 - any read failure makes the step unusable
+            reason = f"cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+        else:
+            if is_finite(value):
+                return step, value, unusable
+            reason = "holds non-finite values"
+        logging.warning("Checkpoint %s %s; trying the previous one.", where(step), reason)
+        unusable.append((step, reason))
+    return None, None, unusable
+
+
 def newest_usable_entries(directory: str | pathlib.Path, item: str, names: Sequence[str]
                           ) -> tuple[int, dict[str, Any]] | None:
     """``(step, entries)`` from the newest step of a ``CheckpointManager`` directory whose
-    ``item`` can be read and holds finite values (:func:`read_entries`); newer unusable
-    steps are skipped with a warning, as the trainer skips them when it resumes. None if
-    there is no step.
+    ``item`` can be read and holds finite values (:func:`read_entries`, :func:`newest_usable`).
+    None if there is no step.
 
     Raises:
       ValueError: there are steps but none is usable (naming the newest and why).
@@ -179,19 +204,12 @@ def newest_usable_entries(directory: str | pathlib.Path, item: str, names: Seque
         return None
     manager = ocp.CheckpointManager(directory,
                                     options=ocp.CheckpointManagerOptions(read_only=True))
-    unusable = []
-    for step in sorted(manager.all_steps(), reverse=True):
-        try:
-            entries = read_entries(directory / str(step) / item, names)
-        except Exception as err:  # noqa: BLE001 - any read failure makes the step unusable
-            reason = f"cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
-        else:
-            if all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(entries)):
-                return step, entries
-            reason = "holds non-finite values"
-        logging.warning("Checkpoint %s %s; trying the previous one.", directory / str(step),
-                        reason)
-        unusable.append((step, reason))
+    step, entries, unusable = newest_usable(
+        manager.all_steps(), lambda step: read_entries(directory / str(step) / item, names),
+        lambda entries: all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(entries)),
+        lambda step: directory / str(step))
+    if step is not None:
+        return step, entries
     if unusable:
         raise ValueError(f"No checkpoint in {directory} can be read (newest: step "
                          f"{unusable[0][0]} {unusable[0][1]}).")

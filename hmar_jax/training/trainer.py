@@ -282,25 +282,17 @@ class Trainer:
         Raises:
           InputError: there are checkpoints but none is usable (naming the directory).
         """
-        steps = sorted(self.manager.all_steps(), reverse=True)
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                               jax.eval_shape(self._init_state), self.state_shardings)
         items = {"state": ocp.args.StandardRestore(target)}
         if with_data:
             items["data"] = ocp.args.JsonRestore()
-        unusable = []
-        for step in steps:
-            try:
-                restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-            except Exception as err:  # noqa: BLE001 - any read failure makes the step unusable
-                reason = f"cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
-            else:
-                if bool(self.all_finite(restored["state"])):
-                    return restored["state"], restored.get("data"), unusable
-                reason = "holds non-finite values"
-            logging.warning("Checkpoint %s %s; trying the previous one.",
-                            self._step_directory(step), reason)
-            unusable.append((step, reason))
+        step, restored, unusable = checkpointing.newest_usable(
+            self.manager.all_steps(),
+            lambda step: self.manager.restore(step, args=ocp.args.Composite(**items)),
+            lambda restored: bool(self.all_finite(restored["state"])), self._step_directory)
+        if step is not None:
+            return restored["state"], restored.get("data"), unusable
         if unusable:
             raise InputError(
                 f"No checkpoint in {self.manager.directory} can be resumed from (newest: step "
