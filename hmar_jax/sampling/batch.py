@@ -13,7 +13,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from hmar_jax.sampling.sampler import SamplingConfig, check_labels, generate, to_uint8
+from hmar_jax.sampling.sampler import SamplingConfig, check_labels, generate
+from hmar_jax.sampling.visualize import to_uint8
 from hmar_jax.tokenizer.model import VQVAE
 from hmar_jax.transformer import HMARTransformer
 

@@ -295,10 +295,3 @@ def check_labels(labels, num_classes: int, allow_null: bool = False) -> None:
     if bad.size:
         allowed = f"0..{num_classes - 1}" + (f" or {num_classes} (unconditional)" if allow_null else "")
         raise ValueError(f"Class id {int(bad[0])} is out of range: this model has classes {allowed}.")
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """float ``[N, H, W, 3]`` in [0, 1] -> uint8 with torchvision's ``save_image`` rounding."""
-    return np.clip(np.floor(np.asarray(images, np.float32) * 255.0 + 0.5), 0, 255).astype(np.uint8)
-
-

@@ -12,9 +12,8 @@ from PIL import Image
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
-    """float [N, H, W, 3] in [-1, 1] -> uint8, rounding like torchvision's save_image."""
-    unit = (np.asarray(images, np.float32) + 1.0) / 2.0
-    return np.clip(np.floor(unit * 255.0 + 0.5), 0, 255).astype(np.uint8)
+    """float ``[N, H, W, 3]`` in [0, 1] -> uint8 with torchvision's ``save_image`` rounding."""
+    return np.clip(np.floor(np.asarray(images, np.float32) * 255.0 + 0.5), 0, 255).astype(np.uint8)
 
 
 def grid_image(rows: list[np.ndarray], upscale: int = 1, padding: int = 1) -> np.ndarray:
@@ -26,7 +25,8 @@ def grid_image(rows: list[np.ndarray], upscale: int = 1, padding: int = 1) -> np
       upscale: nearest-neighbour magnification (small images stay readable).
       padding: white pixels between cells (before magnification).
     """
-    cells = [r if r.dtype == np.uint8 else to_uint8(r) for r in rows]
+    cells = [r if r.dtype == np.uint8 else to_uint8((np.asarray(r, np.float32) + 1.0) / 2.0)
+             for r in rows]
     n = max(len(c) for c in cells)
     h, w = cells[0].shape[1:3]
     grid = np.full((len(cells) * (h + padding) + padding, n * (w + padding) + padding, 3), 255,
