@@ -62,10 +62,14 @@ def save_params(directory: str | pathlib.Path, params: dict, kind: str, config_j
 
     Returns:
       The absolute export path.
+
+    With several processes only the caller writes (the others must not write the same
+    directory); the parameters must be host arrays, gathered beforehand.
     """
     with atomic_directory(directory, overwrite) as staging:
         host_params = jax.tree.map(np.asarray, _string_keys(params))
-        with ocp.StandardCheckpointer() as checkpointer:
+        alone = _this_process_only()
+        with ocp.StandardCheckpointer(multiprocessing_options=alone) as checkpointer:
             checkpointer.save(staging / PARAMS_DIR, host_params)
         for marker in staging.rglob("commit_success.txt"):
             # Orbax's commit marker records the writer's absolute path; exports are meant to
@@ -75,6 +79,14 @@ def save_params(directory: str | pathlib.Path, params: dict, kind: str, config_j
         if extra_metadata is not None:
             (staging / "metadata.json").write_text(json.dumps(extra_metadata, indent=2))
     return pathlib.Path(directory).absolute()
+
+
+def _this_process_only() -> ocp.options.MultiprocessingOptions:
+    """Orbax options for I/O that this process does alone: an export holds host arrays
+    that one process writes (process 0 of a multi-process run, which gathered them), and
+    Orbax would otherwise wait at barriers for processes that never come."""
+    index = jax.process_index()
+    return ocp.options.MultiprocessingOptions(primary_host=index, active_processes={index})
 
 
 def read_config(directory: str | pathlib.Path, kind: str) -> dict:

@@ -5,7 +5,16 @@ The embedded default dataset is scikit-learn's bundled 8x8 handwritten digits
 is downloaded). Images are upsampled to ``image_size`` with bicubic filtering,
 replicated to RGB and served as uint8 ``[H, W, 3]`` with an int32 label.
 
-Dimension letters: N examples, B batch, H/W image side.
+Several processes (multi-host training) read one global order: the examples are
+shuffled per epoch with the run's seed, cut into global batches of ``B`` examples, and
+process ``p`` of ``P`` reads rows ``[p B/P, (p + 1) B/P)`` of each (``ProcessRows``). The
+processes' shards of an epoch are therefore disjoint, together they read every example
+once per epoch, and the global batches are the same for any process count (so a
+multi-process run trains on exactly what a single process would, and a run can resume
+on another number of hosts). An iterator's position is the number of global batches
+served, the same on every process.
+
+Dimension letters: N examples, B batch (global), b = B/P a process's rows, H/W image side.
 """
 
 from __future__ import annotations
@@ -70,9 +79,44 @@ def to_model_range(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {"image": batch["image"].astype(np.float32) / 127.5 - 1.0, "label": batch["label"]}
 
 
-def batched_iterator(images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int
-                     ) -> grain.DatasetIterator:
-    """An endless, checkpointable grain iterator of ``{"image": f32 [B, H, W, 3], "label": i32 [B]}``.
+class ProcessRows(grain.MapDataset):
+    """One process's rows of every global batch of ``parent`` (module docstring): element
+    ``k`` is ``parent[g B + p b + j]`` with ``g, j = divmod(k, b)``, ``b = B / P``.
+
+    A random-access view (nothing is read twice or by two processes), placed after the
+    shuffle and repeat and before any decoding, so that each process decodes only its rows.
+    """
+
+    def __init__(self, parent: grain.MapDataset, global_batch: int, process_index: int,
+                 process_count: int):
+        super().__init__(parent)
+        check_process_split(global_batch, process_index, process_count)
+        self._global_batch, self._local_batch = global_batch, global_batch // process_count
+        self._offset = process_index * self._local_batch
+
+    def __len__(self) -> int:
+        return len(self._parent) // self._global_batch * self._local_batch
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        batch, row = divmod(index, self._local_batch)
+        return self._parent[batch * self._global_batch + self._offset + row]
+
+
+def check_process_split(global_batch: int, process_index: int, process_count: int) -> None:
+    """Refuses a global batch that the processes cannot share evenly."""
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} is not in [0, {process_count}).")
+    if global_batch < 1 or global_batch % process_count:
+        raise ValueError(f"batch_size {global_batch} does not split evenly over the "
+                         f"{process_count} processes; use a multiple of {process_count}.")
+
+
+def batched_iterator(images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int, *,
+                     process_index: int = 0, process_count: int = 1) -> grain.DatasetIterator:
+    """An endless, checkpointable grain iterator of this process's rows of each global batch
+    of ``batch_size`` (module docstring): ``{"image": f32 [b, H, W, 3], "label": i32 [b]}``.
 
     Reshuffles every epoch (seeded); batches never mix a partial batch in.
     ``get_state()``/``set_state()`` resume it exactly.
@@ -83,7 +127,8 @@ def batched_iterator(images: np.ndarray, labels: np.ndarray, batch_size: int, se
         raise ValueError(f"Batch size {batch_size} exceeds the dataset size {len(labels)}.")
     dataset = grain.MapDataset.source(ArraySource(images, labels))
     dataset = dataset.shuffle(seed=seed).repeat()  # shuffle first: a new permutation per epoch
-    dataset = dataset.batch(batch_size, drop_remainder=True).map(to_model_range)
+    dataset = ProcessRows(dataset, batch_size, process_index, process_count)
+    dataset = dataset.batch(batch_size // process_count, drop_remainder=True).map(to_model_range)
     return iter(dataset.to_iter_dataset())
 
 
@@ -234,21 +279,33 @@ class SkipUnreadable:
 def image_iterator(source, *, image_size: int, batch_size: int, seed: int, train: bool = True,
                    skip_corrupt: bool = True, num_workers: int = 0, process_index: int = 0,
                    process_count: int = 1) -> grain.DatasetIterator:
-    """A checkpointable iterator of process-local batches from a random-access ``source``.
+    """A checkpointable iterator of this process's batches from a random-access ``source``.
 
-    The source is split across processes (``process_index::process_count``), shuffled
-    per epoch (training), decoded, cropped and batched to ``{"image": f32 [B, S, S, 3] in
-    [-1, 1], "label": i32 [B]}``; unreadable images are skipped (see ``DecodeAndCrop``)
-    until too many come in a row (``SkipUnreadable``).
+    Training: shuffled per epoch, this process's rows of each global batch of
+    ``batch_size`` (``ProcessRows``), decoded with random crops. Otherwise every
+    ``process_count``-th example from ``process_index`` on, in order, centre-cropped, the
+    last batch possibly smaller. Batches are ``{"image": f32 [b, S, S, 3] in [-1, 1],
+    "label": i32 [b]}``, b = ``batch_size / process_count``; unreadable images are skipped
+    (see ``DecodeAndCrop``) until too many come in a row (``SkipUnreadable``); a skipped
+    image is replaced by the process's next rows, so its later batches reach past its own
+    rows of the global order.
     """
     if len(source) == 0:
         raise ValueError("The dataset is empty.")
-    dataset = grain.MapDataset.source(source)[process_index::process_count]
+    dataset = grain.MapDataset.source(source)
+    check_process_split(batch_size, process_index, process_count)
     if train:
         dataset = dataset.shuffle(seed=seed).repeat()
+    # Each element's crop is drawn from its position in the global order (MapDataset maps
+    # are lazy: a process decodes only the rows it reads), whatever the process count.
     dataset = dataset.random_map(DecodeAndCrop(image_size, train, skip_corrupt), seed=seed)
+    if train:
+        dataset = ProcessRows(dataset, batch_size, process_index, process_count)
+    else:
+        dataset = dataset[process_index::process_count]
     dataset = dataset.to_iter_dataset(allow_nones=True).filter(SkipUnreadable())
-    dataset = dataset.batch(batch_size, drop_remainder=train).map(to_model_range)
+    dataset = dataset.batch(batch_size // process_count, drop_remainder=train)
+    dataset = dataset.map(to_model_range)
     if num_workers > 0:
         dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     return iter(dataset)
@@ -275,21 +332,26 @@ class Dataset:
 
     def batches(self, batch_size: int, *, seed: int = 0, train: bool = True,
                 process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
-        """Process-local batches ``{"image": f32 [B, S, S, 3] in [-1, 1], "label": i32 [B]}``.
+        """This process's batches ``{"image": f32 [b, S, S, 3] in [-1, 1], "label": i32 [b]}``
+        of global batches of ``batch_size`` (b = ``batch_size / process_count``).
 
         ``train``: endless, reshuffled every epoch, random crops (image datasets), and
-        checkpointable (``get_state``/``set_state``). Otherwise every example once, in
-        order, centre-cropped, the last batch possibly smaller (pretokenizing).
+        checkpointable (``get_state``/``set_state``); each process reads its rows of every
+        global batch (module docstring). Otherwise every example once, in order,
+        centre-cropped, the last batch possibly smaller (pretokenizing).
         """
         d = self.config
         if isinstance(self.source, ArraySource):
+            if train:
+                return batched_iterator(self.source.images, self.source.labels, batch_size,
+                                        seed, process_index=process_index,
+                                        process_count=process_count)
+            check_process_split(batch_size, process_index, process_count)
             images = self.source.images[process_index::process_count]
             labels = self.source.labels[process_index::process_count]
-            if train:
-                return batched_iterator(images, labels, batch_size, seed)
-            return (to_model_range({"image": images[i:i + batch_size],
-                                    "label": labels[i:i + batch_size]})
-                    for i in range(0, len(labels), batch_size))
+            local = batch_size // process_count
+            return (to_model_range({"image": images[i:i + local], "label": labels[i:i + local]})
+                    for i in range(0, len(labels), local))
         return image_iterator(self.source, image_size=d.image_size, batch_size=batch_size,
                               seed=seed, train=train, skip_corrupt=d.skip_corrupt,
                               num_workers=d.num_workers, process_index=process_index,

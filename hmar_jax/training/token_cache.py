@@ -136,13 +136,17 @@ class TokenSource:
 
 def token_iterator(tokens: np.ndarray, labels: np.ndarray, *, batch_size: int, seed: int,
                    process_index: int = 0, process_count: int = 1) -> grain.DatasetIterator:
-    """Endless, checkpointable, per-process batches ``{"tokens": int32 [B, L], "label": [B]}``,
-    reshuffled every epoch (the same sharding and shuffling as the image pipelines)."""
-    dataset = grain.MapDataset.source(TokenSource(tokens, labels))[process_index::process_count]
+    """Endless, checkpointable batches ``{"tokens": int32 [b, L], "label": [b]}``: this
+    process's rows of each global batch of ``batch_size``, reshuffled every epoch (the same
+    global order and process split as the image pipelines, ``data.ProcessRows``)."""
+    from hmar_jax.training import data  # local: the image pipelines are not needed otherwise
+
+    dataset = grain.MapDataset.source(TokenSource(tokens, labels))
     if len(dataset) < batch_size:
-        raise ValueError(f"Batch size {batch_size} exceeds this process's {len(dataset)} cached "
-                         "examples.")
-    dataset = dataset.shuffle(seed=seed).repeat().batch(batch_size, drop_remainder=True)
+        raise ValueError(f"Batch size {batch_size} exceeds the {len(dataset)} cached examples.")
+    dataset = dataset.shuffle(seed=seed).repeat()
+    dataset = data.ProcessRows(dataset, batch_size, process_index, process_count)
+    dataset = dataset.batch(batch_size // process_count, drop_remainder=True)
     return iter(dataset.to_iter_dataset())
 
 

@@ -25,6 +25,16 @@ the frozen tokenizer (``config.tokenizer.export``, trained beforehand by
 from that resolved config. What judges the finished model (sample grids, digits scores) are
 evaluation hooks (``training.hooks``).
 
+Several processes (``jax.distributed``, one per host) run the same loop: each reads its
+rows of every global batch (``training.data``) and
+``jax.make_array_from_process_local_data`` joins them into the global batch, so the
+updates are those of one process with the same devices. Checkpoints are written by all
+processes together (Orbax); the data position in them is the number of global batches
+served, the same on every process, so one copy restores any process count. Logs,
+TensorBoard, the export and the end-of-training hooks are process 0's; the others wait
+for it at the end (``multihost_utils.sync_global_devices``) so that none leaves the
+distributed runtime while process 0 still needs it.
+
 Dimension letters: B batch, H/W image side, L tokens, Cv latent channels.
 """
 
@@ -314,16 +324,14 @@ class Trainer:
             destination, suffix = rejected / f"{step}.{suffix}", suffix + 1
         if jax.process_index() == 0:
             shutil.move(self._step_directory(step), destination)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices(f"checkpoint {step} set aside")
+        _sync_processes(f"checkpoint {step} set aside")
         self.manager.reload()
         logging.warning("Checkpoint of step %d %s; moved to %s.", step, reason, destination)
 
     def ema_model(self, state: TrainState) -> HMARTransformer:
-        """The model with the EMA of the trainable part and the frozen rest (on the host)."""
-        return nnx.merge(self.graphdef, jax.device_get(state.ema), jax.device_get(state.frozen))
+        """The model with the EMA of the trainable part and the frozen rest (on the host;
+        with several processes, gathered from all of them: call it on every process)."""
+        return nnx.merge(self.graphdef, *_to_host((state.ema, state.frozen)))
 
     def sampling_config(self) -> sampling.SamplingConfig:
         """The run's sampling settings (refinement only once stage 2 trained the mask branch)."""
@@ -355,6 +363,8 @@ class Trainer:
     def _record_workdir_config(self) -> None:
         """Writes the run identity (checked on every later launch in this workdir) and the
         whole config (for `python -m hmar_jax.export --workdir` and the record)."""
+        if jax.process_index() != 0:  # one writer on a shared workdir
+            return
         identity = json.dumps(self._run_identity(), indent=2).encode()
         atomic_io.atomic_write(self.workdir / RUN_IDENTITY, lambda f: f.write(identity))
         whole = self.config.to_json_best_effort(indent=2).encode()
@@ -362,24 +372,21 @@ class Trainer:
 
     # ----- data ------------------------------------------------------------------------------
     def make_iterator(self):
-        """Process-local batches of the configured dataset (see ``hmar_jax.training.data``)."""
+        """This process's rows of each global batch of the configured dataset (see
+        ``hmar_jax.training.data``: one global order, whatever the process count)."""
         d = self.config.data
         count, index = jax.process_count(), jax.process_index()
-        if self.config.batch_size % count:
-            raise ValueError(f"batch_size {self.config.batch_size} is not divisible by the "
-                             f"{count} processes.")
-        local_batch = self.config.batch_size // count
         if d.pretokenized:
             tokens, labels, _ = token_cache.open_token_cache(d.pretokenized, self.vae)
             self._check_num_classes(int(labels.max()) + 1, f"data.pretokenized={d.pretokenized}")
-            return token_cache.token_iterator(tokens, labels, batch_size=local_batch,
+            return token_cache.token_iterator(tokens, labels, batch_size=self.config.batch_size,
                                               seed=self.config.seed, process_index=index,
                                               process_count=count)
         dataset = data.open_dataset(d)
         if dataset.num_classes is not None:
             self._check_num_classes(dataset.num_classes, dataset.name)
-        return dataset.batches(local_batch, seed=self.config.seed, process_index=index,
-                               process_count=count)
+        return dataset.batches(self.config.batch_size, seed=self.config.seed,
+                               process_index=index, process_count=count)
 
     def _check_num_classes(self, num_classes: int, dataset: str) -> None:
         """Labels beyond the model's class embedding would train on garbage (and diverge)."""
@@ -461,7 +468,7 @@ class Trainer:
                                     if saved is None else f"a rerun resumes from step {saved}")
                     return last | {"stopped_at_step": step - 1}
                 data_state = iterator.get_state()
-                if config.log_batch_fingerprints and is_main:
+                if config.log_batch_fingerprints:
                     self._log_fingerprint(step, batch)
                 inputs, labels = self._global_batch(batch)
                 state, metrics = self.train_step(state, self.vae_state, inputs, labels)
@@ -496,6 +503,7 @@ class Trainer:
             finished = hooks.FinishedRun(model, self.vae, self.workdir)
             for hook in hooks.end_of_training_hooks(config, self.sampling_config()):
                 hook(finished)
+        _sync_processes("end of training")
         return last
 
     def _save(self, step: int, state: TrainState, data_state: dict) -> None:
@@ -531,20 +539,35 @@ class Trainer:
         raise optim.TrainingDiverged(f"Training diverged at step {step} ({what}); {after}")
 
     def _log_fingerprint(self, step: int, batch: dict) -> None:
-        """Appends ``step crc32(images, labels)`` to ``batch_fingerprints.txt`` (an audit of
-        which data each step saw; a resumed run re-logs the steps it repeats)."""
-        digest = zlib.crc32(np.ascontiguousarray(batch[_inputs_key(batch)]).tobytes())
-        digest = zlib.crc32(np.ascontiguousarray(batch["label"]).tobytes(), digest)
+        """An audit of the data each step saw (a resumed run re-logs the steps it repeats):
+        appends ``step crc32(images, labels)`` of the global batch to
+        ``batch_fingerprints.txt`` and ``step crc,crc,...`` (one per example, in batch
+        order) to ``example_fingerprints.txt``. Called on every process (the processes'
+        rows are gathered); process 0 writes."""
+        inputs, labels = batch[_inputs_key(batch)], batch["label"]
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            inputs, labels = multihost_utils.process_allgather((inputs, labels), tiled=True)
+        if jax.process_index() != 0:
+            return
+        inputs, labels = np.ascontiguousarray(inputs), np.ascontiguousarray(labels)
+        digest = zlib.crc32(labels.tobytes(), zlib.crc32(inputs.tobytes()))
         with open(self.workdir / "batch_fingerprints.txt", "a") as f:
             f.write(f"{step} {digest:08x}\n")
+        examples = ",".join(f"{example_fingerprint(x, y):08x}" for x, y in zip(inputs, labels))
+        with open(self.workdir / "example_fingerprints.txt", "a") as f:
+            f.write(f"{step} {examples}\n")
 
     def export(self, state: TrainState) -> HMARTransformer:
         """Writes the EMA weights (trainable part) plus the frozen part as an ``hmar`` export
-        to ``workdir/export`` and returns that model."""
+        to ``workdir/export`` (process 0 writes; every process must call this, since the
+        weights are gathered from all) and returns that model."""
         model = self.ema_model(state)
-        checkpointing.save_hmar(self.workdir / "export", model, overwrite=True,
-                                extra_metadata={"stage": self.config.stage,
-                                                "step": int(state.step), "weights": "ema"})
+        if jax.process_index() == 0:
+            checkpointing.save_hmar(self.workdir / "export", model, overwrite=True,
+                                    extra_metadata={"stage": self.config.stage,
+                                                    "step": int(state.step), "weights": "ema"})
         return model
 
 
@@ -591,6 +614,31 @@ class _StopRequest:
     def restore(self) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
+
+
+def example_fingerprint(inputs: np.ndarray, label) -> int:
+    """crc32 of one example as the step reads it (model-range image or tokens, then the
+    int32 label): what ``example_fingerprints.txt`` lists."""
+    digest = zlib.crc32(np.ascontiguousarray(inputs).tobytes())
+    return zlib.crc32(np.asarray(label, np.int32).tobytes(), digest)
+
+
+def _to_host(tree: Any) -> Any:
+    """A tree of (possibly sharded) global arrays as numpy arrays on this host; with several
+    processes a collective over all of them (shards of other hosts are not addressable)."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def _sync_processes(name: str) -> None:
+    """Every process waits here for all the others (nothing to do for one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"hmar_jax.train: {name}")
 
 
 def _scalar_metrics(metrics: dict) -> dict[str, float]:
