@@ -11,7 +11,7 @@ as ``xla`` (the jnp reference, jitted alone) and ``pallas`` for each ``--num-war
 row prints its effective bandwidth (bytes the op must read and write / time) and each
 Pallas row its largest difference from the reference.
 
-  python benchmarks/adaln.py --out benchmarks/results/adaln_h200.json
+  python benchmarks/adaln.py --out adaln.json
   python benchmarks/adaln.py --quick          # CPU smoke run (interpret mode, tiny)
 """
 
@@ -20,12 +20,10 @@ from __future__ import annotations
 import pathlib
 import sys
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from benchmarks.train_step import (  # noqa: E402
-    _time_calls, elementwise_benchmark_main, kernel_implementation, timing_summary)
+from benchmarks.harness import (  # noqa: E402
+    elementwise_benchmark_main, kernel_implementation, time_calls, timing_summary)
 
 # (name, B, L, C): d16 training at B64, d30 training at B32, d30 sampling at 16x16 (2B = 128).
 SHAPES = (("d16_train_b64", 64, 680, 1024), ("d30_train_b32", 32, 680, 1920),
@@ -70,7 +68,7 @@ def measure(name: str, batch: int, length: int, width: int, num_warps: list[int]
     def record(op: str, direction: str, variant: str, fn, *args, error=None):
         jitted = jax.jit(fn)
         jax.block_until_ready(jitted(*args))
-        stats = timing_summary(_time_calls(lambda: jitted(*args), 2, iters))
+        stats = timing_summary(time_calls(lambda: jitted(*args), 2, iters))
         moved = BYTES_PER_ELEMENT[(op, direction)] * elements
         row = {"shape": name, "batch": batch, "length": length, "width": width, "op": op,
                "direction": direction, "variant": variant, **stats,

@@ -1,11 +1,12 @@
-"""Attention benchmark: block-sparse Pallas kernel vs jnp reference vs JAX's cuDNN
+"""Attention benchmark: the block-sparse Pallas kernel vs the jnp reference vs JAX's cuDNN
 attention with a dense mask (GPU).
 
-Times the forward and forward+backward of each implementation in the same run, checks
-each against a float32 reference, and states the memory-traffic floor of every shape
-(each input read once, each output written once, at the GPU's HBM bandwidth).
+Times the forward and forward+backward of each implementation in the same run (median of
+7 samples, each the mean of 10 calls dispatched back to back), checks each against a
+float32 reference, and states the memory-traffic floor of every shape (each input read
+once, each output written once, at the GPU's HBM bandwidth).
 
-  python benchmarks/attention.py --out benchmarks/results/attention_h200.json
+  python benchmarks/attention.py --out attention.json
   python benchmarks/attention.py --shapes 32x30x680 --patterns block_diagonal --dtypes bfloat16
   python benchmarks/attention.py --quick --out /tmp/attention_quick.json   # CPU smoke run
 
@@ -22,11 +23,11 @@ scale lists.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from benchmarks.train_step import kernel_implementation  # noqa: E402
+from benchmarks.harness import kernel_implementation, standalone_header, time_calls  # noqa: E402
 from hmar_jax.pallas import kernel_gpu, ops  # noqa: E402
 from hmar_jax.pallas.reference import reference_attention  # noqa: E402
 from hmar_jax.scales import PATCH_NUMS, ScaleLayout  # noqa: E402
@@ -55,17 +56,9 @@ def patch_nums_for(length: int) -> tuple[int, ...]:
 
 
 def time_ms(fn, *args, repeats: int = 7, inner: int = 10) -> float:
-    """Median wall time per call in ms (synchronised, after warm-up)."""
-    for _ in range(3):
-        jax.block_until_ready(fn(*args))
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(inner):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        samples.append((time.perf_counter() - start) / inner * 1e3)
-    return statistics.median(samples)
+    """Median ms per call of ``fn(*args)``: ``repeats`` samples of ``inner`` calls back to
+    back (a kernel of a few hundred microseconds is too short to time with a sync each)."""
+    return statistics.median(time_calls(lambda: fn(*args), 3, repeats, inner))
 
 
 def traffic_floor_ms(b: int, h: int, length: int, itemsize: int, bandwidth: float) -> tuple[float, float]:
@@ -142,16 +135,17 @@ def run(args) -> list[dict]:
                     rows.append(record)
                     print_row(record, flush=True)
                     if args.out:  # rewritten after every row: a cut-off run keeps its numbers
-                        write_json(args.out, rows)
+                        write_json(args, rows)
     return rows
 
 
-def write_json(path: str, rows: list[dict]) -> None:
-    path = pathlib.Path(path)
+def write_json(args, rows: list[dict]) -> None:
+    path = pathlib.Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"device": jax.devices()[0].device_kind, "jax": jax.__version__,
-                                "head_dim": HEAD_DIM, "sm_scale": SM_SCALE, "results": rows},
-                               indent=1))
+    payload = standalone_header("attention", args) | {
+        "head_dim": HEAD_DIM, "sm_scale": SM_SCALE,
+        "tiles": dataclasses.asdict(ops.KernelTiles()), "rows": rows}
+    path.write_text(json.dumps(payload, indent=1, default=str))
 
 
 def print_row(r: dict, flush: bool = False) -> None:

@@ -12,7 +12,7 @@ For each ``[M, C] x [C, 4C]`` shape the model runs, times (bf16, median of ``--i
 Each elementwise row prints its effective bandwidth (bytes read + written / time) next
 to ``--bandwidth``; each Pallas row its largest difference from the float32 expression.
 
-  python benchmarks/bias_gelu.py --out benchmarks/results/bias_gelu_h200.json
+  python benchmarks/bias_gelu.py --out bias_gelu.json
   python benchmarks/bias_gelu.py --quick          # CPU smoke run (interpret mode, tiny)
 """
 
@@ -21,12 +21,10 @@ from __future__ import annotations
 import pathlib
 import sys
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from benchmarks.train_step import (  # noqa: E402
-    _time_calls, elementwise_benchmark_main, kernel_implementation, timing_summary)
+from benchmarks.harness import (  # noqa: E402
+    elementwise_benchmark_main, kernel_implementation, time_calls, timing_summary)
 
 # (name, rows M, width C): d30 sampling at the 16x16 and 13x13 scales (2B = 128 rows),
 # d16 training at B64 (64 x 680 tokens), d30 training at B32.
@@ -58,7 +56,7 @@ def measure(name: str, rows: int, width: int, num_warps: list[int], iters: int,
     def record(kind: str, variant: str, fn, *args, error=None):
         jitted = jax.jit(fn)
         jax.block_until_ready(jitted(*args))
-        stats = timing_summary(_time_calls(lambda: jitted(*args), 2, iters))
+        stats = timing_summary(time_calls(lambda: jitted(*args), 2, iters))
         row = {"shape": name, "rows": rows, "hidden": hidden, "kind": kind, "variant": variant,
                **stats}
         moved = pass_bytes.get(kind.removeprefix("elementwise_"))

@@ -1,24 +1,22 @@
 """The tokenizer encoder's GroupNorm + SiLU in bf16: flax's module, the jnp one-pass form, the Pallas kernels.
 
-In the d16 B64 training step's encode (H200 profile, `results/train_profile_tokenize_d16_h200.json`)
-the GroupNorm statistics took 7.0 ms and the normalise + SiLU pass 6.5 ms next to 25 ms of
-convolutions, about half the bandwidth such passes can reach. For each activation shape of
-the encoder (bf16, 32 groups, median of ``--iters``) this times:
+The statistics and the normalise + SiLU pass each read the activation once, so both are
+bound by memory bandwidth. For each activation shape of the encoder (bf16, 32 groups,
+median of ``--iters``) this times:
 
-* ``flax``: ``nnx.GroupNorm(use_fast_variance=True)`` then ``nnx.silu``, as the bf16 encode
-  ran before the kernels;
+* ``flax``: ``nnx.GroupNorm(use_fast_variance=True)`` then ``nnx.silu``;
 * ``reference``: ``hmar_jax.pallas.group_norm.reference_group_norm`` (per-channel float32
   sums of x and x^2, group statistics on ``[B, C]``, then ``silu(x a + b)``), the ``xla``
   backend;
 * ``pallas``: the module's two Triton kernels (statistics, then normalise + SiLU), per
-  ``--num-warps`` and per tiling (``--tile-elements`` x ``--max-tiles``); ``pallas_stats``
+  ``--num-warps`` and per ``--tilings`` entry (tile elements x tiles per program); ``pallas_stats``
   the statistics kernel alone (one read of x).
 
 Each row prints the effective bandwidth (two reads and a write of x over the time; one
 read for ``pallas_stats``) and the largest difference from a float32 two-pass GroupNorm +
 SiLU of the same input.
 
-  python benchmarks/group_norm.py --out benchmarks/results/group_norm_pallas_h200.json
+  python benchmarks/group_norm.py --out group_norm.json
   python benchmarks/group_norm.py --quick          # CPU smoke run, tiny shape, interpret mode
 """
 
@@ -28,12 +26,10 @@ import functools
 import pathlib
 import sys
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from benchmarks.train_step import (  # noqa: E402
-    _time_calls, elementwise_benchmark_main, kernel_implementation, timing_summary)
+from benchmarks.harness import (  # noqa: E402
+    elementwise_benchmark_main, kernel_implementation, time_calls, timing_summary)
 
 GROUPS, EPS = 32, 1e-6
 # (name, batch, side, channels): the encoder's GroupNorm inputs at B64, the d16 step's batch
@@ -90,7 +86,7 @@ def measure(name: str, batch: int, side: int, channels: int, num_warps: list[int
     for variant, (tiling, fn) in variants.items():
         jitted = jax.jit(fn)
         out = jax.block_until_ready(jitted(x))
-        stats = timing_summary(_time_calls(lambda: jitted(x), 2, iters))
+        stats = timing_summary(time_calls(lambda: jitted(x), 2, iters))
         passes = 1 if variant == "pallas_stats" else 3
         error = None if variant == "pallas_stats" else float(
             jnp.max(jnp.abs(out.astype(jnp.float32) - exact)))

@@ -7,7 +7,7 @@ the effective bandwidth (``qkv``, ``dq``, ``dk``, ``dv`` read once, ``dqkv`` wri
 next to ``--bandwidth``; each Pallas row also its largest difference in ``dqkv`` from the
 XLA result.
 
-  python benchmarks/qkv_prologue.py --out benchmarks/results/qkv_prologue_h200.json
+  python benchmarks/qkv_prologue.py --out qkv_prologue.json
   python benchmarks/qkv_prologue.py --quick          # CPU smoke run (interpret mode, tiny)
 """
 
@@ -16,12 +16,10 @@ from __future__ import annotations
 import pathlib
 import sys
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from benchmarks.train_step import (  # noqa: E402
-    _time_calls, elementwise_benchmark_main, kernel_implementation, timing_summary)
+from benchmarks.harness import (  # noqa: E402
+    elementwise_benchmark_main, kernel_implementation, time_calls, timing_summary)
 
 # (name, batch, tokens, heads, head dim): d16 training at B64, d30 at B32 (256 px).
 SHAPES = (("d16_train_b64", 64, 680, 16, 64), ("d30_train_b32", 32, 680, 30, 64))
@@ -50,7 +48,7 @@ def measure(name: str, batch: int, length: int, heads: int, head_dim: int,
     def record(variant: str, fn):
         jitted = jax.jit(fn)
         got = jax.block_until_ready(jitted(*args))
-        stats = timing_summary(_time_calls(lambda: jitted(*args), 2, iters))
+        stats = timing_summary(time_calls(lambda: jitted(*args), 2, iters))
         error = float(jnp.max(jnp.abs(got[0].astype(jnp.float32) - want[0].astype(jnp.float32))))
         row = {"shape": name, "batch": batch, "tokens": length, "heads": heads,
                "head_dim": head_dim, "variant": variant, **stats,

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from benchmarks.attention import QUICK_TIMING, patch_nums_for, relative_error, time_ms  # noqa: E402
-from benchmarks.train_step import kernel_implementation  # noqa: E402
+from benchmarks.harness import kernel_implementation  # noqa: E402
 from hmar_jax.pallas import kernel_gpu  # noqa: E402
 from hmar_jax.pallas.reference import reference_attention  # noqa: E402
 from hmar_jax.scales import ScaleLayout  # noqa: E402

@@ -1,29 +1,30 @@
-"""The benchmark scripts' measuring tools: the GPU clock/power summary, the profile's
-idle-gap timeline, the A/B pairs summary (synthetic inputs; the GPU runs are in
-benchmarks/results), the ``--execution`` option, and the quick CPU modes of
-``train_step.py`` and ``sample.py``."""
+"""The benchmarks' tools: the harness (GPU monitor, profile timeline, ``--execution`` and
+``--config`` options) on synthetic inputs, the quick CPU modes of the scripts, and the
+results table (regenerated from its JSON rows)."""
 
 import argparse
 import json
+import pathlib
 import subprocess
 import sys
 from types import SimpleNamespace
 
 import pytest
 
-from benchmarks import ab_pairs, gpu_monitor, profiling, train_step
+from benchmarks import harness
 
 
 def test_gpu_monitor_summarizes_clocks_power_and_power_cap_per_visible_gpu():
-    # index, SM MHz, max SM MHz, power W, power limit W, temperature C, clock-limit reasons
-    lines = ["0, 1980, 1980, 310.5, 700.00, 40, 0x0000000000000000",
-             "0, 1590, 1980, 695.0, 700.00, 57, 0x0000000000000004",
-             "0, 1650, 1980, 699.5, 700.00, 58, 0x0000000000000004",
-             "0, 1500, 1980, 700.0, 700.00, 58, 0x0000000000000004",
-             "1, 345, 1980, 75.0, 700.00, 30, 0x0000000000000001",
+    # index, SM MHz, max SM MHz, power W, power limit W, temperature C, clock-limit reasons,
+    # used memory MiB
+    lines = ["0, 1980, 1980, 310.5, 700.00, 40, 0x0000000000000000, 1000",
+             "0, 1590, 1980, 695.0, 700.00, 57, 0x0000000000000004, 30000",
+             "0, 1650, 1980, 699.5, 700.00, 58, 0x0000000000000004, 42000",
+             "0, 1500, 1980, 700.0, 700.00, 58, 0x0000000000000004, 41000",
+             "1, 345, 1980, 75.0, 700.00, 30, 0x0000000000000001, 500",
              "garbage line",
-             "0, [N/A], 1980, [N/A], 700.00, 58, [N/A]"]
-    summary = gpu_monitor.summarize(lines, indices={"0"})
+             "0, [N/A], 1980, [N/A], 700.00, 58, [N/A], [N/A]"]
+    summary = harness.summarize_gpu(lines, indices={"0"})
     assert list(summary) == ["gpu0"]
     gpu = summary["gpu0"]
     assert gpu["samples"] == 5
@@ -31,16 +32,28 @@ def test_gpu_monitor_summarizes_clocks_power_and_power_cap_per_visible_gpu():
     assert (gpu["sm_mhz_min"], gpu["sm_mhz_max"], gpu["sm_mhz_gpu_max"]) == (1500, 1980, 1980)
     assert gpu["power_w_mean"] == pytest.approx((310.5 + 695 + 699.5 + 700) / 4, abs=0.1)
     assert (gpu["power_w_max"], gpu["power_w_limit"], gpu["temperature_c_max"]) == (700, 700, 58)
+    assert gpu["memory_used_mib_max"] == 42000
     assert gpu["fraction_of_samples"]["sw_power_cap"] == 0.75
     assert gpu["fraction_of_samples"]["hw_slowdown"] == 0.0
-    assert "power-capped in 75% of samples" in gpu_monitor.format_summary(summary)
-    assert set(gpu_monitor.summarize(lines)) == {"gpu0", "gpu1"}
-    assert gpu_monitor.format_summary({}) == ""
+    assert "power-capped in 75% of samples" in harness.format_gpu_summary(summary)
+    assert set(harness.summarize_gpu(lines)) == {"gpu0", "gpu1"}
+    assert harness.format_gpu_summary({}) == ""
+
+
+def test_gpu_monitor_memory_growth_is_the_largest_rise_above_the_reading_on_entry(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monitor = harness.GpuMonitor()
+    row = "{}, 1980, 1980, 300, 700, 40, 0x0, {}"
+    monitor._baseline = [row.format(0, 512), row.format(1, 20000)]  # GPU 1 busy before
+    monitor._lines = [row.format(0, 512 + 2048), row.format(0, 512 + 10240),
+                      row.format(1, 20500), row.format(0, "[N/A]")]
+    assert monitor.memory_growth_gib() == 10.0
+    assert harness.GpuMonitor().memory_growth_gib() is None
 
 
 def test_gpu_monitor_without_nvidia_smi_is_empty(monkeypatch):
-    monkeypatch.setattr(gpu_monitor.shutil, "which", lambda name: None)
-    with gpu_monitor.GpuMonitor() as monitor:
+    monkeypatch.setattr(harness.shutil, "which", lambda name: None)
+    with harness.GpuMonitor() as monitor:
         pass
     assert monitor.summary() == {}
 
@@ -59,8 +72,8 @@ def test_idle_gaps_merges_streams_and_names_the_gaps(monkeypatch):
         SimpleNamespace(name="XLA Ops", events=[_event(0, 10**9, "whole")])])  # skipped line
     host = SimpleNamespace(name="/host:CPU", lines=[SimpleNamespace(name="thread", events=[
         _event(400_000, 2_300_000, "WhileThunk"), _event(0, 10**8, "PjitFunction")])])
-    monkeypatch.setattr(profiling, "_planes", lambda logdir: [device, host])
-    (run,) = profiling.idle_gaps("unused", calls=1)["devices"]
+    monkeypatch.setattr(harness, "_planes", lambda logdir: [device, host])
+    (run,) = harness.idle_gaps("unused", calls=1)["devices"]
     assert run["span_ms_per_call"] == pytest.approx(2.4)
     assert run["busy_ms_per_call"] == pytest.approx(0.4995)
     assert run["idle_ms_per_call"] == pytest.approx(1.9005)
@@ -71,66 +84,185 @@ def test_idle_gaps_merges_streams_and_names_the_gaps(monkeypatch):
     assert longest["host_busy_with"][0].startswith("WhileThunk")
 
 
-def test_ab_pairs_pools_each_settings_steps_and_reports_the_difference():
-    def row(times, back_to_back, clock):
-        return {"status": "ok", "ms_all": times, "ms_median": sorted(times)[len(times) // 2],
-                "ms_min": min(times), "ms_back_to_back": back_to_back, "peak_gib": 35.0,
-                "gpu_during_timing": {"gpu0": {"sm_mhz_median": clock}}}
-
-    runs = [{"setting": "a", "pair": 0, "row": row([175.0, 174.0, 176.0], 174.5, 1605.0)},
-            {"setting": "b", "pair": 0, "row": row([172.0, 173.0, 171.0], 172.2, 1605.0)},
-            {"setting": "a", "pair": 1, "row": row([175.5, 175.0, 176.5], 175.1, 1590.0)},
-            {"setting": "b", "pair": 1, "row": {"status": "timed out after 300 s"}}]
-    summary = ab_pairs.summarize(runs)
-    assert summary["a"]["runs_ok"] == 2 and summary["b"]["runs_ok"] == 1
-    assert summary["a"]["ms_run_medians"] == [175.0, 175.5]
-    assert summary["a"]["ms_pooled_median"] == pytest.approx(175.25)  # of all six steps
-    assert summary["b"]["ms_back_to_back_median"] == pytest.approx(172.2)
-    assert summary["b_minus_a_ms"] == pytest.approx(172.0 - 175.25)
-    table = ab_pairs.format_table(runs, summary)
-    assert "timed out after 300 s" in table and "1590" in table and "-1.85%" in table
-    # Nothing to compare when a setting has no successful run.
-    assert "b_over_a" not in ab_pairs.summarize(runs[:1] + runs[3:])
-    with pytest.raises(SystemExit):  # --out belongs to ab_pairs.py itself
-        ab_pairs.main(["--common", "--quick --out x.json"])
-
-
 def test_execution_option_parses_one_variant_and_names_bad_settings():
-    assert train_step.parse_execution("remat=block, scan_blocks=false,microbatches=2") == {
+    assert harness.parse_execution("remat=block, scan_blocks=false,microbatches=2") == {
         "remat": "block", "scan_blocks": False, "microbatches": 2}
-    assert train_step.execution_label({}) == "defaults"
+    assert harness.execution_label({}) == "config"
     for text, problem in (("remat", "expected KEY=VALUE"), ("dtype=bfloat16", "Unknown"),
                           ("remat=dots_saveable", "remat")):
         with pytest.raises(argparse.ArgumentTypeError, match=problem):
-            train_step.parse_execution(text)
-    # ab_pairs: --common's and a setting's --execution make one variant, the setting's last.
-    assert ab_pairs.setting_flags("--quick --execution remat=none --iters 3",
-                                  "--execution remat=block") == [
-        "--quick", "--iters", "3", "--execution", "remat=none,remat=block"]
+            harness.parse_execution(text)
 
 
-def _quick(script: str, tmp_path, *flags: str) -> list[dict]:
+def test_config_option_reads_a_config_file_with_its_argument(tmp_path, monkeypatch):
+    config = harness.load_config("configs/hmar_imagenet.py:variant=d30,res=512")
+    assert (config.model.preset, config.data.image_size) == ("d30", 512)
+    assert harness.absolute_config("configs/hmar_imagenet.py") == "configs/hmar_imagenet.py"
+    monkeypatch.chdir(tmp_path)  # a path from elsewhere names the same file for the workers
+    assert harness.absolute_config(str(harness.REPO / "configs" / "demo.py") + ":stage=2") == (
+        "configs/demo.py:stage=2")
+    with pytest.raises(SystemExit, match="no config file"):
+        harness.absolute_config("configs/missing.py:variant=d16")
+    with pytest.raises(SystemExit, match="required"):
+        harness.absolute_config(None)
+
+
+# ----------------------------------- rows and the results table -----------------------------------
+
+def _train_json(img_s=412.0, status="ok"):
+    """train_step.py's JSON as its runner writes it (one row)."""
+    row = {"status": status, "mode": "full", "batch": 64, "devices": 1, "variant": "config",
+           "config": "configs/hmar_imagenet.py:variant=d16", "model": "d16", "image_size": 256,
+           "L": 680, "execution": {"attention": "gpu", "compute_dtype": "bfloat16"},
+           "ms_median": 64e3 / img_s, "img_s": img_s, "mfu": img_s * 0.63 / 989,
+           "model_tflop_per_step": 64 * 0.63, "process_peak_gib": 21.37, "loss": 8.3}
+    if status != "ok":
+        row = {k: row[k] for k in ("status", "mode", "batch", "devices", "variant", "config")}
+    return {"benchmark": "train_step", "device_kind": "NVIDIA H100 80GB HBM3",
+            "versions": {"jax": "0.11.2"}, "rows": [row]}
+
+
+def _official_json(benchmark, status="ok", **values):
+    """upstream.py's JSON."""
+    return {"benchmark": benchmark, "implementation": "official HMAR (PyTorch)",
+            "device": "NVIDIA H100 80GB HBM3", "versions": {"torch": "2.9.1"},
+            "upstream_commit": "abc123", "settings": {"amp": "bf16"}, "status": status,
+            "peak_gib_torch": None, **values}
+
+
+def _write_rows(directory, monkeypatch):
+    """Two realistic row files, made by bench.py's own assembly from both sides' JSON."""
+    from benchmarks import bench
+
+    monkeypatch.setattr(bench, "now", lambda: "2026-12-08T10:00:00+00:00")
+    directory.mkdir()
+    d16 = bench.ROWS["train_d16_b64"]
+    ours = bench.ours_side(d16, _train_json())
+    official = bench.official_side(d16, _official_json(
+        "train", img_per_s=147.0, ms_median=435.4, peak_gib_process=53.1), ours)
+    rows = {"train_d16_b64": bench.assemble("train_d16_b64", ours, official)}
+    d30 = bench.ROWS["train_d30_b32"]
+    ours = bench.ours_side(d30, _train_json(img_s=88.0))
+    official = bench.official_side(d30, _official_json(
+        "train", status="OOM", error="OutOfMemoryError: CUDA out of memory."), ours)
+    rows["train_d30_b32"] = bench.assemble("train_d30_b32", ours, official)
+    for name, row in rows.items():
+        (directory / f"{name}.json").write_text(json.dumps(row, indent=1))
+    (directory / "unrelated.json").write_text("{}")  # not a row file: no "row" key
+    return rows
+
+
+def test_results_table_renders_each_row_from_its_file(tmp_path, monkeypatch):
+    from benchmarks import results_table
+
+    rows = _write_rows(tmp_path / "results", monkeypatch)
+    assert rows["train_d16_b64"]["official"]["metrics"]["mfu"] == pytest.approx(
+        147.0 * 0.63 / 989)  # our FLOP count of the same step, the device's bf16 peak
+    text = results_table.render(results_table.load_rows(tmp_path / "results"))
+    table = [line for line in text.splitlines() if line.startswith("| ")]
+    assert table[0] == "| Row | Ours | Official | Ours better by | Device | Command |"
+    assert table[1] == (
+        "| [Training step d16, B64, 256 px (L = 680; encode, forward, backward, AdamW, EMA)]"
+        "(results/train_d16_b64.json) | 412 img/s; MFU 26%; 21.4 GiB | 147 img/s; MFU 9%; "
+        "53.1 GiB | img/s 2.80×; memory 2.48× | NVIDIA H100 80GB HBM3, 2026-12-08 | "
+        '`python benchmarks/bench.py --rows train_d16_b64 --upstream "$HMAR_UPSTREAM"` |')
+    assert "| 88 img/s; MFU 6%; 21.4 GiB | OOM | - |" in table[2]
+    assert results_table.cited_files(text) == ["results/train_d16_b64.json",
+                                               "results/train_d30_b32.json"]
+    assert results_table.render([]).endswith("No rows yet: `bench.py` has not written any "
+                                             "row file.\n")
+    (tmp_path / "results" / "train_d30_b32.json").rename(tmp_path / "results" / "other.json")
+    with pytest.raises(ValueError, match="named after its row"):
+        results_table.load_rows(tmp_path / "results")
+
+
+def test_bench_writes_a_row_file_from_both_sides_and_refuses_failed_sides(tmp_path, monkeypatch):
+    from benchmarks import bench
+
+    sides = {"train_step.py": _train_json(), "upstream.py": _official_json(
+        "train", img_per_s=147.0, ms_median=435.4, peak_gib_process=53.1)}
+    commands = []
+
+    def run_side(command, out, timeout):
+        commands.append(command)
+        return sides[pathlib.Path(command[1]).name]
+
+    monkeypatch.setattr(bench, "run_side", run_side)
+    assert bench.main(["--rows", "train_d16_b64", "--upstream", str(tmp_path),
+                       "--out", str(tmp_path / "results")]) == 0
+    row = json.loads((tmp_path / "results" / "train_d16_b64.json").read_text())
+    assert row["ours"]["metrics"] == {"img_per_s": 412.0, "mfu": pytest.approx(0.262, abs=1e-3),
+                                      "peak_gib_process": 21.37}
+    assert row["ours"]["command"] == ("python benchmarks/train_step.py --config "
+                                      "configs/hmar_imagenet.py:variant=d16 --batch 64 "
+                                      "--iters 10 --warmup 2")
+    assert commands[1][2:6] == ["train", "--upstream", str(tmp_path), "--model"]
+    assert row["versions"] == {"ours": {"jax": "0.11.2"}, "official": {"torch": "2.9.1"}}
+    sides["upstream.py"] = _official_json("train", status="error", error="ImportError: torch")
+    assert bench.main(["--rows", "train_d30_b32", "--upstream", str(tmp_path),
+                       "--out", str(tmp_path / "results")]) == 1
+    assert not (tmp_path / "results" / "train_d30_b32.json").exists()
+    with pytest.raises(SystemExit):
+        bench.main(["--rows", "train_d99", "--upstream", str(tmp_path)])
+
+
+def test_results_md_is_generated_from_the_committed_row_files():
+    from benchmarks import results_table
+
+    text = results_table.TABLE.read_text()
+    assert text == results_table.render(results_table.load_rows())
+    for cited in results_table.cited_files(text):
+        assert (results_table.BENCHMARKS / cited).is_file(), cited
+
+
+# ------------------------------------- quick CPU modes --------------------------------------------
+
+def _quick(script: str, tmp_path, *flags: str) -> dict:
     out = tmp_path / f"{script}.json"
-    subprocess.run([sys.executable, str(train_step.REPO / "benchmarks" / f"{script}.py"),
-                    "--quick", "--iters", "1", "--warmup", "0", "--out", str(out), *flags],
-                   cwd=train_step.REPO, check=True, capture_output=True, text=True, timeout=600)
-    return json.loads(out.read_text())["rows"]
+    subprocess.run([sys.executable, str(harness.REPO / "benchmarks" / f"{script}.py"),
+                    "--quick", "--out", str(out), *flags],
+                   cwd=tmp_path, check=True, capture_output=True, text=True, timeout=600)
+    return json.loads(out.read_text())
 
 
-@pytest.mark.heavy
-def test_train_step_quick_mode_runs_each_execution_variant_resolved(tmp_path):
-    rows = _quick("train_step", tmp_path, "--pairs", "tinyx2", "--modes", "full,tokenize",
-                  "--execution", "remat=block,microbatches=2")
-    assert [(r["mode"], r["status"]) for r in rows] == [("full", "ok"), ("tokenize", "ok")]
-    full = rows[0]
-    assert full["execution"] == dict(full["execution"], remat="block", microbatches=2,
-                                     platform="cpu", attention="xla", compute_dtype="float32")
-    assert full["img_s"] > 0 and full["loss"] > 0
+@pytest.mark.slow
+def test_train_step_quick_mode_runs_the_config_with_an_execution_variant(tmp_path):
+    from benchmarks import bench
+
+    result = _quick("train_step", tmp_path, "--config",
+                    str(harness.REPO / "configs" / "hmar_imagenet.py") + ":runlocal",
+                    "--iters", "1", "--warmup", "0", "--execution", "remat=block,microbatches=2")
+    (row,) = result["rows"]
+    assert (row["mode"], row["status"], row["config"]) == (
+        "full", "ok", "configs/hmar_imagenet.py:runlocal")
+    assert row["execution"] == dict(row["execution"], remat="block", microbatches=2,
+                                    platform="cpu", attention="xla", compute_dtype="float32")
+    assert row["img_s"] > 0 and row["loss"] > 0
+    side = bench.ours_side(bench.ROWS["train_d16_b64"], result)
+    assert side["status"] == "ok" and side["metrics"]["img_per_s"] == row["img_s"]
 
 
-@pytest.mark.heavy
-def test_sample_quick_mode_runs_the_platform_defaults(tmp_path):
-    rows = _quick("sample", tmp_path, "--batches", "2", "--modes", "markov_refine,decode")
-    assert [(r["mode"], r["status"]) for r in rows] == [("markov_refine", "ok"), ("decode", "ok")]
-    assert all(r["variant"] == "defaults" and r["execution"]["platform"] == "cpu" for r in rows)
-    assert rows[0]["image_finite"] and rows[0]["passes"] == 8
+@pytest.mark.slow
+def test_sample_quick_mode_runs_the_config_resolved_for_inference(tmp_path):
+    from benchmarks import bench
+
+    result = _quick("sample", tmp_path, "--config",
+                    str(harness.REPO / "configs" / "hmar_imagenet.py"),
+                    "--iters", "1", "--warmup", "0")
+    (row,) = result["rows"]
+    assert (row["mode"], row["status"], row["variant"]) == ("markov_refine", "ok", "config")
+    assert row["execution"]["platform"] == "cpu" and row["execution"]["scan_blocks"] is True
+    assert row["passes"] == 8 and row["sampling"]["top_k"] == 1000  # the hmar-d16 preset
+    side = bench.ours_side(bench.ROWS["sample_d16_b64"], result)
+    assert side["metrics"]["ms_per_batch"] == row["ms_median"]
+
+
+@pytest.mark.slow
+def test_attention_quick_mode_checks_the_kernel_against_the_reference(tmp_path):
+    from benchmarks import bench
+
+    result = _quick("attention", tmp_path)
+    pallas = [r for r in result["rows"] if r["impl"] == "pallas"]
+    assert len(pallas) == 1 and pallas[0]["err_out"] < 1e-5 and pallas[0]["fwd_bwd_ms"] > 0
+    side = bench.ours_side(bench.ROWS["attention_l680_diagonal"], result)
+    assert side["status"] == "ok" and side["metrics"]["fwd_ms"] == pallas[0]["fwd_ms"]

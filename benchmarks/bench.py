@@ -1,0 +1,281 @@
+"""The rows of ``benchmarks/RESULTS.md``: ours and the official PyTorch code, measured in one
+invocation on one GPU.
+
+  python benchmarks/bench.py --rows all --upstream "$HMAR_UPSTREAM" --out benchmarks/results
+  python benchmarks/bench.py --rows train_d16_b64,sample_d16_b64 --upstream "$HMAR_UPSTREAM"
+  python benchmarks/results_table.py        # then regenerate RESULTS.md from the row files
+
+``--upstream`` is a checkout of the official HMAR code; ``--upstream-python`` the Python
+that has its requirements (PyTorch, Triton), when that is not this one. Each row runs our
+script (``attention.py``, ``train_step.py`` or ``sample.py``, the configs' own execution
+settings) and then ``upstream.py`` with the same shapes, batch and iteration counts, one
+after the other on the same device, and writes ``<out>/<row>.json``: the row id, title, the
+command that reproduces it, device, date, software versions, ``ours`` (metrics, the
+settings it ran with, its own command) and ``official`` (metrics, settings, or an ``OOM``
+status). A row fits a 10-minute machine: our side has ``OURS_TIMEOUT_S``, the official
+side ``OFFICIAL_TIMEOUT_S``. A row whose side fails otherwise (an error, a timeout) writes
+no file, and the exit status is 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from benchmarks.harness import REPO, now, peak_bf16_tflops  # noqa: E402
+
+OURS_TIMEOUT_S = 330
+OFFICIAL_TIMEOUT_S = 230
+OK_STATUSES = ("ok", "OOM")
+
+
+@dataclasses.dataclass(frozen=True)
+class Metric:
+    """One number of a row: ``key`` in the metrics dicts, ``template`` how a value reads in
+    the table, ``name`` the ratio's label (None: no ratio, e.g. MFU, which follows img/s),
+    ``better`` which direction wins."""
+
+    key: str
+    template: str
+    better: str  # "lower" | "higher"
+    name: str | None
+
+
+FWD = Metric("fwd_ms", "fwd {:.3f} ms", "lower", "fwd")
+FWD_BWD = Metric("fwd_bwd_ms", "fwd+bwd {:.3f} ms", "lower", "fwd+bwd")
+IMG_S = Metric("img_per_s", "{:.0f} img/s", "higher", "img/s")
+MFU = Metric("mfu", "MFU {:.0%}", "higher", None)
+MS_BATCH = Metric("ms_per_batch", "{:.0f} ms/batch", "lower", "time")
+PEAK = Metric("peak_gib_process", "{:.1f} GiB", "lower", "memory")
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """``kind`` is the benchmark of both sides (``attention``, ``train``, ``sample``); ``ours``
+    the arguments of our script, ``official`` those of ``upstream.py`` after the kind."""
+
+    title: str
+    kind: str
+    ours: tuple[str, ...]
+    official: tuple[str, ...]
+    metrics: tuple[Metric, ...]
+
+
+def attention_row(batch: int, heads: int, length: int, mask: str) -> Row:
+    shape = f"B{batch} H{heads} L{length}"
+    return Row(f"Attention {shape} {mask.replace('_', '-')}, fwd and fwd+bwd (ours bf16 "
+               "Pallas kernel, official fp16 Triton kernel)", "attention",
+               ("--shapes", f"{batch}x{heads}x{length}", "--patterns", mask, "--dtypes",
+                "bfloat16"),
+               ("--shape", f"{batch},{heads},{length}", "--mask", mask),
+               (FWD, FWD_BWD))
+
+
+def train_row(model: str, batch: int, res: int) -> Row:
+    variant = f"variant={model}" + ("" if res == 256 else f",res={res}")
+    return Row(f"Training step {model}, B{batch}, {res} px (L = {680 if res == 256 else 2240}; "
+               "encode, forward, backward, AdamW, EMA)", "train",
+               ("--config", f"configs/hmar_imagenet.py:{variant}", "--batch", str(batch),
+                "--iters", "10", "--warmup", "2"),
+               ("--model", model, "--batch", str(batch), "--res", str(res), "--iters", "10",
+                "--warmup", "2"),
+               (IMG_S, MFU, PEAK))
+
+
+def sample_row(model: str, batch: int, res: int) -> Row:
+    variant = f"variant={model}" + ("" if res == 256 else f",res={res}")
+    return Row(f"Sampling {model}, B{batch}, {res} px (masked refinement and tokenizer decode "
+               "included)", "sample",
+               ("--config", f"configs/hmar_imagenet.py:{variant}", "--batch", str(batch),
+                "--iters", "5", "--warmup", "1"),
+               ("--model", model, "--batch", str(batch), "--res", str(res), "--iters", "5",
+                "--warmup", "1"),
+               (MS_BATCH, PEAK))
+
+
+ROWS: dict[str, Row] = {
+    "attention_l680_diagonal": attention_row(32, 30, 680, "block_diagonal"),
+    "attention_l2240_diagonal": attention_row(16, 24, 2240, "block_diagonal"),
+    "attention_l680_causal": attention_row(32, 30, 680, "block_causal"),
+    "train_d16_b64": train_row("d16", 64, 256),
+    "train_d30_b32": train_row("d30", 32, 256),
+    "train_d16_512px_b16": train_row("d16", 16, 512),
+    "sample_d16_b64": sample_row("d16", 64, 256),
+    "sample_d30_b64": sample_row("d30", 64, 256),
+    "sample_d16_512px_b32": sample_row("d16", 32, 512),
+}
+SCRIPTS = {"attention": "attention.py", "train": "train_step.py", "sample": "sample.py"}
+
+
+def reproduce_command(row_id: str) -> str:
+    return f'python benchmarks/bench.py --rows {row_id} --upstream "$HMAR_UPSTREAM"'
+
+
+# =================================== reading both sides' JSON ==================================
+
+def ours_side(row: Row, result: dict) -> dict:
+    """``{"status", "metrics", "settings", "device", "versions"}`` from our script's JSON."""
+    side = {"device": result.get("device_kind"), "versions": result.get("versions")}
+    if row.kind == "attention":
+        (entry,) = [r for r in result["rows"] if r["impl"] == "pallas"]
+        if "error" in entry:
+            return side | {"status": f"error: {entry['error']}"}
+        return side | {"status": "ok",
+                       "metrics": {"fwd_ms": entry["fwd_ms"], "fwd_bwd_ms": entry["fwd_bwd_ms"]},
+                       "settings": {k: entry[k] for k in (
+                           "shape", "pattern", "dtype", "err_out", "err_dq", "err_dk", "err_dv",
+                           "floor_fwd_ms", "floor_fwd_bwd_ms")}
+                       | {"kernel": "hmar_jax.pallas (GPU)", "tiles": result.get("tiles")}}
+    (entry,) = result["rows"]
+    if entry["status"] != "ok":
+        return side | {"status": entry["status"]}
+    settings = {k: entry.get(k) for k in (
+        "config", "model", "batch", "image_size", "L", "execution", "ms_median", "ms_all",
+        "compile_s", "xla_total_gib", "peak_gib", "gpu_during_timing")}
+    if row.kind == "train":
+        metrics = {"img_per_s": entry["img_s"], "mfu": entry.get("mfu"),
+                   "peak_gib_process": entry.get("process_peak_gib")}
+        settings |= {k: entry.get(k) for k in ("model_tflop_per_step", "img_s_back_to_back",
+                                              "loss", "stage")}
+    else:
+        metrics = {"ms_per_batch": entry["ms_median"],
+                   "peak_gib_process": entry.get("process_peak_gib")}
+        settings |= {k: entry.get(k) for k in ("sampling", "passes")}
+    return side | {"status": "ok", "metrics": metrics, "settings": settings}
+
+
+def official_side(row: Row, result: dict, ours: dict) -> dict:
+    """``{"status", "metrics", "settings", ...}`` from ``upstream.py``'s JSON. Its MFU uses
+    our FLOP count of the same architecture and step (``model_tflop_per_step``)."""
+    side = {"status": result["status"], "device": result.get("device"),
+            "versions": result.get("versions"), "upstream_commit": result.get("upstream_commit"),
+            "settings": result.get("settings")}
+    if result["status"] != "ok":
+        return side | {k: result[k] for k in ("error", "requested_gib") if k in result}
+    if row.kind == "attention":
+        metrics = {"fwd_ms": result["fwd_ms"], "fwd_bwd_ms": result["fwd_bwd_ms"]}
+    elif row.kind == "train":
+        metrics = {"img_per_s": result["img_per_s"], "mfu": None,
+                   "peak_gib_process": result.get("peak_gib_process")}
+        flops = (ours.get("settings") or {}).get("model_tflop_per_step")
+        peak = peak_bf16_tflops(side["device"])
+        if flops and peak and ours["settings"].get("batch"):
+            per_image = flops / ours["settings"]["batch"]
+            metrics["mfu"] = result["img_per_s"] * per_image / peak
+    else:
+        metrics = {"ms_per_batch": result["ms_median"],
+                   "peak_gib_process": result.get("peak_gib_process")}
+    return side | {"metrics": metrics, "peak_gib_torch": result.get("peak_gib_torch")}
+
+
+# ========================================== running ============================================
+
+def run_side(command: list[str], out: pathlib.Path, timeout: float) -> dict | str:
+    """Runs ``command`` (its output passes through); its JSON, or why there is none."""
+    print("$ " + " ".join(command), flush=True)
+    try:
+        proc = subprocess.run(command, cwd=REPO, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"timeout after {timeout:.0f} s"
+    if not out.exists():
+        return f"exit {proc.returncode} without {out.name}"
+    return json.loads(out.read_text())
+
+
+def measure(row_id: str, upstream: str, upstream_python: str) -> dict | str:
+    """One row's JSON, or the reason it has none."""
+    row = ROWS[row_id]
+    script = f"benchmarks/{SCRIPTS[row.kind]}"
+    with tempfile.TemporaryDirectory(prefix=f"bench_{row_id}_") as tmp:
+        ours_out, official_out = pathlib.Path(tmp) / "ours.json", pathlib.Path(tmp) / "official.json"
+        ours_args = list(row.ours)
+        if row.kind != "attention":  # the runner's own per-row limit, inside ours
+            ours_args += ["--timeout", str(OURS_TIMEOUT_S - 30),
+                          "--time-budget", str(OURS_TIMEOUT_S - 30)]
+        ours_json = run_side([sys.executable, script, *ours_args, "--out", str(ours_out)],
+                             ours_out, OURS_TIMEOUT_S)
+        if isinstance(ours_json, str):
+            return f"ours: {ours_json}"
+        ours = ours_side(row, ours_json)
+        if ours["status"] not in OK_STATUSES:
+            return f"ours: {ours['status']}"
+        official_json = run_side(
+            [upstream_python, "benchmarks/upstream.py", row.kind, "--upstream", upstream,
+             *row.official, "--out", str(official_out)], official_out, OFFICIAL_TIMEOUT_S)
+        if isinstance(official_json, str):
+            return f"official: {official_json}"
+        official = official_side(row, official_json, ours)
+        if official["status"] not in OK_STATUSES:
+            return f"official: {official['status']}: {official.get('error', '')}"[:2000]
+    return assemble(row_id, ours, official)
+
+
+def assemble(row_id: str, ours: dict, official: dict) -> dict:
+    """The row file: both sides (``ours_side``, ``official_side``) with the commands."""
+    row = ROWS[row_id]
+    if ours["device"] != official["device"]:
+        print(f"warning: {row_id}: ours ran on {ours['device']!r}, the official code on "
+              f"{official['device']!r}", flush=True)
+    ours = dict(ours, command=" ".join(["python", f"benchmarks/{SCRIPTS[row.kind]}", *row.ours]))
+    official = dict(official, command=" ".join([
+        "python", "benchmarks/upstream.py", row.kind, "--upstream", '"$HMAR_UPSTREAM"',
+        *row.official]))
+    return {"row": row_id, "title": row.title, "command": reproduce_command(row_id),
+            "device": ours["device"], "date": now(),
+            "versions": {"ours": ours.pop("versions"), "official": official.pop("versions")},
+            "metrics": [dataclasses.asdict(m) for m in row.metrics],
+            "ours": ours, "official": official}
+
+
+def parse_rows(text: str) -> list[str]:
+    names = list(ROWS) if text == "all" else [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in ROWS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown rows {unknown}; use 'all' or a comma list of "
+                                         f"{', '.join(ROWS)}")
+    return names
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=parse_rows, required=True,
+                        help=f"'all' or a comma list of {', '.join(ROWS)}")
+    parser.add_argument("--upstream", required=True, help="a checkout of the official HMAR code")
+    parser.add_argument("--upstream-python", default=sys.executable,
+                        help="the Python with the official code's requirements (default: this one)")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"),
+                        help="directory of the row files (default benchmarks/results)")
+    args = parser.parse_args(argv)
+    upstream = str(pathlib.Path(args.upstream).resolve())
+    if not pathlib.Path(upstream).is_dir():
+        parser.error(f"--upstream {args.upstream}: not a directory")
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    failed = {}
+    for row_id in args.rows:
+        print(f"\n===== {row_id}: {ROWS[row_id].title}", flush=True)
+        result = measure(row_id, upstream, args.upstream_python)
+        if isinstance(result, str):
+            failed[row_id] = result
+            print(f"FAILED {row_id}: {result}", flush=True)
+            continue
+        path = out / f"{row_id}.json"
+        path.write_text(json.dumps(result, indent=1, default=str) + "\n")
+        print(f"wrote {path}", flush=True)
+    if failed:
+        print("\nrows without a result: " + "; ".join(f"{k}: {v}" for k, v in failed.items()))
+        return 1
+    print("\nnext: python benchmarks/results_table.py")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
