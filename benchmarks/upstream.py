@@ -270,7 +270,7 @@ class ProcessGpuMemory:
 
     GPU_FIELDS = ("index", "memory.used", "clocks.sm", "power.draw")
 
-    def __init__(self, interval_ms: int = 20):
+    def __init__(self, interval_ms: int = 50):
         self.interval_ms = interval_ms
         self.smi = shutil.which("nvidia-smi")
         self.baseline: dict[str, float] = {}
@@ -407,6 +407,7 @@ def run_attention(args, torch, result: dict) -> None:
                         "(attn/block_sparse_attn_interface.BlockSparseAttention)",
                         triton_autotune=args.autotune, dtypes=["float16", "bfloat16"])
         dtypes = [torch.float16, torch.bfloat16]
+        settings["dtype"] = "float16 (bfloat16 in the 'bfloat16' entry)"
     else:
         mask = dense_mask(torch, patch_nums, args.mask, device)
 
@@ -417,6 +418,8 @@ def run_attention(args, torch, result: dict) -> None:
                         "official benchmark's reference; the Triton kernel needs CUDA)",
                         dtypes=["float32"])
         dtypes = [torch.float32]
+        settings["dtype"] = "float32"
+    settings["torch_compile"] = False
     settings["timing"] = (f"{ATTENTION_CALLS_PER_SAMPLE} calls back to back per sample "
                           "between CUDA events, median over samples")
 
@@ -563,7 +566,7 @@ def run_train(args, torch, result: dict) -> None:
     images = torch.rand(batch, 3, res, res, device=device, generator=generator) * 2 - 1
     labels = torch.randint(0, NUM_CLASSES, (batch,), device=device, generator=generator)
     vocab = vae.vocab_size
-    state = {"it": 0, "loss": None, "scale_log2": None}
+    state = {"it": 0, "loss": None, "scale_log2": []}
 
     def train_step():
         lr_wd_annealing(config["sche"], adamw, lr, config["twd"],
@@ -576,7 +579,8 @@ def run_train(args, torch, result: dict) -> None:
             logits_BLV = trainer.transformer(labels, x_BLCv)
             loss = trainer.train_loss(logits_BLV.view(-1, vocab), gt_BL.view(-1)).view(batch, -1)
             loss = loss.mul(trainer.loss_weight).sum(dim=-1).mean()
-        _, state["scale_log2"] = optimizer.backward_clip_step(loss=loss, stepping=True)
+        _, scale_log2 = optimizer.backward_clip_step(loss=loss, stepping=True)
+        state["scale_log2"].append(scale_log2)
         logits_BLV.data.argmax(dim=-1)
         state["it"] += 1
         state["loss"] = loss
@@ -584,7 +588,10 @@ def run_train(args, torch, result: dict) -> None:
     times = time_calls(torch, device, train_step, args.warmup, args.iters)
     result.update(ms_median=statistics.median(times), ms_all=rounded(times),
                   img_per_s=batch / (statistics.median(times) / 1e3),
-                  loss_last=float(state["loss"].detach()), grad_scale_log2_last=state["scale_log2"])
+                  loss_last=float(state["loss"].detach()))
+    # The grad scaler halves its scale and skips the optimizer on a step with inf gradients:
+    # a falling scale here means that some steps ran without their AdamW update.
+    result["grad_scale_log2_per_step"] = state["scale_log2"]
     result["loss_finite"] = math.isfinite(result["loss_last"])
 
 
