@@ -53,6 +53,7 @@ def test_tpu_pod_runs_one_command_on_every_worker(tmp_path):
     stand_in(tmp_path, "gcloud", FAKE_GCLOUD)
     env = dict(os.environ, PATH=f"{tmp_path}{os.pathsep}{os.environ['PATH']}",
                RECORD=str(tmp_path), REPO_DIR="/opt/hmar_jax")
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # the launcher's default: on the workdir
     subprocess.run(["bash", "launch/tpu_pod.sh", "pod-1", "us-central2-b", "configs/demo.py",
                     "/mnt/shared/run 1", "--config.tokenizer.export=/mnt/shared/tok",
                     "--config.data.root=/data/my images"], cwd=ROOT, env=env, check=True)
