@@ -14,7 +14,7 @@ platform it runs on.
 
 | field | GPU | TPU | CPU |
 |---|---|---|---|
-| attention | ``gpu`` (Pallas kernel) | ``tpu`` (Pallas kernel) | ``xla`` |
+| attention | ``gpu`` (Pallas kernel) | ``tpu`` (JAX's splash attention) | ``xla`` |
 | layer_norm, gelu, group_norm | ``gpu`` | ``xla`` | ``xla`` |
 | compute_dtype | bfloat16 | bfloat16 | float32 |
 | head_dtype | the compute dtype | the compute dtype | the compute dtype |
@@ -26,7 +26,10 @@ platform it runs on.
 Kernel fields take ``"auto"``, ``"xla"`` (the op's plain-jnp reference), ``"pallas"`` (the
 platform's kernel: compiled on GPU and TPU, interpret mode on CPU) or ``"interpret"``
 (the GPU kernels in Pallas interpret mode on any platform: tests), and resolve to an
-``hmar_jax.pallas.dispatch.Implementation``.
+``hmar_jax.pallas.dispatch.Implementation``. On TPU the attention's kernel is JAX's splash
+attention (``hmar_jax.pallas.splash``): the kernel JAX maintains and runs on TPU pods,
+which takes both scale masks and skips their empty tiles forward and backward; the other
+ops have no TPU kernel and run as XLA fuses their references.
 """
 
 from __future__ import annotations

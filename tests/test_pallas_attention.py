@@ -178,10 +178,10 @@ def test_implementation_resolution_and_fallback():
 
 
 def test_compiled_kernels_run_small_unmasked_calls_with_the_reference(monkeypatch):
-    """The compiled implementations (``gpu``, ``tpu``): unmasked calls with <=
-    SMALL_FULL_KEYS keys (the sampler's small scales) take the reference; larger ones take
-    the kernel. ``interpret`` (tests) runs the kernel for both. (The kernel runs here in
-    interpret mode whatever the spec names, so this runs on CPU.)"""
+    """The compiled GPU implementation: unmasked calls with <= SMALL_FULL_KEYS keys (the
+    sampler's small scales) take the reference; larger ones take the kernel. ``interpret``
+    (tests) runs the kernel for both. (The kernel runs here in interpret mode whatever the
+    spec names, so this runs on CPU; ``tpu``: tests/test_splash_attention.py.)"""
     calls = []
     real = ops._kernel_attention
 
@@ -191,14 +191,13 @@ def test_compiled_kernels_run_small_unmasked_calls_with_the_reference(monkeypatc
 
     monkeypatch.setattr(ops, "_kernel_attention", kernel_attention)
     small, large = ops.SMALL_FULL_KEYS, ops.SMALL_FULL_KEYS + 16
-    for implementation in ("gpu", "tpu", "interpret"):
+    for implementation in ("gpu", "interpret"):
         for length in (small, large):
             q, k, v, _ = _inputs(7, length, jnp.float32, heads=1, head_dim=16, batch=1)
             out = ops.attention(q, k, v, ops.AttentionSpec("full", (), implementation))
             np.testing.assert_allclose(np.asarray(out),
                                        np.asarray(reference_attention(q, k, v)), atol=2e-5)
-    assert calls == [("gpu", large), ("tpu", large), ("interpret", small),
-                     ("interpret", large)]
+    assert calls == [("gpu", large), ("interpret", small), ("interpret", large)]
 
 
 def _float32_execution(attention: str) -> execution.ExecutionConfig:

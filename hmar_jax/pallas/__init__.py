@@ -12,9 +12,10 @@ each device's share of the batch):
 | FFN bias + GELU | ``bias_gelu`` | ``bias_gelu`` |
 | tokenizer GroupNorm (+ SiLU) | ``group_norm`` | ``group_norm`` |
 | attention q/k/v prologue backward | ``qkv_prologue`` | ``prologue_backward`` |
-| block-sparse attention | ``reference``, ``kernel_gpu``, ``kernel_tpu``, ``ops`` | ``ops.attention``, ``ops.hmar_attention`` |
+| block-sparse attention | ``reference``, ``kernel_gpu``, ``splash``, ``ops`` | ``ops.attention``, ``ops.hmar_attention`` |
 
 Attention's kernels are large, so its parts live in their own modules: ``reference`` (the
-oracle), ``kernel_gpu`` and ``kernel_tpu`` (the kernels) and ``ops`` (the ``custom_vjp``
+oracle), ``kernel_gpu`` (the GPU kernels), ``splash`` (TPU: JAX's splash attention kernel,
+used as a library, with its own ``custom_vjp``) and ``ops`` (the GPU kernels' ``custom_vjp``
 and the public entry the model imports).
 """

@@ -5,7 +5,7 @@ Each op takes an ``Implementation`` that the execution config resolved for the p
 
 * ``"xla"``: the op's plain-jnp reference, which XLA fuses with its neighbours;
 * ``"gpu"``: the Pallas kernel compiled for the GPU;
-* ``"tpu"``: the TPU kernel (attention only);
+* ``"tpu"``: the TPU kernel (attention only: JAX's splash attention, ``splash``);
 * ``"interpret"``: the GPU kernel in Pallas interpret mode, so the kernels' code runs on
   CPU (tests).
 

@@ -9,8 +9,10 @@ sequence. ``spec`` says which scales the sequence holds and which pattern applie
   KV cache that holds exactly the legal keys).
 
 ``spec.implementation`` (``hmar_jax.pallas.dispatch``) is ``"xla"`` (plain jnp with a dense
-mask: the oracle, fused by XLA), ``"gpu"`` (``kernel_gpu``), ``"tpu"`` (``kernel_tpu``) or
-``"interpret"`` (the GPU kernel in interpret mode, for tests). The compiled kernels run
+mask: the oracle, fused by XLA), ``"gpu"`` (``kernel_gpu``), ``"tpu"`` (JAX's splash
+attention, ``splash``) or ``"interpret"`` (the GPU kernel in interpret mode, for tests; the
+splash path runs in interpret mode through ``splash.attention(..., interpret=True)``). The
+compiled kernels run
 unmasked calls with at most ``SMALL_FULL_KEYS`` keys (the sampler's small scales) with the
 reference: a launch grid of one tile per batch row and head costs more than one fused XLA
 op there. A head dim the kernels cannot take (not a power of two >= 16) falls back to the
@@ -24,7 +26,8 @@ prepares them once for the backward kernels and ``qkv_prologue``'s one-pass kern
 the kernels' dq, dk, dv into the packed gradients. Elsewhere ``reference.hmar_qkv``
 prepares q, k, v and ``attention`` runs.
 
-This module owns the ``custom_vjp`` around the kernels' forward and backward.
+This module owns the ``custom_vjp`` around the GPU kernels' forward and backward; splash
+attention brings its own.
 
 Dimension letters: B batch, L tokens, N heads, K head dim.
 """
@@ -40,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from hmar_jax.pallas import kernel_gpu, qkv_prologue
+from hmar_jax.pallas import kernel_gpu, qkv_prologue, splash
 from hmar_jax.pallas.dispatch import Implementation, check_implementation, run_per_device
 from hmar_jax.pallas.reference import hmar_qkv, reference_attention
 from hmar_jax.scales import ScaleLayout
@@ -116,7 +119,7 @@ def _ranges(pattern: str, patch_nums: tuple[int, ...], len_q: int, len_k: int):
 
 @dataclasses.dataclass(frozen=True)
 class _Plan:
-    kernel: str  # gpu | tpu | interpret
+    kernel: str  # gpu | interpret
     pattern: str
     patch_nums: tuple[int, ...]
     tiles: KernelTiles
@@ -126,11 +129,6 @@ class _Plan:
 def _kernel_forward(plan: _Plan, q, k, v):
     row_start, row_end, _, _ = _ranges(plan.pattern, plan.patch_nums, q.shape[1], k.shape[1])
     t = plan.tiles
-    if plan.kernel == "tpu":
-        from hmar_jax.pallas import kernel_tpu  # local: Mosaic TPU lowering only needed there
-
-        return kernel_tpu.forward(q, k, v, row_start=row_start, row_end=row_end,
-                                  sm_scale=plan.sm_scale)
     return kernel_gpu.forward(q, k, v, row_start, row_end, sm_scale=plan.sm_scale,
                               interpret=plan.kernel == "interpret", **t.forward.kwargs())
 
@@ -139,11 +137,6 @@ def _kernel_backward(plan: _Plan, q, k, v, o, lse, do):
     row_start, row_end, col_start, col_end = _ranges(plan.pattern, plan.patch_nums, q.shape[1],
                                                      k.shape[1])
     t = plan.tiles
-    if plan.kernel == "tpu":
-        from hmar_jax.pallas import kernel_tpu
-
-        return kernel_tpu.backward(q, k, v, o, lse, do, row_start=row_start, row_end=row_end,
-                                   col_start=col_start, col_end=col_end, sm_scale=plan.sm_scale)
     interpret = plan.kernel == "interpret"
     delta = kernel_gpu.softmax_delta(o, do)
     dk, dv = kernel_gpu.backward_dkdv(q, k, v, do, lse, delta, col_start, col_end,
@@ -155,8 +148,10 @@ def _kernel_backward(plan: _Plan, q, k, v, o, lse, do):
     return dq, dk, dv
 
 
-# The GPU and TPU forward kernels' name, for remat policies that keep their outputs.
+# The GPU forward kernel's name, and every attention forward kernel's (GPU and splash), for
+# remat policies that keep their outputs.
 FORWARD_KERNEL_NAME = "hmar_block_sparse_attention_fwd"
+FORWARD_KERNEL_NAMES = (FORWARD_KERNEL_NAME, splash.FORWARD_KERNEL_NAME)
 
 
 def _kernel_op(forward, backward):
@@ -228,6 +223,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec,
     kernel = _implementation(spec, q.shape[-1], k.shape[1])
     if kernel == "xla":
         return reference_attention(q, k, v, spec.dense_mask(), sm_scale=sm_scale)
+    if kernel == "tpu":
+        return run_per_device(functools.partial(
+            splash.attention, pattern=spec.pattern, patch_nums=tuple(spec.patch_nums),
+            sm_scale=float(sm_scale)), (q, k, v))
     plan = _Plan(kernel, spec.pattern, tuple(spec.patch_nums), spec.tiles, float(sm_scale))
     return run_per_device(functools.partial(_kernel_attention, plan), (q, k, v))
 
@@ -259,7 +258,7 @@ def hmar_attention(qkv: jax.Array, qkv_bias: jax.Array, temperature: jax.Array,
     Equals ``attention(*reference.hmar_qkv(qkv, qkv_bias, temperature), spec)``: q and k
     are L2-normalised (float32) and q is scaled by its head's temperature, so the logits
     are ``temperature_h cos(q, k)``. The GPU kernel (and interpret mode) does this inside
-    the forward kernel; the TPU kernel and the reference get prepared q, k, v.
+    the forward kernel; splash attention (TPU) and the reference get prepared q, k, v.
 
     Args:
       qkv: ``[B, L, 3, N, K]``, the ``mat_qkv`` output without bias (compute dtype).

@@ -45,7 +45,7 @@ def _kernel_outputs_saveable(*kernel_names: str):
 
 _POLICIES = jax.checkpoint_policies
 _DOTS = _POLICIES.dots_with_no_batch_dims_saveable
-_ATTENTION_OUT = _kernel_outputs_saveable(ops.FORWARD_KERNEL_NAME)
+_ATTENTION_OUT = _kernel_outputs_saveable(*ops.FORWARD_KERNEL_NAMES)
 _CHECKPOINT_POLICIES = {  # ExecutionConfig.remat -> what jax.checkpoint keeps
     "block": _POLICIES.nothing_saveable,
     "dots_attention_saveable": _POLICIES.save_from_both_policies(_DOTS, _ATTENTION_OUT),
@@ -54,7 +54,7 @@ _CHECKPOINT_POLICIES = {  # ExecutionConfig.remat -> what jax.checkpoint keeps
     "activations_saveable": _POLICIES.save_from_both_policies(
         _POLICIES.save_from_both_policies(_DOTS, _POLICIES.save_only_these_names(
             NORM_OUT_NAME, GELU_OUT_NAME)),
-        _kernel_outputs_saveable(ops.FORWARD_KERNEL_NAME, adaln.FORWARD_KERNEL_NAME,
+        _kernel_outputs_saveable(*ops.FORWARD_KERNEL_NAMES, adaln.FORWARD_KERNEL_NAME,
                                  bias_gelu.FORWARD_KERNEL_NAME)),
 }
 # Policies whose backward keeps the FFN output: the unrolled stack may leave a block's last
