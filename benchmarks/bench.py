@@ -22,7 +22,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import pathlib
+import signal
 import subprocess
 import sys
 import tempfile
@@ -124,7 +126,10 @@ def ours_side(row: Row, result: dict) -> dict:
     """``{"status", "metrics", "settings", "device", "versions"}`` from our script's JSON."""
     side = {"device": result.get("device_kind"), "versions": result.get("versions")}
     if row.kind == "attention":
-        (entry,) = [r for r in result["rows"] if r["impl"] == "pallas"]
+        entries = [r for r in result["rows"] if r["impl"] == "pallas"]
+        if len(entries) != 1:
+            return side | {"status": f"error: {len(entries)} kernel rows in the JSON, not 1"}
+        (entry,) = entries
         if "error" in entry:
             return side | {"status": f"error: {entry['error']}"}
         return side | {"status": "ok",
@@ -133,6 +138,8 @@ def ours_side(row: Row, result: dict) -> dict:
                            "shape", "pattern", "dtype", "err_out", "err_dq", "err_dk", "err_dv",
                            "floor_fwd_ms", "floor_fwd_bwd_ms")}
                        | {"kernel": "hmar_jax.pallas (GPU)", "tiles": result.get("tiles")}}
+    if len(result["rows"]) != 1:
+        return side | {"status": f"error: {len(result['rows'])} rows in the JSON, not 1"}
     (entry,) = result["rows"]
     if entry["status"] != "ok":
         return side | {"status": entry["status"]}
@@ -178,11 +185,16 @@ def official_side(row: Row, result: dict, ours: dict) -> dict:
 # ========================================== running ============================================
 
 def run_side(command: list[str], out: pathlib.Path, timeout: float) -> dict | str:
-    """Runs ``command`` (its output passes through); its JSON, or why there is none."""
+    """Runs ``command`` (its output passes through); its JSON, or why there is none. On a
+    timeout the command's whole process group is killed: a worker it started must not hold
+    the GPU while the other side runs."""
     print("$ " + " ".join(command), flush=True)
+    proc = subprocess.Popen(command, cwd=REPO, start_new_session=True)
     try:
-        proc = subprocess.run(command, cwd=REPO, timeout=timeout)
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
         return f"timeout after {timeout:.0f} s"
     if not out.exists():
         return f"exit {proc.returncode} without {out.name}"

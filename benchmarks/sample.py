@@ -68,9 +68,8 @@ def sample_worker(spec: dict) -> dict:
 
     from hmar_jax import sampling
     from hmar_jax.execution import ExecutionConfig
-    from hmar_jax.pretrained import cast_matmul_weights, unstack_blocks
+    from hmar_jax.pretrained import cast_matmul_weights, run_model_config, unstack_blocks
     from hmar_jax.tokenizer import VQVAE
-    from hmar_jax.training.trainer import model_config
     from hmar_jax.transformer import HMARTransformer
 
     mode, batch, lower_only = spec["mode"], spec["batch"], spec["lower_only"]
@@ -99,7 +98,7 @@ def sample_worker(spec: dict) -> dict:
         maybe_profile(result, spec, decode, (state, f_hat), make_call)
         return per_image(result, batch)
 
-    cfg = model_config(config, vcfg)
+    cfg = run_model_config(config.to_dict(), vcfg)
     if mode == "var":
         cfg = dataclasses.replace(cfg, attention_pattern="block_causal", num_mask_layers=0)
     make_model = lambda: HMARTransformer(cfg, execution, rngs=nnx.Rngs(spec["seed"]))  # noqa: E731
