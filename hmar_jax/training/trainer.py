@@ -449,6 +449,7 @@ class Trainer:
         first_step = int(state.step)
         data_state = iterator.get_state()  # the data position after the last finished step
         unchecked = None  # (step, metrics) of a finished step whose finiteness is not yet known
+        step_fn = self.train_step
         with jax.set_mesh(self.mesh):
             for step in range(first_step + 1, config.num_train_steps + 1):
                 try:
@@ -468,10 +469,12 @@ class Trainer:
                                     if saved is None else f"a rerun resumes from step {saved}")
                     return last | {"stopped_at_step": step - 1}
                 data_state = iterator.get_state()
+                if step == first_step + 1 and jax.process_count() > 1:
+                    step_fn = self._compiled_for_all_processes(state, batch)
                 if config.log_batch_fingerprints:
                     self._log_fingerprint(step, batch)
                 inputs, labels = self._global_batch(batch)
-                state, metrics = self.train_step(state, self.vae_state, inputs, labels)
+                state, metrics = step_fn(state, self.vae_state, inputs, labels)
                 if unchecked is not None:  # the previous step: finished, or nearly
                     self._check_finite(*unchecked)
                 unchecked = (step, metrics)
@@ -505,6 +508,21 @@ class Trainer:
                 hook(finished)
         _sync_processes("end of training")
         return last
+
+    def _compiled_for_all_processes(self, state: TrainState, batch: dict):
+        """The step compiled ahead, once every process has compiled it: the processes then
+        enter their first collectives together. Compile times differ between hosts, and CPU
+        collectives (gloo) give up when a peer joins a new collective more than 30 s after
+        the first; the coordination service's barrier waits as long as the processes live."""
+        from orbax.checkpoint import multihost
+
+        inputs, labels = (jax.ShapeDtypeStruct((self.config.batch_size, *x.shape[1:]), x.dtype,
+                                               sharding=self.batch_sharding)
+                          for x in (batch[_inputs_key(batch)], batch["label"].astype(np.int32)))
+        compiled = self.train_step.lower(state, self.vae_state, inputs, labels).compile()
+        multihost.sync_global_processes("hmar_jax.train: step compiled",
+                                        processes=set(range(jax.process_count())))
+        return compiled
 
     def _save(self, step: int, state: TrainState, data_state: dict) -> None:
         """Checkpoints ``state`` (the state after ``step``) unless it holds a non-finite
