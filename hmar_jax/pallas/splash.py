@@ -5,7 +5,9 @@ attention. It takes a static mask, splits it into ``block_q x block_kv`` tiles o
 and skips every empty tile in the forward and in both backward kernels (dK/dV and dQ);
 tiles that are only partly legal are masked elementwise. HMAR's block-diagonal mask, VAR's
 block-causal mask and the unmasked ``full`` pattern are handed to it as a ``NumpyMask``
-per head, and splash's own ``custom_vjp`` gives the gradients. This module adds only
+per head (not as ``SegmentIds``: splash plans which tiles to skip from the static mask
+alone, while segment ids are compared inside every visited tile and skip none), and
+splash's own ``custom_vjp`` gives the gradients. This module adds only
 what our callers need around it: the ``[B, L, N, K]`` layout, the logit scale, and the
 padding of the sequence to a multiple of the tile.
 
