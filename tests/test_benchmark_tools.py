@@ -268,3 +268,14 @@ def test_attention_quick_mode_checks_the_kernel_against_the_reference(tmp_path):
     assert len(pallas) == 1 and pallas[0]["err_out"] < 1e-5 and pallas[0]["fwd_bwd_ms"] > 0
     side = bench.ours_side(bench.ROWS["attention_l680_diagonal"], result)
     assert side["status"] == "ok" and side["metrics"]["fwd_ms"] == pallas[0]["fwd_ms"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["adaln", "bias_gelu", "group_norm", "qkv_prologue"])
+def test_kernel_benchmark_quick_mode_times_the_kernel_and_the_reference(tmp_path, script):
+    result = _quick(script, tmp_path)
+    variants = {row["variant"] for row in result["rows"]}
+    assert any(v.startswith("pallas") for v in variants) and variants - {
+        v for v in variants if v.startswith("pallas")}
+    assert all(row["ms_median"] > 0 for row in result["rows"])
+    assert result["device_kind"] and result["versions"]["jax"]
