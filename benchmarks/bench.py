@@ -206,7 +206,8 @@ def measure(row_id: str, upstream: str, upstream_python: str) -> dict | str:
     row = ROWS[row_id]
     script = f"benchmarks/{SCRIPTS[row.kind]}"
     with tempfile.TemporaryDirectory(prefix=f"bench_{row_id}_") as tmp:
-        ours_out, official_out = pathlib.Path(tmp) / "ours.json", pathlib.Path(tmp) / "official.json"
+        ours_out, official_out = (pathlib.Path(tmp) / name for name in ("ours.json",
+                                                                         "official.json"))
         ours_args = list(row.ours)
         if row.kind != "attention":  # the runner's own per-row limit, inside ours
             ours_args += ["--timeout", str(OURS_TIMEOUT_S - 30),
@@ -215,6 +216,9 @@ def measure(row_id: str, upstream: str, upstream_python: str) -> dict | str:
                              ours_out, OURS_TIMEOUT_S)
         if isinstance(ours_json, str):
             return f"ours: {ours_json}"
+        if ours_json.get("platform") != "gpu":  # e.g. JAX without its CUDA build
+            return (f"ours ran on {ours_json.get('platform')!r}, not a GPU; install JAX's CUDA "
+                    "build (pip install \"jax[cuda13]==0.11.2\")")
         ours = ours_side(row, ours_json)
         if ours["status"] not in OK_STATUSES:
             return f"ours: {ours['status']}"

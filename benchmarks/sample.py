@@ -45,8 +45,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from benchmarks.harness import (  # noqa: E402
     Runner, add_runner_flags, build_specs, check_runner_args, compile_timed, fmt,
-    init_on_device, maybe_profile, parse_list, peak_gib, run_config, status_text, timed, tokenizer_config,
-    worker_main, xla_memory)
+    init_on_device, maybe_profile, parse_list, peak_gib, run_config, status_text, timed,
+    tokenizer_config, worker_main, xla_memory)
 
 MODES = ("markov_refine", "markov", "var", "decode")
 

@@ -118,7 +118,7 @@ def _train_json(img_s=412.0, status="ok"):
            "model_tflop_per_step": 64 * 0.63, "process_peak_gib": 21.37, "loss": 8.3}
     if status != "ok":
         row = {k: row[k] for k in ("status", "mode", "batch", "devices", "variant", "config")}
-    return {"benchmark": "train_step", "device_kind": "NVIDIA H100 80GB HBM3",
+    return {"benchmark": "train_step", "device_kind": "NVIDIA H100 80GB HBM3", "platform": "gpu",
             "versions": {"jax": "0.11.2"}, "rows": [row]}
 
 
@@ -202,6 +202,10 @@ def test_bench_writes_a_row_file_from_both_sides_and_refuses_failed_sides(tmp_pa
     assert bench.main(["--rows", "train_d30_b32", "--upstream", str(tmp_path),
                        "--out", str(tmp_path / "results")]) == 1
     assert not (tmp_path / "results" / "train_d30_b32.json").exists()
+    sides["train_step.py"] = dict(_train_json(), platform="cpu")  # JAX without CUDA: refused
+    assert bench.main(["--rows", "train_d16_b64", "--upstream", str(tmp_path),
+                       "--out", str(tmp_path / "cpu")]) == 1
+    assert not (tmp_path / "cpu" / "train_d16_b64.json").exists()
     with pytest.raises(SystemExit):
         bench.main(["--rows", "train_d99", "--upstream", str(tmp_path)])
 
