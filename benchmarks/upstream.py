@@ -596,8 +596,8 @@ def run_train(args, torch, result: dict) -> None:
 
 
 def record_attention_dtypes(model, settings: dict) -> None:
-    """Records the dtypes of q, k, v at the first call of the block-sparse kernel (the
-    official attention L2-normalises q and k, which autocast computes in float32)."""
+    """Records the dtypes of q, k, v that reach the block-sparse kernel at its first call,
+    i.e. what the trainer's autocast makes of the attention's inputs."""
     blocks = [b for b in model.modules() if type(b).__name__ == "BlockSparseAttention"]
     if not blocks:
         return
@@ -617,6 +617,8 @@ def record_attention_dtypes(model, settings: dict) -> None:
 def run_sample(args, torch, result: dict) -> None:
     from models import build_vae_hmar
 
+    if args.amp is not None:
+        raise ValueError("--amp applies to train only: the official sampler runs in float32")
     device, batch = args.device, args.batch
     depth = 2 if args.tiny else int(args.model[1:])
     patch_nums = TINY_PATCH_NUMS if args.tiny else PATCH_NUMS[args.res]
@@ -632,8 +634,9 @@ def run_sample(args, torch, result: dict) -> None:
         depth=depth, batch=batch, res=res, patch_nums=list(patch_nums),
         config_file=str(config_file.name), official_args={k: config[k] for k in sorted(config)},
         mask_schedule=mask_schedule, kv_cache=False, labels="random (generate's own draw)",
-        autocast=args.amp or "none", precision="float32 weights, TF32 matmuls (sample.py runs "
-        "no autocast)" if not args.amp else f"autocast {args.amp}",
+        autocast="none: the official sampler runs in float32 (under autocast its mask branch "
+        "scatters float32 mask embeddings into half-precision token maps and fails)",
+        precision="float32 weights, TF32 matmuls",
         inference_mode=True, torch_compile=False, flash_attn=flash_attn_version(),
         weights="random (randomize_: fan-in normal matrices, U[0, 1) vectors)", eval_mode=True,
         includes="HMAR.generate: next-scale + masked refinement per scale, CFG, top-k/top-p, "
@@ -650,17 +653,11 @@ def run_sample(args, torch, result: dict) -> None:
     hmar.eval()
     torch.set_default_device(device)  # as sample.py does before generating
     settings["parameters_M"] = round(sum(p.numel() for p in hmar.parameters()) / 1e6, 2)
-    amp = (torch.autocast(device, dtype={"fp16": torch.float16, "bf16": torch.bfloat16}[args.amp])
-           if args.amp and args.amp != "none" else None)
     state = {}
 
     def sample_batch():
         with torch.inference_mode():
-            if amp is not None:
-                with amp:
-                    state["images"] = generate(hmar, batch, config, mask_schedule)
-            else:
-                state["images"] = generate(hmar, batch, config, mask_schedule)
+            state["images"] = generate(hmar, batch, config, mask_schedule)
 
     times = time_calls(torch, device, sample_batch, args.warmup, args.iters)
     images = state["images"]
@@ -711,9 +708,8 @@ def parse_args(argv=None):
     parser.add_argument("--iters", type=int, default=None, help="timed calls (samples)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls first")
     parser.add_argument("--amp", default=None, choices=("none", "fp16", "bf16"),
-                        help="train: override the config's autocast (fp16 + GradScaler in "
-                        "every official config); sample: autocast around generate (the "
-                        "official sample.py uses none)")
+                        help="train: the trainer's autocast instead of the config's (every "
+                        "official config: fp16 + GradScaler; the kernel computes in fp16)")
     parser.add_argument("--compile", action="store_true",
                         help="train: torch.compile the transformer (the official configs "
                         "leave it off: tfast=0)")
