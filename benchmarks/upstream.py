@@ -706,7 +706,8 @@ def parse_args(argv=None):
     parser.add_argument("--mask", default="block_diagonal",
                         choices=("block_diagonal", "block_causal"))
     parser.add_argument("--iters", type=int, default=None, help="timed calls (samples)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed calls first")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed calls first (the first one autotunes the Triton kernel)")
     parser.add_argument("--amp", default=None, choices=("none", "fp16", "bf16"),
                         help="train: the trainer's autocast instead of the config's (every "
                         "official config: fp16 + GradScaler; the kernel computes in fp16)")
