@@ -97,8 +97,9 @@ def test_slurm_launch_joins_the_tasks_into_one_run(tmp_path, tokenizer_export):
                  "--config.batch_size=8", "--config.model.overrides.depth=2",
                  "--config.model.overrides.width=64", "--config.model.overrides.num_mask_layers=1",
                  "--config.sampling.samples_per_class=0", "--config.log_batch_fingerprints=true"]
-    result = subprocess.run(["bash", str(ROOT / "launch" / "slurm_gpu.sh"), "configs/demo.py:runlocal",
-                             str(workdir), *overrides], cwd=tmp_path, env=env, timeout=300)
+    script = str(ROOT / "launch" / "slurm_gpu.sh")
+    result = subprocess.run(["bash", script, "configs/demo.py:runlocal", str(workdir),
+                             *overrides], cwd=tmp_path, env=env, timeout=300)
     logs = "\n".join((tmp_path / f"task{i}.log").read_text()[-2000:] for i in range(2)
                      if (tmp_path / f"task{i}.log").exists())
     assert result.returncode == 0, logs
