@@ -90,6 +90,11 @@ SAMPLE_DEFAULTS = {
     "cfg": 1.5, "top_k": 900, "top_p": 0.96, "more_smooth": False, "mask": True,
     "saln": False, "anorm": True, "fuse": True, "tf32": True, "seed": 42,
 }
+# The kernel reads module-level floats annotated ``tl.constexpr`` (RCP_LN2, LN2), which
+# recent Triton releases (3.6 among them) refuse to compile unless this variable allows it; and the autotuner's
+# choice per shape is kept on disk, so that only the first process on a machine pays for
+# timing the kernel's ~90 tile configurations (compiled binaries are cached by Triton anyway).
+TRITON_ENVIRONMENT = {"TRITON_ALLOW_NON_CONSTEXPR_GLOBALS": "1", "TRITON_CACHE_AUTOTUNING": "1"}
 DEFAULT_ITERS = {"attention": (10, 30), "train": (3, 10), "sample": (2, 5)}  # (warmup, iters)
 ATTENTION_CALLS_PER_SAMPLE = 10
 
@@ -103,7 +108,8 @@ def import_upstream(upstream: str, autotune: bool, device: str):
     whose module level imports wandb, torchvision, pytz and the argument parser; a stand-in
     ``utils.misc`` with that helper keeps those packages out of the requirements. The
     official README exports ``TRITON_AUTO_TUNING=1`` for training and benchmarking; the
-    kernel module reads it when imported. On CPU, every official attention layer would still
+    kernel module reads it when imported, and ``TRITON_ENVIRONMENT`` is set unless the
+    caller set those variables. On CPU, every official attention layer would still
     place its block-boundary tables on CUDA when built (``BlockSparseAttention``'s default
     device), so for smoke runs the class builds them on the CPU instead.
     """
@@ -112,6 +118,8 @@ def import_upstream(upstream: str, autotune: bool, device: str):
         raise ValueError(f"--upstream {upstream}: no models/hmar.py there (not an HMAR checkout)")
     sys.path.insert(0, str(root))
     os.environ["TRITON_AUTO_TUNING"] = "1" if autotune else "0"
+    for name, value in TRITON_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
     misc = types.ModuleType("utils.misc")
     misc.does_not_contain_substrings = lambda text, parts: not any(p in text for p in parts)
     sys.modules["utils.misc"] = misc
@@ -213,11 +221,20 @@ def sync(torch, device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_calls(torch, device: str, call, warmup: int, iters: int) -> list[float]:
-    """Wall ms of ``iters`` calls, each synchronised before and after, after ``warmup``."""
+def run_warmup(torch, device: str, call, warmup: int, stats: dict, name: str) -> None:
+    """``warmup`` untimed calls; their wall seconds (Triton compiling and autotuning the
+    kernel in the first one) go to ``stats[name]``."""
+    t0 = time.perf_counter()
     for _ in range(warmup):
         call()
     sync(torch, device)
+    stats[name] = round(time.perf_counter() - t0, 2)
+
+
+def time_calls(torch, device: str, call, warmup: int, iters: int,
+               stats: dict) -> list[float]:
+    """Wall ms of ``iters`` calls, each synchronised before and after, after ``warmup``."""
+    run_warmup(torch, device, call, warmup, stats, "warmup_s")
     times = []
     for _ in range(iters):
         t0 = time.perf_counter()
@@ -227,13 +244,11 @@ def time_calls(torch, device: str, call, warmup: int, iters: int) -> list[float]
     return times
 
 
-def time_back_to_back(torch, device: str, call, warmup: int, iters: int,
-                      inner: int) -> list[float]:
+def time_back_to_back(torch, device: str, call, warmup: int, iters: int, inner: int,
+                      stats: dict, name: str) -> list[float]:
     """ms per call over ``iters`` samples of ``inner`` calls issued back to back (CUDA events
     around each sample, so the host's launch work overlaps the device's), after ``warmup``."""
-    for _ in range(warmup):
-        call()
-    sync(torch, device)
+    run_warmup(torch, device, call, warmup, stats, name)
     times = []
     for _ in range(iters):
         if device == "cuda":
@@ -453,8 +468,11 @@ def measure_attention(torch, attention, reference_mask, dtype, shape, scale, arg
     q, k, v = draw(), draw(), draw()
     d_out = torch.randn(*shape, HEAD_DIM, dtype=dtype, device=device, generator=generator)
 
+    t0 = time.perf_counter()
     with torch.no_grad():  # agreement with float32 attention on the first batch element
         out = attention(q, k, v, scale)
+        sync(torch, device)
+        entry["first_fwd_s"] = round(time.perf_counter() - t0, 2)  # compiles and autotunes
         expected = torch.nn.functional.scaled_dot_product_attention(
             q[:1].float(), k[:1].float(), v[:1].float(), attn_mask=reference_mask, scale=scale)
         entry["max_abs_err_vs_float32"] = float((out[:1].float() - expected).abs().max())
@@ -469,9 +487,9 @@ def measure_attention(torch, attention, reference_mask, dtype, shape, scale, arg
         attention(q, k, v, scale).backward(d_out)
 
     fwd = time_back_to_back(torch, device, forward, args.warmup, args.iters,
-                            ATTENTION_CALLS_PER_SAMPLE)
+                            ATTENTION_CALLS_PER_SAMPLE, entry, "fwd_warmup_s")
     fwd_bwd = time_back_to_back(torch, device, forward_backward, args.warmup, args.iters,
-                                ATTENTION_CALLS_PER_SAMPLE)
+                                ATTENTION_CALLS_PER_SAMPLE, entry, "fwd_bwd_warmup_s")
     entry.update(dtype=str(dtype).split(".")[-1], fwd_ms=statistics.median(fwd),
                  fwd_bwd_ms=statistics.median(fwd_bwd), ms_median=statistics.median(fwd_bwd),
                  ms_all=rounded(fwd_bwd), fwd_ms_all=rounded(fwd))
@@ -585,7 +603,7 @@ def run_train(args, torch, result: dict) -> None:
         state["it"] += 1
         state["loss"] = loss
 
-    times = time_calls(torch, device, train_step, args.warmup, args.iters)
+    times = time_calls(torch, device, train_step, args.warmup, args.iters, result)
     result.update(ms_median=statistics.median(times), ms_all=rounded(times),
                   img_per_s=batch / (statistics.median(times) / 1e3),
                   loss_last=float(state["loss"].detach()))
@@ -659,7 +677,7 @@ def run_sample(args, torch, result: dict) -> None:
         with torch.inference_mode():
             state["images"] = generate(hmar, batch, config, mask_schedule)
 
-    times = time_calls(torch, device, sample_batch, args.warmup, args.iters)
+    times = time_calls(torch, device, sample_batch, args.warmup, args.iters, result)
     images = state["images"]
     result.update(ms_median=statistics.median(times), ms_all=rounded(times),
                   img_per_s=batch / (statistics.median(times) / 1e3),
@@ -747,6 +765,8 @@ def main(argv=None) -> int:
         torch = import_upstream(args.upstream, args.autotune, args.device)
         if args.device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("CUDA is not available (use --device cpu --tiny for a smoke run)")
+        result["settings"]["triton_environment"] = {
+            name: os.environ.get(name) for name in ("TRITON_AUTO_TUNING", *TRITON_ENVIRONMENT)}
         result["device"] = device_name(torch, args.device)
         result["versions"] = versions(torch)
         if args.device == "cuda":
