@@ -295,6 +295,10 @@ def test_generate_batches_is_identical_on_one_and_eight_devices(tiny_pair):
     eight = sampling.generate_batches(model, vae, labels, index, seed=4, config=config, batch_size=16,
                                       mesh=jax.sharding.Mesh(np.asarray(jax.devices()), ("data",)))
     assert one.shape == (15, 8, 8, 3) and one.dtype == np.uint8
-    np.testing.assert_array_equal(one, eight)
+    # The same tokens for every sample: a different token anywhere would change whole patches.
+    # The decoder's float rounding may differ between the two programs' shapes (a batch of 4
+    # on one device, 2 per device on eight), so pixels may differ by one level.
+    np.testing.assert_allclose(one.astype(int), eight.astype(int), atol=1, rtol=0)
+    assert np.mean(one == eight) > 0.99
     with pytest.raises(ValueError, match="Class id 11 is out of range"):
         sampling.generate_batches(model, vae, np.array([11]), np.array([0]), seed=0, config=config)
