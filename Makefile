@@ -1,4 +1,5 @@
-# Quick start:  make demo   (HMAR on the embedded digits)   |   make test   (the test suite)
+# Quick start:  make demo   (HMAR on the embedded digits)   |   make test   (the fast test tier)
+# make test-all: the whole suite (what CI runs)   |   make bench HMAR_UPSTREAM=...: the GPU results table
 # Both create or reuse the virtual environment in .venv (Python >= 3.12).
 
 VENV    ?= .venv
@@ -6,7 +7,7 @@ PY      := $(VENV)/bin/python
 WORKDIR ?= workdirs/demo
 PYTEST_ARGS ?=
 
-.PHONY: env demo test clean
+.PHONY: env demo test test-all bench clean
 
 env: $(VENV)/.installed
 
@@ -28,8 +29,21 @@ demo: env
 	    --config.tokenizer.export=$(abspath $(WORKDIR))/tokenizer/tokenizer \
 	    --config.stage2.parent=$(abspath $(WORKDIR))/stage1/export
 
+# The fast tier leaves out the tests marked slow (multi-process runs, whole training runs,
+# the benchmarks' smoke modes); test-all runs everything.
 test: env
+	$(PY) -m pytest -q -n auto --dist loadscope -m "not slow" $(PYTEST_ARGS)
+
+test-all: env
 	$(PY) -m pytest -q -n auto --dist loadscope $(PYTEST_ARGS)
+
+# On a GPU, with a checkout of the official HMAR code: every row of benchmarks/RESULTS.md
+# (ours and the official code in one invocation), then the table regenerated.
+#   make bench HMAR_UPSTREAM=/path/to/HMAR [ROWS=train_d16_b64,sample_d16_b64]
+bench: env
+	@test -n "$(HMAR_UPSTREAM)" || { echo "error: make bench needs HMAR_UPSTREAM=<checkout of the official HMAR code>"; exit 2; }
+	$(PY) benchmarks/bench.py --rows $(or $(ROWS),all) --upstream "$(HMAR_UPSTREAM)" --out benchmarks/results
+	$(PY) benchmarks/results_table.py
 
 clean:
 	rm -rf $(VENV) workdirs .pytest_cache
