@@ -1,13 +1,11 @@
 """ExecutionConfig: the resolution table per platform, its errors, the boundary (nothing
 below it asks for the platform) and the architecture configs free of execution fields."""
 
-import collections
 import dataclasses
 import json
 import pathlib
 
 import jax
-import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -19,6 +17,7 @@ from hmar_jax.pallas import adaln, bias_gelu, group_norm, ops, qkv_prologue
 from hmar_jax.transformer import HMARConfig, HMARTransformer, preset
 from hmar_jax.transformer.config import LEGACY_EXECUTION_FIELDS
 from hmar_jax.tokenizer.model import VQVAE, VQVAEConfig
+from structure_helpers import kernel_calls
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 KERNEL_FIELDS = ("attention", "layer_norm", "gelu", "group_norm")
@@ -139,17 +138,6 @@ def test_layers_refuse_an_unresolved_config():
         ops.AttentionSpec("block_diagonal", (1, 2), "pallas")
 
 
-def _kernel_calls(jaxpr) -> collections.Counter:
-    """Pallas calls by kernel name in a jaxpr and its sub-jaxprs."""
-    calls = collections.Counter()
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "pallas_call":
-            calls[str(eqn.params["name"])] += 1
-        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-            calls.update(_kernel_calls(sub))
-    return calls
-
-
 def test_nothing_below_the_boundary_asks_for_the_platform(monkeypatch):
     """The model (both branches) and the tokenizer, built from resolved configs with every
     kernel in interpret mode, run their forward passes and their gradient while
@@ -194,7 +182,7 @@ def test_nothing_below_the_boundary_asks_for_the_platform(monkeypatch):
         return (jnp.mean(model(x, labels) ** 2)
                 + jnp.mean(model.forward_masked(x, 0.5 * x, masked, labels) ** 2))
 
-    calls = _kernel_calls(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+    calls = kernel_calls(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
     for name in (ops.FORWARD_KERNEL_NAME, adaln.FORWARD_KERNEL_NAME,
                  bias_gelu.FORWARD_KERNEL_NAME, qkv_prologue.KERNEL_NAME):
         assert calls[name] > 0, (name, calls)
@@ -209,7 +197,7 @@ def test_nothing_below_the_boundary_asks_for_the_platform(monkeypatch):
     assert decoded.shape == images.shape and decoded.dtype == jnp.float32
     assert bool(jnp.all(jnp.isfinite(decoded)))
     jaxpr = jax.make_jaxpr(lambda x: vae.decode_from_indices(vae.encode_to_indices(x)))(images)
-    assert _kernel_calls(jaxpr.jaxpr)[group_norm.STATS_KERNEL_NAME] > 0
+    assert kernel_calls(jaxpr.jaxpr)[group_norm.STATS_KERNEL_NAME] > 0
 
 
 def test_architecture_configs_hold_no_execution_field():

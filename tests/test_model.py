@@ -1,26 +1,23 @@
 """HMAR transformer: upstream parity, the Markov property, VAR mode, sizes, stage-2 freeze."""
 
-import collections
 import json
-import re
 
 import jax
-import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 from flax import nnx
 
-from hmar_jax import checkpointing, sharding
+from hmar_jax import checkpointing
 from hmar_jax.training import losses
 from hmar_jax.convert import torch_pickle
 from hmar_jax.convert.__main__ import main as convert_main
 from hmar_jax.execution import resolved
-from hmar_jax.pallas import adaln, bias_gelu, ops
 from hmar_jax.training.optim import STAGE2_TRAINABLE
-from hmar_jax.transformer import (HMARConfig, HMARTransformer, count_params, is_mask_branch, layers,
+from hmar_jax.transformer import (HMARConfig, HMARTransformer, count_params, is_mask_branch,
                                   preset)
+from structure_helpers import fsdp_gradient
 
 TOL = dict(atol=1e-4, rtol=1e-4)
 CFG_LABELS = jnp.asarray([7, 10, 10, 10])  # generate(): [cond labels; null class]
@@ -244,18 +241,14 @@ def test_bfloat16_compute_keeps_float32_logits_and_stays_close(tiny_model):
 
 
 def test_bfloat16_head_keeps_float32_logits_and_gradients_close(tiny_model, tiny_model_gradients):
-    """``head_dtype="bfloat16"``: the head's three matmuls take bf16 operands (float32
-    accumulation); logits and gradients stay float32, within 1% and 2% of the float32
+    """``head_dtype="bfloat16"``: the head's matmuls take bf16 operands with float32
+    accumulation; logits and gradients stay float32, within 1% and 2% of the float32
     head's."""
     variant, rel = _variant_with_relative_logit_error(tiny_model, head_dtype="bfloat16")
     assert variant.blocks.attn.mat_qkv.dtype == jnp.float32  # float32 blocks on CPU
+    assert variant.head.matmul_dtype == "bfloat16"
     assert 0 < rel < 1e-2
     gradients = _remat_check_gradients(variant)
-    head_loss = lambda h, kernel: jnp.sum(layers.matmul_in_dtype(h, kernel, jnp.bfloat16) ** 2)  # noqa: E731
-    jaxpr = jax.make_jaxpr(jax.grad(head_loss, argnums=(0, 1)))(
-        jnp.ones((2, 3, 64)), variant.head.kernel[...])
-    dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
-    assert len(dots) == 3 and all(v.aval.dtype == jnp.bfloat16 for e in dots for v in e.invars)
     for (path, ref), (_, grad) in zip(tiny_model_gradients, gradients):
         assert grad[...].dtype == jnp.float32
         error = float(jnp.linalg.norm(grad[...] - ref[...]))
@@ -297,130 +290,33 @@ def test_remat_and_scan_do_not_change_gradients(tiny_model, tiny_model_gradients
         np.testing.assert_allclose(np.asarray(b[...]), np.asarray(a[...]), atol=1e-6, err_msg=str(path))
 
 
-def test_unrolled_stack_gradients_are_one_concatenate_per_leaf():
-    """Unrolled, each stacked parameter's gradient is assembled by one concatenate of the
-    per-layer gradients, not summed from zero-padded copies (which XLA fused into a pass at
-    a tenth of the memory bandwidth on the GPU)."""
-    cfg = preset("tiny", depth=3)
-    model = HMARTransformer(cfg, resolved("cpu", scan_blocks=False,
-                                          remat="dots_attention_saveable"), rngs=nnx.Rngs(0))
-    graphdef, params = nnx.split(model)
-    x = jnp.zeros((2, cfg.layout.seq_len - 1, 8))
-
-    def loss(params):
-        return jnp.mean(nnx.merge(graphdef, params)(x, jnp.asarray([1, 2])) ** 2)
-
-    text = jax.jit(jax.grad(loss)).lower(params).as_text()
-
-    def result_shapes(op):
-        pattern = rf"stablehlo\.{op}.*-> tensor<((?:[0-9]+x)*[0-9]+)xf32>"
-        return {m.group(1) for m in re.finditer(pattern, text)}
-
-    def shapes(module):
-        return {"x".join(map(str, a.shape)) for a in jax.tree.leaves(nnx.state(module))}
-
-    stacked, looped = shapes(model.blocks), shapes(model.blocks.ada_lin)  # ada_lin: one batched dot
-    assert not stacked & result_shapes("pad")
-    assert stacked - looped <= result_shapes("concatenate")
-
-
 @pytest.mark.parametrize("scan_blocks", [True, False])
-def test_fsdp_gathers_weights_instead_of_moving_activations(scan_blocks):
-    """With parameters FSDP-sharded and the batch split over a (2, 4) CPU mesh, the compiled
-    gradient step all-gathers weights (each block's inside the block loop, the rest once:
-    ``sharding.gather_outside_blocks``, as the trainer's loss does) and has no all-to-all
-    of activations; the gradients equal the unsharded ones. Width 128 and 200 classes, so
-    the class embedding and the head are sharded too. Unrolled, the AdaLN vectors of the
-    whole stack are computed in a loop before the blocks, gathering each ``ada_lin``."""
-    model = HMARTransformer(preset("tiny", width=128, vocab_size=256, num_classes=200),
-                            resolved("cpu", scan_blocks=scan_blocks), rngs=nnx.Rngs(0))
-    layout = model.config.layout
-    x = jax.random.normal(jax.random.key(1), (8, layout.seq_len - 1, 8))
-    labels = jnp.arange(8) % 11
-    graphdef, params = nnx.split(model)
-
-    def loss_fn(params, x, labels):
-        model = nnx.merge(graphdef, sharding.gather_outside_blocks(params))
-        return jnp.mean(model(x, labels) ** 2)
-
-    mesh = sharding.make_mesh((("data", 2), ("fsdp", 4)))
-    placed = jax.device_put(params, sharding.tree_shardings(params, mesh))
-    assert "fsdp" in tuple(placed["class_emb"]["embedding"][...].sharding.spec)
-    batch = sharding.batch_sharding(mesh)
-    inputs = (jax.device_put(x, batch), jax.device_put(labels, batch))
+def test_fsdp_sharded_gradients_equal_the_unsharded_ones(scan_blocks):
+    """With parameters FSDP-sharded (the class embedding and the head too) and the batch split
+    over a (2, 4) CPU mesh, the gradients of the trainer's way of gathering weights
+    (``sharding.gather_outside_blocks``) equal the unsharded ones. (What the compiled step
+    gathers: ``test_compiled_structure``.)"""
+    grad_fn, args, placed, mesh = fsdp_gradient(scan_blocks)
+    assert "fsdp" in tuple(placed[0]["class_emb"]["embedding"][...].sharding.spec)
     with jax.set_mesh(mesh):
-        compiled = jax.jit(jax.grad(loss_fn)).lower(placed, *inputs).compile()
-        grads = compiled(placed, *inputs)
-    hlo = compiled.as_text()
-    assert "all-gather" in hlo and "all-to-all" not in hlo
-    want = jax.jit(jax.grad(loss_fn))(params, x, labels)
+        grads = grad_fn(*placed)
+    want = grad_fn(*args)
     for got, ref in zip(jax.tree.leaves(grads), jax.tree.leaves(want)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-6, rtol=1e-5)
 
 
-def _kernel_calls(jaxpr, count_inputs_of: str | None = None) -> collections.Counter:
-    """Pallas calls by kernel name in a jaxpr and its sub-jaxprs (rematerialised ones too);
-    with ``count_inputs_of``, that kernel's calls by their number of inputs instead."""
-    calls = collections.Counter()
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "pallas_call":
-            name = str(eqn.params["name"])
-            if count_inputs_of is None:
-                calls[name] += 1
-            elif name == count_inputs_of:
-                calls[len(eqn.invars)] += 1
-        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-            calls.update(_kernel_calls(sub, count_inputs_of))
-    return calls
-
-
-def test_remat_policies_keep_what_they_say(capsys):
-    """``dots_attention_saveable`` saves the attention kernel's output and row statistics of
-    every block on top of the matmul outputs, and the backward does not run the kernel's
-    forward again; ``projections_saveable`` saves those and the two branch outputs only,
-    fewer residuals than ``dots_attention_saveable``; ``block`` saves nothing of a block,
-    and its backward runs the kernel's forward again. (Gradients: checked with the other
-    policies.)"""
-    names = (layers.ATTENTION_PROJ_NAME, layers.FFN_OUT_NAME)
-    saved, count, forward_kernels = {}, {}, {}
-    for remat in ("block", "dots_attention_saveable", "projections_saveable"):
-        cfg = preset("tiny")
-        run = resolved("cpu", remat=remat, attention="pallas", scan_blocks=False)
-        graphdef, params = nnx.split(HMARTransformer(cfg, run, rngs=nnx.Rngs(0)))
-        x = jax.random.normal(jax.random.key(1), (2, cfg.layout.seq_len - 1, 8))
-
-        def loss(params):
-            return jnp.mean(nnx.merge(graphdef, params)(x, jnp.asarray([1, 2])) ** 2)
-
-        jax.ad_checkpoint.print_saved_residuals(loss, params)
-        printed = capsys.readouterr().out
-        saved[remat] = [printed.count("output of pallas_call"),
-                        *(printed.count(f"named '{name}'") for name in names)]
-        count[remat] = len(printed.strip().splitlines())
-        calls = _kernel_calls(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
-        forward_kernels[remat] = calls[ops.FORWARD_KERNEL_NAME]
-    d = preset("tiny").depth
-    assert saved == {"block": [0, 0, 0], "dots_attention_saveable": [2 * d, 0, 0],
-                     "projections_saveable": [2 * d, d, d]}
-    assert count["block"] < count["projections_saveable"] < count["dots_attention_saveable"]
-    assert forward_kernels == {"block": 2 * d, "dots_attention_saveable": d,
-                               "projections_saveable": d}
-
-
-@pytest.mark.parametrize("remat, deferred", [("none", True), ("projections_saveable", True),
-                                             ("dots_attention_saveable", False)])
-def test_unrolled_stack_defers_each_ffn_add_into_the_next_norm_kernel(remat, deferred):
+def test_unrolled_stack_with_deferred_adds_matches_the_scanned_stack():
     """Unrolled, a block's FFN residual add runs inside the next block's first AdaLN kernel
-    (``forward_deferred``) unless the remat policy would then keep one more activation per
-    block: with the Pallas norm kernels (interpret mode) the loss and every gradient equal
-    the scanned stack's, whose blocks add in place (checked without remat); deferred, the
-    forward calls the add variant of the norm kernel ``2 depth - 1`` times (only the last
-    block's add is left to XLA), else ``depth`` times."""
+    (``forward_deferred``); with the Pallas norm kernels (interpret mode) the loss and every
+    gradient equal the scanned stack's, whose blocks add in place. (Where the adds run:
+    ``test_compiled_structure``; the remat policies change no value:
+    ``test_remat_and_scan_do_not_change_gradients``.)"""
     cfg = preset("tiny", depth=2, width=64, patch_nums=(2, 6), init_adaln_gamma=0.5,
                  init_head=1.0)  # L = 40: rows of 8 tile it
-    run = dict(layer_norm="pallas", remat=remat)
-    scanned = HMARTransformer(cfg, resolved("cpu", scan_blocks=True, **run), rngs=nnx.Rngs(0))
-    unrolled = HMARTransformer(cfg, resolved("cpu", scan_blocks=False, **run), rngs=nnx.Rngs(1))
+    scanned = HMARTransformer(cfg, resolved("cpu", scan_blocks=True, layer_norm="pallas"),
+                              rngs=nnx.Rngs(0))
+    unrolled = HMARTransformer(cfg, resolved("cpu", scan_blocks=False, layer_norm="pallas"),
+                               rngs=nnx.Rngs(1))
     nnx.update(unrolled, nnx.state(scanned))
     x = jax.random.normal(jax.random.key(1), (2, cfg.layout.seq_len - 1, 8))
     labels = jnp.asarray([1, 2])
@@ -428,39 +324,9 @@ def test_unrolled_stack_defers_each_ffn_add_into_the_next_norm_kernel(remat, def
     def loss(model):
         return jnp.mean(model(x, labels) ** 2)
 
-    if remat == "none":  # values (the policies change none: test_remat_and_scan_...)
-        (want, want_grads), (got, got_grads) = (nnx.jit(nnx.value_and_grad(loss))(m)
-                                                for m in (scanned, unrolled))
-        np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
-        for (path, a), (_, b) in zip(nnx.to_flat_state(want_grads), nnx.to_flat_state(got_grads)):
-            np.testing.assert_allclose(np.asarray(b[...]), np.asarray(a[...]), atol=1e-6,
-                                       err_msg=str(path))
-    graphdef, params = nnx.split(unrolled)
-    forward = jax.make_jaxpr(jax.grad(lambda p: loss(nnx.merge(graphdef, p))))(params).jaxpr
-    norm_inputs = _kernel_calls(forward, count_inputs_of=adaln.FORWARD_KERNEL_NAME)
-    runs = 1 if remat == "none" else 2  # the policies rerun the forward kernels in the backward
-    d = cfg.depth
-    # inputs (x, scale, shift) without an add, (x, branch, gate, scale, shift) with one
-    assert norm_inputs == ({3: runs, 5: (2 * d - 1) * runs} if deferred else {3: d * runs, 5: d * runs})
-
-
-def test_activations_policy_reruns_no_kernel():
-    """``activations_saveable`` keeps every kernel's forward outputs (attention, AdaLN norms,
-    bias + GELU) and the named activations: the gradient runs each forward kernel once,
-    where ``block`` runs each twice. (A policy changes no value.)"""
-    counts = {}
-    for remat in ("block", "activations_saveable"):
-        cfg = preset("tiny", width=128, patch_nums=(2, 6))
-        run = resolved("cpu", remat=remat, scan_blocks=False, attention="pallas",
-                       gelu="pallas", layer_norm="pallas")
-        graphdef, params = nnx.split(HMARTransformer(cfg, run, rngs=nnx.Rngs(0)))
-        x = jax.random.normal(jax.random.key(1), (2, cfg.layout.seq_len - 1, 8))
-
-        def loss(params):
-            return jnp.mean(nnx.merge(graphdef, params)(x, jnp.asarray([1, 2])) ** 2)
-
-        counts[remat] = _kernel_calls(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
-    d = preset("tiny").depth
-    forward = (ops.FORWARD_KERNEL_NAME, adaln.FORWARD_KERNEL_NAME, bias_gelu.FORWARD_KERNEL_NAME)
-    assert [counts["block"][k] for k in forward] == [2 * d, 4 * d, 2 * d]
-    assert [counts["activations_saveable"][k] for k in forward] == [d, 2 * d, d]
+    (want, want_grads), (got, got_grads) = (nnx.jit(nnx.value_and_grad(loss))(m)
+                                            for m in (scanned, unrolled))
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+    for (path, a), (_, b) in zip(nnx.to_flat_state(want_grads), nnx.to_flat_state(got_grads)):
+        np.testing.assert_allclose(np.asarray(b[...]), np.asarray(a[...]), atol=1e-6,
+                                   err_msg=str(path))

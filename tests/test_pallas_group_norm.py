@@ -8,7 +8,8 @@ from flax import nnx
 
 from hmar_jax import execution
 from hmar_jax.pallas import group_norm as gn
-from hmar_jax.tokenizer.model import VQVAE, VQVAEConfig
+from hmar_jax.tokenizer.model import VQVAE
+from structure_helpers import SMALL_TOKENIZER
 
 pytestmark = pytest.mark.usefixtures("exact_float32_matmuls")  # exact references on a GPU too
 
@@ -58,9 +59,6 @@ def test_kernels_match_the_reference_and_flax(height, width, channels, groups, s
     np.testing.assert_allclose(got, ref, atol=2e-6, rtol=1e-6)
     np.testing.assert_allclose(ref, _flax_two_pass(x, scale, bias, groups, silu),
                                atol=5e-6, rtol=1e-5)
-    assert "hmar_group_norm_stats" in str(jax.make_jaxpr(
-        lambda x: gn.group_norm(x, scale, bias, groups=groups, eps=EPS, silu=silu,
-                                implementation=KERNEL))(x))
 
 
 def test_bfloat16_inputs_give_bfloat16_outputs_within_one_rounding():
@@ -104,48 +102,41 @@ def test_bad_groups_and_implementation_are_refused():
 
 
 @pytest.mark.devices(4)
-def test_kernels_run_on_each_devices_share_of_the_batch():
+def test_kernel_gradients_under_a_mesh_equal_the_single_device_ones():
+    """With the batch split over 4 CPU devices the gradients through the kernels equal the
+    single-device ones. (That they run per device: ``test_compiled_structure``.)"""
     from hmar_jax import sharding
 
     x, scale, bias, weights = _inputs(8, 8, 8, 40)
     loss = lambda x, scale, bias: jnp.sum(weights * gn.group_norm(  # noqa: E731
         x, scale, bias, groups=8, eps=EPS, silu=True, implementation=KERNEL))
-    want = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x, scale, bias)
+    grad_fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    want = grad_fn(x, scale, bias)
     mesh = sharding.make_mesh((("data", 4),), jax.devices()[:4])
     placed = jax.device_put(x, sharding.batch_sharding(mesh))
     with jax.set_mesh(mesh):
-        compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(placed, scale, bias).compile()
-        grads = compiled(placed, scale, bias)
-    assert "all-gather" not in compiled.as_text()
+        grads = grad_fn(placed, scale, bias)
     for got, ref in zip(grads, want):
         np.testing.assert_allclose(got, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_bfloat16_tokenizer_runs_the_kernels_with_the_same_tokens():
+def test_bfloat16_tokenizer_with_the_kernels_gives_the_same_tokens():
     """The tokenizer's bf16 encode and decode with ``group_norm="pallas"`` give the same
     tokens as with ``"xla"`` (the same formula in jnp), and latents and images as close to
-    the float32 tokenizer's; the float32 precisions keep flax's two-pass GroupNorm and run
-    no kernel."""
-    config = VQVAEConfig(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2), num_res_blocks=1,
-                         using_sa=True, norm_groups=8, patch_nums=(1, 2, 4))
+    the float32 tokenizer's, whose precision keeps flax's two-pass GroupNorm. (Which runs
+    the kernels: ``test_compiled_structure``.)"""
     images = jax.random.uniform(jax.random.key(1), (2, 8, 8, 3), minval=-1, maxval=1)
-    outputs, kernel_calls, exact_latent = {}, {}, None
+    outputs, exact_latent = {}, None
     for precision, choice in (("highest", "pallas"), ("bfloat16", "xla"), ("bfloat16", "pallas")):
         run = execution.resolved(jax.default_backend(), tokenizer_precision=precision,
                                  group_norm=choice)
-        vae = VQVAE(config, run, rngs=nnx.Rngs(0))
+        vae = VQVAE(SMALL_TOKENIZER, run, rngs=nnx.Rngs(0))
         assert (vae.precision, vae.group_norm_implementation) == \
             (precision, KERNEL if choice == "pallas" else "xla")
         latent = vae.encode_latent(images)
         exact_latent = latent if exact_latent is None else exact_latent
         outputs[precision, choice] = (vae.encode_to_indices(images), latent,
                                       vae.decode_latent(exact_latent))
-        jaxpr = str(jax.make_jaxpr(lambda x: vae.decode_latent(vae.encode_latent(x)))(images))
-        kernel_calls[precision, choice] = jaxpr.count(gn.STATS_KERNEL_NAME)
-    # encoder: 2 levels x 1 resnet block x 2 norms, mid 2 x 2, norm_out, 2 attention norms;
-    # decoder: mid 2 x 2, 2 levels x 2 blocks x 2, norm_out, 3 attention norms
-    assert kernel_calls == {("bfloat16", "xla"): 0, ("bfloat16", "pallas"): 27,
-                            ("highest", "pallas"): 0}
     for got, want in zip(outputs["bfloat16", "pallas"][0], outputs["bfloat16", "xla"][0]):
         np.testing.assert_array_equal(got, want)
     exact = outputs["highest", "pallas"]

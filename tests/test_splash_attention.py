@@ -11,22 +11,17 @@ weights and the output to bf16, each 2^-9 relative, and the gradients through bf
 weights; the largest measured is 5e-3).
 """
 
-import collections
 import functools
 import zlib
 
 import jax
-import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-from hmar_jax import execution
 from hmar_jax.pallas import ops, splash
 from hmar_jax.pallas.reference import hmar_qkv, reference_attention
 from hmar_jax.scales import PATCH_NUMS, ScaleLayout
-from hmar_jax.transformer import HMARTransformer, preset
 
 TOL = {"float32": 1e-5, "bfloat16": 2e-2}
 
@@ -171,44 +166,3 @@ def test_ops_tpu_implementation_runs_splash(monkeypatch):
         _assert_close("full", out, reference_attention(q, k, v), TOL["float32"])
     assert calls == [("block_causal", length, length)] * 2 + [("full", 16, large)]
 
-
-def _kernel_calls(jaxpr) -> collections.Counter:
-    """Pallas calls by kernel name in a jaxpr and its sub-jaxprs."""
-    calls = collections.Counter()
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "pallas_call":
-            calls[str(eqn.params["name"])] += 1
-        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-            calls.update(_kernel_calls(sub))
-    return calls
-
-
-@pytest.mark.compiled_structure
-def test_tpu_default_is_splash_and_remat_keeps_its_output():
-    """The TPU resolution of the execution defaults runs attention on splash and no other
-    Pallas kernel, in both branches and their gradients; ``dots_attention_saveable`` (the
-    TPU default) keeps splash's forward output, so the backward does not run the forward
-    kernel again, while ``block`` does (traced only: nothing runs on CPU)."""
-    assert execution.ExecutionConfig().resolve(platform="tpu").attention == "tpu"
-    cfg = preset("tiny")
-    layout = cfg.layout
-    x = jax.random.normal(jax.random.key(1), (2, layout.seq_len - 1, cfg.latent_channels))
-    labels = jnp.asarray([1, 2])
-    masked = jnp.zeros((1, layout.seq_len - 1), bool).at[:, ::3].set(True)
-    forward_kernels = {}
-    for remat in ("dots_attention_saveable", "block"):
-        run = execution.ExecutionConfig(remat=remat, scan_blocks=False).resolve(platform="tpu")
-        graphdef, params = nnx.split(HMARTransformer(cfg, run, rngs=nnx.Rngs(0)))
-
-        def loss(params):
-            model = nnx.merge(graphdef, params)
-            return (jnp.mean(model(x, labels).astype(jnp.float32) ** 2)
-                    + jnp.mean(model.forward_masked(x, x, masked, labels) ** 2))
-
-        calls = _kernel_calls(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
-        assert all(name.startswith("splash_mha_") for name in calls), calls
-        forward_kernels[remat] = calls[splash.FORWARD_KERNEL_NAME]
-        # one backward per block run: depth (stage 1) + depth (shared trunk and mask branch)
-        assert calls["splash_mha_dq_no_residuals"] == calls["splash_mha_dkv_no_residuals"] == \
-            2 * cfg.depth
-    assert forward_kernels == {"dots_attention_saveable": 2 * cfg.depth, "block": 4 * cfg.depth}
