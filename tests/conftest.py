@@ -55,9 +55,9 @@ def exact_float32_matmuls():
 
 
 def pytest_collection_modifyitems(items):
-    """Tests marked ``heavy`` first (stable sort): under ``-n auto --dist loadscope`` their
+    """Tests marked ``slow`` first (stable sort): under ``-n auto --dist loadscope`` their
     modules are handed out first, so no worker starts a long module at the end."""
-    items.sort(key=lambda item: item.get_closest_marker("heavy") is None)
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(scope="session")

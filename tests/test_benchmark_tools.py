@@ -230,7 +230,6 @@ def _quick(script: str, tmp_path, *flags: str) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.heavy
 def test_train_step_quick_mode_runs_the_config_with_an_execution_variant(tmp_path):
     from benchmarks import bench
 
@@ -248,7 +247,6 @@ def test_train_step_quick_mode_runs_the_config_with_an_execution_variant(tmp_pat
 
 
 @pytest.mark.slow
-@pytest.mark.heavy
 def test_sample_quick_mode_runs_the_config_resolved_for_inference(tmp_path):
     from benchmarks import bench
 

@@ -10,7 +10,7 @@ import pytest
 ROOT = pathlib.Path(__file__).parents[1]
 
 
-@pytest.mark.heavy
+@pytest.mark.slow
 def test_sample_notebook_runs_on_the_digits_bundle(monkeypatch, capsys):
     notebook = json.loads((ROOT / "notebooks" / "sample.ipynb").read_text())
     monkeypatch.setenv("HMAR_CHECKPOINT", str(ROOT / "checkpoints" / "digits-demo"))

@@ -231,7 +231,6 @@ def reference_generate(model, vae, labels, cfg, top_k, top_p, schedules, uniform
     return chosen
 
 
-@pytest.mark.heavy
 def test_sampler_matches_a_step_by_step_reference_with_fixed_draws(upstream_pair):
     model, vae = upstream_pair
     schedules = sampler.DEFAULT_MASK_SCHEDULE_256

@@ -46,7 +46,7 @@ def test_cache_holds_the_tokenizers_indices(digits_cache, tokenizer_export):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-@pytest.mark.heavy
+@pytest.mark.slow
 def test_training_from_the_cache_equals_training_from_images(tmp_path, digits_cache):
     config, path = digits_cache
     steps = {"num_train_steps": 3, "log_batch_fingerprints": False}

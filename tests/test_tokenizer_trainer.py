@@ -37,7 +37,7 @@ def tiny_config(steps: int):
     return config
 
 
-@pytest.mark.heavy
+@pytest.mark.slow
 def test_tiny_run_learns_exports_and_resumes(tmp_path):
     config = tiny_config(steps=8)
     results = tokenizer_trainer.train_and_evaluate(config, str(tmp_path))

@@ -22,7 +22,7 @@ def params_of(workdir) -> dict:
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
-@pytest.mark.heavy
+@pytest.mark.slow
 def test_stage2_trains_only_the_mask_branch(tmp_path, tokenizer_export):
     stage1 = demo_config(**{"tokenizer.export": tokenizer_export, "num_train_steps": 2})
     trainer.Trainer(stage1, str(tmp_path / "s1")).run()
@@ -80,7 +80,6 @@ def single_device_step(tokenizer_export, tmp_path_factory):
     ((("data", 8), ("fsdp", 1)), 1),
     ((("data", 4), ("fsdp", 2)), 2),  # two sequential halves, mean gradient
     ((("data", 2), ("fsdp", 4)), 1)])
-@pytest.mark.heavy
 def test_sharded_step_matches_single_device(tmp_path, tokenizer_export, mesh, microbatches,
                                             single_device_step):
     """One step on a forced 8-device mesh (data x FSDP; on 4x2 in two microbatches) gives
@@ -179,7 +178,7 @@ def _fingerprints(workdir) -> dict[int, str]:
     return dict(zip(map(int, lines[::2]), lines[1::2]))  # the last entry per step wins
 
 
-@pytest.mark.heavy
+@pytest.mark.slow
 def test_sigkill_and_restart_matches_an_uninterrupted_run(tmp_path, tokenizer_export):
     """A CLI run killed with SIGKILL after a checkpoint, then restarted, ends with the same
     parameters and saw the same batches per step as an uninterrupted run."""

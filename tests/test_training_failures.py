@@ -71,7 +71,7 @@ def diverged_then_resumed(tokenizer_export, tmp_path_factory):
     return types.SimpleNamespace(workdir=workdir, left=left, metrics=metrics)
 
 
-@pytest.mark.heavy  # its fixture: two tiny runs, each compiling its own step
+@pytest.mark.slow  # its fixture: two tiny runs, each compiling its own step
 def test_divergence_saves_no_non_finite_state_and_names_the_last_good_step(
         diverged_then_resumed):
     left = diverged_then_resumed.left
