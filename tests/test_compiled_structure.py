@@ -28,7 +28,7 @@ from hmar_jax.tokenizer.model import VQVAE
 from hmar_jax.transformer import HMARTransformer, layers, preset
 from structure_helpers import SMALL_TOKENIZER, fsdp_gradient, kernel_calls, norm_gelu_norm
 
-pytestmark = pytest.mark.compiled_structure
+pytestmark = [pytest.mark.compiled_structure, pytest.mark.slow]
 
 KERNEL = "interpret"
 

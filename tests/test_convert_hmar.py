@@ -103,6 +103,7 @@ def test_expected_layout_counts_match_upstream():
     assert len(hmar_convert.expected_shapes(preset("d30"), "hmar")) == 511
 
 
+@pytest.mark.slow
 def test_assemble_stage1_and_stage2_exports(tmp_path):
     cfg = preset("tiny")
     stage1 = HMARTransformer(cfg.replace(num_mask_layers=0), rngs=nnx.Rngs(1))

@@ -27,6 +27,7 @@ def sources(batch=2):
 
 
 @pytest.mark.parametrize("inpaint", [True, False])
+@pytest.mark.slow
 def test_kept_tokens_and_pixels_match_the_source(pair, inpaint):
     model, vae = pair
     images = sources()

@@ -143,6 +143,7 @@ def test_generate_cli_rejects_bad_arguments_before_loading(tmp_path, capsys, arg
         assert "hmar-d16" in err and "'default'" in err  # the valid names are listed
 
 
+@pytest.mark.slow
 def test_generate_cli_end_to_end_with_a_tiny_bundle(tmp_path, capsys):
     from flax import nnx
 

@@ -138,6 +138,7 @@ def test_layers_refuse_an_unresolved_config():
         ops.AttentionSpec("block_diagonal", (1, 2), "pallas")
 
 
+@pytest.mark.slow
 def test_nothing_below_the_boundary_asks_for_the_platform(monkeypatch):
     """The model (both branches) and the tokenizer, built from resolved configs with every
     kernel in interpret mode, run their forward passes and their gradient while

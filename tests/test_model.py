@@ -240,6 +240,7 @@ def test_bfloat16_compute_keeps_float32_logits_and_stays_close(tiny_model):
     assert 0 < rel < 2e-2
 
 
+@pytest.mark.slow
 def test_bfloat16_head_keeps_float32_logits_and_gradients_close(tiny_model, tiny_model_gradients):
     """``head_dtype="bfloat16"``: the head's matmuls take bf16 operands with float32
     accumulation; logits and gradients stay float32, within 1% and 2% of the float32
@@ -291,6 +292,7 @@ def test_remat_and_scan_do_not_change_gradients(tiny_model, tiny_model_gradients
 
 
 @pytest.mark.parametrize("scan_blocks", [True, False])
+@pytest.mark.slow
 def test_fsdp_sharded_gradients_equal_the_unsharded_ones(scan_blocks):
     """With parameters FSDP-sharded (the class embedding and the head too) and the batch split
     over a (2, 4) CPU mesh, the gradients of the trainer's way of gathering weights
@@ -305,6 +307,7 @@ def test_fsdp_sharded_gradients_equal_the_unsharded_ones(scan_blocks):
         np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_unrolled_stack_with_deferred_adds_matches_the_scanned_stack():
     """Unrolled, a block's FFN residual add runs inside the next block's first AdaLN kernel
     (``forward_deferred``); with the Pallas norm kernels (interpret mode) the loss and every

@@ -208,6 +208,7 @@ def _float32_execution(attention: str) -> execution.ExecutionConfig:
                               remat="none", scan_blocks=True)
 
 
+@pytest.mark.slow
 def test_model_with_kernel_matches_reference_forward_and_gradients():
     cfg = preset("tiny", init_adaln_gamma=0.5, init_head=1.0)
     reference = HMARTransformer(cfg, _float32_execution("xla"), rngs=nnx.Rngs(0))

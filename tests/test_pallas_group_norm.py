@@ -120,6 +120,7 @@ def test_kernel_gradients_under_a_mesh_equal_the_single_device_ones():
         np.testing.assert_allclose(got, ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_bfloat16_tokenizer_with_the_kernels_gives_the_same_tokens():
     """The tokenizer's bf16 encode and decode with ``group_norm="pallas"`` give the same
     tokens as with ``"xla"`` (the same formula in jnp), and latents and images as close to

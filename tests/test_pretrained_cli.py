@@ -41,6 +41,7 @@ def params(module) -> list[np.ndarray]:
     return [np.asarray(a) for a in jax.tree.leaves(nnx.to_pure_dict(nnx.state(module, nnx.Param)))]
 
 
+@pytest.mark.slow
 def test_workdir_export_holds_the_ema_model_tokenizer_and_sampling(run, tokenizer_export):
     root, bundle = run
     loaded = pretrained.load_pretrained(bundle)
@@ -83,6 +84,7 @@ def test_the_execution_config_decides_the_weight_dtypes(run):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_the_demo_bundle_samples_as_it_always_has():
     """The shipped bundle through ``load_pretrained`` with the default execution: its samples
     and an inpainting edit are those it has always given (CPU: float32 model, xla kernels,
@@ -167,6 +169,7 @@ def test_pair_export_and_mismatched_tokenizer(run, tmp_path):
                         str(tmp_path / "s.npz")]) == 2
 
 
+@pytest.mark.slow
 def test_load_onto_a_mesh_gives_the_same_samples(run):
     _, bundle = run
     mesh = sharding.make_mesh((("data", 4), ("fsdp", 2)))
@@ -183,6 +186,7 @@ def test_load_onto_a_mesh_gives_the_same_samples(run):
     np.testing.assert_array_equal(got, expected)
 
 
+@pytest.mark.slow
 def test_sample_cli_writes_npz_and_png(run, tmp_path):
     _, bundle = run
     out = tmp_path / "samples.npz"
@@ -218,6 +222,7 @@ def test_sample_cli_errors(run, tmp_path, capsys, argv, message):
     assert not (tmp_path / "x.npz").exists()
 
 
+@pytest.mark.slow
 def test_edit_cli_inpaints_and_rejects_bad_input(run, tmp_path, capsys):
     _, bundle = run
     source = (np.random.default_rng(0).random((16, 16, 3)) * 255).astype(np.uint8)

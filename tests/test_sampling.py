@@ -94,6 +94,7 @@ def tiny_pair():
     return model, vae
 
 
+@pytest.mark.slow
 def test_samples_are_deterministic_per_class_and_index(tiny_pair):
     model, vae = tiny_pair
     config = sampling.SamplingConfig(cfg=2.0, top_k=20, top_p=0.95,
@@ -130,6 +131,7 @@ def test_matmul_weights_cast_once_give_the_same_passes():
     assert param_bytes() < 0.6 * bytes_before
 
 
+@pytest.mark.slow
 def test_precomputed_modulations_change_no_pass(tiny_pair):
     """The sampler's once-per-batch ``adaln_modulations`` give the passes' own values."""
     model, _ = tiny_pair
@@ -263,6 +265,7 @@ def test_sampler_matches_a_step_by_step_reference_with_fixed_draws(upstream_pair
                                    atol=2e-4, rtol=2e-4, err_msg=f"scale {k}")
 
 
+@pytest.mark.slow
 def test_var_mode_sampler_uses_the_block_causal_cache(tiny_pair):
     _, vae = tiny_pair
     model = HMARTransformer(preset("tiny", init_head=1.0, attention_pattern="block_causal"),
@@ -284,6 +287,7 @@ def test_var_mode_sampler_uses_the_block_causal_cache(tiny_pair):
                           sampling.SamplingConfig(mask_schedule=((1,), (1, 3), (9,), (16,))))
 
 
+@pytest.mark.slow
 def test_generate_batches_is_identical_on_one_and_eight_devices(tiny_pair):
     model, vae = tiny_pair
     config = sampling.SamplingConfig(cfg=2.0, top_k=20, top_p=0.95,

@@ -27,6 +27,7 @@ def digits_cache(tmp_path_factory, tokenizer_export):
     return config, root / "tokens"
 
 
+@pytest.mark.slow
 def test_cache_holds_the_tokenizers_indices(digits_cache, tokenizer_export):
     config, path = digits_cache
     vae = checkpointing.load_tokenizer(tokenizer_export, trainer.resolve_execution(config))
@@ -64,6 +65,7 @@ def test_training_from_the_cache_equals_training_from_images(tmp_path, digits_ca
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_bad_caches_are_refused(tmp_path, digits_cache, tokenizer_export):
     config, path = digits_cache
     other = VQVAE(checkpointing.load_tokenizer(tokenizer_export).config, rngs=nnx.Rngs(1))
@@ -96,6 +98,7 @@ def test_bad_caches_are_refused(tmp_path, digits_cache, tokenizer_export):
         trainer.Trainer(wrong, str(run_dir)).make_iterator()
 
 
+@pytest.mark.slow
 def test_image_folder_is_encoded_once_centre_cropped(tmp_path, tokenizer_export):
     from test_data import _image_folder
 

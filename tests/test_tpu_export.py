@@ -91,6 +91,7 @@ def test_small_training_step_exports_for_tpu(stage, tokenizer_export, tmp_path, 
 
 
 @pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.slow
 def test_d16_training_step_exports_for_tpu(stage, tmp_path, monkeypatch):
     monkeypatch.setattr(trainer_lib, "resolve_execution", _tpu_execution)
     monkeypatch.setattr(tokenizer_trainer, "load_trained_tokenizer", _narrow_released_tokenizer)
@@ -136,6 +137,7 @@ def test_small_sampler_exports_for_tpu():
     assert _kernels(exported) == {"splash_mha_fwd_no_residuals"}
 
 
+@pytest.mark.slow
 def test_d16_sampler_exports_for_tpu():
     exported = _export_sampler(preset("d16"), VQVAEConfig(), PRESETS["hmar-d16"])
     assert exported.platforms == ("tpu",)

@@ -80,6 +80,7 @@ def single_device_step(tokenizer_export, tmp_path_factory):
     ((("data", 8), ("fsdp", 1)), 1),
     ((("data", 4), ("fsdp", 2)), 2),  # two sequential halves, mean gradient
     ((("data", 2), ("fsdp", 4)), 1)])
+@pytest.mark.slow
 def test_sharded_step_matches_single_device(tmp_path, tokenizer_export, mesh, microbatches,
                                             single_device_step):
     """One step on a forced 8-device mesh (data x FSDP; on 4x2 in two microbatches) gives
@@ -220,6 +221,7 @@ def test_sigkill_and_restart_matches_an_uninterrupted_run(tmp_path, tokenizer_ex
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 def test_trains_on_an_image_folder(tmp_path, tokenizer_export):
     from PIL import Image
 
@@ -242,6 +244,7 @@ def test_trains_on_an_image_folder(tmp_path, tokenizer_export):
                         str(tmp_path / "bad")).make_iterator()
 
 
+@pytest.mark.slow
 def test_sigterm_stops_cleanly_with_a_checkpoint(tmp_path, tokenizer_export):
     import signal
     import subprocess
