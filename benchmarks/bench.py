@@ -33,8 +33,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from benchmarks.harness import REPO, now, peak_bf16_tflops  # noqa: E402
 
-OURS_TIMEOUT_S = 330
-OFFICIAL_TIMEOUT_S = 230
+OURS_TIMEOUT_S = 300
+OFFICIAL_TIMEOUT_S = 290
 OK_STATUSES = ("ok", "OOM")
 
 

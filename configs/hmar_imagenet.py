@@ -24,7 +24,7 @@ Stage 2 from a stage-1 export (or a converted official HMAR/NSP file):
 
 Expected results: not yet measured with this code. Upstream reference points are VAR's
 FIDs (d16 3.55, d20 2.95, d24 2.33, d30 1.97); HMAR reports matching or better quality.
-Wall-clock time: 200-350 epochs of ImageNet; see benchmarks/ for measured step times.
+Wall-clock time: 200-350 epochs of ImageNet; benchmarks/RESULTS.md has measured step times.
 """
 
 import importlib.util
@@ -94,7 +94,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         num_classes=1000, num_mask_layers=MASK_LAYERS, init_adaln_gamma=recipe["alng"]))
 
     # How it runs. 256 px: the platform's defaults, on GPUs the fastest setting measured
-    # that fits (benchmarks/README.md). 512 px (L = 2240): four times the activations per
+    # that fits (benchmarks/RESULTS.md). 512 px (L = 2240): four times the activations per
     # image, so every block reruns in the backward and the blocks are scanned, which also
     # lets FSDP gather one block's weights at a time.
     config.execution = _common().execution(

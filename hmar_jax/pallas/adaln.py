@@ -42,7 +42,7 @@ from hmar_jax.pallas.triton_util import compiler_params
 FORWARD_KERNEL_NAME = "hmar_adaln_fwd"  # for remat policies that keep its outputs
 TILE_ELEMENTS = 4096  # a program's tile: [rows, next_pow2(C)] float32 values in registers
 MAX_ROWS = 8
-MAX_SUB_BLOCKS = 5  # backward: tiles per program (benchmarks/adaln_tiles.py sweeps it)
+MAX_SUB_BLOCKS = 5  # backward: tiles per program; more leave too few programs to fill the GPU
 MIN_WIDTH = 16
 
 
