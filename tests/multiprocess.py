@@ -1,17 +1,25 @@
 """Several local processes joined by ``jax.distributed`` (not a test module).
 
-Each process is a real command line (``python -m hmar_jax.train ...``) with its own forced
-CPU devices; they find each other the way a cluster's processes do, through the launch
+Each process is a real command line (``python -m hmar_jax.train ...``, or this file's
+``restore`` command, which restores a training checkpoint with the trainer's own code and
+trains nothing) with its own forced CPU devices; they find each other the way a cluster's processes do, through the launch
 environment that ``hmar_jax.distributed`` recognises: the explicit coordinator variables
 (``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``) on a localhost
 port, or SLURM's variables (see ``slurm_environment``). Cross-process collectives on CPU run
 over gloo (TCP), JAX's default CPU collectives.
+
+Compiled programs: the persistent compilation cache the suite sets up is inherited, but JAX
+reads and writes it from process 0 only (the other processes' cache keys include their own
+place in the topology), so every launch of several processes compiles its programs once
+more on processes 1 and up; the tests keep the number of such launches small.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
+import json
 import os
 import pathlib
 import re
@@ -116,3 +124,86 @@ def run(args: list[str], *, count: int, local_devices: int, logs: pathlib.Path,
                           for i, c in enumerate(codes))
         raise AssertionError(f"{count} processes of {' '.join(args[:3])} failed:\n{tails}")
     return group
+
+
+FAKE_SRUN = r"""#!/usr/bin/env bash
+# Stand-in for srun: records its arguments, then runs the command once per task of
+# SLURM_NTASKS on this host with the task variables SLURM sets, each task's SLURM_* and
+# JAX_* environment recorded.
+printf '%s\n' "$@" > "$RECORD/srun_args"
+while [[ "${1:-}" == --* ]]; do shift; done
+pids=()
+for ((task = 0; task < SLURM_NTASKS; task++)); do
+  SLURM_PROCID=$task SLURM_LOCALID=$task SLURM_STEP_NODELIST=localhost SLURM_STEP_NUM_NODES=1 \
+    bash -c 'env | grep -E "^(SLURM_|JAX_)" | sort > "$RECORD/task$SLURM_PROCID.env"; exec "$@"' \
+    srun "$@" > "$RECORD/task$task.log" 2>&1 &
+  pids+=($!)
+done
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+exit $status
+"""
+
+
+def stand_in(directory: pathlib.Path, name: str, text: str) -> pathlib.Path:
+    """An executable script ``directory/name`` holding ``text``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | 0o100)
+    return path
+
+
+def restore_command(workdirs: list[pathlib.Path], out: pathlib.Path, changes: dict, *,
+                    save_to: pathlib.Path | None = None) -> list[str]:
+    """Arguments of this file's ``restore`` command (see ``restore_main``)."""
+    command = [str(pathlib.Path(__file__)), "restore", "--out", str(out),
+               "--changes", json.dumps(changes), *map(str, workdirs)]
+    return command + (["--save-to", str(save_to)] if save_to is not None else [])
+
+
+def restore_main(argv: list[str]) -> None:
+    """``restore --out DIR --changes JSON WORKDIR... [--save-to WORKDIR]``: in every process
+    of the launch, builds the trainer of ``tiny_runs.demo_config(**changes)`` on each
+    WORKDIR and restores its newest checkpoint (``Trainer.restore_latest``; no step is
+    compiled). Process 0 writes ``DIR/<i>.npz`` (every state array, gathered from all
+    processes, in tree order) and ``DIR/<i>.json`` (step, data-iterator state). With
+    ``--save-to``, the first WORKDIR's restored state is saved again there by these
+    processes, as the trainer saves its checkpoints."""
+    parser = argparse.ArgumentParser(prog="multiprocess.py restore")
+    parser.add_argument("workdirs", nargs="+", type=pathlib.Path)
+    parser.add_argument("--out", required=True, type=pathlib.Path)
+    parser.add_argument("--changes", required=True, type=json.loads)
+    parser.add_argument("--save-to", type=pathlib.Path)
+    args = parser.parse_args(argv)
+
+    from hmar_jax import distributed
+
+    distributed.initialize_if_multi_process()
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    from hmar_jax.training import trainer
+    from tiny_runs import demo_config
+
+    config = demo_config(**args.changes)
+    for index, workdir in enumerate(args.workdirs):
+        state, data_state = trainer.Trainer(config, str(workdir)).restore_latest(with_data=True)
+        if index == 0 and args.save_to is not None:
+            writer = trainer.Trainer(config, str(args.save_to))
+            writer._save(int(state.step), state, data_state)
+            writer.manager.wait_until_finished()
+        leaves = multihost_utils.process_allgather(jax.tree.leaves(state), tiled=True)
+        if jax.process_index() == 0:
+            args.out.mkdir(parents=True, exist_ok=True)
+            np.savez(args.out / f"{index}.npz", *leaves)
+            (args.out / f"{index}.json").write_text(json.dumps(
+                {"step": int(state.step), "data": data_state}))
+    multihost_utils.sync_global_devices("multiprocess.py restore: done")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["restore"]:
+        sys.exit("usage: multiprocess.py restore ... (see restore_main)")
+    restore_main(sys.argv[2:])

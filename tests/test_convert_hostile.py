@@ -154,6 +154,7 @@ def test_hostile_file_is_refused_in_bounded_memory(tmp_path, build, words):
     assert_nothing_written(tmp_path)
 
 
+@pytest.mark.slow
 def test_normal_conversion_stays_within_the_bound(tmp_path, vqvae_state_dict):
     src = tmp_path / "vae.pth"
     torch_pickle.save_state_dict(src, vqvae_state_dict)

@@ -85,6 +85,7 @@ def test_edit_errors(pair):
         sampling.box_mask(16, (0.5, 0.0, 0.5, 1.0), inpaint=True)
 
 
+@pytest.mark.slow
 def test_edit_is_compiled_and_deterministic(pair):
     model, vae = pair
     regenerate = sampling.box_mask(16, (0.0, 0.5, 1.0, 1.0), inpaint=True, batch=2)

@@ -128,6 +128,7 @@ def tiny_model():
 
 
 @pytest.mark.parametrize("scan_blocks", [True, False])
+@pytest.mark.slow
 def test_markov_property_full_sequence_equals_each_scale_alone(tiny_model, scan_blocks):
     model = tiny_model
     if not scan_blocks:  # same weights, blocks unrolled
@@ -167,6 +168,7 @@ def test_parameter_counts_match_the_spec_table():
         assert count_params(cfg, STAGE2_TRAINABLE) == stage2
 
 
+@pytest.mark.slow
 def test_upstream_initialisation_statistics():
     cfg = preset("tiny", width=256, num_heads=4, depth=4)
     model = HMARTransformer(cfg, rngs=nnx.Rngs(0))

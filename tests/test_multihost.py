@@ -1,21 +1,29 @@
 """Several ``jax.distributed`` processes on one machine (CPU devices, gloo collectives):
-training, checkpoints across process counts, a killed process, ``evaluate generate``.
+training (launched through ``launch/slurm_gpu.sh`` under a stand-in ``srun``), a killed
+process and the relaunch, checkpoints across process counts, ``evaluate generate``.
 
-The multi-process runs are the command lines a user launches (``python -m
-hmar_jax.train``), joined through the coordinator variables ``hmar_jax.distributed``
-reads; their reference is the same config trained in this (8-device) process.
+The multi-process runs are the command lines a user launches (``python -m hmar_jax.train``,
+``python -m hmar_jax.evaluate generate``), joined through the variables
+``hmar_jax.distributed`` reads; the training reference is the same config trained in this
+(8-device) process. One run of each kind serves every test of this module: the launches
+are the expensive part (each process starts JAX, and processes other than 0 compile their
+programs again, see ``multiprocess``).
 
 Tolerance of multi-process against single-process parameters: the mesh (8 devices on the
 ``data`` axis), the global batch and every device's rows are the same, so the only
 difference is how the gradient's cross-device sum is carried out (gloo between processes,
 XLA's in-process all-reduce within one), which may add in another order: float32 rounding,
 ~1e-7 relative per step, which AdamW's normalised update can lift to ~1e-6 of a parameter's
-size over a few steps. ``rtol=1e-5, atol=1e-6`` allows that and nothing more.
+size over a few steps. ``rtol=1e-5, atol=1e-6`` allows that and nothing more. Restoring
+moves arrays without arithmetic, so restored states are compared bit for bit.
 """
 
+import json
+import os
 import pathlib
 import shutil
 import signal
+import sys
 import time
 
 import jax
@@ -28,11 +36,14 @@ from hmar_jax.training import data, trainer
 import multiprocess
 from tiny_runs import demo_config
 
+ROOT = pathlib.Path(__file__).parents[1]
+
 RTOL, ATOL = 1e-5, 1e-6
-# 197 held-out digits in global batches of 16: step 13 finishes the first epoch.
-STEPS = 13
-RUN = {"data.split": "eval", "batch_size": 16, "num_train_steps": STEPS,
-       "checkpoint_every_steps": 4, "max_checkpoints_to_keep": 10,
+# 197 held-out digits in global batches of 64: the first epoch ends in step 4, the run in the
+# second epoch; checkpoints every 2 steps leave the killed run 4 steps to be killed in.
+STEPS, EVERY = 6, 2
+RUN = {"data.split": "eval", "batch_size": 64, "num_train_steps": STEPS,
+       "checkpoint_every_steps": EVERY, "max_checkpoints_to_keep": 10,
        "log_batch_fingerprints": True, "loss.label_dropout": 0.0}
 
 
@@ -65,9 +76,7 @@ def checkpoint_state(workdir: pathlib.Path, step: int) -> list[np.ndarray]:
     return [np.asarray(x) for x in jax.tree.leaves(restored)]
 
 
-def reference_data_state(workdir: pathlib.Path, step: int) -> dict:
-    import json
-
+def checkpoint_data_state(workdir: pathlib.Path, step: int) -> dict:
     return json.loads((workdir / "checkpoints" / str(step) / "data" / "metadata").read_text())
 
 
@@ -77,17 +86,22 @@ def assert_same_state(got: list, want: list) -> None:
         np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL)
 
 
+def assert_identical_state(got: list, want: list) -> None:
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(a), b)
+
+
 def fingerprints(workdir: pathlib.Path, name: str = "batch_fingerprints.txt") -> dict[int, str]:
+    """``step -> fingerprint`` (a step logged twice, before and after a resume: the last)."""
     lines = (workdir / name).read_text().splitlines()
     return {int(step): rest for step, rest in (line.split() for line in lines)}
 
 
 def seeded_workdir(source: pathlib.Path, step: int, destination: pathlib.Path) -> pathlib.Path:
-    """A workdir holding only checkpoint ``step`` of ``source`` (and its run records)."""
+    """A workdir holding only checkpoint ``step`` of ``source``."""
     (destination / "checkpoints").mkdir(parents=True)
     shutil.copytree(source / "checkpoints" / str(step), destination / "checkpoints" / str(step))
-    for name in (trainer.RUN_IDENTITY, trainer.RUN_CONFIG):
-        shutil.copy(source / name, destination / name)
     return destination
 
 
@@ -130,7 +144,7 @@ def test_processes_read_disjoint_rows_of_one_global_order(count):
 # ----- training across processes ------------------------------------------------------------
 @pytest.fixture(scope="module")
 def reference(tokenizer_export, tmp_path_factory):
-    """The run trained in this process on its 8 devices (checkpoints every 4 steps kept)."""
+    """The run trained in this process on its 8 devices (a checkpoint every 2 steps)."""
     workdir = tmp_path_factory.mktemp("one_process") / "run"
     trainer.Trainer(demo_config(**{"tokenizer.export": tokenizer_export}, **RUN),
                     str(workdir)).run()
@@ -138,66 +152,75 @@ def reference(tokenizer_export, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def two_processes(tokenizer_export, tmp_path_factory):
-    """The same run as 2 processes x 4 devices, from the command line."""
-    base = tmp_path_factory.mktemp("two_processes")
-    multiprocess.run(train_command(base / "run", tokenizer_export), count=2, local_devices=4,
-                     logs=base / "logs")
-    return base / "run"
+def slurm_run(tokenizer_export, tmp_path_factory):
+    """``sbatch launch/slurm_gpu.sh`` as SLURM runs it, 2 tasks of 4 CPU devices, under the
+    stand-in ``srun`` (``multiprocess.FAKE_SRUN``): ``(workdir, record)``, the record
+    directory holding srun's arguments and each task's environment and output."""
+    record = tmp_path_factory.mktemp("slurm")
+    multiprocess.stand_in(record / "bin", "srun", multiprocess.FAKE_SRUN)
+    env = multiprocess.cpu_environment(4)
+    env.update(PATH=f"{record / 'bin'}{os.pathsep}{env['PATH']}", RECORD=str(record),
+               PYTHON=sys.executable, SLURM_NTASKS="2", SLURM_JOB_ID="4242",
+               SLURM_SUBMIT_DIR=str(ROOT), JAX_COORDINATOR_PORT=str(multiprocess.free_port()))
+    workdir = record / "run"
+    import subprocess
+
+    result = subprocess.run(["bash", str(ROOT / "launch" / "slurm_gpu.sh"),
+                             "configs/demo.py:runlocal", str(workdir),
+                             *flags(tokenizer_export)], cwd=record, env=env, timeout=300)
+    logs = "\n".join((record / f"task{i}.log").read_text()[-2000:] for i in range(2)
+                     if (record / f"task{i}.log").exists())
+    assert result.returncode == 0, logs
+    return workdir, record
 
 
 @pytest.mark.slow
-def test_two_processes_train_what_one_process_trains(reference, two_processes):
-    """2 processes x 4 devices end with the single-process run's checkpoints and export, saw
-    the same global batches, and read each example once in the first epoch."""
-    for step in (4, 8, 12, STEPS):
+def test_slurm_launch_joins_the_tasks_into_one_run(slurm_run, tokenizer_export):
+    """srun gets the training command, each task SLURM's variables (JAX's SLURM detection:
+    coordinator on the step's first node, JAX_COORDINATOR_PORT) and the inherited
+    compilation cache, and the tasks train as one run of 8 devices."""
+    workdir, record = slurm_run
+    assert (record / "srun_args").read_text().splitlines() == [
+        "--kill-on-bad-exit=1", sys.executable, "-m", "hmar_jax.train", "--config",
+        "configs/demo.py:runlocal", "--workdir", str(workdir), *flags(tokenizer_export)]
+    port = None
+    for task in range(2):
+        variables = dict(line.split("=", 1) for line in
+                         (record / f"task{task}.env").read_text().splitlines())
+        port = port or variables["JAX_COORDINATOR_PORT"]
+        assert {k: variables[k] for k in ("SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID",
+                                          "SLURM_STEP_NODELIST", "SLURM_JOB_ID",
+                                          "JAX_COORDINATOR_PORT")} == {
+            "SLURM_NTASKS": "2", "SLURM_PROCID": str(task), "SLURM_LOCALID": str(task),
+            "SLURM_STEP_NODELIST": "localhost", "SLURM_JOB_ID": "4242",
+            "JAX_COORDINATOR_PORT": port}
+        assert variables["JAX_COMPILATION_CACHE_DIR"] == os.environ.get(
+            "JAX_COMPILATION_CACHE_DIR", str(workdir / "jax_cache"))
+    # One run: each step's global batch of 64 gathered from both tasks, one export.
+    lines = (workdir / "example_fingerprints.txt").read_text().splitlines()
+    assert [len(line.split()[1].split(",")) for line in lines] == [64] * STEPS
+    assert (workdir / "export" / "hmar_config.json").is_file()
+    assert not list(workdir.glob(".*staging*")) and not list(workdir.glob(".export*"))
+
+
+@pytest.mark.slow
+def test_two_processes_train_what_one_process_trains(reference, slurm_run):
+    """The 2-process run ends with the single-process run's checkpoints, saw the same global
+    batches, and read each example once in the first epoch."""
+    two_processes, _ = slurm_run
+    for step in range(EVERY, STEPS + 1, EVERY):
         assert_same_state(checkpoint_state(two_processes, step), checkpoint_state(reference, step))
+        assert checkpoint_data_state(two_processes, step) == checkpoint_data_state(reference, step)
     assert fingerprints(two_processes) == fingerprints(reference)
-    assert len(fingerprints(two_processes)) == STEPS
-    examples = [e for step in sorted(fingerprints(two_processes, "example_fingerprints.txt"))
-                for e in fingerprints(two_processes, "example_fingerprints.txt")[step].split(",")]
+    assert sorted(fingerprints(two_processes)) == list(range(1, STEPS + 1))
+    per_step = fingerprints(two_processes, "example_fingerprints.txt")
+    examples = [e for step in sorted(per_step) for e in per_step[step].split(",")]
     images, labels = data.digits_split(16, "eval")
     dataset = [f"{trainer.example_fingerprint(data.to_model_range({'image': x, 'label': y})['image'], y):08x}"
                for x, y in zip(images, labels)]
-    assert len(set(dataset)) == len(dataset) == 197
+    assert len(set(dataset)) == len(dataset) == 197 and len(examples) == 64 * STEPS
     assert sorted(examples[:197]) == sorted(dataset)  # the first epoch: every example once
     assert set(examples[197:]) <= set(dataset)
-    # Process 0 alone wrote the run's records and the export.
-    assert (two_processes / "export" / "hmar_config.json").is_file()
-    assert not list(two_processes.glob(".*staging*")) and not list(two_processes.glob(".export*"))
-
-
-@pytest.mark.slow
-def test_checkpoints_restore_across_process_counts(reference, two_processes, tokenizer_export,
-                                                   tmp_path):
-    """A checkpoint of 2 processes resumes in 4 processes (2 devices each) and in this single
-    process, one of 4 processes and one of a single process resume in 2; each continues as
-    the uninterrupted run does."""
-    four = seeded_workdir(two_processes, 4, tmp_path / "four")
-    multiprocess.run(train_command(four, tokenizer_export), count=4, local_devices=2,
-                     logs=tmp_path / "logs_four")
-    for step in (8, 12, STEPS):
-        assert_same_state(checkpoint_state(four, step), checkpoint_state(reference, step))
-
-    # Two processes resume the 4-process checkpoint of step 8 and (second workdir) the
-    # single-process checkpoint of step 12, in one launch each.
-    from_four = seeded_workdir(four, 8, tmp_path / "from_four")
-    multiprocess.run(train_command(from_four, tokenizer_export), count=2, local_devices=4,
-                     logs=tmp_path / "logs_from_four")
-    assert_same_state(checkpoint_state(from_four, STEPS), checkpoint_state(reference, STEPS))
-    from_one = seeded_workdir(reference, 12, tmp_path / "from_one")
-    multiprocess.run(train_command(from_one, tokenizer_export), count=2, local_devices=4,
-                     logs=tmp_path / "logs_from_one")
-    assert_same_state(checkpoint_state(from_one, STEPS), checkpoint_state(reference, STEPS))
-    assert fingerprints(from_one)[STEPS] == fingerprints(reference)[STEPS]
-
-    # This process (8 devices) resumes the 2-process checkpoint of step 8.
-    resumed = seeded_workdir(two_processes, 8, tmp_path / "one")
-    config = demo_config(**{"tokenizer.export": tokenizer_export}, **RUN)
-    state, data_state = trainer.Trainer(config, str(resumed)).restore_latest(with_data=True)
-    assert int(state.step) == 8 and data_state == reference_data_state(reference, 8)
-    trainer.Trainer(config, str(resumed)).run()
-    assert_same_state(checkpoint_state(resumed, STEPS), checkpoint_state(reference, STEPS))
 
 
 @pytest.mark.slow
@@ -207,14 +230,14 @@ def test_a_killed_process_stops_the_others_and_a_relaunch_resumes(reference, tok
     service's heartbeat limit (no hang); launching both again resumes from the last complete
     checkpoint and ends where the uninterrupted run ends."""
     workdir = tmp_path / "run"
-    command = train_command(workdir, tokenizer_export, checkpoint_every_steps=2)
+    command = train_command(workdir, tokenizer_export)
     group = multiprocess.launch(command, count=2, local_devices=4, logs=tmp_path / "logs")
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and all(p.poll() is None for p in group.processes):
-            if (workdir / "checkpoints" / "2" / "commit_success.txt").exists():
+            if (workdir / "checkpoints" / str(EVERY) / "commit_success.txt").exists():
                 break
-            time.sleep(0.1)
+            time.sleep(0.02)
         assert all(p.poll() is None for p in group.processes), group.output(0)[-3000:]
         group.processes[1].send_signal(signal.SIGKILL)
         killed = time.monotonic()
@@ -225,8 +248,95 @@ def test_a_killed_process_stops_the_others_and_a_relaunch_resumes(reference, tok
         group.kill()
     output = group.output(0)
     assert code != 0 and seconds < limit, output[-3000:]
+    assert not (workdir / "export").exists()
     print(f"process 0 stopped {seconds:.1f} s after its peer was killed (exit {code})")
     print(output[-1500:])
     # The relaunch: both processes again, to the reference's length.
-    multiprocess.run(command, count=2, local_devices=4, logs=tmp_path / "logs_again")
+    again = multiprocess.run(command, count=2, local_devices=4, logs=tmp_path / "logs_again")
+    resumed = [int(line.rsplit(" ", 1)[1].rstrip(".")) for line in
+               again.output(0).splitlines() if "Resumed from step" in line]
+    assert len(resumed) == 1 and resumed[0] in range(EVERY, STEPS, EVERY), again.output(0)[-3000:]
     assert_same_state(checkpoint_state(workdir, STEPS), checkpoint_state(reference, STEPS))
+    assert fingerprints(workdir) == fingerprints(reference)
+
+
+@pytest.mark.slow
+def test_checkpoints_restore_across_process_counts(reference, slurm_run, tokenizer_export,
+                                                   tmp_path):
+    """The trainer's restore (``Trainer.restore_latest``, no step compiled) of a checkpoint
+    written by 2 processes, in 4 processes (2 devices each) and in this single process; of
+    one written by 4 processes and one written by this process, in 2 processes. Each gives
+    the checkpoint's arrays exactly and the data position of the uninterrupted run."""
+    two_processes, _ = slurm_run
+    changes = {"tokenizer.export": tokenizer_export, **RUN}
+    step = 2 * EVERY
+    want = checkpoint_state(two_processes, step)
+    want_data = checkpoint_data_state(reference, step)
+
+    # 4 processes restore the 2-process checkpoint and save it again (a 4-process write).
+    four = tmp_path / "four_processes"
+    multiprocess.run(multiprocess.restore_command(
+        [seeded_workdir(two_processes, step, tmp_path / "from_two")], tmp_path / "out_four",
+        changes, save_to=four), count=4, local_devices=2, logs=tmp_path / "logs_four")
+    with np.load(tmp_path / "out_four" / "0.npz") as restored:
+        assert_identical_state([restored[f"arr_{i}"] for i in range(len(restored.files))], want)
+    assert json.loads((tmp_path / "out_four" / "0.json").read_text()) == {
+        "step": step, "data": want_data}
+    assert_identical_state(checkpoint_state(four, step), want)
+    assert checkpoint_data_state(four, step) == want_data
+
+    # 2 processes restore the 4-process checkpoint and the single-process one.
+    multiprocess.run(multiprocess.restore_command(
+        [four, seeded_workdir(reference, step, tmp_path / "from_one")], tmp_path / "out_two",
+        changes), count=2, local_devices=4, logs=tmp_path / "logs_two")
+    for index, source in enumerate((two_processes, reference)):
+        with np.load(tmp_path / "out_two" / f"{index}.npz") as restored:
+            assert_identical_state([restored[f"arr_{i}"] for i in range(len(restored.files))],
+                                   checkpoint_state(source, step))
+        assert json.loads((tmp_path / "out_two" / f"{index}.json").read_text()) == {
+            "step": step, "data": want_data}
+
+    # This process (8 devices) restores the 2-process checkpoint.
+    config = demo_config(**changes)
+    state, data_state = trainer.Trainer(config, str(tmp_path / "from_two")).restore_latest(
+        with_data=True)
+    assert int(state.step) == step and data_state == want_data
+    assert_identical_state(jax.device_get(jax.tree.leaves(state)), want)
+
+
+# ----- evaluate generate across processes ---------------------------------------------------
+@pytest.mark.slow
+def test_generate_over_two_processes_writes_the_single_process_batch(tmp_path):
+    """``python -m hmar_jax.evaluate generate`` as 2 processes x 4 devices (a chunk each,
+    process 0 packs) writes the npz that 1 process of 4 devices writes, byte for byte: every
+    sample's randomness comes from (seed, class, index) and each process runs the same
+    compiled sampler on its chunk as the single process does on the same chunk."""
+    from flax import nnx
+
+    from hmar_jax import pretrained, sampling
+    from hmar_jax.tokenizer.model import VQVAE, VQVAEConfig
+    from hmar_jax.transformer import HMARTransformer, preset
+
+    vae = VQVAE(VQVAEConfig(vocab_size=64, z_channels=8, ch=16, ch_mult=(1, 2), num_res_blocks=1,
+                            using_sa=False, norm_groups=4, patch_nums=(1, 2, 3, 4)),
+                rngs=nnx.Rngs(0))
+    model = HMARTransformer(preset("tiny", init_head=1.0), rngs=nnx.Rngs(1))
+    bundle = pretrained.save_pretrained(
+        tmp_path / "bundle", model, vae,
+        sampling=sampling.SamplingConfig(cfg=2.0, top_k=20, top_p=0.95, mask_schedule=None))
+
+    def generate(count: int) -> dict:
+        out = tmp_path / f"samples_{count}.npz"
+        multiprocess.run(["-m", "hmar_jax.evaluate", "generate", "--checkpoint", str(bundle),
+                          "--preset", "default", "--per-class", "2", "--chunk", "10",
+                          "--batch-size", "4", "--out", str(out)],
+                         count=count, local_devices=4, logs=tmp_path / f"logs_{count}")
+        with np.load(out) as packed:
+            return {k: packed[k] for k in packed.files}
+
+    one, two = generate(1), generate(2)
+    assert one["arr_0"].shape == (20, 8, 8, 3) and one["arr_0"].dtype == np.uint8
+    assert len({image.tobytes() for image in one["arr_0"]}) == 20  # every sample differs
+    np.testing.assert_array_equal(two["labels"], np.repeat(np.arange(10), 2))
+    np.testing.assert_array_equal(two["arr_0"], one["arr_0"])
+    assert not list(tmp_path.glob("*.parts"))

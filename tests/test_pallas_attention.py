@@ -115,6 +115,7 @@ def check_packed_attention(pattern: str, dtype: str, seed: int, margin: float = 
 
 @pytest.mark.parametrize("pattern", ["block_diagonal", "full"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.slow
 def test_packed_attention_with_prologue_matches_reference(pattern, dtype):
     """``hmar_attention`` on the kernel (bias, q/k normalisation and temperature inside the
     forward kernel) equals preparing q, k, v with ``hmar_qkv`` and running the reference."""
@@ -233,6 +234,7 @@ def test_model_with_kernel_matches_reference_forward_and_gradients():
 
 @pytest.mark.devices(8)
 @pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.slow
 def test_kernel_under_a_mesh_gives_the_unsharded_values(packed):
     """Under a batch-sharded mesh the op (which runs the kernel on each device's slice: XLA
     cannot partition a Pallas call) gives the unsharded output and gradients. (No all-gather

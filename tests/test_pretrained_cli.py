@@ -60,6 +60,7 @@ def test_workdir_export_holds_the_ema_model_tokenizer_and_sampling(run, tokenize
                                   loaded.model.blocks.attn.mat_qkv.kernel[...][1])
 
 
+@pytest.mark.slow
 def test_the_execution_config_decides_the_weight_dtypes(run):
     """Matmul weights are stored in the resolved compute dtype (float32 on CPU by default)
     unless ``cast_weights`` is off; the heads keep float32."""
@@ -113,6 +114,7 @@ def test_the_demo_bundle_samples_as_it_always_has():
         "1c8a838dd8b44a6ab592dc155238e7ecb6251926e584b971100a8d55308eab22")
 
 
+@pytest.mark.slow
 def test_export_needs_no_trainer(run, tmp_path):
     """``python -m hmar_jax.export --workdir`` reads the run's config and the EMA weights
     without the trainer (nor the training data): the same bundle as in process."""

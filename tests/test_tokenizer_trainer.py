@@ -56,6 +56,7 @@ def test_tiny_run_learns_exports_and_resumes(tmp_path):
     assert steps[-1] == 10 and len(steps) <= config.max_checkpoints_to_keep
 
 
+@pytest.mark.slow
 def test_dead_codes_are_reseeded_from_the_batch():
     config = tiny_config(steps=100)
     config.codebook.restart_every = 1

@@ -125,6 +125,7 @@ def _export_sampler(cfg, vae_config: VQVAEConfig, sampling: SamplingConfig):
         return jax.export.export(sampler, platforms=["tpu"])(model_state, vae_state, index, index)
 
 
+@pytest.mark.slow
 def test_small_sampler_exports_for_tpu():
     """Digits-demo shapes; its larger scales (over ``SMALL_FULL_KEYS`` tokens) attend with
     splash, forward only."""

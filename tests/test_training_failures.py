@@ -89,6 +89,7 @@ def test_divergence_saves_no_non_finite_state_and_names_the_last_good_step(
     assert left.steps_run == diverged_at + 1  # checked one step behind, as it ran
 
 
+@pytest.mark.slow
 def test_a_lower_rate_resumes_from_the_last_good_checkpoint(diverged_then_resumed):
     run = diverged_then_resumed
     good = max(run.left.checkpoints)
