@@ -63,12 +63,15 @@ def generate_batches(model: HMARTransformer, vae: VQVAE, labels, sample_index, *
     model_state = jax.device_put(model_state, replicated)
     vae_state = jax.device_put(vae_state, replicated)
     sampler = _sharded_sampler(model_graph, vae_graph, seed, config, mesh)
+    # Placed explicitly: with several processes, jit refuses host arrays for a sharded
+    # argument, even on a mesh of this process's own devices.
+    batched = NamedSharding(mesh, P(mesh.axis_names))
     chunks = []
     for begin in range(0, len(labels), batch_size):
         count = min(batch_size, len(labels) - begin)
-        pad = lambda a: np.concatenate([a[begin:begin + count],  # noqa: E731
-                                        np.repeat(a[begin + count - 1:begin + count],
-                                                  batch_size - count)])
+        pad = lambda a: jax.device_put(np.concatenate(  # noqa: E731
+            [a[begin:begin + count], np.repeat(a[begin + count - 1:begin + count],
+                                               batch_size - count)]), batched)
         with jax.set_mesh(mesh):  # the attention kernel then runs per device (pallas.ops)
             images = sampler(model_state, vae_state, pad(labels), pad(sample_index))
         chunks.append(to_uint8(jax.device_get(images))[:count])
