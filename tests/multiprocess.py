@@ -154,6 +154,16 @@ def stand_in(directory: pathlib.Path, name: str, text: str) -> pathlib.Path:
     return path
 
 
+def flat_state(tree) -> dict:
+    """``{path: leaf}`` of a state tree, the path its keys joined by ``/``
+    (``trainable/blocks/attn/proj/kernel/value``): the same names for the trainer's
+    ``TrainState`` and for the nested dicts a checkpoint holds."""
+    import jax
+
+    return {jax.tree_util.keystr(path, simple=True, separator="/"): leaf
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 def restore_command(workdirs: list[pathlib.Path], out: pathlib.Path, changes: dict, *,
                     save_to: pathlib.Path | None = None) -> list[str]:
     """Arguments of this file's ``restore`` command (see ``restore_main``)."""
@@ -167,7 +177,7 @@ def restore_main(argv: list[str]) -> None:
     of the launch, builds the trainer of ``tiny_runs.demo_config(**changes)`` on each
     WORKDIR and restores its newest checkpoint (``Trainer.restore_latest``; no step is
     compiled). Process 0 writes ``DIR/<i>.npz`` (every state array, gathered from all
-    processes, in tree order) and ``DIR/<i>.json`` (step, data-iterator state). With
+    processes, named as ``flat_state`` names them) and ``DIR/<i>.json`` (step, data-iterator state). With
     ``--save-to``, the first WORKDIR's restored state is saved again there by these
     processes, as the trainer saves its checkpoints."""
     parser = argparse.ArgumentParser(prog="multiprocess.py restore")
@@ -194,10 +204,10 @@ def restore_main(argv: list[str]) -> None:
             writer = trainer.Trainer(config, str(args.save_to))
             writer._save(int(state.step), state, data_state)
             writer.manager.wait_until_finished()
-        leaves = multihost_utils.process_allgather(jax.tree.leaves(state), tiled=True)
+        arrays = multihost_utils.process_allgather(flat_state(state), tiled=True)
         if jax.process_index() == 0:
             args.out.mkdir(parents=True, exist_ok=True)
-            np.savez(args.out / f"{index}.npz", *leaves)
+            np.savez(args.out / f"{index}.npz", **arrays)
             (args.out / f"{index}.json").write_text(json.dumps(
                 {"step": int(state.step), "data": data_state}))
     multihost_utils.sync_global_devices("multiprocess.py restore: done")

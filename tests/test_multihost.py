@@ -18,11 +18,13 @@ size over a few steps. ``rtol=1e-5, atol=1e-6`` allows that and nothing more. Re
 moves arrays without arithmetic, so restored states are compared bit for bit.
 """
 
+import dataclasses
 import json
 import os
 import pathlib
 import shutil
 import signal
+import subprocess
 import sys
 import time
 
@@ -61,9 +63,9 @@ def train_command(workdir: pathlib.Path, tokenizer_export: str, **changes) -> li
             str(workdir), *flags(tokenizer_export, **changes)]
 
 
-def checkpoint_state(workdir: pathlib.Path, step: int) -> list[np.ndarray]:
-    """Every array of a training checkpoint's state (parameters, moments, EMA), read onto the
-    host whatever devices wrote it."""
+def checkpoint_state(workdir: pathlib.Path, step: int) -> dict[str, np.ndarray]:
+    """Every array of a training checkpoint's state (parameters, moments, EMA) by its path
+    (``multiprocess.flat_state``), read onto the host whatever devices wrote it."""
     import orbax.checkpoint as ocp
 
     directory = (workdir / "checkpoints" / str(step) / "state").absolute()
@@ -73,23 +75,30 @@ def checkpoint_state(workdir: pathlib.Path, step: int) -> list[np.ndarray]:
         restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
         restored = checkpointer.restore(directory, args=ocp.args.PyTreeRestore(
             restore_args=restore_args))
-    return [np.asarray(x) for x in jax.tree.leaves(restored)]
+    return {k: np.asarray(v) for k, v in multiprocess.flat_state(restored).items()}
 
 
 def checkpoint_data_state(workdir: pathlib.Path, step: int) -> dict:
     return json.loads((workdir / "checkpoints" / str(step) / "data" / "metadata").read_text())
 
 
-def assert_same_state(got: list, want: list) -> None:
-    assert len(got) == len(want)
-    for a, b in zip(got, want):
-        np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL)
+def assert_same_state(got: dict, want: dict) -> None:
+    assert sorted(got) == sorted(want)
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], rtol=RTOL, atol=ATOL, err_msg=key)
 
 
-def assert_identical_state(got: list, want: list) -> None:
-    assert len(got) == len(want)
-    for a, b in zip(got, want):
-        np.testing.assert_array_equal(np.asarray(a), b)
+def assert_identical_state(got: dict, want: dict) -> None:
+    assert sorted(got) == sorted(want)
+    for key in want:
+        np.testing.assert_array_equal(np.asarray(got[key]), want[key], err_msg=key)
+        assert np.asarray(got[key]).dtype == want[key].dtype, key
+
+
+def restored_state(path: pathlib.Path) -> dict[str, np.ndarray]:
+    """The arrays ``multiprocess.restore_main`` wrote."""
+    with np.load(path) as restored:
+        return {key: restored[key] for key in restored.files}
 
 
 def fingerprints(workdir: pathlib.Path, name: str = "batch_fingerprints.txt") -> dict[int, str]:
@@ -151,35 +160,79 @@ def reference(tokenizer_export, tmp_path_factory):
     return workdir
 
 
+@dataclasses.dataclass
+class InterruptedRun:
+    """The 2-process run of ``RUN``: launched with the coordinator variables, process 1
+    SIGKILLed once checkpoint ``EVERY`` is complete, then relaunched to the end by
+    ``launch/slurm_gpu.sh`` under the stand-in ``srun`` (``multiprocess.FAKE_SRUN``), 2
+    tasks of 4 CPU devices. ``record`` holds srun's arguments, each task's environment and
+    output (``task<i>.log``)."""
+
+    workdir: pathlib.Path
+    record: pathlib.Path
+    exit_code: int  # process 0's, after its peer was killed
+    seconds: float  # from the kill to process 0's end
+    output: str  # process 0's, before the relaunch
+
+
 @pytest.fixture(scope="module")
-def slurm_run(tokenizer_export, tmp_path_factory):
-    """``sbatch launch/slurm_gpu.sh`` as SLURM runs it, 2 tasks of 4 CPU devices, under the
-    stand-in ``srun`` (``multiprocess.FAKE_SRUN``): ``(workdir, record)``, the record
-    directory holding srun's arguments and each task's environment and output."""
-    record = tmp_path_factory.mktemp("slurm")
+def interrupted_run(tokenizer_export, tmp_path_factory) -> InterruptedRun:
+    record = tmp_path_factory.mktemp("two_processes")
+    workdir = record / "run"
+    group = multiprocess.launch(train_command(workdir, tokenizer_export), count=2,
+                                local_devices=4, logs=record / "killed")
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and all(p.poll() is None for p in group.processes):
+            if (workdir / "checkpoints" / str(EVERY) / "commit_success.txt").exists():
+                break
+            time.sleep(0.02)
+        assert all(p.poll() is None for p in group.processes), group.output(0)[-3000:]
+        group.processes[1].send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        code = group.processes[0].wait(timeout=distributed.TIMEOUTS.heartbeat + 60)
+        seconds = time.monotonic() - killed
+    finally:
+        group.kill()
+
     multiprocess.stand_in(record / "bin", "srun", multiprocess.FAKE_SRUN)
     env = multiprocess.cpu_environment(4)
     env.update(PATH=f"{record / 'bin'}{os.pathsep}{env['PATH']}", RECORD=str(record),
                PYTHON=sys.executable, SLURM_NTASKS="2", SLURM_JOB_ID="4242",
                SLURM_SUBMIT_DIR=str(ROOT), JAX_COORDINATOR_PORT=str(multiprocess.free_port()))
-    workdir = record / "run"
-    import subprocess
-
     result = subprocess.run(["bash", str(ROOT / "launch" / "slurm_gpu.sh"),
                              "configs/demo.py:runlocal", str(workdir),
                              *flags(tokenizer_export)], cwd=record, env=env, timeout=300)
     logs = "\n".join((record / f"task{i}.log").read_text()[-2000:] for i in range(2)
                      if (record / f"task{i}.log").exists())
     assert result.returncode == 0, logs
-    return workdir, record
+    return InterruptedRun(workdir, record, code, seconds, group.output(0))
 
 
 @pytest.mark.slow
-def test_slurm_launch_joins_the_tasks_into_one_run(slurm_run, tokenizer_export):
+def test_a_killed_process_stops_the_others_and_a_relaunch_resumes(interrupted_run, reference):
+    """SIGKILL of process 1 mid-run ends process 0 with an error within the coordination
+    service's heartbeat limit (no hang, no export); launching both again resumes from the
+    last complete checkpoint and ends where the uninterrupted run ends."""
+    run = interrupted_run
+    print(f"process 0 stopped {run.seconds:.1f} s after its peer was killed "
+          f"(exit {run.exit_code})")
+    assert run.exit_code != 0 and run.seconds < distributed.TIMEOUTS.heartbeat + 60, \
+        run.output[-3000:]
+    assert "stopped sending heartbeats" in run.output, run.output[-3000:]
+    relaunch = (run.record / "task0.log").read_text()
+    resumed = [int(line.rsplit(" ", 1)[1].rstrip(".")) for line in relaunch.splitlines()
+               if "Resumed from step" in line]
+    assert len(resumed) == 1 and resumed[0] in range(EVERY, STEPS, EVERY), relaunch[-3000:]
+    assert_same_state(checkpoint_state(run.workdir, STEPS), checkpoint_state(reference, STEPS))
+
+
+@pytest.mark.slow
+def test_slurm_launch_joins_the_tasks_into_one_run(interrupted_run, tokenizer_export):
     """srun gets the training command, each task SLURM's variables (JAX's SLURM detection:
     coordinator on the step's first node, JAX_COORDINATOR_PORT) and the inherited
     compilation cache, and the tasks train as one run of 8 devices."""
-    workdir, record = slurm_run
+    workdir, record = interrupted_run.workdir, interrupted_run.record
     assert (record / "srun_args").read_text().splitlines() == [
         "--kill-on-bad-exit=1", sys.executable, "-m", "hmar_jax.train", "--config",
         "configs/demo.py:runlocal", "--workdir", str(workdir), *flags(tokenizer_export)]
@@ -198,16 +251,17 @@ def test_slurm_launch_joins_the_tasks_into_one_run(slurm_run, tokenizer_export):
             "JAX_COMPILATION_CACHE_DIR", str(workdir / "jax_cache"))
     # One run: each step's global batch of 64 gathered from both tasks, one export.
     lines = (workdir / "example_fingerprints.txt").read_text().splitlines()
-    assert [len(line.split()[1].split(",")) for line in lines] == [64] * STEPS
+    assert {len(line.split()[1].split(",")) for line in lines} == {64}
     assert (workdir / "export" / "hmar_config.json").is_file()
     assert not list(workdir.glob(".*staging*")) and not list(workdir.glob(".export*"))
 
 
 @pytest.mark.slow
-def test_two_processes_train_what_one_process_trains(reference, slurm_run):
-    """The 2-process run ends with the single-process run's checkpoints, saw the same global
-    batches, and read each example once in the first epoch."""
-    two_processes, _ = slurm_run
+def test_two_processes_train_what_one_process_trains(reference, interrupted_run):
+    """The 2-process run (with its relaunch) wrote the single-process run's checkpoints, saw
+    the same global batches, and read each example once in the first epoch (a step run
+    again after the relaunch counts once: its last record)."""
+    two_processes = interrupted_run.workdir
     for step in range(EVERY, STEPS + 1, EVERY):
         assert_same_state(checkpoint_state(two_processes, step), checkpoint_state(reference, step))
         assert checkpoint_data_state(two_processes, step) == checkpoint_data_state(reference, step)
@@ -224,50 +278,13 @@ def test_two_processes_train_what_one_process_trains(reference, slurm_run):
 
 
 @pytest.mark.slow
-def test_a_killed_process_stops_the_others_and_a_relaunch_resumes(reference, tokenizer_export,
-                                                                   tmp_path):
-    """SIGKILL of process 1 mid-run ends process 0 with an error within the coordination
-    service's heartbeat limit (no hang); launching both again resumes from the last complete
-    checkpoint and ends where the uninterrupted run ends."""
-    workdir = tmp_path / "run"
-    command = train_command(workdir, tokenizer_export)
-    group = multiprocess.launch(command, count=2, local_devices=4, logs=tmp_path / "logs")
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and all(p.poll() is None for p in group.processes):
-            if (workdir / "checkpoints" / str(EVERY) / "commit_success.txt").exists():
-                break
-            time.sleep(0.02)
-        assert all(p.poll() is None for p in group.processes), group.output(0)[-3000:]
-        group.processes[1].send_signal(signal.SIGKILL)
-        killed = time.monotonic()
-        limit = distributed.TIMEOUTS.heartbeat + 60
-        code = group.processes[0].wait(timeout=limit)
-        seconds = time.monotonic() - killed
-    finally:
-        group.kill()
-    output = group.output(0)
-    assert code != 0 and seconds < limit, output[-3000:]
-    assert not (workdir / "export").exists()
-    print(f"process 0 stopped {seconds:.1f} s after its peer was killed (exit {code})")
-    print(output[-1500:])
-    # The relaunch: both processes again, to the reference's length.
-    again = multiprocess.run(command, count=2, local_devices=4, logs=tmp_path / "logs_again")
-    resumed = [int(line.rsplit(" ", 1)[1].rstrip(".")) for line in
-               again.output(0).splitlines() if "Resumed from step" in line]
-    assert len(resumed) == 1 and resumed[0] in range(EVERY, STEPS, EVERY), again.output(0)[-3000:]
-    assert_same_state(checkpoint_state(workdir, STEPS), checkpoint_state(reference, STEPS))
-    assert fingerprints(workdir) == fingerprints(reference)
-
-
-@pytest.mark.slow
-def test_checkpoints_restore_across_process_counts(reference, slurm_run, tokenizer_export,
-                                                   tmp_path):
+def test_checkpoints_restore_across_process_counts(reference, interrupted_run,
+                                                   tokenizer_export, tmp_path):
     """The trainer's restore (``Trainer.restore_latest``, no step compiled) of a checkpoint
     written by 2 processes, in 4 processes (2 devices each) and in this single process; of
     one written by 4 processes and one written by this process, in 2 processes. Each gives
     the checkpoint's arrays exactly and the data position of the uninterrupted run."""
-    two_processes, _ = slurm_run
+    two_processes = interrupted_run.workdir
     changes = {"tokenizer.export": tokenizer_export, **RUN}
     step = 2 * EVERY
     want = checkpoint_state(two_processes, step)
@@ -278,8 +295,7 @@ def test_checkpoints_restore_across_process_counts(reference, slurm_run, tokeniz
     multiprocess.run(multiprocess.restore_command(
         [seeded_workdir(two_processes, step, tmp_path / "from_two")], tmp_path / "out_four",
         changes, save_to=four), count=4, local_devices=2, logs=tmp_path / "logs_four")
-    with np.load(tmp_path / "out_four" / "0.npz") as restored:
-        assert_identical_state([restored[f"arr_{i}"] for i in range(len(restored.files))], want)
+    assert_identical_state(restored_state(tmp_path / "out_four" / "0.npz"), want)
     assert json.loads((tmp_path / "out_four" / "0.json").read_text()) == {
         "step": step, "data": want_data}
     assert_identical_state(checkpoint_state(four, step), want)
@@ -290,9 +306,8 @@ def test_checkpoints_restore_across_process_counts(reference, slurm_run, tokeniz
         [four, seeded_workdir(reference, step, tmp_path / "from_one")], tmp_path / "out_two",
         changes), count=2, local_devices=4, logs=tmp_path / "logs_two")
     for index, source in enumerate((two_processes, reference)):
-        with np.load(tmp_path / "out_two" / f"{index}.npz") as restored:
-            assert_identical_state([restored[f"arr_{i}"] for i in range(len(restored.files))],
-                                   checkpoint_state(source, step))
+        assert_identical_state(restored_state(tmp_path / "out_two" / f"{index}.npz"),
+                               checkpoint_state(source, step))
         assert json.loads((tmp_path / "out_two" / f"{index}.json").read_text()) == {
             "step": step, "data": want_data}
 
@@ -301,17 +316,19 @@ def test_checkpoints_restore_across_process_counts(reference, slurm_run, tokeniz
     state, data_state = trainer.Trainer(config, str(tmp_path / "from_two")).restore_latest(
         with_data=True)
     assert int(state.step) == step and data_state == want_data
-    assert_identical_state(jax.device_get(jax.tree.leaves(state)), want)
+    assert_identical_state(jax.device_get(multiprocess.flat_state(state)), want)
 
 
 # ----- evaluate generate across processes ---------------------------------------------------
 @pytest.mark.slow
 def test_generate_over_two_processes_writes_the_single_process_batch(tmp_path):
     """``python -m hmar_jax.evaluate generate`` as 2 processes x 4 devices (a chunk each,
-    process 0 packs) writes the npz that 1 process of 4 devices writes, byte for byte: every
-    sample's randomness comes from (seed, class, index) and each process runs the same
-    compiled sampler on its chunk as the single process does on the same chunk."""
+    process 0 packs) writes the npz that this single process (8 devices) writes, byte for
+    byte: every sample's randomness comes from (seed, class, index), and with batches of 4
+    samples each device samples one per call, the same per-device program in both runs."""
     from flax import nnx
+
+    from hmar_jax.evaluate.__main__ import main as evaluate_main
 
     from hmar_jax import pretrained, sampling
     from hmar_jax.tokenizer.model import VQVAE, VQVAEConfig
@@ -325,16 +342,12 @@ def test_generate_over_two_processes_writes_the_single_process_batch(tmp_path):
         tmp_path / "bundle", model, vae,
         sampling=sampling.SamplingConfig(cfg=2.0, top_k=20, top_p=0.95, mask_schedule=None))
 
-    def generate(count: int) -> dict:
-        out = tmp_path / f"samples_{count}.npz"
-        multiprocess.run(["-m", "hmar_jax.evaluate", "generate", "--checkpoint", str(bundle),
-                          "--preset", "default", "--per-class", "2", "--chunk", "10",
-                          "--batch-size", "4", "--out", str(out)],
-                         count=count, local_devices=4, logs=tmp_path / f"logs_{count}")
-        with np.load(out) as packed:
-            return {k: packed[k] for k in packed.files}
-
-    one, two = generate(1), generate(2)
+    arguments = ["generate", "--checkpoint", str(bundle), "--preset", "default",
+                 "--per-class", "2", "--chunk", "10", "--batch-size", "4"]
+    multiprocess.run(["-m", "hmar_jax.evaluate", *arguments, "--out", str(tmp_path / "two.npz")],
+                     count=2, local_devices=4, logs=tmp_path / "logs")
+    assert evaluate_main([*arguments, "--out", str(tmp_path / "one.npz")]) == 0
+    one, two = (dict(np.load(tmp_path / f"{name}.npz")) for name in ("one", "two"))
     assert one["arr_0"].shape == (20, 8, 8, 3) and one["arr_0"].dtype == np.uint8
     assert len({image.tobytes() for image in one["arr_0"]}) == 20  # every sample differs
     np.testing.assert_array_equal(two["labels"], np.repeat(np.arange(10), 2))
