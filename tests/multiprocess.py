@@ -2,11 +2,12 @@
 
 Each process is a real command line (``python -m hmar_jax.train ...``, or this file's
 ``restore`` command, which restores a training checkpoint with the trainer's own code and
-trains nothing) with its own forced CPU devices; they find each other the way a cluster's processes do, through the launch
-environment that ``hmar_jax.distributed`` recognises: the explicit coordinator variables
-(``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``) on a localhost
-port, or SLURM's variables (see ``slurm_environment``). Cross-process collectives on CPU run
-over gloo (TCP), JAX's default CPU collectives.
+trains nothing) with its own forced CPU devices; they find each other the way a cluster's
+processes do, through the launch environment that ``hmar_jax.distributed`` recognises: the
+explicit coordinator variables (``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``,
+``JAX_PROCESS_ID``) on a localhost port, or SLURM's variables (``FAKE_SRUN`` sets them as
+srun does). Cross-process collectives on CPU run over gloo (TCP), JAX's default CPU
+collectives.
 
 Compiled programs: the persistent compilation cache the suite sets up is inherited, but JAX
 reads and writes it from process 0 only (the other processes' cache keys include their own
@@ -177,8 +178,8 @@ def restore_main(argv: list[str]) -> None:
     of the launch, builds the trainer of ``tiny_runs.demo_config(**changes)`` on each
     WORKDIR and restores its newest checkpoint (``Trainer.restore_latest``; no step is
     compiled). Process 0 writes ``DIR/<i>.npz`` (every state array, gathered from all
-    processes, named as ``flat_state`` names them) and ``DIR/<i>.json`` (step, data-iterator state). With
-    ``--save-to``, the first WORKDIR's restored state is saved again there by these
+    processes, named as ``flat_state`` names them) and ``DIR/<i>.json`` (step, data-iterator
+    state). With ``--save-to``, the first WORKDIR's restored state is saved again there by these
     processes, as the trainer saves its checkpoints."""
     parser = argparse.ArgumentParser(prog="multiprocess.py restore")
     parser.add_argument("workdirs", nargs="+", type=pathlib.Path)

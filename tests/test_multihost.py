@@ -26,6 +26,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -44,17 +45,18 @@ RTOL, ATOL = 1e-5, 1e-6
 # 197 held-out digits in global batches of 64: the first epoch ends in step 4, the run in the
 # second epoch; checkpoints every 2 steps leave the killed run 4 steps to be killed in.
 STEPS, EVERY = 6, 2
-RUN = {"data.split": "eval", "batch_size": 64, "num_train_steps": STEPS,
-       "checkpoint_every_steps": EVERY, "max_checkpoints_to_keep": 10,
+# The smallest model the demo config takes (one block) over a tokenizer of four scales: the
+# launches compile its programs several times (see ``multiprocess``).
+RUN = {"model.overrides.depth": 1, "data.split": "eval", "batch_size": 64,
+       "num_train_steps": STEPS, "checkpoint_every_steps": EVERY, "max_checkpoints_to_keep": 10,
        "log_batch_fingerprints": True, "loss.label_dropout": 0.0}
 
 
 def flags(tokenizer_export: str, **changes) -> list[str]:
     """The command-line overrides of ``tiny_runs.demo_config`` with ``RUN`` and ``changes``."""
-    values = {"tokenizer.export": tokenizer_export, "model.overrides.depth": 2,
-              "model.overrides.width": 64, "model.overrides.num_heads": 2,
-              "model.overrides.num_mask_layers": 1, "sampling.samples_per_class": 0,
-              **RUN, **changes}
+    values = {"tokenizer.export": tokenizer_export, "model.overrides.width": 64,
+              "model.overrides.num_heads": 2, "model.overrides.num_mask_layers": 1,
+              "sampling.samples_per_class": 0, **RUN, **changes}
     return [f"--config.{key}={value}" for key, value in values.items()]
 
 
@@ -152,48 +154,93 @@ def test_processes_read_disjoint_rows_of_one_global_order(count):
 
 # ----- training across processes ------------------------------------------------------------
 @pytest.fixture(scope="module")
-def reference(tokenizer_export, tmp_path_factory):
-    """The run trained in this process on its 8 devices (a checkpoint every 2 steps)."""
-    workdir = tmp_path_factory.mktemp("one_process") / "run"
-    trainer.Trainer(demo_config(**{"tokenizer.export": tokenizer_export}, **RUN),
-                    str(workdir)).run()
-    return workdir
+def tokenizer_export(tmp_path_factory) -> str:
+    """A random tokenizer export for 16 px digits with four scales (1, 2, 4, 8)."""
+    from flax import nnx
+
+    from hmar_jax import checkpointing
+    from hmar_jax.tokenizer.model import VQVAE, VQVAEConfig
+
+    cfg = VQVAEConfig(vocab_size=32, z_channels=8, ch=16, ch_mult=(1, 2), num_res_blocks=1,
+                      using_sa=False, norm_groups=4, patch_nums=(1, 2, 4, 8))
+    path = tmp_path_factory.mktemp("tokenizer") / "tokenizer"
+    checkpointing.save_tokenizer(path, VQVAE(cfg, rngs=nnx.Rngs(0)))
+    return str(path)
 
 
 @dataclasses.dataclass
-class InterruptedRun:
-    """The 2-process run of ``RUN``: launched with the coordinator variables, process 1
-    SIGKILLed once checkpoint ``EVERY`` is complete, then relaunched to the end by
-    ``launch/slurm_gpu.sh`` under the stand-in ``srun`` (``multiprocess.FAKE_SRUN``), 2
-    tasks of 4 CPU devices. ``record`` holds srun's arguments, each task's environment and
-    output (``task<i>.log``)."""
+class Runs:
+    """The module's training runs of ``RUN``.
 
+    ``reference``: trained in this process on its 8 devices. ``workdir``: the same run as 2
+    processes x 4 devices, launched with the coordinator variables, process 1 SIGKILLed
+    once checkpoint ``EVERY`` is complete, then relaunched to the end by
+    ``launch/slurm_gpu.sh`` under the stand-in ``srun`` (``multiprocess.FAKE_SRUN``), 2
+    tasks of 4 CPU devices; ``record`` holds srun's arguments, each task's environment and
+    output (``task<i>.log``). ``record / "four_processes"``: checkpoint ``EVERY`` of the
+    2-process run restored by 4 processes x 2 devices (``multiprocess.restore_main``) and
+    saved again by them; what they restored is in ``record / "restored_by_four"``.
+
+    The reference trains while the 2 processes compile, and the 4 processes restore while
+    process 0 waits for the coordination service to notice its dead peer: time in which
+    the 2 processes leave the CPU idle.
+    """
+
+    reference: pathlib.Path
     workdir: pathlib.Path
     record: pathlib.Path
-    exit_code: int  # process 0's, after its peer was killed
+    killed: bool  # process 1 was killed while both ran
+    exit_code: int | None  # process 0's, after its peer was killed
     seconds: float  # from the kill to process 0's end
     output: str  # process 0's, before the relaunch
 
 
 @pytest.fixture(scope="module")
-def interrupted_run(tokenizer_export, tmp_path_factory) -> InterruptedRun:
+def runs(tokenizer_export, tmp_path_factory) -> Runs:
     record = tmp_path_factory.mktemp("two_processes")
     workdir = record / "run"
     group = multiprocess.launch(train_command(workdir, tokenizer_export), count=2,
                                 local_devices=4, logs=record / "killed")
-    try:
+    outcome = {"killed": False, "exit_code": None, "seconds": float("inf")}
+
+    def kill_when_checkpointed():
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and all(p.poll() is None for p in group.processes):
             if (workdir / "checkpoints" / str(EVERY) / "commit_success.txt").exists():
                 break
             time.sleep(0.02)
-        assert all(p.poll() is None for p in group.processes), group.output(0)[-3000:]
+        if not all(p.poll() is None for p in group.processes):
+            return
         group.processes[1].send_signal(signal.SIGKILL)
         killed = time.monotonic()
-        code = group.processes[0].wait(timeout=distributed.TIMEOUTS.heartbeat + 60)
-        seconds = time.monotonic() - killed
+        outcome["killed"] = True
+        try:
+            outcome["exit_code"] = group.processes[0].wait(
+                timeout=distributed.TIMEOUTS.heartbeat + 60)
+        except subprocess.TimeoutExpired:
+            return
+        outcome["seconds"] = time.monotonic() - killed
+
+    watcher = threading.Thread(target=kill_when_checkpointed)
+    watcher.start()
+    four = None
+    try:
+        reference = tmp_path_factory.mktemp("one_process") / "run"
+        trainer.Trainer(demo_config(**{"tokenizer.export": tokenizer_export}, **RUN),
+                        str(reference)).run()
+        while watcher.is_alive() and not outcome["killed"]:
+            time.sleep(0.05)
+        if outcome["killed"]:  # checkpoint EVERY is complete: 4 processes restore it
+            four = multiprocess.launch(multiprocess.restore_command(
+                [seeded_workdir(workdir, EVERY, record / "from_two")], record / "restored_by_four",
+                {"tokenizer.export": tokenizer_export, **RUN}, save_to=record / "four_processes"),
+                count=4, local_devices=2, logs=record / "logs_four")
     finally:
+        watcher.join()
         group.kill()
+        if four is not None:
+            codes = four.wait(timeout=300)
+            assert not any(codes), "\n".join(four.output(i)[-2000:] for i in range(4))
 
     multiprocess.stand_in(record / "bin", "srun", multiprocess.FAKE_SRUN)
     env = multiprocess.cpu_environment(4)
@@ -206,15 +253,21 @@ def interrupted_run(tokenizer_export, tmp_path_factory) -> InterruptedRun:
     logs = "\n".join((record / f"task{i}.log").read_text()[-2000:] for i in range(2)
                      if (record / f"task{i}.log").exists())
     assert result.returncode == 0, logs
-    return InterruptedRun(workdir, record, code, seconds, group.output(0))
+    return Runs(reference, workdir, record, output=group.output(0), **outcome)
+
+
+@pytest.fixture(scope="module")
+def reference(runs) -> pathlib.Path:
+    return runs.reference
 
 
 @pytest.mark.slow
-def test_a_killed_process_stops_the_others_and_a_relaunch_resumes(interrupted_run, reference):
+def test_a_killed_process_stops_the_others_and_a_relaunch_resumes(runs, reference):
     """SIGKILL of process 1 mid-run ends process 0 with an error within the coordination
     service's heartbeat limit (no hang, no export); launching both again resumes from the
     last complete checkpoint and ends where the uninterrupted run ends."""
-    run = interrupted_run
+    run = runs
+    assert run.killed, run.output[-3000:]
     print(f"process 0 stopped {run.seconds:.1f} s after its peer was killed "
           f"(exit {run.exit_code})")
     assert run.exit_code != 0 and run.seconds < distributed.TIMEOUTS.heartbeat + 60, \
@@ -228,11 +281,11 @@ def test_a_killed_process_stops_the_others_and_a_relaunch_resumes(interrupted_ru
 
 
 @pytest.mark.slow
-def test_slurm_launch_joins_the_tasks_into_one_run(interrupted_run, tokenizer_export):
+def test_slurm_launch_joins_the_tasks_into_one_run(runs, tokenizer_export):
     """srun gets the training command, each task SLURM's variables (JAX's SLURM detection:
     coordinator on the step's first node, JAX_COORDINATOR_PORT) and the inherited
     compilation cache, and the tasks train as one run of 8 devices."""
-    workdir, record = interrupted_run.workdir, interrupted_run.record
+    workdir, record = runs.workdir, runs.record
     assert (record / "srun_args").read_text().splitlines() == [
         "--kill-on-bad-exit=1", sys.executable, "-m", "hmar_jax.train", "--config",
         "configs/demo.py:runlocal", "--workdir", str(workdir), *flags(tokenizer_export)]
@@ -257,11 +310,11 @@ def test_slurm_launch_joins_the_tasks_into_one_run(interrupted_run, tokenizer_ex
 
 
 @pytest.mark.slow
-def test_two_processes_train_what_one_process_trains(reference, interrupted_run):
+def test_two_processes_train_what_one_process_trains(reference, runs):
     """The 2-process run (with its relaunch) wrote the single-process run's checkpoints, saw
     the same global batches, and read each example once in the first epoch (a step run
     again after the relaunch counts once: its last record)."""
-    two_processes = interrupted_run.workdir
+    two_processes = runs.workdir
     for step in range(EVERY, STEPS + 1, EVERY):
         assert_same_state(checkpoint_state(two_processes, step), checkpoint_state(reference, step))
         assert checkpoint_data_state(two_processes, step) == checkpoint_data_state(reference, step)
@@ -270,52 +323,47 @@ def test_two_processes_train_what_one_process_trains(reference, interrupted_run)
     per_step = fingerprints(two_processes, "example_fingerprints.txt")
     examples = [e for step in sorted(per_step) for e in per_step[step].split(",")]
     images, labels = data.digits_split(16, "eval")
-    dataset = [f"{trainer.example_fingerprint(data.to_model_range({'image': x, 'label': y})['image'], y):08x}"
-               for x, y in zip(images, labels)]
+    model_range = data.to_model_range({"image": images, "label": labels})["image"]
+    dataset = [f"{trainer.example_fingerprint(x, y):08x}" for x, y in zip(model_range, labels)]
     assert len(set(dataset)) == len(dataset) == 197 and len(examples) == 64 * STEPS
     assert sorted(examples[:197]) == sorted(dataset)  # the first epoch: every example once
     assert set(examples[197:]) <= set(dataset)
 
 
 @pytest.mark.slow
-def test_checkpoints_restore_across_process_counts(reference, interrupted_run,
-                                                   tokenizer_export, tmp_path):
+def test_checkpoints_restore_across_process_counts(runs, tokenizer_export, tmp_path):
     """The trainer's restore (``Trainer.restore_latest``, no step compiled) of a checkpoint
     written by 2 processes, in 4 processes (2 devices each) and in this single process; of
     one written by 4 processes and one written by this process, in 2 processes. Each gives
     the checkpoint's arrays exactly and the data position of the uninterrupted run."""
-    two_processes = interrupted_run.workdir
     changes = {"tokenizer.export": tokenizer_export, **RUN}
-    step = 2 * EVERY
-    want = checkpoint_state(two_processes, step)
-    want_data = checkpoint_data_state(reference, step)
+    want = checkpoint_state(runs.workdir, EVERY)
+    want_data = checkpoint_data_state(runs.reference, EVERY)
+    assert_same_state(want, checkpoint_state(runs.reference, EVERY))
 
-    # 4 processes restore the 2-process checkpoint and save it again (a 4-process write).
-    four = tmp_path / "four_processes"
-    multiprocess.run(multiprocess.restore_command(
-        [seeded_workdir(two_processes, step, tmp_path / "from_two")], tmp_path / "out_four",
-        changes, save_to=four), count=4, local_devices=2, logs=tmp_path / "logs_four")
-    assert_identical_state(restored_state(tmp_path / "out_four" / "0.npz"), want)
-    assert json.loads((tmp_path / "out_four" / "0.json").read_text()) == {
-        "step": step, "data": want_data}
-    assert_identical_state(checkpoint_state(four, step), want)
-    assert checkpoint_data_state(four, step) == want_data
+    # 4 processes restored the 2-process checkpoint and saved it again (a 4-process write).
+    four = runs.record / "four_processes"
+    assert_identical_state(restored_state(runs.record / "restored_by_four" / "0.npz"), want)
+    assert json.loads((runs.record / "restored_by_four" / "0.json").read_text()) == {
+        "step": EVERY, "data": want_data}
+    assert_identical_state(checkpoint_state(four, EVERY), want)
+    assert checkpoint_data_state(four, EVERY) == want_data
 
     # 2 processes restore the 4-process checkpoint and the single-process one.
     multiprocess.run(multiprocess.restore_command(
-        [four, seeded_workdir(reference, step, tmp_path / "from_one")], tmp_path / "out_two",
-        changes), count=2, local_devices=4, logs=tmp_path / "logs_two")
-    for index, source in enumerate((two_processes, reference)):
-        assert_identical_state(restored_state(tmp_path / "out_two" / f"{index}.npz"),
-                               checkpoint_state(source, step))
-        assert json.loads((tmp_path / "out_two" / f"{index}.json").read_text()) == {
-            "step": step, "data": want_data}
+        [four, seeded_workdir(runs.reference, EVERY, tmp_path / "from_one")], tmp_path / "out",
+        changes), count=2, local_devices=4, logs=tmp_path / "logs")
+    for index, source in enumerate((runs.workdir, runs.reference)):
+        assert_identical_state(restored_state(tmp_path / "out" / f"{index}.npz"),
+                               checkpoint_state(source, EVERY))
+        assert json.loads((tmp_path / "out" / f"{index}.json").read_text()) == {
+            "step": EVERY, "data": want_data}
 
     # This process (8 devices) restores the 2-process checkpoint.
-    config = demo_config(**changes)
-    state, data_state = trainer.Trainer(config, str(tmp_path / "from_two")).restore_latest(
+    state, data_state = trainer.Trainer(demo_config(**changes), str(
+        seeded_workdir(runs.workdir, EVERY, tmp_path / "from_two"))).restore_latest(
         with_data=True)
-    assert int(state.step) == step and data_state == want_data
+    assert int(state.step) == EVERY and data_state == want_data
     assert_identical_state(jax.device_get(multiprocess.flat_state(state)), want)
 
 
