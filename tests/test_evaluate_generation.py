@@ -8,6 +8,7 @@ import pytest
 
 from hmar_jax.evaluate import generation, metrics
 from hmar_jax.evaluate.__main__ import main as evaluate_main
+from tiny_runs import tiny_bundle
 
 RUN = {"checkpoint": "ckpt", "preset": "hmar-d16", "seed": 0}
 
@@ -145,19 +146,7 @@ def test_generate_cli_rejects_bad_arguments_before_loading(tmp_path, capsys, arg
 
 @pytest.mark.slow
 def test_generate_cli_end_to_end_with_a_tiny_bundle(tmp_path, capsys):
-    from flax import nnx
-
-    from hmar_jax import pretrained, sampling
-    from hmar_jax.transformer import HMARTransformer, preset
-    from hmar_jax.tokenizer.model import VQVAE, VQVAEConfig
-
-    vae = VQVAE(VQVAEConfig(vocab_size=64, z_channels=8, ch=16, ch_mult=(1, 2), num_res_blocks=1,
-                            using_sa=False, norm_groups=4, patch_nums=(1, 2, 3, 4)),
-                rngs=nnx.Rngs(0))
-    model = HMARTransformer(preset("tiny", init_head=1.0), rngs=nnx.Rngs(1))
-    bundle = pretrained.save_pretrained(
-        tmp_path / "bundle", model, vae,
-        sampling=sampling.SamplingConfig(cfg=2.0, top_k=20, top_p=0.95, mask_schedule=None))
+    bundle = tiny_bundle(tmp_path / "bundle")
     out = tmp_path / "samples.npz"
     assert evaluate_main(["generate", "--checkpoint", str(bundle), "--preset", "default",
                           "--per-class", "2", "--chunk", "20", "--batch-size", "8",

@@ -37,7 +37,7 @@ from hmar_jax import distributed
 from hmar_jax.cli import InputError
 from hmar_jax.training import data, trainer
 import multiprocess
-from tiny_runs import demo_config
+from tiny_runs import demo_config, tiny_bundle
 
 ROOT = pathlib.Path(__file__).parents[1]
 
@@ -374,21 +374,9 @@ def test_generate_over_two_processes_writes_the_single_process_batch(tmp_path):
     process 0 packs) writes the npz that this single process (8 devices) writes, byte for
     byte: every sample's randomness comes from (seed, class, index), and with batches of 4
     samples each device samples one per call, the same per-device program in both runs."""
-    from flax import nnx
-
     from hmar_jax.evaluate.__main__ import main as evaluate_main
 
-    from hmar_jax import pretrained, sampling
-    from hmar_jax.tokenizer.model import VQVAE, VQVAEConfig
-    from hmar_jax.transformer import HMARTransformer, preset
-
-    vae = VQVAE(VQVAEConfig(vocab_size=64, z_channels=8, ch=16, ch_mult=(1, 2), num_res_blocks=1,
-                            using_sa=False, norm_groups=4, patch_nums=(1, 2, 3, 4)),
-                rngs=nnx.Rngs(0))
-    model = HMARTransformer(preset("tiny", init_head=1.0), rngs=nnx.Rngs(1))
-    bundle = pretrained.save_pretrained(
-        tmp_path / "bundle", model, vae,
-        sampling=sampling.SamplingConfig(cfg=2.0, top_k=20, top_p=0.95, mask_schedule=None))
+    bundle = tiny_bundle(tmp_path / "bundle")
 
     arguments = ["generate", "--checkpoint", str(bundle), "--preset", "default",
                  "--per-class", "2", "--chunk", "10", "--batch-size", "4"]

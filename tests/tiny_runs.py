@@ -28,3 +28,22 @@ def demo_config(**changes):
             raise KeyError(f"configs/demo.py has no key {key!r}")
         node[leaf] = value
     return config
+
+
+def tiny_bundle(directory):
+    """A bundle of random weights small enough to sample in seconds: the ``tiny`` transformer
+    over a 4-scale tokenizer (V = 64), sampled with cfg 2, top-k 20, top-p 0.95 and no
+    refinement. Returns the bundle's path."""
+    from flax import nnx
+
+    from hmar_jax import pretrained, sampling
+    from hmar_jax.tokenizer.model import VQVAE, VQVAEConfig
+    from hmar_jax.transformer import HMARTransformer, preset
+
+    vae = VQVAE(VQVAEConfig(vocab_size=64, z_channels=8, ch=16, ch_mult=(1, 2), num_res_blocks=1,
+                            using_sa=False, norm_groups=4, patch_nums=(1, 2, 3, 4)),
+                rngs=nnx.Rngs(0))
+    model = HMARTransformer(preset("tiny", init_head=1.0), rngs=nnx.Rngs(1))
+    return pretrained.save_pretrained(
+        directory, model, vae,
+        sampling=sampling.SamplingConfig(cfg=2.0, top_k=20, top_p=0.95, mask_schedule=None))
