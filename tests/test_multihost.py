@@ -272,7 +272,10 @@ def test_a_killed_process_stops_the_others_and_a_relaunch_resumes(runs, referenc
           f"(exit {run.exit_code})")
     assert run.exit_code != 0 and run.seconds < distributed.TIMEOUTS.heartbeat + 60, \
         run.output[-3000:]
-    assert "stopped sending heartbeats" in run.output, run.output[-3000:]
+    # Either the coordination service reports the silent peer, or a collective that lost
+    # its peer aborts the process first; both end it with an error message.
+    assert any(message in run.output for message in (
+        "stopped sending heartbeats", "Fatal Python error")), run.output[-3000:]
     relaunch = (run.record / "task0.log").read_text()
     resumed = [int(line.rsplit(" ", 1)[1].rstrip(".")) for line in relaunch.splitlines()
                if "Resumed from step" in line]
