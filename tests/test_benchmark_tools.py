@@ -1,6 +1,6 @@
 """The benchmarks' tools: the harness (GPU monitor, profile timeline, ``--execution`` and
-``--config`` options) on synthetic inputs, the quick CPU modes of the scripts, and the
-results table (regenerated from its JSON rows)."""
+``--config`` options) and the training command's log reading on synthetic inputs, the quick
+CPU modes of the scripts, and the results table (regenerated from its JSON rows)."""
 
 import argparse
 import json
@@ -210,6 +210,30 @@ def test_bench_writes_a_row_file_from_both_sides_and_refuses_failed_sides(tmp_pa
         bench.main(["--rows", "train_d99", "--upstream", str(tmp_path)])
 
 
+def test_train_command_reads_the_steady_state_from_the_logged_rates():
+    from benchmarks import train_command
+
+    lines = ["I1207 15:35:10.56 1 logging_writer.py:48] [100] accuracy=0.1, loss=4.2\n",
+             "I1207 15:35:10.59 1 logging_writer.py:48] [100] steps_per_sec=2.5\n",
+             "I1207 15:35:10.59 1 logging_writer.py:48] [100] uptime=80.5\n",
+             "I1207 15:35:10.78 1 local.py:41] Setting work unit notes: 4.1 steps/s, 50.0%\n",
+             "I1207 15:35:10.79 1 logging_writer.py:48] [150] steps_per_sec=5\n",  # the minute passed
+             "I1207 15:35:10.79 1 logging_writer.py:48] [200] steps_per_sec=4.0\n",
+             "I1207 15:35:11.28 1 logging_writer.py:48] [200] ce=4.1, loss=4.125, lr=1e-4\n"]
+    reports = train_command.logged_rates(lines)
+    assert reports == [(100, 2.5), (150, 5.0), (200, 4.0)]
+    assert train_command.last_loss(lines) == 4.125
+    state = train_command.steady_state(reports, first_step=1, global_batch=64)
+    # Steps 100-200 (the first interval, from step 1, is left out): 50 / 5 + 50 / 4 seconds.
+    assert state["steady_from_step"] == 100 and state["steady_steps"] == 100
+    assert state["steady_seconds"] == pytest.approx(22.5)
+    assert state["img_s"] == pytest.approx(64 * 100 / 22.5)
+    assert [i["from_step"] for i in state["intervals"]] == [1, 100, 150]
+    assert state["intervals"][0]["seconds"] == pytest.approx(99 / 2.5)
+    with pytest.raises(ValueError, match="needs two"):
+        train_command.steady_state(reports[:1], first_step=1, global_batch=64)
+
+
 def test_results_md_is_generated_from_the_committed_row_files():
     from benchmarks import results_table
 
@@ -244,6 +268,23 @@ def test_train_step_quick_mode_runs_the_config_with_an_execution_variant(tmp_pat
     assert row["img_s"] > 0 and row["loss"] > 0
     side = bench.ours_side(bench.ROWS["train_d16_b64"], result)
     assert side["status"] == "ok" and side["metrics"]["img_per_s"] == row["img_s"]
+
+
+@pytest.mark.slow
+def test_train_command_quick_mode_trains_from_a_jpeg_folder_and_reads_its_log(tmp_path):
+    result = _quick("train_command", tmp_path)
+    (row,) = result["rows"]
+    assert row["status"] == "ok" and row["img_s"] > 0 and row["steps_per_sec"] > 0
+    assert row["img_s"] == pytest.approx(row["steps_per_sec"] * row["global_batch"])
+    assert row["global_batch"] == 2 * result["device_count"] and row["steps"] == 12
+    assert (row["steady_from_step"], row["steady_steps"]) == (2, 10)  # runlocal logs every 2
+    assert len(row["intervals"]) == 6 and row["loss"] > 0
+    assert row["image_folder"]["images"] == 24 and row["image_folder"]["mean_kib"] > 30
+    assert row["checkpoints"]["periodic_steps"] == [5, 10]
+    assert row["training_command"].startswith(
+        "python -m hmar_jax.train --config configs/hmar_imagenet.py:runlocal --workdir "
+        "<tmp>/workdir --config.data.name=image_folder --config.data.root=<tmp>/images ")
+    assert result["versions"]["jax"] and result["device_kind"]
 
 
 @pytest.mark.slow
