@@ -210,6 +210,66 @@ def test_bench_writes_a_row_file_from_both_sides_and_refuses_failed_sides(tmp_pa
         bench.main(["--rows", "train_d99", "--upstream", str(tmp_path)])
 
 
+def _command_json(img_s=402.0, status="ok"):
+    """train_command.py's JSON (one row)."""
+    row = {"status": status, "config": "configs/hmar_imagenet.py:variant=d16", "batch": 64,
+           "devices": 1, "global_batch": 64, "steps": 300, "workers": 16,
+           "img_s": img_s, "steps_per_sec": img_s / 64, "steady_from_step": 100,
+           "steady_steps": 200, "intervals": [], "log_every_steps": 100,
+           "checkpoints": {"every_steps": 2000, "periodic_steps": []},
+           "training_command": "python -m hmar_jax.train --config ..."}
+    return {"benchmark": "train_command", "device_kind": "NVIDIA H100 80GB HBM3",
+            "platform": "gpu", "device_count": 1, "versions": {"jax": "0.11.2"},
+            "rows": [row]}
+
+
+def test_bench_compares_the_training_command_with_the_benchmark_step(tmp_path, monkeypatch):
+    from benchmarks import bench, results_table
+
+    monkeypatch.setattr(bench, "now", lambda: "2026-12-08T10:00:00+00:00")
+    sides = {"train_command.py": _command_json(), "train_step.py": _train_json()}
+    commands = []
+
+    def run_side(command, out, timeout):
+        commands.append(command)
+        return sides[pathlib.Path(command[1]).name]
+
+    monkeypatch.setattr(bench, "run_side", run_side)
+    assert bench.main(["--rows", "train_command_d16_b64", "--out", str(tmp_path / "r")]) == 0
+    assert [pathlib.Path(c[1]).name for c in commands] == ["train_command.py", "train_step.py"]
+    assert commands[0][commands[0].index("--timeout") + 1] == str(bench.OURS_TIMEOUT_S - 30)
+    assert "--upstream" not in commands[1] and "--time-budget" in commands[1]
+    row = json.loads((tmp_path / "r" / "train_command_d16_b64.json").read_text())
+    assert row["compared_with"] == "benchmark_step" and "official" not in row
+    assert row["ours"]["metrics"] == {"img_per_s": 402.0}
+    assert row["ours"]["settings"]["checkpoints"]["every_steps"] == 2000
+    assert row["benchmark_step"]["metrics"]["img_per_s"] == 412.0
+    assert row["ours"]["command"] == (
+        "python benchmarks/train_command.py --config configs/hmar_imagenet.py:variant=d16 "
+        "--batch 64 --steps 300 --images 2000 --workers 16")
+    assert row["benchmark_step"]["command"].startswith(
+        "python benchmarks/train_step.py --config configs/hmar_imagenet.py:variant=d16 --batch 64")
+    assert row["command"] == "python benchmarks/bench.py --rows train_command_d16_b64"
+    assert set(row["versions"]) == {"ours", "benchmark_step"}
+
+    rows = _write_rows(tmp_path / "results", monkeypatch)  # rows against the official code
+    (tmp_path / "results" / "train_command_d16_b64.json").write_text(json.dumps(row))
+    text = results_table.render(results_table.load_rows(tmp_path / "results"))
+    table = [line for line in text.splitlines() if line.startswith("| ")]
+    assert table[0] == "| Row | Ours | Official | Ours better by | Device | Command |"
+    assert len(table) == 5 and table[3] == (
+        "| Row | Training command | Benchmark step (`train_step.py`) | Command over step | "
+        "Device | Command |")
+    assert "| 402 img/s | 412 img/s | img/s 0.98× |" in table[4]
+    assert set(rows) == {"train_d16_b64", "train_d30_b32"}
+
+    sides["train_step.py"] = _train_json(status="error: boom")
+    assert bench.main(["--rows", "train_command_d16_b64", "--out", str(tmp_path / "f")]) == 1
+    assert not (tmp_path / "f" / "train_command_d16_b64.json").exists()
+    with pytest.raises(SystemExit):  # a row that runs the official code needs --upstream
+        bench.main(["--rows", "train_command_d16_b64,train_d16_b64"])
+
+
 def test_train_command_reads_the_steady_state_from_the_logged_rates():
     from benchmarks import train_command
 
@@ -217,7 +277,7 @@ def test_train_command_reads_the_steady_state_from_the_logged_rates():
              "I1207 15:35:10.59 1 logging_writer.py:48] [100] steps_per_sec=2.5\n",
              "I1207 15:35:10.59 1 logging_writer.py:48] [100] uptime=80.5\n",
              "I1207 15:35:10.78 1 local.py:41] Setting work unit notes: 4.1 steps/s, 50.0%\n",
-             "I1207 15:35:10.79 1 logging_writer.py:48] [150] steps_per_sec=5\n",  # the minute passed
+             "I1207 15:35:10.79 1 logging_writer.py:48] [150] steps_per_sec=5\n",  # 60 s
              "I1207 15:35:10.79 1 logging_writer.py:48] [200] steps_per_sec=4.0\n",
              "I1207 15:35:11.28 1 logging_writer.py:48] [200] ce=4.1, loss=4.125, lr=1e-4\n"]
     reports = train_command.logged_rates(lines)
@@ -272,6 +332,8 @@ def test_train_step_quick_mode_runs_the_config_with_an_execution_variant(tmp_pat
 
 @pytest.mark.slow
 def test_train_command_quick_mode_trains_from_a_jpeg_folder_and_reads_its_log(tmp_path):
+    from benchmarks import bench
+
     result = _quick("train_command", tmp_path)
     (row,) = result["rows"]
     assert row["status"] == "ok" and row["img_s"] > 0 and row["steps_per_sec"] > 0
@@ -285,6 +347,8 @@ def test_train_command_quick_mode_trains_from_a_jpeg_folder_and_reads_its_log(tm
         "python -m hmar_jax.train --config configs/hmar_imagenet.py:runlocal --workdir "
         "<tmp>/workdir --config.data.name=image_folder --config.data.root=<tmp>/images ")
     assert result["versions"]["jax"] and result["device_kind"]
+    side = bench.ours_side(bench.ROWS["train_command_d16_b64"], result)
+    assert side["status"] == "ok" and side["metrics"]["img_per_s"] == row["img_s"]
 
 
 @pytest.mark.slow
