@@ -26,7 +26,10 @@ platform it runs on.
 Kernel fields take ``"auto"``, ``"xla"`` (the op's plain-jnp reference), ``"pallas"`` (the
 platform's kernel: compiled on GPU and TPU, interpret mode on CPU) or ``"interpret"``
 (the GPU kernels in Pallas interpret mode on any platform: tests), and resolve to an
-``hmar_jax.pallas.dispatch.Implementation``. On TPU the attention's kernel is JAX's splash
+``hmar_jax.pallas.dispatch.Implementation``. The attention also takes ``"mosaic_gpu"``
+(its kernel on Pallas's Mosaic GPU backend, Hopper GPUs only; the ``"gpu"`` choice is the
+Triton-lowered kernel) and ``"mosaic_interpret"`` (that kernel in Mosaic GPU's interpreter,
+on any platform: tests). On TPU the attention's kernel is JAX's splash
 attention (``hmar_jax.pallas.splash``): the kernel JAX maintains and runs on TPU pods,
 which takes both scale masks and skips their empty tiles forward and backward; the other
 ops have no TPU kernel and run as XLA fuses their references.
@@ -41,6 +44,8 @@ from typing import Any
 PLATFORMS = ("cpu", "gpu", "tpu")
 KERNEL_CHOICES = ("auto", "xla", "pallas", "interpret")
 KERNEL_FIELDS = ("attention", "layer_norm", "gelu", "group_norm")
+# The attention's kernel on Pallas's Mosaic GPU backend, compiled (Hopper) or interpreted.
+MOSAIC_ATTENTION_CHOICES = ("mosaic_gpu", "mosaic_interpret")
 DTYPES = ("float32", "bfloat16")
 TOKENIZER_PRECISIONS = ("highest", "default", "bfloat16")
 # What each rematerialisation policy keeps for the backward (``transformer.stack``):
@@ -116,7 +121,8 @@ class ExecutionConfig:
                                  f"{allowed}.")
 
         for name in KERNEL_FIELDS:
-            check(name, KERNEL_CHOICES + ("gpu", "tpu"))
+            extra = MOSAIC_ATTENTION_CHOICES if name == "attention" else ()
+            check(name, KERNEL_CHOICES + ("gpu", "tpu") + extra)
         check("compute_dtype", ("auto",) + DTYPES)
         check("head_dtype", ("auto",) + DTYPES)
         check("tokenizer_precision", TOKENIZER_PRECISIONS)
@@ -195,7 +201,12 @@ class ExecutionConfig:
 def _resolve_kernel(name: str, choice: str, platform: str, auto: str) -> str:
     if choice == "auto":
         return auto
-    if choice in ("xla", "interpret"):
+    if choice in ("xla", "interpret", "mosaic_interpret"):
+        return choice
+    if choice == "mosaic_gpu":
+        if platform != "gpu":
+            raise ValueError(f"execution.{name}='mosaic_gpu' cannot run on {platform}; use "
+                             "'mosaic_interpret' for Mosaic GPU's interpreter.")
         return choice
     if choice in ("gpu", "tpu") and choice != platform:
         raise ValueError(f"execution.{name}={choice!r} cannot run on {platform}; use 'pallas' "

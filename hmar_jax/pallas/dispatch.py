@@ -7,7 +7,9 @@ Each op takes an ``Implementation`` that the execution config resolved for the p
 * ``"gpu"``: the Pallas kernel compiled for the GPU;
 * ``"tpu"``: the TPU kernel (attention only: JAX's splash attention, ``splash``);
 * ``"interpret"``: the GPU kernel in Pallas interpret mode, so the kernels' code runs on
-  CPU (tests).
+  CPU (tests);
+* ``"mosaic_gpu"`` / ``"mosaic_interpret"`` (attention only): the attention kernel written
+  for Pallas's Mosaic GPU backend (Hopper), compiled or in Mosaic GPU's interpreter.
 
 XLA cannot partition a Pallas call, so under a mesh the kernels run on each device's share
 of the batch (``run_per_device``); the kernels here work per example and need no
@@ -22,8 +24,9 @@ from typing import Literal
 
 import jax
 
-Implementation = Literal["xla", "gpu", "tpu", "interpret"]
-IMPLEMENTATIONS: tuple[str, ...] = ("xla", "gpu", "tpu", "interpret")
+Implementation = Literal["xla", "gpu", "tpu", "interpret", "mosaic_gpu", "mosaic_interpret"]
+IMPLEMENTATIONS: tuple[str, ...] = ("xla", "gpu", "tpu", "interpret", "mosaic_gpu",
+                                    "mosaic_interpret")
 
 
 def check_implementation(implementation: str, op: str,

@@ -9,19 +9,24 @@ sequence. ``spec`` says which scales the sequence holds and which pattern applie
   KV cache that holds exactly the legal keys).
 
 ``spec.implementation`` (``hmar_jax.pallas.dispatch``) is ``"xla"`` (plain jnp with a dense
-mask: the oracle, fused by XLA), ``"gpu"`` (``kernel_gpu``), ``"tpu"`` (JAX's splash
-attention, ``splash``) or ``"interpret"`` (the GPU kernel in interpret mode, for tests; the
-splash path runs in interpret mode through ``splash.attention(..., interpret=True)``). The
+mask: the oracle, fused by XLA), ``"gpu"`` (``kernel_gpu``: Pallas on Triton), ``"tpu"``
+(JAX's splash attention, ``splash``), ``"interpret"`` (the GPU kernel in interpret mode, for
+tests; the splash path runs in interpret mode through ``splash.attention(...,
+interpret=True)``), ``"mosaic_gpu"`` (``kernel_mosaic_gpu``: Pallas on Mosaic GPU, Hopper
+only) or ``"mosaic_interpret"`` (that kernel in Mosaic GPU's interpreter, for tests). The
 compiled kernels run
 unmasked calls with at most ``SMALL_FULL_KEYS`` keys (the sampler's small scales) with the
 reference: a launch grid of one tile per batch row and head costs more than one fused XLA
 op there. A head dim the kernels cannot take (not a power of two >= 16) falls back to the
-reference with a one-time warning.
+reference with a one-time warning; the Mosaic GPU kernel takes head dims 64 and 128 in
+float16/bfloat16 and hands other calls to the Triton kernel (``"gpu"``/``"interpret"``),
+also with a one-time warning.
 
 ``hmar_attention(qkv, qkv_bias, temperature, spec)`` is the model's self-attention from
 the packed ``mat_qkv`` output. The GPU kernel (and interpret mode) applies the bias, q/k
 normalisation and temperature to each tile it loads (``kernel_gpu.forward_packed``), so
-q, k and v are never written out in the forward pass; in the backward ``hmar_qkv``
+q, k and v are never written out in the forward pass (the Mosaic GPU kernel likewise,
+``kernel_mosaic_gpu.forward_packed``); in the backward ``hmar_qkv``
 prepares them once for the backward kernels and ``qkv_prologue``'s one-pass kernel turns
 the kernels' dq, dk, dv into the packed gradients. Elsewhere ``reference.hmar_qkv``
 prepares q, k, v and ``attention`` runs.
@@ -43,14 +48,19 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from hmar_jax.pallas import kernel_gpu, qkv_prologue, splash
+from hmar_jax.pallas import kernel_gpu, kernel_mosaic_gpu, qkv_prologue, splash
 from hmar_jax.pallas.dispatch import Implementation, check_implementation, run_per_device
 from hmar_jax.pallas.reference import hmar_qkv, reference_attention
 from hmar_jax.scales import ScaleLayout
 
 Pattern = Literal["block_diagonal", "block_causal", "full"]
 SMALL_FULL_KEYS = 64
-ATTENTION_IMPLEMENTATIONS: tuple[str, ...] = ("xla", "gpu", "tpu", "interpret")
+ATTENTION_IMPLEMENTATIONS: tuple[str, ...] = ("xla", "gpu", "tpu", "interpret", "mosaic_gpu",
+                                              "mosaic_interpret")
+# Kernels that run through this module's custom_vjp, and the Triton kernel that takes a
+# Mosaic GPU call its kernel cannot (head dim, dtype).
+_KERNELS = ("gpu", "interpret", "mosaic_gpu", "mosaic_interpret")
+_MOSAIC_FALLBACK = {"mosaic_gpu": "gpu", "mosaic_interpret": "interpret"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,14 +92,17 @@ class AttentionSpec:
     Attributes:
       pattern: mask pattern, see the module docstring.
       patch_nums: scales the sequence holds (ignored for ``full``).
-      implementation: ``xla``, ``gpu``, ``tpu`` or ``interpret`` (module docstring).
-      tiles: kernel tile sizes.
+      implementation: ``xla``, ``gpu``, ``tpu``, ``interpret``, ``mosaic_gpu`` or
+        ``mosaic_interpret`` (module docstring).
+      tiles: the Triton kernel's tile sizes.
+      mosaic_tiles: the Mosaic GPU kernel's step sizes and pipeline depths.
     """
 
     pattern: Pattern = "block_diagonal"
     patch_nums: tuple[int, ...] = ()
     implementation: Implementation = "xla"
     tiles: KernelTiles = KernelTiles()
+    mosaic_tiles: kernel_mosaic_gpu.MosaicTiles = kernel_mosaic_gpu.MosaicTiles()
 
     def __post_init__(self):
         if self.pattern not in ("block_diagonal", "block_causal", "full"):
@@ -119,26 +132,50 @@ def _ranges(pattern: str, patch_nums: tuple[int, ...], len_q: int, len_k: int):
 
 @dataclasses.dataclass(frozen=True)
 class _Plan:
-    kernel: str  # gpu | interpret
+    kernel: str  # one of _KERNELS
     pattern: str
     patch_nums: tuple[int, ...]
     tiles: KernelTiles
     sm_scale: float
+    mosaic_tiles: kernel_mosaic_gpu.MosaicTiles = kernel_mosaic_gpu.MosaicTiles()
+
+    @property
+    def mosaic(self) -> bool:
+        return self.kernel.startswith("mosaic")
+
+    @property
+    def interpret(self) -> bool:
+        return self.kernel in ("interpret", "mosaic_interpret")
+
+
+def _mosaic_kwargs(launch: kernel_mosaic_gpu.MosaicLaunch, plan: _Plan) -> dict:
+    return dict(block=launch.block, num_stages=launch.num_stages, sm_scale=plan.sm_scale,
+                interpret=plan.interpret)
 
 
 def _kernel_forward(plan: _Plan, q, k, v):
     row_start, row_end, _, _ = _ranges(plan.pattern, plan.patch_nums, q.shape[1], k.shape[1])
+    if plan.mosaic:
+        return kernel_mosaic_gpu.forward(q, k, v, row_start, row_end,
+                                         **_mosaic_kwargs(plan.mosaic_tiles.forward, plan))
     t = plan.tiles
     return kernel_gpu.forward(q, k, v, row_start, row_end, sm_scale=plan.sm_scale,
-                              interpret=plan.kernel == "interpret", **t.forward.kwargs())
+                              interpret=plan.interpret, **t.forward.kwargs())
 
 
 def _kernel_backward(plan: _Plan, q, k, v, o, lse, do):
     row_start, row_end, col_start, col_end = _ranges(plan.pattern, plan.patch_nums, q.shape[1],
                                                      k.shape[1])
-    t = plan.tiles
-    interpret = plan.kernel == "interpret"
     delta = kernel_gpu.softmax_delta(o, do)
+    if plan.mosaic:
+        m = plan.mosaic_tiles
+        dk, dv = kernel_mosaic_gpu.backward_dkdv(q, k, v, do, lse, delta, col_start, col_end,
+                                                 **_mosaic_kwargs(m.dkdv, plan))
+        dq = kernel_mosaic_gpu.backward_dq(q, k, v, do, lse, delta, row_start, row_end,
+                                           **_mosaic_kwargs(m.dq, plan))
+        return dq, dk, dv
+    t = plan.tiles
+    interpret = plan.interpret
     dk, dv = kernel_gpu.backward_dkdv(q, k, v, do, lse, delta, col_start, col_end,
                                       sm_scale=plan.sm_scale,
                                       interpret=interpret, **t.dkdv.kwargs())
@@ -177,9 +214,12 @@ def _kernel_op(forward, backward):
 def _packed_forward(plan: _Plan, qkv, qkv_bias, temperature):
     length = qkv.shape[1]
     row_start, row_end, _, _ = _ranges(plan.pattern, plan.patch_nums, length, length)
+    if plan.mosaic:
+        return kernel_mosaic_gpu.forward_packed(
+            qkv, qkv_bias.astype(qkv.dtype), temperature, row_start, row_end,
+            **_mosaic_kwargs(plan.mosaic_tiles.forward, plan))
     return kernel_gpu.forward_packed(qkv, qkv_bias.astype(qkv.dtype), temperature, row_start,
-                                     row_end, sm_scale=plan.sm_scale,
-                                     interpret=plan.kernel == "interpret",
+                                     row_end, sm_scale=plan.sm_scale, interpret=plan.interpret,
                                      **plan.tiles.forward.kwargs())
 
 
@@ -189,7 +229,8 @@ def _packed_backward(plan: _Plan, qkv, qkv_bias, temperature, o, lse, do):
     q, k, v = hmar_qkv(qkv, qkv_bias, temperature)
     dq, dk, dv = _kernel_backward(plan, q, k, v, o, lse, do)
     return qkv_prologue.prologue_backward(qkv, qkv_bias, temperature, dq, dk, dv,
-                                          implementation=plan.kernel)
+                                          implementation=_MOSAIC_FALLBACK.get(plan.kernel,
+                                                                              plan.kernel))
 
 
 _kernel_attention = _kernel_op(_kernel_forward, _kernel_backward)
@@ -220,14 +261,15 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec,
       >>> out = attention(q, k, v, spec)          # q, k, v: [B, 14, N, K]
     """
     _check_length(spec, q.shape[1], k.shape[1])
-    kernel = _implementation(spec, q.shape[-1], k.shape[1])
+    kernel = _implementation(spec, q.shape[-1], k.shape[1], q.dtype)
     if kernel == "xla":
         return reference_attention(q, k, v, spec.dense_mask(), sm_scale=sm_scale)
     if kernel == "tpu":
         return run_per_device(functools.partial(
             splash.attention, pattern=spec.pattern, patch_nums=tuple(spec.patch_nums),
             sm_scale=float(sm_scale)), (q, k, v))
-    plan = _Plan(kernel, spec.pattern, tuple(spec.patch_nums), spec.tiles, float(sm_scale))
+    plan = _Plan(kernel, spec.pattern, tuple(spec.patch_nums), spec.tiles, float(sm_scale),
+                 spec.mosaic_tiles)
     return run_per_device(functools.partial(_kernel_attention, plan), (q, k, v))
 
 
@@ -240,15 +282,26 @@ def _check_length(spec: AttentionSpec, len_q: int, len_k: int) -> None:
                              f"{length} tokens, got q {len_q} and k {len_k}.")
 
 
-def _implementation(spec: AttentionSpec, head_dim: int, len_k: int) -> str:
-    """``xla``, ``gpu``, ``tpu`` or ``interpret`` for one call (module docstring)."""
+def _implementation(spec: AttentionSpec, head_dim: int, len_k: int, dtype) -> str:
+    """The implementation of one call, one of ``ATTENTION_IMPLEMENTATIONS`` (module
+    docstring)."""
     kernel = spec.implementation
     if kernel != "xla" and (head_dim < 16 or head_dim & (head_dim - 1)):
         _warn_fallback(f"head dim {head_dim} is not a power of two >= 16")
         return "xla"
-    if kernel in ("gpu", "tpu") and spec.pattern == "full" and len_k <= SMALL_FULL_KEYS:
+    if (kernel in ("gpu", "tpu", "mosaic_gpu") and spec.pattern == "full"
+            and len_k <= SMALL_FULL_KEYS):
         return "xla"
+    if kernel in _MOSAIC_FALLBACK and not kernel_mosaic_gpu.supports(head_dim, dtype):
+        _warn_mosaic_fallback(head_dim, jnp.dtype(dtype).name)
+        return _MOSAIC_FALLBACK[kernel]
     return kernel
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_mosaic_fallback(head_dim: int, dtype: str) -> None:
+    logging.warning("Mosaic GPU attention takes head dims %s in float16/bfloat16, not %d in %s; "
+                    "using the Triton kernel.", kernel_mosaic_gpu.HEAD_DIMS, head_dim, dtype)
 
 
 def hmar_attention(qkv: jax.Array, qkv_bias: jax.Array, temperature: jax.Array,
@@ -257,7 +310,7 @@ def hmar_attention(qkv: jax.Array, qkv_bias: jax.Array, temperature: jax.Array,
 
     Equals ``attention(*reference.hmar_qkv(qkv, qkv_bias, temperature), spec)``: q and k
     are L2-normalised (float32) and q is scaled by its head's temperature, so the logits
-    are ``temperature_h cos(q, k)``. The GPU kernel (and interpret mode) does this inside
+    are ``temperature_h cos(q, k)``. The GPU kernels (and interpret modes) do this inside
     the forward kernel; splash attention (TPU) and the reference get prepared q, k, v.
 
     Args:
@@ -275,10 +328,11 @@ def hmar_attention(qkv: jax.Array, qkv_bias: jax.Array, temperature: jax.Array,
         raise ValueError(f"hmar_attention needs qkv [B, L, 3, N, K], bias [3, N, K] and "
                          f"temperature [N]; got {qkv.shape}, {qkv_bias.shape}, "
                          f"{temperature.shape}.")
-    kernel = _implementation(spec, head_dim, length)
-    if kernel not in ("gpu", "interpret"):
+    kernel = _implementation(spec, head_dim, length, qkv.dtype)
+    if kernel not in _KERNELS:
         return attention(*hmar_qkv(qkv, qkv_bias, temperature), spec)
     _check_length(spec, length, length)
-    plan = _Plan(kernel, spec.pattern, tuple(spec.patch_nums), spec.tiles, 1.0)
+    plan = _Plan(kernel, spec.pattern, tuple(spec.patch_nums), spec.tiles, 1.0,
+                 spec.mosaic_tiles)
     return run_per_device(functools.partial(_packed_kernel_attention, plan), (qkv,),
                           (qkv_bias, temperature))
