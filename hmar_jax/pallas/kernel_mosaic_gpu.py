@@ -14,8 +14,10 @@ pipeline of ``num_stages`` buffers: the copies of the next steps are in flight w
 current step computes, and a step's buffer is refilled as soon as its products have
 completed. Several programs share a multiprocessor (a program is small: about 50 KB of
 shared memory at the defaults), so one program's softmax overlaps another's matrix
-products and copies; a separate copy warpgroup would only help a program that holds many
-rows, and the tiles here stay small to follow the scale boundaries.
+products and copies. Warp specialisation (a copy warpgroup feeding two compute warpgroups
+that share one key stream, as in FlashAttention-3) needs 128-row tiles with one key range;
+here most tiles are single scales of fewer rows (the 256 px list has 13 tiles of at most 64
+rows in 680), and a wider tile would visit the union of its scales' key ranges.
 
 Tiles. ``plan_tiles`` cuts the rows into tiles the way ``kernel_gpu.plan_tiles`` does (rows
 with equal ranges, small consecutive scales packed, none wider than ``ROWS``), with one
