@@ -8,6 +8,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import zipfile
 import zlib
 
@@ -116,17 +117,31 @@ HOSTILE = {  # builder -> words the one-line error must contain
 }
 
 
+# Runs the converter's __main__ and, however it ends, writes the process's own peak resident
+# memory (VmHWM of its address space) to the file named by its first argument. wait4's
+# ru_maxrss is no measure here: a child spawned by vfork carries its parent's high-water mark
+# across exec, so it would report the test process's memory.
+_MEASURED_CONVERT = """
+import runpy, sys
+peak_file = sys.argv.pop(1)
+try:
+    runpy.run_module("hmar_jax.convert", run_name="__main__", alter_sys=True)
+finally:
+    with open("/proc/self/status") as status, open(peak_file, "w") as out:
+        out.write(next(line for line in status if line.startswith("VmHWM:")).split()[1])
+"""
+
+
 def convert_in_subprocess(*args: str) -> tuple[int, str, float]:
     """Runs ``python -m hmar_jax.convert ARGS``; returns its exit status, stderr and peak
-    resident memory in MB (this child's own, from wait4)."""
+    resident memory in MB (the converter process's own)."""
     env = dict(os.environ, PYTHONPATH=str(pathlib.Path(hmar_jax.__file__).parents[1]))
-    process = subprocess.Popen([sys.executable, "-m", "hmar_jax.convert", *args], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    stderr = process.stderr.read().decode()
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    process.stderr.close()
-    return process.returncode, stderr, usage.ru_maxrss / 1024
+    with tempfile.TemporaryDirectory() as scratch:
+        peak_file = pathlib.Path(scratch) / "peak_kb"
+        process = subprocess.run([sys.executable, "-c", _MEASURED_CONVERT, str(peak_file), *args],
+                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        peak_kb = float(peak_file.read_text())
+    return process.returncode, process.stderr.decode(), peak_kb / 1024
 
 
 def assert_one_line_error(stderr: str, *words: str) -> None:
