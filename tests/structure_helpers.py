@@ -25,7 +25,7 @@ def kernel_calls(jaxpr, count_inputs_of: str | None = None) -> collections.Count
     with ``count_inputs_of``, that kernel's calls by their number of inputs instead."""
     calls = collections.Counter()
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "pallas_call":
+        if eqn.primitive.name in ("pallas_call", "mpmd_map"):  # Triton / Mosaic GPU kernels
             name = str(eqn.params["name"])
             if count_inputs_of is None:
                 calls[name] += 1

@@ -139,6 +139,21 @@ def test_remat_policies_keep_what_they_say(capsys):
                                "projections_saveable": d}
 
 
+def test_attention_saving_policies_keep_the_mosaic_kernels_output():
+    """The Mosaic GPU attention kernel (an ``mpmd_map`` inside a ``custom_vmap_call``, not a
+    ``pallas_call``) is kept by the policies that keep the attention's output: its forward
+    runs once per block in the gradient, twice under ``block``."""
+    cfg = preset("tiny", width=128)  # head dim 64, which the Mosaic kernel takes
+    # Traced only (never lowered), so the GPU resolution needs no GPU; the interpreter's
+    # callbacks are effects that jax.checkpoint refuses.
+    counts = {remat: _gradient_kernel_calls(cfg, resolved(
+                  "gpu", remat=remat, scan_blocks=False, attention="mosaic_gpu"))[
+                  ops.FORWARD_KERNEL_NAME]
+              for remat in ("block", "dots_attention_saveable", "projections_saveable")}
+    d = cfg.depth
+    assert counts == {"block": 2 * d, "dots_attention_saveable": d, "projections_saveable": d}
+
+
 def test_activations_policy_reruns_no_kernel():
     """``activations_saveable`` keeps every kernel's forward outputs (attention, AdaLN norms,
     bias + GELU) and the named activations: the gradient runs each forward kernel once,

@@ -28,6 +28,19 @@ from hmar_jax.transformer.layers import (ATTENTION_PROJ_NAME, FFN_OUT_NAME, GELU
                                          NORM_OUT_NAME, finish_residual)
 
 
+def kernel_call_name(primitive_name: str, params: dict) -> str | None:
+    """The kernel name of a Pallas call in a jaxpr, else None. A Triton- or Mosaic-TPU-lowered
+    kernel is one ``pallas_call``; a Mosaic GPU kernel (``plgpu.kernel``) is an ``mpmd_map``,
+    traced inside the ``custom_vmap_call`` that gives it a batching rule."""
+    if primitive_name in ("pallas_call", "mpmd_map"):
+        return str(params.get("name"))
+    if primitive_name == "custom_vmap_call":
+        inner = params["call"].jaxpr.eqns
+        if len(inner) == 1:
+            return kernel_call_name(inner[0].primitive.name, inner[0].params)
+    return None
+
+
 def _kernel_outputs_saveable(*kernel_names: str):
     """``jax.checkpoint`` policy: keep the outputs of the named Pallas kernels.
 
@@ -38,7 +51,7 @@ def _kernel_outputs_saveable(*kernel_names: str):
     names = frozenset(kernel_names)
 
     def policy(prim, *_, **params) -> bool:
-        return prim.name == "pallas_call" and str(params.get("name")) in names
+        return kernel_call_name(prim.name, params) in names
 
     return policy
 
