@@ -360,6 +360,22 @@ def peak_gib(devices=None) -> float | None:
     return max(peaks) / GIB if peaks else None
 
 
+def allocator_limit_gib() -> float | None:
+    """The first device's allocator limit (``bytes_limit``) in GiB: on a GPU,
+    ``XLA_PYTHON_CLIENT_MEM_FRACTION`` (JAX's default when unset) of the device's memory as
+    CUDA reports it, whether or not the allocator preallocates. None where the backend
+    keeps no statistics (CPU)."""
+    import jax
+
+    try:
+        stats = jax.devices()[0].memory_stats()
+    except Exception:  # noqa: BLE001 - some backends raise instead of returning None
+        stats = None
+    if not stats or "bytes_limit" not in stats:
+        return None
+    return round(stats["bytes_limit"] / GIB, 3)
+
+
 # ===================================== rows in subprocesses ====================================
 
 def is_oom(text: str) -> bool:
@@ -368,7 +384,8 @@ def is_oom(text: str) -> bool:
 
 
 def worker_main(worker, spec_json: str, out_path: str) -> None:
-    """Runs ``worker(spec) -> dict`` and writes the row (or its failure) as JSON."""
+    """Runs ``worker(spec) -> dict`` and writes the row (or its failure) as JSON, with the
+    devices it saw and its allocator's limit (``allocator_limit_gib``)."""
     spec = json.loads(spec_json)
     try:
         row = {"status": "ok", **worker(spec)}
@@ -378,6 +395,9 @@ def worker_main(worker, spec_json: str, out_path: str) -> None:
         traceback.print_exc()
     try:
         row.update(device_info())
+        limit = allocator_limit_gib()
+        if limit is not None:
+            row["allocator_limit_gib"] = limit
     except Exception:  # noqa: BLE001 - the row stands without it
         pass
     pathlib.Path(out_path).write_text(json.dumps(row))
