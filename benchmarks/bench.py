@@ -20,6 +20,15 @@ command), the other side under its key (``official``, ``benchmark_step``; named 
 fits a 10-minute machine: our side has ``OURS_TIMEOUT_S``, the other side
 ``OTHER_TIMEOUT_S``. A row whose side fails otherwise (an error, a timeout) writes no file,
 and the exit status is 1.
+
+A row with a memory cap (``Row.cap``, :class:`MemoryCap`) runs our side with JAX's allocator
+limited through ``XLA_PYTHON_CLIENT_MEM_FRACTION``, so that compilation and autotuning live
+inside the limit too: a fixed size (the memory of a smaller card) or a share of the other
+side's measured process peak (then the other side runs first). The fraction is the cap over
+the device's memory as CUDA reports it, read from ``nvidia-smi`` when the row runs (this
+process starts no CUDA context); our side's record ``memory_cap`` holds the cap, the
+fraction, the device's memory, the peak it derives from and the allocator limit our script
+reported, which must match the cap.
 """
 
 from __future__ import annotations
@@ -27,8 +36,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -41,6 +52,11 @@ from benchmarks.harness import REPO, now, peak_bf16_tflops  # noqa: E402
 OURS_TIMEOUT_S = 300
 OTHER_TIMEOUT_S = 290
 OK_STATUSES = ("ok", "OOM")
+FRACTION_VARIABLE = "XLA_PYTHON_CLIENT_MEM_FRACTION"
+# The allocator limit our script reports may differ from the cap by this share (nvidia-smi's
+# total less its reservation, in MiB, estimates CUDA's figure); beyond it the run was not
+# under the cap.
+CAP_TOLERANCE = 0.03
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,11 +93,38 @@ class Side:
 
 
 @dataclasses.dataclass(frozen=True)
+class MemoryCap:
+    """The GPU memory our side may use, as JAX's allocator limit: ``gib`` a fixed size (a
+    card's memory, taken as given), or ``of_peak`` times the process peak
+    (``peak_gib_process``) that the other side measured in the same row, which then runs
+    first. Exactly one of the two is set."""
+
+    gib: float | None = None
+    of_peak: float | None = None
+
+    def __post_init__(self):
+        if (self.gib is None) == (self.of_peak is None):
+            raise ValueError("a memory cap is either a size in GiB or a share of the other "
+                             "side's peak")
+
+    @property
+    def needs_other(self) -> bool:
+        return self.of_peak is not None
+
+    def describe(self, other: Side) -> str:
+        if self.needs_other:
+            return (f"ours capped at {self.of_peak:g}× the {other.key.replace('_', ' ')} "
+                    "process peak")
+        return f"ours capped at {self.gib:g} GiB"
+
+
+@dataclasses.dataclass(frozen=True)
 class Row:
     """``kind`` names our script (``SCRIPTS``) and, for an official side, the benchmark of
-    ``upstream.py``; ``ours`` our script's arguments; ``other`` the side measured against it.
-    ``label`` and ``ratio_label`` head the table's columns of our side and of the ratios
-    (each metric turned so that a ratio above 1 favours our side)."""
+    ``upstream.py``; ``ours`` our script's arguments; ``other`` the side measured against it;
+    ``cap`` our side's memory cap (None: the allocator's defaults). ``label`` and
+    ``ratio_label`` head the table's columns of our side and of the ratios (each metric
+    turned so that a ratio above 1 favours our side)."""
 
     title: str
     kind: str
@@ -90,6 +133,7 @@ class Row:
     metrics: tuple[Metric, ...]
     label: str = "Ours"
     ratio_label: str = "Ours better by"
+    cap: MemoryCap | None = None
 
 
 def attention_row(batch: int, heads: int, length: int, mask: str) -> Row:
@@ -138,15 +182,24 @@ def train_command_row(model: str, batch: int, steps: int, images: int, workers: 
                (IMG_S,), label="Training command", ratio_label="Command over step")
 
 
+def capped(row: Row, cap: MemoryCap) -> Row:
+    """``row`` with our side under ``cap``, said in its title."""
+    return dataclasses.replace(row, title=f"{row.title}, {cap.describe(row.other)}", cap=cap)
+
+
 ROWS: dict[str, Row] = {
     "attention_l680_diagonal": attention_row(32, 30, 680, "block_diagonal"),
     "attention_l2240_diagonal": attention_row(16, 24, 2240, "block_diagonal"),
     "attention_l680_causal": attention_row(32, 30, 680, "block_causal"),
     "train_d16_b64": train_row("d16", 64, 256),
+    "train_d16_b64_40gib": capped(train_row("d16", 64, 256), MemoryCap(gib=40)),
     "train_d30_b32": train_row("d30", 32, 256),
+    "train_d30_b32_80gib": capped(train_row("d30", 32, 256), MemoryCap(gib=80)),
     "train_d16_512px_b16": train_row("d16", 16, 512),
     "sample_d16_b64": sample_row("d16", 64, 256),
+    "sample_d16_b64_capped": capped(sample_row("d16", 64, 256), MemoryCap(of_peak=0.6)),
     "sample_d30_b64": sample_row("d30", 64, 256),
+    "sample_d30_b64_capped": capped(sample_row("d30", 64, 256), MemoryCap(of_peak=0.6)),
     "sample_d16_512px_b32": sample_row("d16", 32, 512),
     "train_command_d16_b64": train_command_row("d16", 64, steps=300, images=2000, workers=16),
 }
@@ -249,12 +302,18 @@ def official_side(row: Row, result: dict, ours: dict) -> dict:
 
 # ========================================== running ============================================
 
-def run_side(command: list[str], out: pathlib.Path, timeout: float) -> dict | str:
-    """Runs ``command`` (its output passes through); its JSON, or why there is none. On a
-    timeout the command's whole process group is killed: a worker it started must not hold
-    the GPU while the other side runs."""
-    print("$ " + " ".join(command), flush=True)
-    proc = subprocess.Popen(command, cwd=REPO, start_new_session=True)
+def run_side(command: list[str], out: pathlib.Path, timeout: float,
+             env: dict[str, str] | None = None) -> dict | str:
+    """Runs ``command`` (its output passes through) with ``env`` over this process's
+    environment; its JSON, or why there is none. On a timeout the command's whole process
+    group is killed: a worker it started must not hold the GPU while the other side runs."""
+    print("$ " + " ".join([*(f"{k}={v}" for k, v in (env or {}).items()), *command]), flush=True)
+    environment = None
+    if env:
+        environment = dict(os.environ, **env)
+        if FRACTION_VARIABLE in env:  # JAX refuses its newer name beside this one
+            environment.pop("XLA_CLIENT_MEM_FRACTION", None)
+    proc = subprocess.Popen(command, cwd=REPO, start_new_session=True, env=environment)
     try:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -278,6 +337,20 @@ def script_result(kind: str, result: dict | str) -> dict | str:
     return side if side["status"] in OK_STATUSES else side["status"]
 
 
+def other_result(row: Row, result: dict, ours: dict) -> dict | str:
+    """The side ``row`` measures ours against, from its JSON (:func:`official_side` or
+    :func:`script_result`), or why it has none. An OOM is a result."""
+    if needs_upstream(row):
+        side = official_side(row, result, ours)
+    else:
+        side = script_result(row.other.kind, result)
+        if isinstance(side, str):
+            return side
+    if side["status"] not in OK_STATUSES:
+        return f"{side['status']}: {side.get('error', '')}"
+    return side
+
+
 def limit_args(kind: str, seconds: int) -> list[str]:
     """Our script's own limit, inside the runner's (``attention.py`` has none)."""
     if kind == "attention":
@@ -287,46 +360,155 @@ def limit_args(kind: str, seconds: int) -> list[str]:
     return ["--timeout", str(seconds), "--time-budget", str(seconds)]
 
 
+def device_memory() -> dict | str:
+    """The memory of the GPU that our side will run on (the first of
+    ``CUDA_VISIBLE_DEVICES``, else GPU 0) from ``nvidia-smi``, which starts no CUDA context
+    in this process (:func:`parse_device_memory`); or why there is none. Drivers that do not
+    know ``memory.reserved`` are asked for the total alone."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return "no nvidia-smi to read the device's memory from"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    device = "0" if visible is None else visible.split(",")[0].strip()
+    if not device:
+        return "CUDA_VISIBLE_DEVICES names no GPU"
+    answer = ""
+    for fields in ("name,memory.total,memory.reserved", "name,memory.total"):
+        try:
+            proc = subprocess.run([smi, "-i", device, f"--query-gpu={fields}",
+                                   "--format=csv,noheader,nounits"],
+                                  capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.SubprocessError) as err:
+            return f"nvidia-smi: {err}"
+        if proc.returncode == 0:
+            return parse_device_memory(device, proc.stdout)
+        answer = (proc.stderr or proc.stdout).strip()
+    return f"nvidia-smi -i {device}: {answer[:300]}"
+
+
+def parse_device_memory(device: str, text: str) -> dict | str:
+    """``nvidia-smi``'s ``name, memory.total[, memory.reserved]`` (MiB) -> the device, both
+    numbers and ``total_gib``: the total less the driver's reservation, the memory that
+    CUDA reports and that XLA takes ``XLA_PYTHON_CLIENT_MEM_FRACTION`` of (79.2 GiB of an
+    80 GB card); or why it cannot be read."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    parts = [part.strip() for part in lines[0].split(",")] if lines else []
+    try:
+        total = float(parts[1])
+    except (IndexError, ValueError):
+        return f"nvidia-smi -i {device}: no memory.total in {text.strip()[:200]!r}"
+    try:
+        reserved = float(parts[2])
+    except (IndexError, ValueError):  # an older driver, or "[N/A]"
+        reserved = None
+    return {"index": device, "name": parts[0], "total_mib": total, "reserved_mib": reserved,
+            "total_gib": round((total - (reserved or 0.0)) / 1024, 3)}
+
+
+def cap_settings(row: Row, device: dict, other: dict | None) -> dict | str:
+    """Our side's ``memory_cap`` record: the cap in GiB (``row.cap``'s size, or its share of
+    ``other``'s process peak), the device's memory (:func:`device_memory`) and the fraction
+    of it that gives the cap, rounded down (at most 1: a cap at or above the device's memory
+    is the whole device); or why there is none."""
+    cap = row.cap
+    record = {"gib": cap.gib, "of_peak": cap.of_peak, "peak_side": None, "peak_gib": None}
+    if cap.needs_other:
+        peak = ((other or {}).get("metrics") or {}).get("peak_gib_process")
+        if not peak:
+            status = (other or {}).get("status")
+            return (f"{row.other.key} ({status}) measured no process peak to derive the memory "
+                    "cap from")
+        record |= {"gib": round(cap.of_peak * peak, 3), "peak_side": row.other.key,
+                   "peak_gib": peak}
+    fraction = min(1.0, math.floor(record["gib"] / device["total_gib"] * 1e4) / 1e4)
+    if fraction <= 0:
+        return f"a cap of {record['gib']} GiB is no fraction of {device['total_gib']} GiB"
+    return record | {"fraction": fraction, "device_total_gib": device["total_gib"],
+                     "nvidia_smi": {k: device[k] for k in ("index", "name", "total_mib",
+                                                           "reserved_mib")},
+                     "environment": {FRACTION_VARIABLE: str(fraction)}}
+
+
+def confirm_cap(cap: dict, result: dict) -> dict | str:
+    """``cap`` (:func:`cap_settings`) with what our script's JSON ``result`` says of it: the
+    fraction in its recorded environment and its allocator's limit (``allocator_limit_gib``,
+    None where it reported none), which must be the fraction of the device's memory; or why
+    the run was not under the cap."""
+    wanted = cap["environment"][FRACTION_VARIABLE]
+    recorded = (result.get("environment") or {}).get(FRACTION_VARIABLE)
+    if recorded != wanted:
+        return f"ran with {FRACTION_VARIABLE}={recorded!r}, not {wanted!r}"
+    limits = [r["allocator_limit_gib"] for r in result.get("rows", [])
+              if r.get("allocator_limit_gib") is not None]
+    expected = cap["fraction"] * cap["device_total_gib"]
+    for limit in limits:
+        if abs(limit - expected) > CAP_TOLERANCE * expected:
+            return (f"its allocator's limit was {limit:.2f} GiB, not the cap's {expected:.2f} "
+                    f"GiB ({cap['fraction']} of {cap['device_total_gib']} GiB; another "
+                    "XLA_PYTHON_CLIENT_ALLOCATOR, or not the GPU that nvidia-smi read?)")
+    return cap | {"allocator_limit_gib": limits[0] if limits else None}
+
+
 def measure(row_id: str, upstream: str | None, upstream_python: str) -> dict | str:
-    """One row's JSON, or the reason it has none."""
+    """One row's JSON, or the reason it has none. Our side runs first, unless its memory cap
+    derives from the other side's peak."""
     row = ROWS[row_id]
     with tempfile.TemporaryDirectory(prefix=f"bench_{row_id}_") as tmp:
         ours_out, other_out = (pathlib.Path(tmp) / name for name in ("ours.json", "other.json"))
-        ours = script_result(row.kind, run_side(
+        if needs_upstream(row):
+            other_command = side_command(row, upstream, upstream_python)
+        else:
+            other_command = side_command(row, python=sys.executable) + limit_args(
+                row.other.kind, OTHER_TIMEOUT_S - 30)
+        other_command += ["--out", str(other_out)]
+        other_json = other = cap = None
+        if row.cap is not None and row.cap.needs_other:
+            other_json = run_side(other_command, other_out, OTHER_TIMEOUT_S)
+            if isinstance(other_json, str):
+                return f"{row.other.key}: {other_json}"
+            other = other_result(row, other_json, {})
+            if isinstance(other, str):
+                return f"{row.other.key}: {other}"[:2000]
+        if row.cap is not None:
+            device = device_memory()
+            cap = device if isinstance(device, str) else cap_settings(row, device, other)
+            if isinstance(cap, str):
+                return f"ours: {cap}"
+        ours_json = run_side(
             [sys.executable, f"benchmarks/{SCRIPTS[row.kind]}", *row.ours,
              *limit_args(row.kind, OURS_TIMEOUT_S - 30), "--out", str(ours_out)],
-            ours_out, OURS_TIMEOUT_S))
+            ours_out, OURS_TIMEOUT_S, env=cap["environment"] if cap else None)
+        ours = script_result(row.kind, ours_json)
         if isinstance(ours, str):
             return f"ours: {ours}"
-        if needs_upstream(row):
-            command = side_command(row, upstream, upstream_python)
-        else:
-            command = side_command(row, python=sys.executable) + limit_args(
-                row.other.kind, OTHER_TIMEOUT_S - 30)
-        other_json = run_side(command + ["--out", str(other_out)], other_out, OTHER_TIMEOUT_S)
-        if isinstance(other_json, str):
-            return f"{row.other.key}: {other_json}"
-        if needs_upstream(row):
-            other = official_side(row, other_json, ours)
-        else:
-            other = script_result(row.other.kind, other_json)
-            if isinstance(other, str):
-                return f"{row.other.key}: {other}"
-        if other["status"] not in OK_STATUSES:
-            return f"{row.other.key}: {other['status']}: {other.get('error', '')}"[:2000]
+        if cap is not None:
+            cap = confirm_cap(cap, ours_json)
+            if isinstance(cap, str):
+                return f"ours: {cap}"
+            ours["memory_cap"] = cap
+        if other_json is None:
+            other_json = run_side(other_command, other_out, OTHER_TIMEOUT_S)
+            if isinstance(other_json, str):
+                return f"{row.other.key}: {other_json}"
+        other = other_result(row, other_json, ours)
+        if isinstance(other, str):
+            return f"{row.other.key}: {other}"[:2000]
     return assemble(row_id, ours, other)
 
 
 def assemble(row_id: str, ours: dict, other: dict) -> dict:
     """The row file: both sides (``ours_side`` and ``official_side`` or ``script_side``)
-    with their commands, the table's labels, and under ``compared_with`` the key of the
-    other side."""
+    with their commands (our side's with its memory fraction, where capped), the table's
+    labels, and under ``compared_with`` the key of the other side."""
     row = ROWS[row_id]
     key = row.other.key
     if ours["device"] != other["device"]:
         print(f"warning: {row_id}: ours ran on {ours['device']!r}, {row.other.label} on "
               f"{other['device']!r}", flush=True)
-    ours = dict(ours, command=" ".join(["python", f"benchmarks/{SCRIPTS[row.kind]}", *row.ours]))
+    environment = [f"{k}={v}" for k, v in ours.get("memory_cap", {}).get("environment",
+                                                                          {}).items()]
+    ours = dict(ours, command=" ".join([*environment, "python",
+                                        f"benchmarks/{SCRIPTS[row.kind]}", *row.ours]))
     other = dict(other, command=" ".join(side_command(row)))
     return {"row": row_id, "title": row.title, "command": reproduce_command(row_id),
             "device": ours["device"], "date": now(),

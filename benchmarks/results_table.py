@@ -41,6 +41,12 @@ on the GPU; the official code runs as its own training and sampling scripts do. 
 the process's peak GPU memory as `nvidia-smi` reports it. *Ours better by*: the official
 time over ours, our throughput over the official one, the official memory over ours.
 
+*cap*: our side ran with JAX's allocator limited to that much GPU memory
+(`XLA_PYTHON_CLIENT_MEM_FRACTION`), compilation and autotuning included: a card's size, or a
+share of the process peak that the official side measured just before it in the same row.
+The CUDA context and library workspaces lie outside the allocator: the memory beside a cap is
+still the whole process's peak.
+
 *Training command* and *Benchmark step*: `python -m hmar_jax.train` on a folder of JPEG
 images, its steady-state throughput read from its own log (`benchmarks/train_command.py`),
 and the training step of the same config and batch on random arrays
@@ -65,10 +71,26 @@ def load_rows(directory: pathlib.Path = RESULTS_DIR) -> list[dict]:
 
 def _cell(side: dict, metrics: list[dict]) -> str:
     if side["status"] != "ok":
-        return side["status"]
-    values = [m["template"].format(side["metrics"][m["key"]]) for m in metrics
-              if side["metrics"].get(m["key"]) is not None]
-    return "; ".join(values) or "-"
+        text = side["status"]
+    else:
+        values = [m["template"].format(side["metrics"][m["key"]]) for m in metrics
+                  if side["metrics"].get(m["key"]) is not None]
+        text = "; ".join(values) or "-"
+    return "; ".join(part for part in (text, _cap(side)) if part)
+
+
+def _cap(side: dict) -> str:
+    """A side's memory cap (``bench.cap_settings``) as it reads in the table: its size and
+    the peak it is a share of, or that it is the whole device; '' for none."""
+    cap = side.get("memory_cap")
+    if not cap:
+        return ""
+    text = f"cap {round(cap['gib'], 1):g} GiB"
+    if cap.get("of_peak") is not None:
+        return f"{text} ({cap['of_peak']:g}× {cap['peak_side'].replace('_', ' ')} peak)"
+    if cap["fraction"] >= 1:
+        return f"{text} (the whole device: {cap['device_total_gib']:.1f} GiB)"
+    return text
 
 
 def _ratios(row: dict) -> str:

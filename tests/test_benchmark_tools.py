@@ -4,6 +4,7 @@ CPU modes of the scripts, and the results table (regenerated from its JSON rows)
 
 import argparse
 import json
+import math
 import pathlib
 import subprocess
 import sys
@@ -183,7 +184,7 @@ def test_bench_writes_a_row_file_from_both_sides_and_refuses_failed_sides(tmp_pa
         "train", img_per_s=147.0, ms_median=435.4, peak_gib_process=53.1)}
     commands = []
 
-    def run_side(command, out, timeout):
+    def run_side(command, out, timeout, env=None):
         commands.append(command)
         return sides[pathlib.Path(command[1]).name]
 
@@ -230,7 +231,7 @@ def test_bench_compares_the_training_command_with_the_benchmark_step(tmp_path, m
     sides = {"train_command.py": _command_json(), "train_step.py": _train_json()}
     commands = []
 
-    def run_side(command, out, timeout):
+    def run_side(command, out, timeout, env=None):
         commands.append(command)
         return sides[pathlib.Path(command[1]).name]
 
@@ -268,6 +269,195 @@ def test_bench_compares_the_training_command_with_the_benchmark_step(tmp_path, m
     assert not (tmp_path / "f" / "train_command_d16_b64.json").exists()
     with pytest.raises(SystemExit):  # a row that runs the official code needs --upstream
         bench.main(["--rows", "train_command_d16_b64,train_d16_b64"])
+
+
+H100_SMI = "NVIDIA H100 80GB HBM3, 81559, 469\n"  # name, memory.total, memory.reserved (MiB)
+
+
+def test_memory_cap_is_a_fraction_of_the_memory_cuda_reports(monkeypatch):
+    from benchmarks import bench
+
+    device = bench.parse_device_memory("0", H100_SMI)
+    assert device["total_gib"] == pytest.approx(79.189, abs=1e-3)  # what CUDA shows of 80 GB
+    fixed = bench.cap_settings(bench.ROWS["train_d16_b64_40gib"], device, None)
+    assert fixed["fraction"] == 0.5051 and fixed["fraction"] * device["total_gib"] <= 40
+    assert fixed["environment"] == {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.5051"}
+    assert (fixed["gib"], fixed["of_peak"], fixed["peak_gib"]) == (40, None, None)
+    whole = bench.cap_settings(bench.ROWS["train_d30_b32_80gib"], device, None)
+    assert (whole["gib"], whole["fraction"]) == (80, 1.0)  # above the device: all of it
+    official = {"status": "ok", "metrics": {"ms_per_batch": 637.0, "peak_gib_process": 68.7}}
+    share = bench.cap_settings(bench.ROWS["sample_d16_b64_capped"], device, official)
+    assert (share["gib"], share["peak_side"], share["peak_gib"]) == (41.22, "official", 68.7)
+    assert share["fraction"] == math.floor(41.22 / device["total_gib"] * 1e4) / 1e4
+    assert "no process peak" in bench.cap_settings(bench.ROWS["sample_d16_b64_capped"], device,
+                                                   {"status": "OOM"})
+    with pytest.raises(ValueError, match="either"):
+        bench.MemoryCap()
+
+    # nvidia-smi of the first visible GPU; a driver without memory.reserved gives the total.
+    queries = []
+
+    def run(command, **kwargs):
+        queries.append(command)
+        if "memory.reserved" in command[3]:
+            return SimpleNamespace(returncode=2, stdout="", stderr='"memory.reserved" is not '
+                                   "a valid field to query.")
+        return SimpleNamespace(returncode=0, stdout="NVIDIA A100-SXM4-40GB, 40960\n", stderr="")
+
+    monkeypatch.setattr(bench.shutil, "which", lambda name: "/bin/nvidia-smi")
+    monkeypatch.setattr(bench.subprocess, "run", run)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,1")
+    assert bench.device_memory() == {"index": "3", "name": "NVIDIA A100-SXM4-40GB",
+                                     "total_mib": 40960.0, "reserved_mib": None,
+                                     "total_gib": 40.0}
+    assert [q[1:3] for q in queries] == [["-i", "3"], ["-i", "3"]]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert "names no GPU" in bench.device_memory()
+    monkeypatch.setattr(bench.shutil, "which", lambda name: None)
+    assert "no nvidia-smi" in bench.device_memory()
+
+
+def _sample_json(ms=246.3, status="ok", environment=None, limit=None):
+    """sample.py's JSON (one row): ``environment`` as its runner records it, ``limit`` its
+    worker's allocator limit."""
+    row = {"status": status, "mode": "markov_refine", "batch": 64, "variant": "config",
+           "config": "configs/hmar_imagenet.py:variant=d16", "model": "d16", "image_size": 256,
+           "L": 680, "ms_median": ms, "process_peak_gib": 39.84, "passes": 14}
+    if status != "ok":
+        row = {k: row[k] for k in ("status", "mode", "batch", "variant", "config")}
+    if limit is not None:
+        row["allocator_limit_gib"] = limit
+    return {"benchmark": "sample", "device_kind": "NVIDIA H100 80GB HBM3", "platform": "gpu",
+            "versions": {"jax": "0.11.2"}, "environment": environment or {}, "rows": [row]}
+
+
+def _capped_sides(monkeypatch, sides):
+    """Fakes bench's subprocesses: ``sides[script](env)`` is a script's JSON given the
+    environment it ran with; returns the (script, env) of every run, in order. The device is
+    an H100 80GB."""
+    from benchmarks import bench
+
+    monkeypatch.setattr(bench, "now", lambda: "2026-12-08T10:00:00+00:00")
+    monkeypatch.setattr(bench, "device_memory",
+                        lambda: bench.parse_device_memory("0", H100_SMI))
+    runs = []
+
+    def run_side(command, out, timeout, env=None):
+        script = pathlib.Path(command[1]).name
+        runs.append((script, env))
+        return sides[script](env)
+
+    monkeypatch.setattr(bench, "run_side", run_side)
+    return runs
+
+
+def _capped_script(json_of, limit_of_fraction=lambda f: round(f * 79.189, 3)):
+    """A script that records the fraction it ran with and the allocator limit it gives."""
+    def side(env):
+        fraction = (env or {}).get("XLA_PYTHON_CLIENT_MEM_FRACTION")
+        recorded = {"XLA_PYTHON_CLIENT_MEM_FRACTION": fraction} if fraction else {}
+        return json_of(recorded, limit_of_fraction(float(fraction or 0.75)))
+    return side
+
+
+def test_bench_caps_our_sampling_at_a_share_of_the_official_peak(tmp_path, monkeypatch,
+                                                                  capsys):
+    from benchmarks import bench, results_table
+
+    official = _official_json("sample", ms_median=637.4, peak_gib_process=68.7)
+    sides = {"upstream.py": lambda env: official,
+             "sample.py": _capped_script(lambda e, limit: _sample_json(environment=e,
+                                                                       limit=limit))}
+    runs = _capped_sides(monkeypatch, sides)
+    out = tmp_path / "results"
+    assert bench.main(["--rows", "sample_d16_b64_capped", "--upstream", str(tmp_path),
+                       "--out", str(out)]) == 0
+    # The official side first (its peak sets the cap), then ours under the cap.
+    assert runs == [("upstream.py", None),
+                    ("sample.py", {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.5205"})]
+    row = json.loads((out / "sample_d16_b64_capped.json").read_text())
+    cap = row["ours"]["memory_cap"]
+    assert (cap["gib"], cap["of_peak"], cap["peak_side"], cap["peak_gib"]) == (
+        41.22, 0.6, "official", 68.7)
+    assert (cap["fraction"], cap["device_total_gib"]) == (0.5205, 79.189)
+    assert cap["nvidia_smi"] == {"index": "0", "name": "NVIDIA H100 80GB HBM3",
+                                 "total_mib": 81559.0, "reserved_mib": 469.0}
+    assert cap["allocator_limit_gib"] == pytest.approx(41.218, abs=1e-3)
+    assert row["ours"]["metrics"] == {"ms_per_batch": 246.3, "peak_gib_process": 39.84}
+    assert row["ours"]["command"] == (
+        "XLA_PYTHON_CLIENT_MEM_FRACTION=0.5205 python benchmarks/sample.py --config "
+        "configs/hmar_imagenet.py:variant=d16 --batch 64 --iters 5 --warmup 1")
+    assert "memory_cap" not in row["official"]
+    assert row["title"].endswith("ours capped at 0.6× the official process peak")
+    assert row["command"] == ('python benchmarks/bench.py --rows sample_d16_b64_capped '
+                              '--upstream "$HMAR_UPSTREAM"')
+    table = [line for line in results_table.render(results_table.load_rows(out)).splitlines()
+             if line.startswith("| [")]
+    assert ("| 246 ms/batch; 39.8 GiB; cap 41.2 GiB (0.6× official peak) | 637 ms/batch; "
+            "68.7 GiB | time 2.59×; memory 1.72× |") in table[0]
+
+    # Out of memory under the cap is a result; the cap is still stated.
+    sides["sample.py"] = _capped_script(lambda e, limit: _sample_json(
+        status="OOM", environment=e, limit=limit))
+    assert bench.main(["--rows", "sample_d16_b64_capped", "--upstream", str(tmp_path),
+                       "--out", str(out)]) == 0
+    text = results_table.render(results_table.load_rows(out))
+    assert "| OOM; cap 41.2 GiB (0.6× official peak) | 637 ms/batch; 68.7 GiB | - |" in text
+
+    # No official peak, no cap: ours does not run. An allocator limit that is not the cap
+    # (another allocator, say) is no capped run.
+    runs.clear()
+    sides["upstream.py"] = lambda env: _official_json("sample", status="OOM", error="OOM")
+    assert bench.main(["--rows", "sample_d30_b64_capped", "--upstream", str(tmp_path),
+                       "--out", str(out)]) == 1
+    assert [script for script, _ in runs] == ["upstream.py"]
+    assert "official (OOM) measured no process peak" in capsys.readouterr().out
+    sides["upstream.py"] = lambda env: official
+    sides["sample.py"] = _capped_script(lambda e, limit: _sample_json(environment=e, limit=limit),
+                                        limit_of_fraction=lambda f: 59.392)
+    assert bench.main(["--rows", "sample_d30_b64_capped", "--upstream", str(tmp_path),
+                       "--out", str(out)]) == 1
+    assert not (out / "sample_d30_b64_capped.json").exists()
+    assert "allocator's limit was 59.39 GiB, not the cap's 41.22 GiB" in capsys.readouterr().out
+
+
+def test_bench_caps_our_training_step_at_a_card_size(tmp_path, monkeypatch):
+    from benchmarks import bench, results_table
+
+    def ours(env, limit):
+        result = _train_json()
+        result["environment"] = env
+        result["rows"][0]["allocator_limit_gib"] = limit
+        return result
+
+    official = _official_json("train", img_per_s=147.0, ms_median=435.4, peak_gib_process=53.1)
+    runs = _capped_sides(monkeypatch, {"train_step.py": _capped_script(ours),
+                                       "upstream.py": lambda env: official})
+    out = tmp_path / "results"
+    assert bench.main(["--rows", "train_d16_b64_40gib,train_d30_b32_80gib,train_d16_b64",
+                       "--upstream", str(tmp_path), "--out", str(out)]) == 0
+    # A fixed cap needs no other side: ours first, as in the uncapped rows, which set nothing.
+    assert runs == [("train_step.py", {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.5051"}),
+                    ("upstream.py", None),
+                    ("train_step.py", {"XLA_PYTHON_CLIENT_MEM_FRACTION": "1.0"}),
+                    ("upstream.py", None), ("train_step.py", None), ("upstream.py", None)]
+    row = json.loads((out / "train_d16_b64_40gib.json").read_text())
+    assert (row["ours"]["memory_cap"]["gib"], row["ours"]["memory_cap"]["fraction"]) == (
+        40, 0.5051)
+    assert row["ours"]["command"].startswith(
+        "XLA_PYTHON_CLIENT_MEM_FRACTION=0.5051 python benchmarks/train_step.py --config "
+        "configs/hmar_imagenet.py:variant=d16 --batch 64")
+    assert row["official"]["metrics"]["mfu"] == pytest.approx(147.0 * 0.63 / 989)
+    assert "memory_cap" not in json.loads((out / "train_d16_b64.json").read_text())["ours"]
+    table = [line for line in results_table.render(results_table.load_rows(out)).splitlines()
+             if line.startswith("| [")]
+    assert [line.split("](")[1].split(")")[0] for line in table] == [
+        "results/train_d16_b64.json", "results/train_d16_b64_40gib.json",
+        "results/train_d30_b32_80gib.json"]
+    assert "| 412 img/s; MFU 26%; 21.4 GiB | 147 img/s;" in table[0]
+    assert "| 412 img/s; MFU 26%; 21.4 GiB; cap 40 GiB | 147 img/s; MFU 9%; 53.1 GiB |" in (
+        table[1])
+    assert "; cap 80 GiB (the whole device: 79.2 GiB) |" in table[2]
 
 
 def test_train_command_reads_the_steady_state_from_the_logged_rates():
