@@ -174,53 +174,6 @@ def test_mesh_errors():
     assert sharding.make_mesh((("data", -1), ("fsdp", 2))).shape == {"data": 4, "fsdp": 2}
 
 
-def _fingerprints(workdir) -> dict[int, str]:
-    lines = (pathlib.Path(workdir) / "batch_fingerprints.txt").read_text().split()
-    return dict(zip(map(int, lines[::2]), lines[1::2]))  # the last entry per step wins
-
-
-@pytest.mark.slow
-def test_sigkill_and_restart_matches_an_uninterrupted_run(tmp_path, tokenizer_export):
-    """A CLI run killed with SIGKILL after a checkpoint, then restarted, ends with the same
-    parameters and saw the same batches per step as an uninterrupted run."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    steps, overrides = 12, {"tokenizer.export": tokenizer_export, "log_batch_fingerprints": True}
-    uninterrupted = demo_config(num_train_steps=steps, **overrides)
-    trainer.Trainer(uninterrupted, str(tmp_path / "straight")).run()
-
-    workdir = tmp_path / "killed"
-    flags = [f"--config.{k}={v}" for k, v in {
-        "tokenizer.export": tokenizer_export, "log_batch_fingerprints": True,
-        "num_train_steps": steps, "model.overrides.depth": 2, "model.overrides.width": 64,
-        "model.overrides.num_mask_layers": 1, "batch_size": 8}.items()]
-    command = [sys.executable, "-m", "hmar_jax.train", "--config", "configs/demo.py:runlocal",
-               "--workdir", str(workdir), *flags]
-    root = pathlib.Path(__file__).parents[1]
-    process = subprocess.Popen(command, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    checkpoints = workdir / "checkpoints"
-    while time.time() < deadline and process.poll() is None:
-        done = [int(p.name) for p in checkpoints.glob("*") if p.name.isdigit()] if checkpoints.exists() else []
-        if done and max(done) >= 4:
-            break
-        time.sleep(0.2)
-    assert process.poll() is None, "the run finished before it could be killed"
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    killed_at = max(int(p.name) for p in checkpoints.glob("*") if p.name.isdigit())
-    assert 4 <= killed_at < steps and not (workdir / "export").exists()
-    subprocess.run(command, cwd=root, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    assert _fingerprints(workdir) == _fingerprints(tmp_path / "straight")
-    assert len(_fingerprints(workdir)) == steps
-    for a, b in zip(jax.tree.leaves(params_of(tmp_path / "straight")), jax.tree.leaves(params_of(workdir))):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-
-
 @pytest.mark.slow
 def test_trains_on_an_image_folder(tmp_path, tokenizer_export):
     from PIL import Image
