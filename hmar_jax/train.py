@@ -8,7 +8,8 @@ beforehand (``python -m hmar_jax.train_tokenizer``, or converted). On multi-proc
 launches (TPU pods, SLURM) the distributed runtime starts first
 (``hmar_jax.distributed``). Bad input (a config key or value, a missing tokenizer, a data
 folder, a workdir of another run, a diverging learning rate) ends in one ``error:`` line
-and exit status 2.
+and exit status 2. A finished run ends by printing where its results are: the sample grid
+and scores when the config asks for them, and the export.
 """
 
 import os
@@ -23,6 +24,7 @@ def define_flags() -> dict:
 
 
 def main(argv, defined: dict):
+    import jax
     from absl import app, logging
 
     from hmar_jax import distributed
@@ -32,7 +34,8 @@ def main(argv, defined: dict):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     metric_writers.quiet_library_logs()
     distributed.initialize_if_multi_process()
-    metrics = trainer.train_and_evaluate(defined["config"].value, defined["workdir"].value)
+    config, workdir = defined["config"].value, defined["workdir"].value
+    metrics = trainer.train_and_evaluate(config, workdir)
     logging.info("Final metrics: %s", metrics)
     if "stopped_at_step" in metrics:
         # Stopped on request, with everything saved and flushed: exit now. The stop may have
@@ -42,6 +45,8 @@ def main(argv, defined: dict):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
+    if jax.process_index() == 0:
+        print("\n".join(trainer.summary_lines(config, workdir)))
 
 
 if __name__ == "__main__":

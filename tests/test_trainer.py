@@ -1,5 +1,6 @@
 """Trainer: exact resume after SIGKILL, stage-2 freeze, sharded == single-device, config guards."""
 
+import json
 import pathlib
 
 import jax
@@ -53,6 +54,32 @@ def test_stage2_trains_only_the_mask_branch(tmp_path, tokenizer_export):
     assert samples["images"].shape == (20, 16, 16, 3) and samples["images"].dtype == np.uint8
     np.testing.assert_array_equal(samples["labels"], np.repeat(np.arange(10), 2))
     assert (tmp_path / "s2" / "samples.png").is_file()
+    # ... scored, as the lines the command prints at the end say.
+    report = json.loads((tmp_path / "s2" / "samples_eval.json").read_text())
+    samples_line, scores_line, model_line = trainer.summary_lines(stage2, tmp_path / "s2")
+    assert f"{report['accuracy']:.1%} of 20 samples classified as their class" in scores_line
+    assert model_line.startswith(f"model:   {tmp_path / 's2' / 'export'} ")
+
+
+def test_a_finished_run_names_where_its_results_are(tmp_path):
+    """What ``python -m hmar_jax.train`` prints at the end: the sample grid and the digits
+    scores when the config asks for them, then the export; paths as the workdir was given."""
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "samples_eval.json").write_text(json.dumps({
+        "accuracy": 0.972, "num_samples": 1000, "frechet_distance": 9.2824,
+        "frechet_distance_real_held_out": 11.3639}))
+    config = demo_config(**{"sampling.samples_per_class": 100})
+    assert trainer.summary_lines(config, workdir) == [
+        f"samples: {workdir}/samples.png (a row of 10 per class; all 100 per class in samples.npz)",
+        f"scores:  {workdir}/samples_eval.json: 97.2% of 1000 samples classified as their class, "
+        "Frechet distance 9.28 (real held-out digits: 11.36)",
+        f"model:   {workdir}/export (the EMA weights)"]
+    assert trainer.summary_lines(demo_config(), "runs/a") == [
+        "model:   runs/a/export (the EMA weights)"]
+    folder = demo_config(**{"sampling.samples_per_class": 2, "data.name": "image_folder"})
+    assert [line.split(":")[0] for line in trainer.summary_lines(folder, "runs/b")] == [
+        "samples", "model"]
 
 
 # The sharded steps below and their single-device reference: batch 16 without label

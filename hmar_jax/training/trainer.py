@@ -77,6 +77,7 @@ from hmar_jax.transformer.config import LEGACY_EXECUTION_FIELDS
 RUN_CONFIG = "train_config.json"
 RUN_IDENTITY = "hmar_train_config.json"
 REJECTED_CHECKPOINTS = "checkpoints_rejected"
+EXPORT = "export"  # the EMA model of a finished run
 
 
 @flax.struct.dataclass
@@ -583,7 +584,7 @@ class Trainer:
         weights are gathered from all) and returns that model."""
         model = self.ema_model(state)
         if jax.process_index() == 0:
-            checkpointing.save_hmar(self.workdir / "export", model, overwrite=True,
+            checkpointing.save_hmar(self.workdir / EXPORT, model, overwrite=True,
                                     extra_metadata={"stage": self.config.stage,
                                                     "step": int(state.step), "weights": "ema"})
         return model
@@ -677,3 +678,12 @@ def _inputs_key(batch: dict) -> str:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Entry point used by ``python -m hmar_jax.train``."""
     return Trainer(config, workdir).run()
+
+
+def summary_lines(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> list[str]:
+    """Where a finished run's results are, one line each: what each end-of-training hook of
+    ``config`` wrote, then the export (paths under ``workdir`` as given)."""
+    sampling_config = pretrained.run_sampling_config(config.to_dict())
+    lines = [hook.describe(workdir)
+             for hook in hooks.end_of_training_hooks(config, sampling_config)]
+    return lines + [f"model:   {pathlib.Path(workdir) / EXPORT} (the EMA weights)"]
