@@ -49,20 +49,22 @@ def test_cache_holds_the_tokenizers_indices(digits_cache, tokenizer_export):
 
 @pytest.mark.slow
 def test_training_from_the_cache_equals_training_from_images(tmp_path, digits_cache):
+    """Both stages (stage 2 from the stage-1 export, as the demo runs them)."""
     config, path = digits_cache
     steps = {"num_train_steps": 3, "log_batch_fingerprints": False}
-    from_images = demo_config(**{"tokenizer.export": config.tokenizer.export, **steps})
-    from_cache = demo_config(**{"tokenizer.export": config.tokenizer.export,
-                                "data.pretokenized": str(path), **steps})
-    a = trainer.Trainer(from_images, str(tmp_path / "images")).run()
-    b = trainer.Trainer(from_cache, str(tmp_path / "cache")).run()
-    assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
-    for name in ("images", "cache"):
-        assert (tmp_path / name / "export").exists()
-    params = [nnx.to_pure_dict(nnx.state(checkpointing.load_hmar(tmp_path / n / "export"), nnx.Param))
-              for n in ("images", "cache")]
-    for x, y in zip(jax.tree.leaves(params[0]), jax.tree.leaves(params[1])):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+    parent = {"stage": 2, "stage2.parent": str(tmp_path / "images1" / "export")}
+    for stage, changes in ((1, steps), (2, steps | parent)):
+        from_images = demo_config(**{"tokenizer.export": config.tokenizer.export, **changes})
+        from_cache = demo_config(**{"tokenizer.export": config.tokenizer.export,
+                                    "data.pretokenized": str(path), **changes})
+        names = [f"images{stage}", f"cache{stage}"]
+        a = trainer.Trainer(from_images, str(tmp_path / names[0])).run()
+        b = trainer.Trainer(from_cache, str(tmp_path / names[1])).run()
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+        params = [nnx.to_pure_dict(nnx.state(checkpointing.load_hmar(tmp_path / n / "export"),
+                                             nnx.Param)) for n in names]
+        for x, y in zip(jax.tree.leaves(params[0]), jax.tree.leaves(params[1])):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow
