@@ -17,16 +17,21 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	@touch $@
 
-# The tokenizer (tokenizer/), stage 1 on it (a 10-per-class sample grid), then stage 2 from
-# stage 1's export (1,000 samples, scored by the digits classifier).
+# The tokenizer (tokenizer/), the digits encoded once by it (tokens/), stages 1 and 2 trained
+# on those tokens (stage 2 draws 1,000 samples and scores them with the digits classifier);
+# the last three lines name the sample grid, the scores and the model (configs/demo.py).
+TOKENIZER = $(abspath $(WORKDIR))/tokenizer/tokenizer
+TOKENS    = $(abspath $(WORKDIR))/tokens
 demo: env
 	$(PY) -m hmar_jax.train_tokenizer --config configs/tokenizer_digits.py \
 	    --workdir $(WORKDIR)/tokenizer
+	$(PY) -m hmar_jax.pretokenize --config configs/demo.py --config.tokenizer.export=$(TOKENIZER) \
+	    --out $(TOKENS) --overwrite
 	$(PY) -m hmar_jax.train --config configs/demo.py --workdir $(WORKDIR)/stage1 \
-	    --config.tokenizer.export=$(abspath $(WORKDIR))/tokenizer/tokenizer \
-	    --config.sampling.samples_per_class=10
+	    --config.tokenizer.export=$(TOKENIZER) --config.data.pretokenized=$(TOKENS) \
+	    --config.sampling.samples_per_class=0
 	$(PY) -m hmar_jax.train --config configs/demo.py:stage=2 --workdir $(WORKDIR)/stage2 \
-	    --config.tokenizer.export=$(abspath $(WORKDIR))/tokenizer/tokenizer \
+	    --config.tokenizer.export=$(TOKENIZER) --config.data.pretokenized=$(TOKENS) \
 	    --config.stage2.parent=$(abspath $(WORKDIR))/stage1/export
 
 # The fast tier leaves out the tests marked slow (multi-process runs, whole training runs,

@@ -71,11 +71,22 @@ def test_every_config_has_the_whole_execution_section(name, arg):
 
 
 def test_the_cpu_configs_keep_their_cpu_behaviour():
-    """The demo runs the plain float32 reference model with the tokenizer at the platform's
-    fast float32 (as before); the digits tokenizer trains at exact float32."""
+    """The demo runs the plain float32 reference model, its blocks unrolled, with the
+    tokenizer at the platform's fast float32; the digits tokenizer trains at exact float32."""
     demo = ExecutionConfig.from_mapping(load("demo").get_config().execution).resolve("cpu")
-    assert demo == execution.REFERENCE.replace(tokenizer_precision="default")
+    assert demo == execution.REFERENCE.replace(tokenizer_precision="default", scan_blocks=False)
     assert (demo.microbatches, demo.moment_dtype) == (1, "float32")
     tokenizer = load("tokenizer_digits").get_config()
     assert ExecutionConfig.from_mapping(tokenizer.execution).resolve("cpu") == execution.REFERENCE
     assert "training" not in load("demo").get_config().tokenizer
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_the_demo_schedules_fit_their_short_runs(stage):
+    """Each demo stage warms up over a small part of its run, and its exported EMA weights
+    keep little of the weights the run started from (decay ** steps)."""
+    config = load("demo").get_config(f"stage={stage}")
+    assert config.optimizer.warmup_steps <= config.num_train_steps / 5
+    assert config.ema_decay ** config.num_train_steps < 0.05
+    tokenizer = load("tokenizer_digits").get_config()
+    assert tokenizer.warmup_steps <= tokenizer.num_train_steps / 5

@@ -1,7 +1,7 @@
 """The TPU launch script under a stand-in ``gcloud`` (records the command it would run on
-every TPU worker). ``launch/slurm_gpu.sh`` is run under a stand-in ``srun`` in
-test_multihost.py, where its 2-task training run is also the multi-process run compared
-with a single-process one (one launch for both)."""
+every TPU worker), and the commands of ``make demo``. ``launch/slurm_gpu.sh`` is run under a
+stand-in ``srun`` in test_multihost.py, where its 2-task training run is also the
+multi-process run compared with a single-process one (one launch for both)."""
 
 import os
 import pathlib
@@ -49,3 +49,37 @@ def test_tpu_pod_runs_one_command_on_every_worker(tmp_path):
     assert (tmp_path / "gcloud_args").read_text().splitlines() == [
         "compute", "tpus", "tpu-vm", "ssh", "pod-1", "--zone", "us-central2-b", "--worker=all",
         "--command", f"cd /opt/hmar_jax && .venv/bin/pip install 'jax[tpu]=={jax_version}'"]
+
+
+def test_make_demo_encodes_the_digits_once_for_both_stages(tmp_path):
+    """``make demo``: the tokenizer, one token cache written with its export, both stages read
+    that cache (stage 2 from stage 1's export); stage 1 draws no samples."""
+    dry_run = subprocess.run(["make", "-n", "demo", f"WORKDIR={tmp_path}/demo"], cwd=ROOT,
+                             check=True, capture_output=True, text=True).stdout
+    commands = [shlex.split(c) for c in dry_run.replace("\\\n", " ").splitlines()
+                if " -m hmar_jax." in c]
+    modules = [c[c.index("-m") + 1] for c in commands]
+    assert modules == ["hmar_jax.train_tokenizer", "hmar_jax.pretokenize", "hmar_jax.train",
+                       "hmar_jax.train"]
+    tokenizer, pretokenize, stage1, stage2 = map(_options, commands)
+    export = f"{tmp_path}/demo/tokenizer/tokenizer"
+    assert tokenizer["--workdir"] == f"{tmp_path}/demo/tokenizer"
+    assert pretokenize["--config.tokenizer.export"] == export
+    for stage in (stage1, stage2):
+        assert stage["--config.tokenizer.export"] == export
+        assert stage["--config.data.pretokenized"] == pretokenize["--out"]
+    assert stage1["--config"] == "configs/demo.py"
+    assert stage2["--config"] == "configs/demo.py:stage=2"
+    assert stage1["--config.sampling.samples_per_class"] == "0"
+    assert stage2["--config.stage2.parent"] == f"{stage1['--workdir']}/export"
+
+
+def _options(words: list[str]) -> dict[str, str]:
+    """A command's ``--flag value`` and ``--flag=value`` words (a bare ``--flag``: "")."""
+    options = {}
+    for i, word in enumerate(words):
+        if word.startswith("--"):
+            key, equals, value = word.partition("=")
+            following = words[i + 1] if i + 1 < len(words) else "--"
+            options[key] = value if equals else ("" if following.startswith("--") else following)
+    return options
