@@ -270,6 +270,20 @@ def test_the_run_is_built_from_its_resolved_execution_config(tmp_path, tokenizer
     assert {leaf.dtype for leaf in jax.tree.leaves(adam.mu)} == {jnp.dtype("bfloat16")}
 
 
+def test_the_hooks_sample_the_export_with_scanned_blocks(tmp_path, tokenizer_export):
+    """The demo trains with its blocks unrolled (faster steps); what the end-of-training hooks
+    sample is the export with the blocks scanned (a shorter sampler compile), as inference
+    resolves them, the other execution choices and the weights unchanged."""
+    run = trainer.Trainer(demo_config(**{"tokenizer.export": tokenizer_export}), str(tmp_path))
+    exported = run.export(run.initial_state())
+    model = run.sampling_model()
+    assert run.execution.scan_blocks is False
+    assert model.execution == run.execution.replace(scan_blocks=True)
+    for a, b in zip(jax.tree.leaves(nnx.state(exported, nnx.Param)),
+                    jax.tree.leaves(nnx.state(model, nnx.Param))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_clu_imports_whatever_imported_it_before(tmp_path):
     """CLU is reached through metric_writers.import_clu, which works after another module
     tried (and, without TensorFlow, failed) to import clu.metric_writers first; importing

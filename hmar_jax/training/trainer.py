@@ -334,6 +334,15 @@ class Trainer:
         with several processes, gathered from all of them: call it on every process)."""
         return nnx.merge(self.graphdef, *_to_host((state.ema, state.frozen)))
 
+    def sampling_model(self) -> HMARTransformer:
+        """The export (``export`` wrote it), loaded as the sampler runs it: the run's execution
+        choices with the blocks left to the inference resolution (scanned under ``"auto"``),
+        since unrolled blocks, a training speed choice, only lengthen the sampler's compile
+        (``ExecutionConfig.resolve``). What the end-of-training hooks judge."""
+        choices = ExecutionConfig.from_mapping(self.config.execution.to_dict())
+        execution = choices.replace(scan_blocks="auto").resolve(inference=True)
+        return checkpointing.load_hmar(self.workdir / EXPORT, execution)
+
     def sampling_config(self) -> sampling.SamplingConfig:
         """The run's sampling settings (refinement only once stage 2 trained the mask branch)."""
         return pretrained.run_sampling_config(self.config.to_dict())
@@ -502,9 +511,9 @@ class Trainer:
                     return last | {"stopped_at_step": step}
         self.manager.wait_until_finished()
         writer.flush()
-        model = self.export(state)
+        self.export(state)
         if is_main:
-            finished = hooks.FinishedRun(model, self.vae, self.workdir)
+            finished = hooks.FinishedRun(self.sampling_model(), self.vae, self.workdir)
             for hook in hooks.end_of_training_hooks(config, self.sampling_config()):
                 hook(finished)
         _sync_processes("end of training")
