@@ -162,8 +162,13 @@ def write_reconstruction_grid(model: VQVAE, images: np.ndarray, path: pathlib.Pa
     """Row 0: originals; row k + 1: decoded f_hat after scales 0..k (the last row is the
     full reconstruction)."""
     batch = jnp.asarray(images.astype(np.float32) / 127.5 - 1.0)
-    _, f_hats = model.quantize_latent(model.encode_latent(batch))
-    rows = [np.asarray(batch)] + [np.asarray(model.decode_latent(f)) for f in f_hats]
+
+    @nnx.jit  # one compile: run eagerly, every op of the encoder and decoder compiles alone
+    def reconstructions(model, batch):  # S x [B, H, W, 3]
+        _, f_hats = model.quantize_latent(model.encode_latent(batch))
+        return [model.decode_latent(f) for f in f_hats]
+
+    rows = [np.asarray(batch)] + [np.asarray(r) for r in reconstructions(model, batch)]
     visualize.save_grid(path, rows, upscale=4)
 
 
