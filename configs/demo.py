@@ -82,9 +82,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optimizer.b2 = 0.95
 
     # How it runs (kernels, dtypes, remat, microbatches, ...): the platform's defaults but for
-    # unrolled blocks (four of them: faster steps than scanned, for a short compile); the
-    # tokenizer encodes at the platform's fast float32 (TF32 on GPUs, like upstream).
-    config.execution = _common().execution(scan_blocks=False)
+    # unrolled blocks (four of them: faster steps than scanned, for a short compile; the smoke
+    # run, whose few steps weigh less than its compile, keeps the defaults); the tokenizer
+    # encodes at the platform's fast float32 (TF32 on GPUs, like upstream).
+    unrolled = {} if runlocal else {"scan_blocks": False}
+    config.execution = _common().execution(**unrolled)
 
     config.stage2 = ml_collections.ConfigDict()
     config.stage2.parent = ""              # stage-1 export directory (required for stage 2)

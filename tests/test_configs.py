@@ -71,10 +71,13 @@ def test_every_config_has_the_whole_execution_section(name, arg):
 
 
 def test_the_cpu_configs_keep_their_cpu_behaviour():
-    """The demo runs the plain float32 reference model, its blocks unrolled, with the
-    tokenizer at the platform's fast float32; the digits tokenizer trains at exact float32."""
+    """The demo runs the plain float32 reference model, its blocks unrolled (scanned in the
+    smoke run), with the tokenizer at the platform's fast float32; the digits tokenizer trains
+    at exact float32."""
     demo = ExecutionConfig.from_mapping(load("demo").get_config().execution).resolve("cpu")
     assert demo == execution.REFERENCE.replace(tokenizer_precision="default", scan_blocks=False)
+    smoke = load("demo").get_config("runlocal").execution  # compile-bound: scanned blocks
+    assert ExecutionConfig.from_mapping(smoke).resolve("cpu").scan_blocks is True
     assert (demo.microbatches, demo.moment_dtype) == (1, "float32")
     tokenizer = load("tokenizer_digits").get_config()
     assert ExecutionConfig.from_mapping(tokenizer.execution).resolve("cpu") == execution.REFERENCE

@@ -259,8 +259,7 @@ def test_the_run_is_built_from_its_resolved_execution_config(tmp_path, tokenizer
                             "execution.tokenizer_precision": "highest"})
     run = trainer.Trainer(config, str(tmp_path))
     assert run.execution == execution.resolved("cpu", moment_dtype="bfloat16", microbatches=2,
-                                               remat="block", tokenizer_precision="highest",
-                                               scan_blocks=False)  # the demo config's
+                                               remat="block", tokenizer_precision="highest")
     assert run.vae.precision == "highest"
     model = nnx.eval_shape(lambda: run._new_model(0))
     assert model.execution == run.execution
@@ -271,10 +270,12 @@ def test_the_run_is_built_from_its_resolved_execution_config(tmp_path, tokenizer
 
 
 def test_the_hooks_sample_the_export_with_scanned_blocks(tmp_path, tokenizer_export):
-    """The demo trains with its blocks unrolled (faster steps); what the end-of-training hooks
-    sample is the export with the blocks scanned (a shorter sampler compile), as inference
-    resolves them, the other execution choices and the weights unchanged."""
-    run = trainer.Trainer(demo_config(**{"tokenizer.export": tokenizer_export}), str(tmp_path))
+    """A run that trains with its blocks unrolled (faster steps; the demo's choice): what the
+    end-of-training hooks sample is the export with the blocks scanned (a shorter sampler
+    compile), as inference resolves them, the other execution choices and the weights
+    unchanged."""
+    run = trainer.Trainer(demo_config(**{"tokenizer.export": tokenizer_export,
+                                         "execution.scan_blocks": "false"}), str(tmp_path))
     exported = run.export(run.initial_state())
     model = run.sampling_model()
     assert run.execution.scan_blocks is False
