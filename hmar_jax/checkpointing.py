@@ -105,12 +105,13 @@ def restore_into(directory: str | pathlib.Path, build: Callable[[], nnx.Module])
 
     The module is first built abstractly (no allocation), its parameter tree is used
     as the restore target, and a mismatch in structure or shapes raises ValueError
-    naming the first differing entry.
+    naming the first differing entry. Each process reads the export alone (an export is a
+    file to load, like a tokenizer's, not a collective step of a multi-process run).
     """
     directory = pathlib.Path(directory)
     abstract = nnx.eval_shape(build)
     target = _param_shapes(abstract)
-    with ocp.StandardCheckpointer() as checkpointer:
+    with ocp.StandardCheckpointer(multiprocessing_options=_this_process_only()) as checkpointer:
         stored = checkpointer.metadata(directory.absolute() / PARAMS_DIR)
         stored_tree = getattr(stored, "item_metadata", stored)
         _check_same_layout(target, stored_tree, directory)
