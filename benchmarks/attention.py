@@ -50,7 +50,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from benchmarks.harness import kernel_implementation, standalone_header, time_calls  # noqa: E402
-from hmar_jax.pallas import kernel_gpu, kernel_mosaic_gpu, ops  # noqa: E402
+from hmar_jax.pallas import block_sparse, kernel_gpu, kernel_mosaic_gpu, ops  # noqa: E402
 from hmar_jax.pallas.reference import reference_attention  # noqa: E402
 from hmar_jax.scales import PATCH_NUMS, ScaleLayout  # noqa: E402
 
@@ -205,7 +205,7 @@ def _kernel_values(name: str, q, k, v, do, ranges, block: int):
         kwargs = {}
     kwargs |= dict(sm_scale=SM_SCALE, interpret=interpret)
     o, lse = module.forward(q, k, v, row_start, row_end, **kwargs)
-    delta = kernel_gpu.softmax_delta(o, do)
+    delta = block_sparse.softmax_delta(o, do)
     dk, dv = module.backward_dkdv(q, k, v, do, lse, delta, col_start, col_end, **kwargs)
     dq = module.backward_dq(q, k, v, do, lse, delta, row_start, row_end, **kwargs)
     return o, lse, dq, dk, dv

@@ -22,7 +22,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from benchmarks.attention import QUICK_TIMING, patch_nums_for, relative_error, time_ms  # noqa: E402
 from benchmarks.harness import kernel_implementation  # noqa: E402
-from hmar_jax.pallas import kernel_gpu  # noqa: E402
+from hmar_jax.pallas import block_sparse, kernel_gpu  # noqa: E402
 from hmar_jax.pallas.reference import reference_attention  # noqa: E402
 from hmar_jax.scales import ScaleLayout  # noqa: E402
 
@@ -49,7 +49,7 @@ def sweep(shape: str, pattern: str, dtype, quick: bool = False) -> list[dict]:
     ref_dq, ref_dk, ref_dv = vjp(do.astype(jnp.float32))
     interpret = kernel_implementation("attention") == "interpret"  # CPU: the quick check
     o, lse = kernel_gpu.forward(q, k, v, row_start, row_end, sm_scale=0.5, interpret=interpret)
-    delta = kernel_gpu.softmax_delta(o, do)
+    delta = block_sparse.softmax_delta(o, do)
     rows = []
 
     def record(kernel, launch, fn, outputs, refs):

@@ -16,6 +16,8 @@ from hmar_jax.pallas.reference import hmar_qkv, reference_attention
 from hmar_jax.scales import ScaleLayout
 from hmar_jax.transformer import HMARTransformer, preset
 
+from attention_inputs import packed_inputs
+
 pytestmark = pytest.mark.usefixtures("exact_float32_matmuls")  # exact references on a GPU too
 
 # The kernel: compiled on a GPU (``JAX_PLATFORMS=cuda``), in interpret mode on CPU.
@@ -59,13 +61,9 @@ def test_forward_and_gradients_match_reference(pattern, case, dtype):
         np.testing.assert_allclose(got, np.asarray(want), atol=tol * np.abs(want).max(), rtol=0)
 
 
-def _packed_inputs(seed, length, dtype, heads=2, head_dim=32, batch=2, max_temperature=100.0):
-    keys = jax.random.split(jax.random.key(seed), 4)
-    qkv = jax.random.normal(keys[0], (batch, length, 3, heads, head_dim)).astype(dtype)
-    bias = 0.5 * jax.random.normal(keys[1], (3, heads, head_dim))
-    temperature = jnp.exp(jax.random.uniform(keys[2], (heads,), maxval=np.log(max_temperature)))
-    do = jax.random.normal(keys[3], (batch, length, heads, head_dim)).astype(dtype)
-    return qkv, bias, temperature, do
+def _packed_inputs(seed, length, dtype, batch=2, max_temperature=100.0):
+    return packed_inputs(seed, length, dtype, batch=batch, heads=2, head_dim=32,
+                         max_temperature=max_temperature)
 
 
 def check_packed_attention(pattern: str, dtype: str, seed: int, margin: float = 1.0):

@@ -18,9 +18,11 @@ import numpy as np
 import pytest
 
 from hmar_jax import execution
-from hmar_jax.pallas import kernel_gpu, kernel_mosaic_gpu, ops
+from hmar_jax.pallas import block_sparse, kernel_mosaic_gpu, ops
 from hmar_jax.pallas.reference import hmar_qkv, reference_attention
 from hmar_jax.scales import ScaleLayout
+
+from attention_inputs import packed_inputs
 
 pytestmark = pytest.mark.usefixtures("exact_float32_matmuls")
 
@@ -52,7 +54,7 @@ def _kernels(q, k, v, do, layout, pattern, sm_scale, block, num_stages=2):
     col_start, col_end = layout.query_ranges(pattern)
     kwargs = dict(sm_scale=sm_scale, block=block, num_stages=num_stages, interpret=INTERPRET)
     o, lse = kernel_mosaic_gpu.forward(q, k, v, row_start, row_end, **kwargs)
-    delta = kernel_gpu.softmax_delta(o, do)
+    delta = block_sparse.softmax_delta(o, do)
     dk, dv = kernel_mosaic_gpu.backward_dkdv(q, k, v, do, lse, delta, col_start, col_end,
                                              **kwargs)
     dq = kernel_mosaic_gpu.backward_dq(q, k, v, do, lse, delta, row_start, row_end, **kwargs)
@@ -112,7 +114,7 @@ def test_full_pattern_with_unequal_lengths():
     cols = (np.zeros(100, np.int32), np.full(100, 40, np.int32))
     kwargs = dict(sm_scale=0.5, interpret=INTERPRET)
     o, lse = kernel_mosaic_gpu.forward(q, k, v, *rows, **kwargs)
-    delta = kernel_gpu.softmax_delta(o, do)
+    delta = block_sparse.softmax_delta(o, do)
     dk, dv = kernel_mosaic_gpu.backward_dkdv(q, k, v, do, lse, delta, *cols, **kwargs)
     dq = kernel_mosaic_gpu.backward_dq(q, k, v, do, lse, delta, *rows, **kwargs)
     want = _reference(q, k, v, do, jnp.ones((40, 100), bool), 0.5)
@@ -122,14 +124,8 @@ def test_full_pattern_with_unequal_lengths():
         assert g.shape == w.shape and np.abs(g - w).max() <= tol, name
 
 
-def _packed_inputs(seed, length, dtype, batch=1, heads=3, head_dim=64, max_temperature=10.0):
-    keys = jax.random.split(jax.random.key(seed), 4)
-    qkv = jax.random.normal(keys[0], (batch, length, 3, heads, head_dim)).astype(dtype)
-    bias = 0.5 * jax.random.normal(keys[1], (3, heads, head_dim))
-    temperature = jnp.exp(jax.random.uniform(keys[2], (heads,), maxval=np.log(max_temperature)))
-    do = jax.random.normal(keys[3], (batch, length, heads, head_dim)).astype(dtype)
-    return qkv, bias, temperature, do
-
+def _packed_inputs(seed, length, dtype):
+    return packed_inputs(seed, length, dtype, batch=1, heads=3, head_dim=64, max_temperature=10.0)
 
 def test_packed_forward_with_prologue_matches_reference():
     """``forward_packed``: bias, q/k normalisation and temperature inside the kernel."""

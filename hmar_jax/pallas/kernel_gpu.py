@@ -36,6 +36,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from hmar_jax.pallas.block_sparse import row_spans
 from hmar_jax.pallas.reference import l2_normalize
 from hmar_jax.pallas.triton_util import compiler_params, load_rows
 
@@ -64,22 +65,7 @@ def plan_tiles(range_start: np.ndarray, range_end: np.ndarray, block_rows: int,
       unmasked column steps, total column steps, end column (then zeros).
     """
     range_start, range_end = np.asarray(range_start), np.asarray(range_end)
-    rows = len(range_start)
-    changes = np.flatnonzero((np.diff(range_start) != 0) | (np.diff(range_end) != 0)) + 1
-    bounds = [0, *changes.tolist(), rows]
-    spans, current = [], None
-    for g0, g1 in zip(bounds[:-1], bounds[1:]):  # groups of rows with identical ranges
-        if current is not None and g1 - current[0] <= block_rows:
-            current = (current[0], g1)  # pack small consecutive groups
-            continue
-        if current is not None:
-            spans.append(current)
-        while g1 - g0 > block_rows:
-            spans.append((g0, g0 + block_rows))
-            g0 += block_rows
-        current = (g0, g1)
-    if current is not None:
-        spans.append(current)
+    spans = row_spans(range_start, range_end, lambda first: block_rows)
     plan = np.zeros((len(spans), PLAN_WIDTH), np.int32)
     for i, (r0, r1) in enumerate(spans):
         lo, hi = int(range_start[r0:r1].min()), int(range_end[r0:r1].max())
@@ -384,11 +370,6 @@ def backward_dq(q, k, v, do, lse, delta, row_start: np.ndarray, row_end: np.ndar
 
 def _int32(*arrays) -> list[jax.Array]:
     return [jnp.asarray(np.asarray(a, np.int32)) for a in arrays]
-
-
-def softmax_delta(o: jax.Array, do: jax.Array) -> jax.Array:
-    """``sum(o * do, -1)`` as ``[B, N, Lq]`` float32 (the backward's row correction)."""
-    return jnp.einsum("blnk,blnk->bnl", o.astype(jnp.float32), do.astype(jnp.float32))
 
 
 def visited_tiles(row_start: np.ndarray, row_end: np.ndarray, block_q: int, block_k: int) -> int:

@@ -64,7 +64,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from hmar_jax.pallas.kernel_gpu import softmax_delta  # noqa: F401  (same delta convention)
+from hmar_jax.pallas.block_sparse import row_spans
 
 LOG2_E = math.log2(math.e)
 LN_2 = math.log(2.0)
@@ -120,26 +120,9 @@ def plan_tiles(range_start: np.ndarray, range_end: np.ndarray, block_cols: int,
       column in ``block_cols`` increments and end at the rows' last column.
     """
     range_start, range_end = np.asarray(range_start), np.asarray(range_end)
-    rows = len(range_start)
-
-    def capacity(first: int) -> int:
-        return block_rows - first % align
-
-    changes = np.flatnonzero((np.diff(range_start) != 0) | (np.diff(range_end) != 0)) + 1
-    bounds = [0, *changes.tolist(), rows]
-    spans, current = [], None
-    for g0, g1 in zip(bounds[:-1], bounds[1:]):  # groups of rows with identical ranges
-        if current is not None and g1 - current[0] <= capacity(current[0]):
-            current = (current[0], g1)  # pack small consecutive groups
-            continue
-        if current is not None:
-            spans.append(current)
-        while g1 - g0 > capacity(g0):
-            spans.append((g0, g0 + capacity(g0)))
-            g0 += capacity(g0)
-        current = (g0, g1)
-    if current is not None:
-        spans.append(current)
+    # A tile's box starts at its first row rounded down to ``align``, and holds
+    # ``block_rows`` rows from there.
+    spans = row_spans(range_start, range_end, lambda first: block_rows - first % align)
     plan = np.zeros((len(spans), PLAN_WIDTH), np.int32)
     for i, (r0, r1) in enumerate(spans):
         lo, hi = int(range_start[r0:r1].min()), int(range_end[r0:r1].max())
@@ -614,11 +597,20 @@ def forward_packed(qkv: jax.Array, qkv_bias: jax.Array, temperature: jax.Array,
                          interpret=interpret)
 
 
-def _backward_inputs(q, k, v, do, lse, delta):
-    """The backward's inputs with query rows and key rows padded to multiples of ``ALIGN``."""
+def _backward_setup(q, k, v, do, lse, delta, range_start, range_end, *, block: int,
+                    num_stages: int, tile_side: int):
+    """What both backward kernels start from: the tile plan over ``range_start/end`` (the
+    rows of input ``tile_side``: 0 for queries, 1 for keys), the inputs with query rows and
+    key rows padded to multiples of ``ALIGN``, the padded range vectors, and the pipeline
+    depth cut to the longest tile's step count."""
+    _check(q.shape[-1], q.dtype, block)
+    plan = plan_tiles(range_start, range_end, block)
     len_q, len_k = _padded_length(q.shape[1]), _padded_length(k.shape[1])
-    return (_pad_rows(q, len_q), _pad_rows(k, len_k), _pad_rows(v, len_k), _pad_rows(do, len_q),
-            _pad_rows(lse, len_q, axis=2), _pad_rows(delta, len_q, axis=2))
+    inputs = (_pad_rows(q, len_q), _pad_rows(k, len_k), _pad_rows(v, len_k), _pad_rows(do, len_q),
+              _pad_rows(lse, len_q, axis=2), _pad_rows(delta, len_q, axis=2))
+    starts, ends = _ranges(range_start, range_end, inputs[tile_side].shape[1])
+    num_stages = max(1, min(num_stages, int(plan[:, 6].max(initial=1))))
+    return plan, inputs, starts, ends, num_stages
 
 
 def backward_dkdv(q, k, v, do, lse, delta, col_start: np.ndarray, col_end: np.ndarray, *,
@@ -639,12 +631,10 @@ def backward_dkdv(q, k, v, do, lse, delta, col_start: np.ndarray, col_end: np.nd
     """
     batch, len_k, heads, head_dim = k.shape
     dtype = k.dtype
-    _check(head_dim, dtype, block)
-    plan = plan_tiles(col_start, col_end, block)
-    inputs = _backward_inputs(q, k, v, do, lse, delta)
+    plan, inputs, starts, ends, num_stages = _backward_setup(
+        q, k, v, do, lse, delta, col_start, col_end, block=block, num_stages=num_stages,
+        tile_side=1)
     padded = inputs[1].shape[1]
-    starts, ends = _ranges(col_start, col_end, padded)
-    num_stages = max(1, min(num_stages, int(plan[:, 6].max(initial=1))))
     scratch = (
         _smem((ROWS, head_dim), dtype), _smem((ROWS, head_dim), dtype),  # k, v
         plgpu.SMEM((2, ROWS), jnp.int32),  # column ranges
@@ -678,12 +668,10 @@ def backward_dq(q, k, v, do, lse, delta, row_start: np.ndarray, row_end: np.ndar
     """
     batch, len_q, heads, head_dim = q.shape
     dtype = q.dtype
-    _check(head_dim, dtype, block)
-    plan = plan_tiles(row_start, row_end, block)
-    inputs = _backward_inputs(q, k, v, do, lse, delta)
+    plan, inputs, starts, ends, num_stages = _backward_setup(
+        q, k, v, do, lse, delta, row_start, row_end, block=block, num_stages=num_stages,
+        tile_side=0)
     padded = inputs[0].shape[1]
-    starts, ends = _ranges(row_start, row_end, padded)
-    num_stages = max(1, min(num_stages, int(plan[:, 6].max(initial=1))))
     scratch = (
         _smem((ROWS, head_dim), dtype), _smem((ROWS, head_dim), dtype),  # q, do
         plgpu.SMEM((2, ROWS), jnp.float32),  # lse, delta

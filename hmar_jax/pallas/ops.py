@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from hmar_jax.pallas import kernel_gpu, kernel_mosaic_gpu, qkv_prologue, splash
+from hmar_jax.pallas import block_sparse, kernel_gpu, kernel_mosaic_gpu, qkv_prologue, splash
 from hmar_jax.pallas.dispatch import Implementation, check_implementation, run_per_device
 from hmar_jax.pallas.reference import hmar_qkv, reference_attention
 from hmar_jax.scales import ScaleLayout
@@ -166,7 +166,7 @@ def _kernel_forward(plan: _Plan, q, k, v):
 def _kernel_backward(plan: _Plan, q, k, v, o, lse, do):
     row_start, row_end, col_start, col_end = _ranges(plan.pattern, plan.patch_nums, q.shape[1],
                                                      k.shape[1])
-    delta = kernel_gpu.softmax_delta(o, do)
+    delta = block_sparse.softmax_delta(o, do)
     if plan.mosaic:
         m = plan.mosaic_tiles
         dk, dv = kernel_mosaic_gpu.backward_dkdv(q, k, v, do, lse, delta, col_start, col_end,
