@@ -21,30 +21,21 @@ digits have no augmentation to lose. Quick smoke run:
       --config.tokenizer.export=$D/tokenizer/tokenizer
 """
 
-import importlib.util
-import pathlib
 
 import ml_collections
 
-
-def _common():
-    path = pathlib.Path(__file__).with_name("common.py")
-    spec = importlib.util.spec_from_file_location("configs_common", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from hmar_jax import config_files
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    args = dict(a.split("=", 1) if "=" in a else (a, "1") for a in (arg or "").split(",") if a)
-    unknown = set(args) - {"stage", "runlocal"}
-    if unknown:
-        raise ValueError(f"Unknown config arguments {sorted(unknown)}; use stage=1|2 and/or runlocal.")
-    runlocal = "runlocal" in args
+    args = config_files.parse_arg(arg, stage=1, runlocal=False)
+    runlocal = args["runlocal"]
+    if args["stage"] not in (1, 2):
+        raise ValueError(f"Unknown stage {args['stage']}; use stage=1 or stage=2.")
 
     config = ml_collections.ConfigDict()
     config.seed = 0
-    config.stage = int(args.get("stage", 1))
+    config.stage = args["stage"]
     config.mesh = (("data", -1), ("fsdp", 1))
 
     config.data = ml_collections.ConfigDict()
@@ -86,7 +77,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # run, whose few steps weigh less than its compile, keeps the defaults); the tokenizer
     # encodes at the platform's fast float32 (TF32 on GPUs, like upstream).
     unrolled = {} if runlocal else {"scan_blocks": False}
-    config.execution = _common().execution(**unrolled)
+    config.execution = config_files.execution(**unrolled)
 
     config.stage2 = ml_collections.ConfigDict()
     config.stage2.parent = ""              # stage-1 export directory (required for stage 2)

@@ -27,11 +27,11 @@ FIDs (d16 3.55, d20 2.95, d24 2.33, d30 1.97); HMAR reports matching or better q
 Wall-clock time: 200-350 epochs of ImageNet; benchmarks/RESULTS.md has measured step times.
 """
 
-import importlib.util
 import math
-import pathlib
 
 import ml_collections
+
+from hmar_jax import config_files
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 
@@ -45,16 +45,8 @@ RECIPES = {
 STAGE2_EPOCHS, STAGE2_WARMUP_EPOCHS, MASK_LAYERS = 100, 2, 8
 
 
-def _common():
-    path = pathlib.Path(__file__).with_name("common.py")
-    spec = importlib.util.spec_from_file_location("configs_common", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    args = _common().parse_arg(arg, variant="d16", res=256, stage=1, runlocal=False)
+    args = config_files.parse_arg(arg, variant="d16", res=256, stage=1, runlocal=False)
     if args["variant"] not in RECIPES:
         raise ValueError(f"Unknown variant {args['variant']!r}; use one of {sorted(RECIPES)}.")
     if args["res"] not in (256, 512) or args["stage"] not in (1, 2):
@@ -97,7 +89,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # that fits (benchmarks/RESULTS.md). 512 px (L = 2240): four times the activations per
     # image, so every block reruns in the backward and the blocks are scanned, which also
     # lets FSDP gather one block's weights at a time.
-    config.execution = _common().execution(
+    config.execution = config_files.execution(
         **({} if args["res"] == 256 else dict(remat="block", scan_blocks=True)))
 
     config.loss = ml_collections.ConfigDict()

@@ -15,21 +15,14 @@ originals, then the reconstruction after each scale), ``tokenizer_metrics.json``
 TensorBoard events and Orbax training checkpoints under ``tokenizer_ckpt/``.
 """
 
-import importlib.util
-import pathlib
 
 import ml_collections
 
-
-def _common():
-    path = pathlib.Path(__file__).with_name("common.py")
-    spec = importlib.util.spec_from_file_location("configs_common", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from hmar_jax import config_files
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    runlocal = config_files.parse_arg(arg, runlocal=False)["runlocal"]
     config = ml_collections.ConfigDict()
     config.seed = 0
 
@@ -54,7 +47,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # How it runs: exact float32 convolutions (the trained weights do not depend on the
     # platform's fast float32); the other fields at the platform's defaults.
-    config.execution = _common().execution(tokenizer_precision="highest")
+    config.execution = config_files.execution(tokenizer_precision="highest")
 
     config.batch_size = 64
     config.num_train_steps = 300         # 12 epochs of the 1,600 training digits
@@ -75,12 +68,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval_batch_size = 197
     config.grid_examples = 12
 
-    if arg == "runlocal":
+    if runlocal:
         config.num_train_steps = 30
         config.warmup_steps = 5
         config.log_every_steps = 10
         config.checkpoint_every_steps = 20
         config.codebook.restart_every = 10
-    elif arg:
-        raise ValueError(f"Unknown config argument {arg!r}; use 'runlocal' or nothing.")
     return config

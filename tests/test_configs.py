@@ -50,8 +50,10 @@ def test_config_arguments_are_checked():
         load("hmar_imagenet").get_config("varient=d16")
     with pytest.raises(ValueError, match="Unknown variant"):
         load("hmar_imagenet").get_config("variant=d17")
-    with pytest.raises(ValueError, match="Unknown config arguments"):
+    with pytest.raises(ValueError, match="Unknown config argument 'stages'"):
         load("demo").get_config("stages=2")
+    with pytest.raises(ValueError, match="Unknown stage 3"):
+        load("demo").get_config("stage=3")
     assert load("demo").get_config("stage=2").stage == 2
     assert load("tokenizer_digits").get_config("runlocal").num_train_steps == 30
 

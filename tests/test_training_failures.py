@@ -233,7 +233,7 @@ def refused_launches(tokenizer_export, tmp_path_factory):
     ("tokenizer_unknown_key", r"--config\.nonexistent: the config has no key 'nonexistent'"),
     ("pretokenize_unknown_key", r"--config\.nonexistent: the config has no key 'nonexistent'"),
     ("tokenizer_config_argument", r"tokenizer_digits\.py:fast: Unknown config argument 'fast'; "
-                                  r"use 'runlocal' or nothing\."),
+                                  r"known: \['runlocal'\]\."),
     ("unreadable_images", r"None of 6 images sampled from .*unreadable can be read"),
     ("other_model", r"holds a run of another model or stage \(model width 128 there, 64 here\); "
                     r"use a new --workdir"),
