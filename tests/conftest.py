@@ -16,7 +16,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache", "jax_cache"))
 # Every compilation is cached, not only those over JAX's default 1 s: the two workers and the
-# CLI subprocesses compile many of the same small programs (cold suite 8:36 against 9:10).
+# CLI subprocesses compile many of the same small programs.
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import pathlib  # noqa: E402

@@ -28,7 +28,8 @@ normalisation and temperature to each tile it loads (``kernel_gpu.forward_packed
 q, k and v are never written out in the forward pass (the Mosaic GPU kernel likewise,
 ``kernel_mosaic_gpu.forward_packed``); in the backward ``hmar_qkv``
 prepares them once for the backward kernels and ``qkv_prologue``'s one-pass kernel turns
-the kernels' dq, dk, dv into the packed gradients. Elsewhere ``reference.hmar_qkv``
+the kernels' dq, dk, dv into the packed gradients (beside the Mosaic GPU kernel, XLA's
+differentiation of ``hmar_qkv`` does: that path holds no Triton kernel). Elsewhere ``reference.hmar_qkv``
 prepares q, k, v and ``attention`` runs.
 
 This module owns the ``custom_vjp`` around the GPU kernels' forward and backward; splash
@@ -61,6 +62,11 @@ ATTENTION_IMPLEMENTATIONS: tuple[str, ...] = ("xla", "gpu", "tpu", "interpret", 
 # Mosaic GPU call its kernel cannot (head dim, dtype).
 _KERNELS = ("gpu", "interpret", "mosaic_gpu", "mosaic_interpret")
 _MOSAIC_FALLBACK = {"mosaic_gpu": "gpu", "mosaic_interpret": "interpret"}
+# The prologue backward (``qkv_prologue``) per attention kernel: its one-pass Triton kernel
+# beside the Triton attention; XLA's differentiation of ``hmar_qkv`` beside the Mosaic GPU
+# attention, so that path runs no kernel on the deprecated Triton lowering.
+_PROLOGUE_BACKWARD = {"gpu": "gpu", "interpret": "interpret", "mosaic_gpu": "xla",
+                      "mosaic_interpret": "xla"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,8 +235,7 @@ def _packed_backward(plan: _Plan, qkv, qkv_bias, temperature, o, lse, do):
     q, k, v = hmar_qkv(qkv, qkv_bias, temperature)
     dq, dk, dv = _kernel_backward(plan, q, k, v, o, lse, do)
     return qkv_prologue.prologue_backward(qkv, qkv_bias, temperature, dq, dk, dv,
-                                          implementation=_MOSAIC_FALLBACK.get(plan.kernel,
-                                                                              plan.kernel))
+                                          implementation=_PROLOGUE_BACKWARD[plan.kernel])
 
 
 _kernel_attention = _kernel_op(_kernel_forward, _kernel_backward)

@@ -1,0 +1,133 @@
+"""The d16 training step and sampler lowered for CUDA, on CPU, with the Mosaic GPU attention.
+
+``jax.export(..., platforms=["cuda"])`` lowers a jitted program with the CUDA rules of every
+op, Pallas's included, without a GPU. With ``attention="mosaic_gpu"`` and every other op on
+XLA (``hmar_jax.execution``), the programs hold the Mosaic GPU attention kernels and no
+kernel on Pallas's deprecated Triton lowering: lowering them raises no Pallas deprecation
+warning (the Triton kernels' lowering, which needs a GPU to finish, raises it at once).
+The kernels' own compilation (ptxas) happens on a GPU and is not checked here; the
+interpret-mode tests check their numbers.
+
+The model and optimizer state are abstract (``jax.eval_shape``): the d16 shapes cost no
+memory. The step reads cached token indices (``config.data.pretokenized``), so a narrow
+tokenizer with the released vocabulary, latent channels and scales stands in for the
+released one (as in ``test_tpu_export``).
+"""
+
+import collections
+import importlib.util
+import pathlib
+import re
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import Mesh
+
+from hmar_jax import pretrained
+from hmar_jax.execution import ExecutionConfig
+from hmar_jax.sampling import PRESETS, batch
+from hmar_jax.tokenizer.model import VQVAE, VQVAEConfig
+from hmar_jax.training import tokenizer_trainer
+from hmar_jax.training import trainer as trainer_lib
+from hmar_jax.transformer import HMARTransformer, preset
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+NO_TRITON = dict(attention="mosaic_gpu", layer_norm="xla", gelu="xla", group_norm="xla")
+MOSAIC_CALL, TRITON_CALL = "mosaic_gpu_v2", "__gpu$xla.gpu.triton"
+
+pytestmark = pytest.mark.slow
+
+
+def _pallas_deprecations(caught) -> list[str]:
+    return [str(w.message) for w in caught
+            if issubclass(w.category, DeprecationWarning) and "Pallas" in str(w.message)]
+
+
+def _exported(export) -> tuple[collections.Counter, list[str]]:
+    """The exported module's custom calls (target -> count) and the Pallas deprecation
+    warnings its lowering raised."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        text = export().mlir_module()
+    calls = collections.Counter(re.findall(r'custom_call @"?([\w$.]+)', text))
+    return calls, _pallas_deprecations(caught)
+
+
+def _d16_trainer(tmp_path, monkeypatch, **choices) -> trainer_lib.Trainer:
+    def resolve(config):
+        mapping = config.execution.to_dict() | choices
+        return ExecutionConfig.from_mapping(mapping).resolve(platform="gpu")
+
+    def narrow_tokenizer(config, execution):
+        return VQVAE(VQVAEConfig(ch=32, num_res_blocks=1, using_sa=False, using_mid_sa=False),
+                     execution, rngs=nnx.Rngs(0))
+
+    monkeypatch.setattr(trainer_lib, "resolve_execution", resolve)
+    monkeypatch.setattr(tokenizer_trainer, "load_trained_tokenizer", narrow_tokenizer)
+    path = ROOT / "configs" / "hmar_imagenet.py"
+    spec = importlib.util.spec_from_file_location("hmar_imagenet_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("variant=d16")
+    config.data.pretokenized = str(tmp_path / "tokens")  # read only when data is loaded
+    return trainer_lib.Trainer(config, str(tmp_path / "run"))
+
+
+def _export_step(trainer: trainer_lib.Trainer):
+    state = jax.eval_shape(trainer._init_state)
+    inputs = jax.ShapeDtypeStruct((jax.device_count(), trainer.cfg.layout.seq_len), jnp.int32)
+    labels = jax.ShapeDtypeStruct((jax.device_count(),), jnp.int32)
+    with jax.set_mesh(trainer.mesh):
+        return jax.export.export(trainer.train_step, platforms=["cuda"])(
+            state, trainer.vae_state, inputs, labels)
+
+
+def test_d16_training_step_with_mosaic_attention_lowers_without_triton(tmp_path, monkeypatch):
+    trainer = _d16_trainer(tmp_path, monkeypatch, **NO_TRITON)
+    calls, deprecations = _exported(lambda: _export_step(trainer))
+    assert deprecations == []
+    assert TRITON_CALL not in calls
+    # forward, dK/dV and dQ per block
+    assert calls[MOSAIC_CALL] == 3 * trainer.cfg.depth
+
+
+def test_the_triton_kernels_raise_the_deprecation(tmp_path, monkeypatch):
+    """The check's other side: lowering the Triton attention warns (and then stops: the
+    Triton lowering reads the GPU's properties, which a CPU host has not)."""
+    trainer = _d16_trainer(tmp_path, monkeypatch, attention="gpu")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(RuntimeError, match="No supported GPU devices"):
+            _export_step(trainer)
+    assert any("Triton backend is deprecated" in m for m in _pallas_deprecations(caught))
+
+
+def test_d16_sampler_with_mosaic_attention_lowers_without_triton():
+    """``generate_batches``'s compiled sampler over weights built as ``load_pretrained``
+    builds them for inference (forward only: the forward kernel alone)."""
+    execution = ExecutionConfig(**NO_TRITON).resolve(platform="gpu", inference=True)
+    vae_config = VQVAEConfig()
+
+    def build():
+        return (pretrained.cast_matmul_weights(HMARTransformer(preset("d16"), execution,
+                                                               rngs=nnx.Rngs(0))),
+                VQVAE(vae_config, execution, rngs=nnx.Rngs(0)))
+
+    model, vae = nnx.eval_shape(build)
+    (model_graph, model_state), (vae_graph, vae_state) = nnx.split(model), nnx.split(vae)
+    mesh = Mesh(np.asarray(jax.devices()), ("data",))
+    sampler = batch._sharded_sampler(model_graph, vae_graph, 0, PRESETS["hmar-d16"], mesh)
+    index = jax.ShapeDtypeStruct((2 * jax.device_count(),), jnp.int32)
+
+    def export():
+        with jax.set_mesh(mesh):
+            return jax.export.export(sampler, platforms=["cuda"])(model_state, vae_state,
+                                                                  index, index)
+
+    calls, deprecations = _exported(export)
+    assert deprecations == []
+    assert TRITON_CALL not in calls and calls[MOSAIC_CALL] > 0
