@@ -443,6 +443,23 @@ def run_subprocess(script: pathlib.Path, spec: dict, timeout: float) -> dict:
         return {"status": status, "log_tail": _tail(log)}
 
 
+def run_benchmark(parser: argparse.ArgumentParser, argv, script: str, benchmark: str, worker,
+                  specs, format_row, header: str, finish_row=None) -> None:
+    """A benchmark's ``main``: with ``--worker``, one row in this process (``worker_main``);
+    otherwise ``specs(args)``'s rows through a ``Runner``, exiting non-zero when none
+    succeeded."""
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker_main(worker, args.worker, args.worker_out)
+        return
+    check_runner_args(parser, args)
+    rows = Runner(script, benchmark, args, format_row, header).run(specs(args), finish_row)
+    if args.out:
+        print(f"\nwrote {args.out}")
+    if not any(r.get("status") == "ok" for r in rows):
+        sys.exit(1)
+
+
 class Runner:
     """Runs specs one subprocess each under a per-row timeout and an overall budget,
     printing every row (and the log tail of a failed one) and rewriting the JSON after each.

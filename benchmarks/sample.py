@@ -44,9 +44,9 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from benchmarks.harness import (  # noqa: E402
-    Runner, add_runner_flags, build_specs, check_runner_args, compile_timed, fmt,
-    init_on_device, maybe_profile, parse_list, peak_gib, run_config, status_text, timed,
-    tokenizer_config, worker_main, xla_memory)
+    add_runner_flags, build_specs, compile_timed, fmt, init_on_device, maybe_profile,
+    parse_list, peak_gib, run_benchmark, run_config, status_text, timed, tokenizer_config,
+    xla_memory)
 
 MODES = ("markov_refine", "markov", "var", "decode")
 
@@ -182,17 +182,8 @@ def main(argv=None) -> None:
                         default=["markov_refine"],
                         help=f"comma list of {', '.join(MODES)} (default markov_refine)")
     add_runner_flags(parser, what="the sampler", timeout=300, iters=5, warmup=1)
-    args = parser.parse_args(argv)
-    if args.worker:
-        worker_main(sample_worker, args.worker, args.worker_out)
-        return
-    check_runner_args(parser, args)
-    runner = Runner(__file__, "sample", args, format_row, HEADER)
-    rows = runner.run(build_specs(args, MODES))
-    if args.out:
-        print(f"\nwrote {args.out}")
-    if not any(r.get("status") == "ok" for r in rows):
-        sys.exit(1)
+    run_benchmark(parser, argv, __file__, "sample", sample_worker,
+                  lambda args: build_specs(args, MODES), format_row, HEADER)
 
 
 if __name__ == "__main__":

@@ -51,9 +51,9 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from benchmarks.harness import (  # noqa: E402
-    Runner, add_runner_flags, build_specs, check_runner_args, compile_timed, fmt,
-    init_on_device, maybe_profile, parse_list, peak_bf16_tflops, peak_gib, run_config,
-    status_text, timed, tokenizer_config, worker_main)
+    add_runner_flags, build_specs, compile_timed, fmt, init_on_device, maybe_profile,
+    parse_list, peak_bf16_tflops, peak_gib, run_benchmark, run_config, status_text, timed,
+    tokenizer_config)
 
 MODES = ("full", "full_pretokenized", "fwdbwd", "tokenize")
 
@@ -316,17 +316,8 @@ def main(argv=None) -> None:
     parser.add_argument("--devices", default="1",
                         help="device counts of the full step, e.g. 1,2 (1 is always added)")
     add_runner_flags(parser, what="the step", timeout=300, iters=10, warmup=2)
-    args = parser.parse_args(argv)
-    if args.worker:
-        worker_main(train_worker, args.worker, args.worker_out)
-        return
-    check_runner_args(parser, args)
-    runner = Runner(__file__, "train_step", args, format_row, HEADER)
-    rows = runner.run(specs(args), finish_row=add_efficiency)
-    if args.out:
-        print(f"\nwrote {args.out}")
-    if not any(r.get("status") == "ok" for r in rows):
-        sys.exit(1)
+    run_benchmark(parser, argv, __file__, "train_step", train_worker, specs, format_row, HEADER,
+                  finish_row=add_efficiency)
 
 
 if __name__ == "__main__":
