@@ -5,7 +5,8 @@ Times the forward and forward+backward of each implementation in the same run (m
 7 samples, each the mean of 10 calls dispatched back to back), checks each against a
 float32 reference (relative Frobenius error ``err_*`` and largest element error over the
 largest reference element ``maxerr_*``), and states the memory-traffic floor of every
-shape (each input read once, each output written once, at the GPU's HBM bandwidth).
+shape (each input read once, each output written once, at the GPU's HBM bandwidth) and the
+achieved useful TFLOP/s (``mask_tflop``) and share of that floor (``hbm_fraction_*``).
 
   python benchmarks/attention.py --out attention.json
   python benchmarks/attention.py --shapes 32x30x680 --patterns block_diagonal --dtypes bfloat16
@@ -92,6 +93,14 @@ def traffic_floor_ms(b: int, h: int, length: int, itemsize: int, bandwidth: floa
     return forward / bandwidth * 1e3, (forward + backward) / bandwidth * 1e3
 
 
+def mask_tflop(b: int, h: int, allowed_pairs: int) -> tuple[float, float]:
+    """Useful TFLOP of the forward and of forward+backward: the two matmuls over the allowed
+    (query, key) pairs only, and the backward counted as 2.5 forwards (its five matmuls),
+    the convention of flash-attention kernels' TFLOP/s."""
+    forward = 4 * b * h * allowed_pairs * HEAD_DIM / 1e12
+    return forward, 3.5 * forward
+
+
 def relative_error(x, ref) -> float:
     x, ref = np.asarray(x, np.float32), np.asarray(ref, np.float32)
     return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
@@ -165,6 +174,7 @@ def run(args) -> list[dict]:
                                               v.astype(jnp.float32), mask, sm_scale=SM_SCALE)
                 ref_grads = ref_fn(q, k, v, do)
                 fwd_floor, fb_floor = traffic_floor_ms(b, h, length, dtype.itemsize, bandwidth)
+                fwd_tflop, fb_tflop = mask_tflop(b, h, int(np.asarray(mask).sum()))
                 for name, impl in make_impls(pattern, patch_nums, mask, args.impl,
                                              args.mosaic_tiles).items():
                     fwd = jax.jit(impl)
@@ -185,6 +195,12 @@ def run(args) -> list[dict]:
                             record[f"maxerr_{key}"] = max_error(got, want)
                         record["fwd_ms"] = time_ms(fwd, q, k, v, **timing)
                         record["fwd_bwd_ms"] = time_ms(fwd_bwd, q, k, v, do, **timing)
+                        # achieved rates: useful TFLOP/s, and the traffic floor's share of
+                        # the time (the fraction of HBM bandwidth a minimal-traffic kernel uses)
+                        record["tflops_fwd"] = fwd_tflop / record["fwd_ms"] * 1e3
+                        record["tflops_fwd_bwd"] = fb_tflop / record["fwd_bwd_ms"] * 1e3
+                        record["hbm_fraction_fwd"] = fwd_floor / record["fwd_ms"]
+                        record["hbm_fraction_fwd_bwd"] = fb_floor / record["fwd_bwd_ms"]
                     except Exception as err:  # noqa: BLE001 - a failing variant is reported, not fatal
                         record["error"] = f"{type(err).__name__}: {str(err)[:300]}"
                     rows.append(record)
@@ -287,7 +303,8 @@ def print_row(r: dict, flush: bool = False) -> None:
         return
     print(f"{r['shape']:>11} {r['pattern']:>14} {r['dtype']:>8} {r['impl']:>28} "
           f"fwd {r['fwd_ms']:7.3f} ms  fwd+bwd {r['fwd_bwd_ms']:7.3f} ms  "
-          f"(floor {r['floor_fwd_ms']:.3f}/{r['floor_fwd_bwd_ms']:.3f})  "
+          f"(floor {r['floor_fwd_ms']:.3f}/{r['floor_fwd_bwd_ms']:.3f}; "
+          f"{r['tflops_fwd']:.0f}/{r['tflops_fwd_bwd']:.0f} TFLOP/s)  "
           f"err o {r['err_out']:.1e} dq {r['err_dq']:.1e} dk {r['err_dk']:.1e} dv {r['err_dv']:.1e}",
           flush=flush)
 

@@ -563,6 +563,14 @@ def test_attention_quick_mode_checks_the_kernel_against_the_reference(tmp_path):
     result = _quick("attention", tmp_path)
     pallas = [r for r in result["rows"] if r["impl"] == "pallas"]
     assert len(pallas) == 1 and pallas[0]["err_out"] < 1e-5 and pallas[0]["fwd_bwd_ms"] > 0
+    # The rates follow from the mask's allowed pairs (block-diagonal at 256 px: the sum of
+    # the squared scale sizes) and the traffic floor.
+    row = pallas[0]
+    pairs = sum(n ** 4 for n in (1, 2, 3, 4, 5, 6, 8, 10, 13, 16))
+    flop = 4 * row["B"] * row["H"] * pairs * 64
+    assert row["tflops_fwd"] == pytest.approx(flop / (row["fwd_ms"] * 1e9))
+    assert row["tflops_fwd_bwd"] == pytest.approx(3.5 * flop / (row["fwd_bwd_ms"] * 1e9))
+    assert row["hbm_fraction_fwd"] == pytest.approx(row["floor_fwd_ms"] / row["fwd_ms"])
     side = bench.ours_side(bench.ROWS["attention_l680_diagonal"], result)
     assert side["status"] == "ok" and side["metrics"]["fwd_ms"] == pallas[0]["fwd_ms"]
 
