@@ -21,7 +21,6 @@ digits have no augmentation to lose. Quick smoke run:
       --config.tokenizer.export=$D/tokenizer/tokenizer
 """
 
-
 import ml_collections
 
 from hmar_jax import config_files

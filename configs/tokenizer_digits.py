@@ -15,7 +15,6 @@ originals, then the reconstruction after each scale), ``tokenizer_metrics.json``
 TensorBoard events and Orbax training checkpoints under ``tokenizer_ckpt/``.
 """
 
-
 import ml_collections
 
 from hmar_jax import config_files
