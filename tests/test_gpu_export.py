@@ -15,27 +15,23 @@ released one (as in ``test_tpu_export``).
 """
 
 import collections
-import importlib.util
-import pathlib
 import re
 import warnings
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
-from flax import nnx
-from jax.sharding import Mesh
 
-from hmar_jax import pretrained
 from hmar_jax.execution import ExecutionConfig
-from hmar_jax.sampling import PRESETS, batch
-from hmar_jax.tokenizer.model import VQVAE, VQVAEConfig
+from hmar_jax.sampling import PRESETS
+from hmar_jax.tokenizer.model import VQVAEConfig
 from hmar_jax.training import tokenizer_trainer
 from hmar_jax.training import trainer as trainer_lib
-from hmar_jax.transformer import HMARTransformer, preset
+from hmar_jax.transformer import preset
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from export_helpers import (export_sampler, export_step, imagenet_config,
+                            narrow_released_tokenizer)
+
 NO_TRITON = dict(attention="mosaic_gpu", layer_norm="xla", gelu="xla", group_norm="xla")
 MOSAIC_CALL, TRITON_CALL = "mosaic_gpu_v2", "__gpu$xla.gpu.triton"
 
@@ -62,28 +58,16 @@ def _d16_trainer(tmp_path, monkeypatch, **choices) -> trainer_lib.Trainer:
         mapping = config.execution.to_dict() | choices
         return ExecutionConfig.from_mapping(mapping).resolve(platform="gpu")
 
-    def narrow_tokenizer(config, execution):
-        return VQVAE(VQVAEConfig(ch=32, num_res_blocks=1, using_sa=False, using_mid_sa=False),
-                     execution, rngs=nnx.Rngs(0))
-
     monkeypatch.setattr(trainer_lib, "resolve_execution", resolve)
-    monkeypatch.setattr(tokenizer_trainer, "load_trained_tokenizer", narrow_tokenizer)
-    path = ROOT / "configs" / "hmar_imagenet.py"
-    spec = importlib.util.spec_from_file_location("hmar_imagenet_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("variant=d16")
+    monkeypatch.setattr(tokenizer_trainer, "load_trained_tokenizer", narrow_released_tokenizer)
+    config = imagenet_config("variant=d16")
     config.data.pretokenized = str(tmp_path / "tokens")  # read only when data is loaded
     return trainer_lib.Trainer(config, str(tmp_path / "run"))
 
 
 def _export_step(trainer: trainer_lib.Trainer):
-    state = jax.eval_shape(trainer._init_state)
     inputs = jax.ShapeDtypeStruct((jax.device_count(), trainer.cfg.layout.seq_len), jnp.int32)
-    labels = jax.ShapeDtypeStruct((jax.device_count(),), jnp.int32)
-    with jax.set_mesh(trainer.mesh):
-        return jax.export.export(trainer.train_step, platforms=["cuda"])(
-            state, trainer.vae_state, inputs, labels)
+    return export_step(trainer, inputs, "cuda")
 
 
 def test_d16_training_step_with_mosaic_attention_lowers_without_triton(tmp_path, monkeypatch):
@@ -110,24 +94,7 @@ def test_d16_sampler_with_mosaic_attention_lowers_without_triton():
     """``generate_batches``'s compiled sampler over weights built as ``load_pretrained``
     builds them for inference (forward only: the forward kernel alone)."""
     execution = ExecutionConfig(**NO_TRITON).resolve(platform="gpu", inference=True)
-    vae_config = VQVAEConfig()
-
-    def build():
-        return (pretrained.cast_matmul_weights(HMARTransformer(preset("d16"), execution,
-                                                               rngs=nnx.Rngs(0))),
-                VQVAE(vae_config, execution, rngs=nnx.Rngs(0)))
-
-    model, vae = nnx.eval_shape(build)
-    (model_graph, model_state), (vae_graph, vae_state) = nnx.split(model), nnx.split(vae)
-    mesh = Mesh(np.asarray(jax.devices()), ("data",))
-    sampler = batch._sharded_sampler(model_graph, vae_graph, 0, PRESETS["hmar-d16"], mesh)
-    index = jax.ShapeDtypeStruct((2 * jax.device_count(),), jnp.int32)
-
-    def export():
-        with jax.set_mesh(mesh):
-            return jax.export.export(sampler, platforms=["cuda"])(model_state, vae_state,
-                                                                  index, index)
-
-    calls, deprecations = _exported(export)
+    calls, deprecations = _exported(lambda: export_sampler(
+        preset("d16"), VQVAEConfig(), PRESETS["hmar-d16"], execution, "cuda"))
     assert deprecations == []
     assert TRITON_CALL not in calls and calls[MOSAIC_CALL] > 0

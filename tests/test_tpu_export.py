@@ -17,29 +17,24 @@ channels and scales stands in for the 110M-parameter one; the small config's ste
 the tokenizer's encoder on images.
 """
 
-import importlib.util
-import pathlib
 import re
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
-from flax import nnx
-from jax.sharding import Mesh
 
-from hmar_jax import pretrained
 from hmar_jax.execution import ExecutionConfig
 from hmar_jax.pallas import splash
-from hmar_jax.sampling import PRESETS, SamplingConfig, batch
-from hmar_jax.tokenizer.model import VQVAE, VQVAEConfig
+from hmar_jax.sampling import PRESETS, SamplingConfig
+from hmar_jax.tokenizer.model import VQVAEConfig
 from hmar_jax.training import tokenizer_trainer
 from hmar_jax.training import trainer as trainer_lib
-from hmar_jax.transformer import HMARTransformer, preset
+from hmar_jax.transformer import preset
 
+from export_helpers import (export_sampler, export_step, imagenet_config,
+                            narrow_released_tokenizer)
 from tiny_runs import demo_config
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 SPLASH_KERNELS = {splash.FORWARD_KERNEL_NAME, "splash_mha_dq_no_residuals",
                   "splash_mha_dkv_no_residuals"}
 
@@ -48,32 +43,9 @@ def _tpu_execution(config) -> ExecutionConfig:
     return ExecutionConfig.from_mapping(config.execution.to_dict()).resolve(platform="tpu")
 
 
-def _imagenet_config(stage: int):
-    path = ROOT / "configs" / "hmar_imagenet.py"
-    spec = importlib.util.spec_from_file_location("hmar_imagenet_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(f"variant=d16,res=256,stage={stage}")
-
-
-def _narrow_released_tokenizer(config, execution) -> VQVAE:
-    """The released tokenizer's vocabulary, latent channels and scales at a narrow width
-    (module docstring)."""
-    return VQVAE(VQVAEConfig(ch=32, num_res_blocks=1, using_sa=False, using_mid_sa=False),
-                 execution, rngs=nnx.Rngs(0))
-
-
 def _kernels(exported) -> set[str]:
     """Names of the Mosaic kernels in an exported module."""
     return set(re.findall(r"splash_mha_\w+", exported.mlir_module()))
-
-
-def _export_step(trainer: trainer_lib.Trainer, inputs: jax.ShapeDtypeStruct):
-    state = jax.eval_shape(trainer._init_state)
-    labels = jax.ShapeDtypeStruct(inputs.shape[:1], jnp.int32)
-    with jax.set_mesh(trainer.mesh):
-        return jax.export.export(trainer.train_step, platforms=["tpu"])(
-            state, trainer.vae_state, inputs, labels)
 
 
 @pytest.mark.parametrize("stage", [1, 2])
@@ -84,8 +56,8 @@ def test_small_training_step_exports_for_tpu(stage, tokenizer_export, tmp_path, 
     trainer = trainer_lib.Trainer(config, str(tmp_path / "run"))
     assert trainer.execution.attention == "tpu" and trainer.execution.platform == "tpu"
     size = config.data.image_size
-    exported = _export_step(trainer, jax.ShapeDtypeStruct((config.batch_size, size, size, 3),
-                                                          jnp.float32))
+    exported = export_step(trainer, jax.ShapeDtypeStruct((config.batch_size, size, size, 3),
+                                                         jnp.float32), "tpu")
     assert exported.platforms == ("tpu",) and exported.nr_devices == jax.device_count()
     assert _kernels(exported) == SPLASH_KERNELS
 
@@ -94,35 +66,23 @@ def test_small_training_step_exports_for_tpu(stage, tokenizer_export, tmp_path, 
 @pytest.mark.slow
 def test_d16_training_step_exports_for_tpu(stage, tmp_path, monkeypatch):
     monkeypatch.setattr(trainer_lib, "resolve_execution", _tpu_execution)
-    monkeypatch.setattr(tokenizer_trainer, "load_trained_tokenizer", _narrow_released_tokenizer)
-    config = _imagenet_config(stage)
+    monkeypatch.setattr(tokenizer_trainer, "load_trained_tokenizer", narrow_released_tokenizer)
+    config = imagenet_config(f"variant=d16,res=256,stage={stage}")
     config.data.pretokenized = str(tmp_path / "tokens")  # read only when data is loaded
     config.stage2.parent = str(tmp_path / "parent")      # read only by initial_state
     trainer = trainer_lib.Trainer(config, str(tmp_path / "run"))
     assert (trainer.cfg.depth, trainer.cfg.layout.seq_len) == (16, 680)
-    exported = _export_step(trainer, jax.ShapeDtypeStruct((jax.device_count(), 680), jnp.int32))
+    exported = export_step(trainer, jax.ShapeDtypeStruct((jax.device_count(), 680), jnp.int32),
+                           "tpu")
     assert exported.platforms == ("tpu",)
     assert _kernels(exported) == SPLASH_KERNELS
 
 
 def _export_sampler(cfg, vae_config: VQVAEConfig, sampling: SamplingConfig):
-    """``generate_batches``'s compiled sampler over abstract weights built as
-    ``load_pretrained`` builds them for inference on TPU."""
+    """The compiled sampler built as ``load_pretrained`` builds it for inference on TPU."""
     execution = ExecutionConfig().resolve(platform="tpu", inference=True)
     assert execution.attention == "tpu" and execution.cast_weights
-
-    def build():
-        return (pretrained.cast_matmul_weights(HMARTransformer(cfg, execution,
-                                                               rngs=nnx.Rngs(0))),
-                VQVAE(vae_config, execution, rngs=nnx.Rngs(0)))
-
-    model, vae = nnx.eval_shape(build)
-    (model_graph, model_state), (vae_graph, vae_state) = nnx.split(model), nnx.split(vae)
-    mesh = Mesh(np.asarray(jax.devices()), ("data",))
-    sampler = batch._sharded_sampler(model_graph, vae_graph, 0, sampling, mesh)
-    index = jax.ShapeDtypeStruct((2 * jax.device_count(),), jnp.int32)
-    with jax.set_mesh(mesh):
-        return jax.export.export(sampler, platforms=["tpu"])(model_state, vae_state, index, index)
+    return export_sampler(cfg, vae_config, sampling, execution, "tpu")
 
 
 @pytest.mark.slow

@@ -29,8 +29,8 @@ q, k and v are never written out in the forward pass (the Mosaic GPU kernel like
 ``kernel_mosaic_gpu.forward_packed``); in the backward ``hmar_qkv``
 prepares them once for the backward kernels and ``qkv_prologue``'s one-pass kernel turns
 the kernels' dq, dk, dv into the packed gradients (beside the Mosaic GPU kernel, XLA's
-differentiation of ``hmar_qkv`` does: that path holds no Triton kernel). Elsewhere ``reference.hmar_qkv``
-prepares q, k, v and ``attention`` runs.
+differentiation of ``hmar_qkv`` does: that path holds no Triton kernel). Elsewhere
+``reference.hmar_qkv`` prepares q, k, v and ``attention`` runs.
 
 This module owns the ``custom_vjp`` around the GPU kernels' forward and backward; splash
 attention brings its own.
