@@ -1,4 +1,5 @@
-"""Trainer: exact resume after SIGKILL, stage-2 freeze, sharded == single-device, config guards."""
+"""Trainer: stage-2 freeze, end-of-run summary, sharded == single-device, SIGTERM stop, config
+guards (the SIGKILL-and-resume run is in test_multihost)."""
 
 import json
 import pathlib
