@@ -81,6 +81,16 @@ def save_params(directory: str | pathlib.Path, params: dict, kind: str, config_j
     return pathlib.Path(directory).absolute()
 
 
+def interval_policy(every_steps: int) -> ocp.checkpoint_managers.SaveDecisionPolicy:
+    """A training run's checkpoint policy: every ``every_steps`` steps, and when the cluster
+    announces a preemption. Orbax's default would also save the first step of a fresh run,
+    a full write of the state that no resume needs (the trainers also save at a stop and at
+    the end, explicitly)."""
+    return ocp.checkpoint_managers.AnySavePolicy([
+        ocp.checkpoint_managers.FixedIntervalPolicy(every_steps),
+        ocp.checkpoint_managers.PreemptionCheckpointingPolicy()])
+
+
 def _this_process_only() -> ocp.options.MultiprocessingOptions:
     """Orbax options for I/O that this process does alone: an export holds host arrays
     that one process writes (process 0 of a multi-process run, which gathered them), and

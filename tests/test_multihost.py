@@ -318,6 +318,8 @@ def test_two_processes_train_what_one_process_trains(reference, runs):
     the same global batches, and read each example once in the first epoch (a step run
     again after the relaunch counts once: its last record)."""
     two_processes = runs.workdir
+    saved = sorted(int(p.name) for p in (reference / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved == list(range(EVERY, STEPS + 1, EVERY))  # the interval's steps, not step 1
     for step in range(EVERY, STEPS + 1, EVERY):
         assert_same_state(checkpoint_state(two_processes, step), checkpoint_state(reference, step))
         assert checkpoint_data_state(two_processes, step) == checkpoint_data_state(reference, step)

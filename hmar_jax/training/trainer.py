@@ -5,7 +5,8 @@ images with the frozen tokenizer (or, with ``config.data.pretokenized``, reads t
 from a token cache, see ``token_cache``), builds the teacher-forcing inputs, runs the model
 and applies AdamW to the trainable parameters. The state is created already sharded
 (``eval_shape`` first, then ``jit`` with output shardings), checkpointed with Orbax
-together with the data-iterator state, and resumed automatically from ``workdir``.
+together with the data-iterator state (every ``checkpoint_every_steps`` steps, at a stop and
+at the end), and resumed automatically from ``workdir``.
 
 A run never keeps a state that cannot continue: each step's loss and gradient norm are
 checked (one step behind, so the host never waits for the device just for this, and
@@ -238,8 +239,9 @@ class Trainer:
             [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)])))
         self.manager = ocp.CheckpointManager(
             self.workdir / "checkpoints",
-            options=ocp.CheckpointManagerOptions(max_to_keep=config.max_checkpoints_to_keep,
-                                                 save_interval_steps=config.checkpoint_every_steps))
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=config.max_checkpoints_to_keep,
+                save_decision_policy=checkpointing.interval_policy(config.checkpoint_every_steps)))
 
     # ----- state ---------------------------------------------------------------------------
     def _new_model(self, seed: int) -> HMARTransformer:
