@@ -31,10 +31,11 @@ platform's kernel: compiled on GPU and TPU, interpret mode on CPU) or ``"interpr
 Triton-lowered kernel) and ``"mosaic_interpret"`` (that kernel in Mosaic GPU's interpreter,
 on any platform: tests). ``"auto"`` keeps the Triton-lowered kernels on Hopper as well, where
 they are the faster ones; ``attention="mosaic_gpu"`` with ``"xla"`` for the other three ops is
-the setting for a jax whose Pallas no longer lowers to Triton: it runs no Triton kernel. On TPU the attention's kernel is JAX's splash
-attention (``hmar_jax.pallas.splash``): the kernel JAX maintains and runs on TPU pods,
-which takes both scale masks and skips their empty tiles forward and backward; the other
-ops have no TPU kernel and run as XLA fuses their references.
+the setting for a jax whose Pallas no longer lowers to Triton: it runs no Triton kernel. On
+TPU the attention's kernel is JAX's splash attention (``hmar_jax.pallas.splash``): the
+kernel JAX maintains and runs on TPU pods, which takes both scale masks and skips their
+empty tiles forward and backward; the other ops have no TPU kernel and run as XLA fuses
+their references.
 """
 
 from __future__ import annotations
