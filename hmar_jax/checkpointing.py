@@ -81,14 +81,17 @@ def save_params(directory: str | pathlib.Path, params: dict, kind: str, config_j
     return pathlib.Path(directory).absolute()
 
 
-def interval_policy(every_steps: int) -> ocp.checkpoint_managers.SaveDecisionPolicy:
-    """A training run's checkpoint policy: every ``every_steps`` steps, and when the cluster
-    announces a preemption. Orbax's default would also save the first step of a fresh run,
-    a full write of the state that no resume needs (the trainers also save at a stop and at
-    the end, explicitly)."""
-    return ocp.checkpoint_managers.AnySavePolicy([
+def training_checkpoints(directory: str | pathlib.Path, *, max_to_keep: int,
+                         every_steps: int) -> ocp.CheckpointManager:
+    """A training run's checkpoint manager: it keeps the newest ``max_to_keep`` and saves
+    every ``every_steps`` steps and when the cluster announces a preemption. Orbax's default
+    policy would also save the first step of a fresh run, a full write of the state that no
+    resume needs (the trainers also save at a stop and at the end, explicitly)."""
+    policy = ocp.checkpoint_managers.AnySavePolicy([
         ocp.checkpoint_managers.FixedIntervalPolicy(every_steps),
         ocp.checkpoint_managers.PreemptionCheckpointingPolicy()])
+    return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, save_decision_policy=policy))
 
 
 def _this_process_only() -> ocp.options.MultiprocessingOptions:

@@ -190,11 +190,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     usage = CodeUsageTracker(cfg.vocab_size)
     iterator = data.batched_iterator(train_images, train_labels, config.batch_size, config.seed)
 
-    manager = ocp.CheckpointManager(
-        workdir_path / "tokenizer_ckpt",
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=config.max_checkpoints_to_keep,
-            save_decision_policy=checkpointing.interval_policy(config.checkpoint_every_steps)))
+    manager = checkpointing.training_checkpoints(
+        workdir_path / "tokenizer_ckpt", max_to_keep=config.max_checkpoints_to_keep,
+        every_steps=config.checkpoint_every_steps)
     first_step = 0
     if manager.latest_step() is not None:
         first_step = manager.latest_step()

@@ -237,11 +237,9 @@ class Trainer:
         self.param_norm = jax.jit(optax.tree.norm)  # global L2 norm of the trainable parameters
         self.all_finite = jax.jit(lambda tree: jnp.all(jnp.stack(
             [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)])))
-        self.manager = ocp.CheckpointManager(
-            self.workdir / "checkpoints",
-            options=ocp.CheckpointManagerOptions(
-                max_to_keep=config.max_checkpoints_to_keep,
-                save_decision_policy=checkpointing.interval_policy(config.checkpoint_every_steps)))
+        self.manager = checkpointing.training_checkpoints(
+            self.workdir / "checkpoints", max_to_keep=config.max_checkpoints_to_keep,
+            every_steps=config.checkpoint_every_steps)
 
     # ----- state ---------------------------------------------------------------------------
     def _new_model(self, seed: int) -> HMARTransformer:
