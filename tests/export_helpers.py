@@ -16,6 +16,7 @@ from hmar_jax import pretrained
 from hmar_jax.execution import ExecutionConfig
 from hmar_jax.sampling import SamplingConfig, batch
 from hmar_jax.tokenizer.model import VQVAE, VQVAEConfig
+from hmar_jax.training import tokenizer_trainer
 from hmar_jax.training import trainer as trainer_lib
 from hmar_jax.transformer import HMARTransformer
 
@@ -37,6 +38,31 @@ def narrow_released_tokenizer(config, execution) -> VQVAE:
     whose shapes do not depend on the encoder's width."""
     return VQVAE(VQVAEConfig(ch=32, num_res_blocks=1, using_sa=False, using_mid_sa=False),
                  execution, rngs=nnx.Rngs(0))
+
+
+def resolving_for(platform: str, **choices):
+    """A stand-in for ``trainer.resolve_execution``: the config's execution settings with
+    ``choices`` laid over them, resolved for ``platform`` instead of the host's."""
+
+    def resolve(config) -> ExecutionConfig:
+        return ExecutionConfig.from_mapping(config.execution.to_dict() | choices).resolve(
+            platform=platform)
+
+    return resolve
+
+
+def d16_trainer(tmp_path: pathlib.Path, monkeypatch, arg: str, platform: str,
+                **choices) -> trainer_lib.Trainer:
+    """The trainer of ``configs/hmar_imagenet.py:<arg>`` resolved for ``platform``
+    (``resolving_for``), its step reading cached token indices through the narrow tokenizer.
+    The token cache and a stage-2 parent are only named: nothing reads them before data is
+    loaded or the initial state is made."""
+    monkeypatch.setattr(trainer_lib, "resolve_execution", resolving_for(platform, **choices))
+    monkeypatch.setattr(tokenizer_trainer, "load_trained_tokenizer", narrow_released_tokenizer)
+    config = imagenet_config(arg)
+    config.data.pretokenized = str(tmp_path / "tokens")
+    config.stage2.parent = str(tmp_path / "parent")
+    return trainer_lib.Trainer(config, str(tmp_path / "run"))
 
 
 def export_step(trainer: trainer_lib.Trainer, inputs: jax.ShapeDtypeStruct, platform: str):

@@ -25,12 +25,10 @@ import pytest
 from hmar_jax.execution import ExecutionConfig
 from hmar_jax.sampling import PRESETS
 from hmar_jax.tokenizer.model import VQVAEConfig
-from hmar_jax.training import tokenizer_trainer
 from hmar_jax.training import trainer as trainer_lib
 from hmar_jax.transformer import preset
 
-from export_helpers import (export_sampler, export_step, imagenet_config,
-                            narrow_released_tokenizer)
+from export_helpers import d16_trainer, export_sampler, export_step
 
 NO_TRITON = dict(attention="mosaic_gpu", layer_norm="xla", gelu="xla", group_norm="xla")
 MOSAIC_CALL, TRITON_CALL = "mosaic_gpu_v2", "__gpu$xla.gpu.triton"
@@ -53,25 +51,13 @@ def _exported(export) -> tuple[collections.Counter, list[str]]:
     return calls, _pallas_deprecations(caught)
 
 
-def _d16_trainer(tmp_path, monkeypatch, **choices) -> trainer_lib.Trainer:
-    def resolve(config):
-        mapping = config.execution.to_dict() | choices
-        return ExecutionConfig.from_mapping(mapping).resolve(platform="gpu")
-
-    monkeypatch.setattr(trainer_lib, "resolve_execution", resolve)
-    monkeypatch.setattr(tokenizer_trainer, "load_trained_tokenizer", narrow_released_tokenizer)
-    config = imagenet_config("variant=d16")
-    config.data.pretokenized = str(tmp_path / "tokens")  # read only when data is loaded
-    return trainer_lib.Trainer(config, str(tmp_path / "run"))
-
-
 def _export_step(trainer: trainer_lib.Trainer):
     inputs = jax.ShapeDtypeStruct((jax.device_count(), trainer.cfg.layout.seq_len), jnp.int32)
     return export_step(trainer, inputs, "cuda")
 
 
 def test_d16_training_step_with_mosaic_attention_lowers_without_triton(tmp_path, monkeypatch):
-    trainer = _d16_trainer(tmp_path, monkeypatch, **NO_TRITON)
+    trainer = d16_trainer(tmp_path, monkeypatch, "variant=d16", "gpu", **NO_TRITON)
     calls, deprecations = _exported(lambda: _export_step(trainer))
     assert deprecations == []
     assert TRITON_CALL not in calls
@@ -82,7 +68,7 @@ def test_d16_training_step_with_mosaic_attention_lowers_without_triton(tmp_path,
 def test_the_triton_kernels_raise_the_deprecation(tmp_path, monkeypatch):
     """The check's other side: lowering the Triton attention warns (and then stops: the
     Triton lowering reads the GPU's properties, which a CPU host has not)."""
-    trainer = _d16_trainer(tmp_path, monkeypatch, attention="gpu")
+    trainer = d16_trainer(tmp_path, monkeypatch, "variant=d16", "gpu", attention="gpu")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with pytest.raises(RuntimeError, match="No supported GPU devices"):

@@ -27,20 +27,14 @@ from hmar_jax.execution import ExecutionConfig
 from hmar_jax.pallas import splash
 from hmar_jax.sampling import PRESETS, SamplingConfig
 from hmar_jax.tokenizer.model import VQVAEConfig
-from hmar_jax.training import tokenizer_trainer
 from hmar_jax.training import trainer as trainer_lib
 from hmar_jax.transformer import preset
 
-from export_helpers import (export_sampler, export_step, imagenet_config,
-                            narrow_released_tokenizer)
+from export_helpers import d16_trainer, export_sampler, export_step, resolving_for
 from tiny_runs import demo_config
 
 SPLASH_KERNELS = {splash.FORWARD_KERNEL_NAME, "splash_mha_dq_no_residuals",
                   "splash_mha_dkv_no_residuals"}
-
-
-def _tpu_execution(config) -> ExecutionConfig:
-    return ExecutionConfig.from_mapping(config.execution.to_dict()).resolve(platform="tpu")
 
 
 def _kernels(exported) -> set[str]:
@@ -50,7 +44,7 @@ def _kernels(exported) -> set[str]:
 
 @pytest.mark.parametrize("stage", [1, 2])
 def test_small_training_step_exports_for_tpu(stage, tokenizer_export, tmp_path, monkeypatch):
-    monkeypatch.setattr(trainer_lib, "resolve_execution", _tpu_execution)
+    monkeypatch.setattr(trainer_lib, "resolve_execution", resolving_for("tpu"))
     config = demo_config(**{"stage": stage, "tokenizer.export": tokenizer_export,
                             "stage2.parent": str(tmp_path / "parent")})
     trainer = trainer_lib.Trainer(config, str(tmp_path / "run"))
@@ -65,12 +59,7 @@ def test_small_training_step_exports_for_tpu(stage, tokenizer_export, tmp_path, 
 @pytest.mark.parametrize("stage", [1, 2])
 @pytest.mark.slow
 def test_d16_training_step_exports_for_tpu(stage, tmp_path, monkeypatch):
-    monkeypatch.setattr(trainer_lib, "resolve_execution", _tpu_execution)
-    monkeypatch.setattr(tokenizer_trainer, "load_trained_tokenizer", narrow_released_tokenizer)
-    config = imagenet_config(f"variant=d16,res=256,stage={stage}")
-    config.data.pretokenized = str(tmp_path / "tokens")  # read only when data is loaded
-    config.stage2.parent = str(tmp_path / "parent")      # read only by initial_state
-    trainer = trainer_lib.Trainer(config, str(tmp_path / "run"))
+    trainer = d16_trainer(tmp_path, monkeypatch, f"variant=d16,res=256,stage={stage}", "tpu")
     assert (trainer.cfg.depth, trainer.cfg.layout.seq_len) == (16, 680)
     exported = export_step(trainer, jax.ShapeDtypeStruct((jax.device_count(), 680), jnp.int32),
                            "tpu")
