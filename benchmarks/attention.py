@@ -6,7 +6,7 @@ Times the forward and forward+backward of each implementation in the same run (m
 float32 reference (relative Frobenius error ``err_*`` and largest element error over the
 largest reference element ``maxerr_*``), and states the memory-traffic floor of every
 shape (each input read once, each output written once, at the GPU's HBM bandwidth) and the
-achieved useful TFLOP/s (``mask_tflop``) and share of that floor (``hbm_fraction_*``).
+achieved useful TFLOP/s (``tflops_*``) and share of that floor (``hbm_fraction_*``).
 
   python benchmarks/attention.py --out attention.json
   python benchmarks/attention.py --shapes 32x30x680 --patterns block_diagonal --dtypes bfloat16
