@@ -24,6 +24,12 @@ The references (``reference_*``) are the plain jnp the model computes with ``"xl
 Shapes the kernels do not tile (``L`` not a multiple of the tile's rows, ``C < 16``) take
 the reference. There is no TPU kernel.
 
+``adaln_mosaic_gpu`` holds the same forward and backward for Pallas's Mosaic GPU backend
+(implementations ``"mosaic_gpu"`` and ``"mosaic_interpret"``); both kernel families go
+through the one ``custom_vjp`` per op here, the implementation a static argument. Its rule
+for the shapes it takes differs (``adaln_mosaic_gpu.supports``: ``C`` a multiple of 128,
+``L`` of 4); the others take the reference there too.
+
 Dimension letters: B batch, L tokens, C width.
 """
 
@@ -36,7 +42,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from hmar_jax.pallas.dispatch import Implementation, dispatch
+from hmar_jax.pallas import adaln_mosaic_gpu
+from hmar_jax.pallas.dispatch import WITH_MOSAIC, Implementation, dispatch
 from hmar_jax.pallas.triton_util import compiler_params
 
 FORWARD_KERNEL_NAME = "hmar_adaln_fwd"  # for remat policies that keep its outputs
@@ -251,22 +258,38 @@ def backward(x, branch, gate, scale, mean, rstd, dh, dx_out, *, interpret: bool 
 
 # --------------------------------------------------------------------------- differentiable ops
 
+def _kernel_forward(implementation: str, *args, **kwargs):
+    """``forward`` of the implementation's kernels (``"gpu"``/``"interpret"``: Triton,
+    ``"mosaic_gpu"``/``"mosaic_interpret"``: Mosaic GPU)."""
+    if implementation.startswith("mosaic"):
+        return adaln_mosaic_gpu.forward(*args, **kwargs,
+                                        interpret=implementation == "mosaic_interpret")
+    return forward(*args, **kwargs, interpret=implementation == "interpret")
+
+
+def _kernel_backward(implementation: str, *args):
+    """``backward`` of the implementation's kernels (as ``_kernel_forward``)."""
+    if implementation.startswith("mosaic"):
+        return adaln_mosaic_gpu.backward(*args, interpret=implementation == "mosaic_interpret")
+    return backward(*args, interpret=implementation == "interpret")
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _layer_norm_modulate(x, scale, shift, eps, out_dtype, interpret):
-    return forward(x, None, None, scale, shift, eps=eps, out_dtype=out_dtype,
-                   interpret=interpret)[1]
+def _layer_norm_modulate(x, scale, shift, eps, out_dtype, implementation):
+    return _kernel_forward(implementation, x, None, None, scale, shift, eps=eps,
+                           out_dtype=out_dtype)[1]
 
 
-def _layer_norm_modulate_fwd(x, scale, shift, eps, out_dtype, interpret):
-    _, h, mean, rstd = forward(x, None, None, scale, shift, eps=eps, out_dtype=out_dtype,
-                               interpret=interpret)
+def _layer_norm_modulate_fwd(x, scale, shift, eps, out_dtype, implementation):
+    _, h, mean, rstd = _kernel_forward(implementation, x, None, None, scale, shift, eps=eps,
+                                       out_dtype=out_dtype)
     return h, (x, scale, shift, mean, rstd)
 
 
-def _layer_norm_modulate_bwd(eps, out_dtype, interpret, residuals, dh):
+def _layer_norm_modulate_bwd(eps, out_dtype, implementation, residuals, dh):
     x, scale, shift, mean, rstd = residuals
-    dx, _, _, dscale, dshift = backward(x, None, None, scale, mean, rstd, dh, None,
-                                        interpret=interpret)
+    dx, _, _, dscale, dshift = _kernel_backward(implementation, x, None, None, scale, mean,
+                                                rstd, dh, None)
     return dx, dscale.astype(scale.dtype), dshift.astype(shift.dtype)
 
 
@@ -274,23 +297,23 @@ _layer_norm_modulate.defvjp(_layer_norm_modulate_fwd, _layer_norm_modulate_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _add_layer_norm_modulate(x, branch, gate, scale, shift, eps, out_dtype, interpret):
-    x_out, h, _, _ = forward(x, branch, gate, scale, shift, eps=eps, out_dtype=out_dtype,
-                             interpret=interpret)
+def _add_layer_norm_modulate(x, branch, gate, scale, shift, eps, out_dtype, implementation):
+    x_out, h, _, _ = _kernel_forward(implementation, x, branch, gate, scale, shift, eps=eps,
+                                     out_dtype=out_dtype)
     return x_out, h
 
 
-def _add_layer_norm_modulate_fwd(x, branch, gate, scale, shift, eps, out_dtype, interpret):
-    x_out, h, mean, rstd = forward(x, branch, gate, scale, shift, eps=eps, out_dtype=out_dtype,
-                                   interpret=interpret)
+def _add_layer_norm_modulate_fwd(x, branch, gate, scale, shift, eps, out_dtype, implementation):
+    x_out, h, mean, rstd = _kernel_forward(implementation, x, branch, gate, scale, shift,
+                                           eps=eps, out_dtype=out_dtype)
     return (x_out, h), (x, branch, gate, scale, shift, mean, rstd)
 
 
-def _add_layer_norm_modulate_bwd(eps, out_dtype, interpret, residuals, cotangents):
+def _add_layer_norm_modulate_bwd(eps, out_dtype, implementation, residuals, cotangents):
     x, branch, gate, scale, shift, mean, rstd = residuals
     dx_out, dh = cotangents
-    dx, dbranch, dgate, dscale, dshift = backward(x, branch, gate, scale, mean, rstd, dh,
-                                                  dx_out, interpret=interpret)
+    dx, dbranch, dgate, dscale, dshift = _kernel_backward(implementation, x, branch, gate,
+                                                          scale, mean, rstd, dh, dx_out)
     return dx, dbranch, dgate, dscale.astype(scale.dtype), dshift.astype(shift.dtype)
 
 
@@ -299,27 +322,33 @@ _add_layer_norm_modulate.defvjp(_add_layer_norm_modulate_fwd, _add_layer_norm_mo
 
 # --------------------------------------------------------------------------- public API
 
-def _kernel_applies(x: jax.Array) -> bool:
-    return x.ndim == 3 and tiles(*x.shape[1:])
+def _kernel_applies(x: jax.Array, implementation: str) -> bool:
+    if x.ndim != 3:
+        return False
+    if implementation.startswith("mosaic"):
+        return adaln_mosaic_gpu.supports(*x.shape[1:])
+    return tiles(*x.shape[1:])
 
 
 def layer_norm_modulate(x: jax.Array, scale: jax.Array, shift: jax.Array, *, eps: float,
                         out_dtype, implementation: Implementation) -> jax.Array:
     """``LN(x) (1 + scale) + shift`` in ``out_dtype``: ``x [B, L, C]``, ``scale``/``shift [B, C]``.
 
-    ``implementation``: ``"xla"``, ``"gpu"`` or ``"interpret"`` (``hmar_jax.pallas.dispatch``).
+    ``implementation``: ``"xla"``, ``"gpu"``, ``"interpret"``, ``"mosaic_gpu"`` or
+    ``"mosaic_interpret"`` (``hmar_jax.pallas.dispatch``).
     """
     out_dtype = jnp.dtype(out_dtype)
 
     def reference(x, scale, shift):
         return reference_layer_norm_modulate(x, scale, shift, eps=eps, out_dtype=out_dtype)
 
-    def kernel(x, scale, shift, *, interpret):
-        if not _kernel_applies(x):
+    def kernel(x, scale, shift, *, implementation):
+        if not _kernel_applies(x, implementation):
             return reference(x, scale, shift)
-        return _layer_norm_modulate(x, scale, shift, eps, out_dtype, interpret)
+        return _layer_norm_modulate(x, scale, shift, eps, out_dtype, implementation)
 
-    return dispatch(implementation, "layer_norm_modulate", reference, kernel, (x, scale, shift))
+    return dispatch(implementation, "layer_norm_modulate", reference, kernel, (x, scale, shift),
+                    supported=WITH_MOSAIC)
 
 
 def add_layer_norm_modulate(x: jax.Array, branch: jax.Array, gate: jax.Array, scale: jax.Array,
@@ -336,10 +365,11 @@ def add_layer_norm_modulate(x: jax.Array, branch: jax.Array, gate: jax.Array, sc
         return reference_add_layer_norm_modulate(x, branch, gate, scale, shift, eps=eps,
                                                  out_dtype=out_dtype)
 
-    def kernel(x, branch, gate, scale, shift, *, interpret):
-        if not _kernel_applies(x):
+    def kernel(x, branch, gate, scale, shift, *, implementation):
+        if not _kernel_applies(x, implementation):
             return reference(x, branch, gate, scale, shift)
-        return _add_layer_norm_modulate(x, branch, gate, scale, shift, eps, out_dtype, interpret)
+        return _add_layer_norm_modulate(x, branch, gate, scale, shift, eps, out_dtype,
+                                        implementation)
 
     return dispatch(implementation, "add_layer_norm_modulate", reference, kernel,
-                    (x, branch, gate, scale, shift))
+                    (x, branch, gate, scale, shift), supported=WITH_MOSAIC)

@@ -8,8 +8,9 @@ Each op takes an ``Implementation`` that the execution config resolved for the p
 * ``"tpu"``: the TPU kernel (attention only: JAX's splash attention, ``splash``);
 * ``"interpret"``: the GPU kernel in Pallas interpret mode, so the kernels' code runs on
   CPU (tests);
-* ``"mosaic_gpu"`` / ``"mosaic_interpret"`` (attention only): the attention kernel written
-  for Pallas's Mosaic GPU backend (Hopper), compiled or in Mosaic GPU's interpreter.
+* ``"mosaic_gpu"`` / ``"mosaic_interpret"`` (attention, AdaLN and bias + GELU): the kernels
+  written for Pallas's Mosaic GPU backend (Hopper), compiled or in Mosaic GPU's interpreter
+  (any platform: tests).
 
 XLA cannot partition a Pallas call, so under a mesh the kernels run on each device's share
 of the batch (``run_per_device``); the kernels here work per example and need no
@@ -27,6 +28,8 @@ import jax
 Implementation = Literal["xla", "gpu", "tpu", "interpret", "mosaic_gpu", "mosaic_interpret"]
 IMPLEMENTATIONS: tuple[str, ...] = ("xla", "gpu", "tpu", "interpret", "mosaic_gpu",
                                     "mosaic_interpret")
+# The elementwise ops with kernels on both Pallas GPU lowerings (Triton and Mosaic GPU).
+WITH_MOSAIC: tuple[str, ...] = ("xla", "gpu", "interpret", "mosaic_gpu", "mosaic_interpret")
 
 
 def check_implementation(implementation: str, op: str,
@@ -58,13 +61,15 @@ def run_per_device(fn: Callable, batched: tuple[jax.Array, ...],
 
 
 def dispatch(implementation: Implementation, op: str, reference: Callable, kernel: Callable,
-             batched: tuple[jax.Array, ...], replicated: tuple[jax.Array, ...] = ()):
+             batched: tuple[jax.Array, ...], replicated: tuple[jax.Array, ...] = (),
+             supported: tuple[str, ...] = ("xla", "gpu", "interpret")):
     """The one dispatch of the elementwise ops: ``reference(*batched, *replicated)`` for
-    ``"xla"``, else ``kernel(*batched, *replicated, interpret=...)`` on each device's share
-    of the batch. ``kernel`` may itself fall back to the reference for a shape it does not
-    tile."""
-    check_implementation(implementation, op)
+    ``"xla"``, else ``kernel(*batched, *replicated, implementation=...)`` on each device's
+    share of the batch. ``supported``: the op's implementations (``WITH_MOSAIC`` for the ops
+    with Mosaic GPU kernels). ``kernel`` may itself fall back to the reference for a shape
+    it does not tile."""
+    check_implementation(implementation, op, supported)
     if implementation == "xla":
         return reference(*batched, *replicated)
-    return run_per_device(functools.partial(kernel, interpret=implementation == "interpret"),
+    return run_per_device(functools.partial(kernel, implementation=implementation),
                           batched, replicated)

@@ -255,8 +255,9 @@ def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, *, groups: int, 
     def reference(x, scale, bias):
         return reference_group_norm(x, scale, bias, groups=groups, eps=eps, silu=silu)
 
-    def kernel(x, scale, bias, *, interpret):  # on this device's share of the batch
+    def kernel(x, scale, bias, *, implementation):  # on this device's share of the batch
         flat = x.reshape(x.shape[0], height * width, channels)
-        return _group_norm(flat, scale, bias, groups, eps, silu, interpret).reshape(x.shape)
+        return _group_norm(flat, scale, bias, groups, eps, silu,
+                           implementation == "interpret").reshape(x.shape)
 
     return dispatch(implementation, "group_norm", reference, kernel, (x,), (scale, bias))
