@@ -8,7 +8,7 @@ each sample's rows. Statistics and gradients are float32.
 
 Design. A program is one warpgroup that owns ``span`` consecutive rows of one sample
 (grid ``[programs per sample, B]``). It loads the sample's modulation vectors once, then
-runs a TMA pipeline (``plgpu.emit_pipeline``) over steps of ``rows`` rows: the copies of
+runs a TMA pipeline (``mosaic_util.pipeline``) over steps of ``rows`` rows: the copies of
 the next step are in flight while the current one computes, and each step's outputs leave
 by TMA from shared memory. Every input is read once and every output written once. A step
 holds whole rows (``[rows, C]`` is contiguous in the ``[B, L, C]`` arrays), so its copies
