@@ -1,11 +1,13 @@
-"""The d16 training step and sampler lowered for CUDA, on CPU, with the Mosaic GPU attention.
+"""The d16 training step and sampler lowered for CUDA, on CPU, with the Mosaic GPU kernels.
 
 ``jax.export(..., platforms=["cuda"])`` lowers a jitted program with the CUDA rules of every
-op, Pallas's included, without a GPU. With ``attention="mosaic_gpu"`` and every other op on
-XLA (``hmar_jax.execution``), the programs hold the Mosaic GPU attention kernels and no
-kernel on Pallas's deprecated Triton lowering: lowering them raises no Pallas deprecation
-warning (the Triton kernels' lowering, which needs a GPU to finish, raises it at once).
-The kernels' own compilation (ptxas) happens on a GPU and is not checked here; the
+op, Pallas's included, without a GPU. With ``attention``, ``layer_norm`` and ``gelu`` on
+``"mosaic_gpu"`` and the tokenizer's GroupNorm on XLA (``hmar_jax.execution``), the programs
+hold the Mosaic GPU kernels and no kernel on Pallas's deprecated Triton lowering: lowering
+them raises no Pallas deprecation warning (the Triton kernels' lowering, which needs a GPU
+to finish, raises it at once). The Mosaic GPU lowering runs in Python here, through its
+register layouts and TMA copies, so a layout or copy the backend cannot express fails these
+tests; the kernels' own compilation (ptxas) happens on a GPU and is not checked here; the
 interpret-mode tests check their numbers.
 
 The model and optimizer state are abstract (``jax.eval_shape``): the d16 shapes cost no
@@ -23,6 +25,7 @@ import jax.numpy as jnp
 import pytest
 
 from hmar_jax.execution import ExecutionConfig
+from hmar_jax.pallas import adaln, bias_gelu
 from hmar_jax.sampling import PRESETS
 from hmar_jax.tokenizer.model import VQVAEConfig
 from hmar_jax.training import trainer as trainer_lib
@@ -30,7 +33,8 @@ from hmar_jax.transformer import preset
 
 from export_helpers import d16_trainer, export_sampler, export_step
 
-NO_TRITON = dict(attention="mosaic_gpu", layer_norm="xla", gelu="xla", group_norm="xla")
+NO_TRITON = dict(attention="mosaic_gpu", layer_norm="mosaic_gpu", gelu="mosaic_gpu",
+                 group_norm="xla")
 MOSAIC_CALL, TRITON_CALL = "mosaic_gpu_v2", "__gpu$xla.gpu.triton"
 
 pytestmark = pytest.mark.slow
@@ -51,18 +55,26 @@ def _exported(export) -> tuple[collections.Counter, list[str]]:
     return calls, _pallas_deprecations(caught)
 
 
+def _mosaic_kernels(export) -> collections.Counter:
+    """The Mosaic GPU kernels (name -> count) in the exported module."""
+    return collections.Counter(re.findall(r"(hmar_[a-z_]+?)_mosaic_gpu",
+                                          export().mlir_module()))
+
+
 def _export_step(trainer: trainer_lib.Trainer):
     inputs = jax.ShapeDtypeStruct((jax.device_count(), trainer.cfg.layout.seq_len), jnp.int32)
     return export_step(trainer, inputs, "cuda")
 
 
-def test_d16_training_step_with_mosaic_attention_lowers_without_triton(tmp_path, monkeypatch):
+def test_d16_training_step_with_mosaic_kernels_lowers_without_triton(tmp_path, monkeypatch):
     trainer = d16_trainer(tmp_path, monkeypatch, "variant=d16", "gpu", **NO_TRITON)
     calls, deprecations = _exported(lambda: _export_step(trainer))
     assert deprecations == []
     assert TRITON_CALL not in calls
-    # forward, dK/dV and dQ per block
-    assert calls[MOSAIC_CALL] == 3 * trainer.cfg.depth
+    # Per block: the attention's forward, dK/dV and dQ; the two norms' and the GELU's
+    # forwards twice (the step's, and the backward's rerun under dots_attention_saveable),
+    # their backwards once.
+    assert calls[MOSAIC_CALL] == (3 + 2 * 3 + 3) * trainer.cfg.depth
 
 
 def test_the_triton_kernels_raise_the_deprecation(tmp_path, monkeypatch):
@@ -76,7 +88,7 @@ def test_the_triton_kernels_raise_the_deprecation(tmp_path, monkeypatch):
     assert any("Triton backend is deprecated" in m for m in _pallas_deprecations(caught))
 
 
-def test_d16_sampler_with_mosaic_attention_lowers_without_triton():
+def test_d16_sampler_with_mosaic_kernels_lowers_without_triton():
     """``generate_batches``'s compiled sampler over weights built as ``load_pretrained``
     builds them for inference (forward only: the forward kernel alone)."""
     execution = ExecutionConfig(**NO_TRITON).resolve(platform="gpu", inference=True)
@@ -84,3 +96,38 @@ def test_d16_sampler_with_mosaic_attention_lowers_without_triton():
         preset("d16"), VQVAEConfig(), PRESETS["hmar-d16"], execution, "cuda"))
     assert deprecations == []
     assert TRITON_CALL not in calls and calls[MOSAIC_CALL] > 0
+
+
+def _vjp_export(fn, *args):
+    """``fn``'s forward and its vjp (cotangents like the outputs), lowered for CUDA."""
+    def step(*args):
+        out, vjp = jax.vjp(fn, *args)
+        return out, vjp(out)
+
+    return lambda: jax.export.export(jax.jit(step), platforms=("cuda",))(*args)
+
+
+def test_d16_norm_and_gelu_kernels_lower_without_triton():
+    """Both AdaLN ops and the bias + GELU with ``"mosaic_gpu"``, forward and backward, at
+    d16's shapes (B = 2, L = 680, C = 1024; GELU M = 1360, F = 4096): float32 residual stream,
+    bfloat16 branch and outputs."""
+    batch, length, width = 2, 680, 1024
+    spec = lambda shape, dtype=jnp.float32: jax.ShapeDtypeStruct(shape, dtype)  # noqa: E731
+    x, branch = spec((batch, length, width)), spec((batch, length, width), jnp.bfloat16)
+    vec = spec((batch, width))
+    norm = dict(eps=1e-6, out_dtype=jnp.bfloat16, implementation="mosaic_gpu")
+    exports = {
+        "add_layer_norm_modulate": _vjp_export(
+            lambda *a: adaln.add_layer_norm_modulate(*a, **norm), x, branch, vec, vec, vec),
+        "layer_norm_modulate": _vjp_export(
+            lambda *a: adaln.layer_norm_modulate(*a, **norm), x, vec, vec),
+        "bias_gelu": _vjp_export(lambda h, b: bias_gelu.bias_gelu(h, b, "mosaic_gpu"),
+                                 spec((batch * length, 4 * width), jnp.bfloat16),
+                                 spec((4 * width,))),
+    }
+    for name, export in exports.items():
+        calls, deprecations = _exported(export)
+        assert deprecations == [] and TRITON_CALL not in calls, name
+        assert calls[MOSAIC_CALL] == 2, (name, calls)  # the forward and the backward kernel
+        expected = "hmar_bias_gelu" if name == "bias_gelu" else "hmar_adaln"
+        assert _mosaic_kernels(export) == {f"{expected}_fwd": 1, f"{expected}_bwd": 1}, name
