@@ -22,7 +22,8 @@ def test_tiles():
     assert bias_gelu_mosaic_gpu.tiles(96, 384) == (32, 128)
     assert bias_gelu_mosaic_gpu.tiles(43520, 4096) == (32, 256)  # d16 training, B64
     assert bias_gelu_mosaic_gpu.tiles(40, 7680) == (8, 256)
-    assert bias_gelu_mosaic_gpu.tiles(64, 100) is None and bias_gelu_mosaic_gpu.tiles(12, 128) is None
+    assert bias_gelu_mosaic_gpu.tiles(64, 100) is None
+    assert bias_gelu_mosaic_gpu.tiles(12, 128) is None
     # d16, B64: 16 column blocks x 17 row groups of 80 tiles
     assert bias_gelu_mosaic_gpu.row_groups(43520 // 32, 16) == 17
 

@@ -42,7 +42,6 @@ Dimension letters: B batch, L tokens, C width, P programs per sample.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
