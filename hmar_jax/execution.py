@@ -24,18 +24,19 @@ platform it runs on.
 | scan_blocks, inference | True | True | True |
 
 Kernel fields take ``"auto"``, ``"xla"`` (the op's plain-jnp reference), ``"pallas"`` (the
-platform's kernel: compiled on GPU and TPU, interpret mode on CPU) or ``"interpret"`` (the
-GPU kernels in Pallas interpret mode on any platform: tests), and resolve to an
-``hmar_jax.pallas.dispatch.Implementation``. The attention, layer_norm and gelu also take
-``"mosaic_gpu"`` (their kernels on Pallas's Mosaic GPU backend, Hopper GPUs only; the
-``"gpu"`` choice is the Triton-lowered kernels) and ``"mosaic_interpret"`` (those kernels in
-Mosaic GPU's interpreter, on any platform: tests). ``"auto"`` keeps the Triton-lowered kernels
-on Hopper as well (for the attention, the faster one). The setting for a jax whose Pallas no
-longer lowers to Triton is ``attention=mosaic_gpu,layer_norm=mosaic_gpu,gelu=mosaic_gpu``
-with ``group_norm=xla``: it runs no Triton kernel. On TPU the attention's kernel is JAX's
-splash attention (``hmar_jax.pallas.splash``): the kernel JAX maintains and runs on TPU pods,
-which takes both scale masks and skips their empty tiles forward and backward; the other ops
-have no TPU kernel and run as XLA fuses their references.
+platform's kernel: compiled on GPU and TPU, interpret mode on CPU) or ``"interpret"`` (the GPU
+kernels in Pallas interpret mode on any platform: tests), and resolve to an
+``hmar_jax.pallas.dispatch.Implementation``. The attention and layer_norm also take
+``"mosaic_gpu"`` (their kernels on Pallas's Mosaic GPU backend, Hopper GPUs only; the ``"gpu"``
+choice is the Triton-lowered kernels) and ``"mosaic_interpret"`` (those kernels in Mosaic GPU's
+interpreter, on any platform: tests). ``"auto"`` keeps the Triton-lowered kernels on Hopper as
+well, where they are the faster ones. The setting for a jax whose Pallas no longer lowers to
+Triton is ``attention=mosaic_gpu,layer_norm=mosaic_gpu`` with ``gelu=xla`` and
+``group_norm=xla`` (XLA's fusion of the bias + GELU beats a Mosaic GPU kernel for it): it runs
+no Triton kernel. On TPU the attention's kernel is JAX's splash attention
+(``hmar_jax.pallas.splash``): the kernel JAX maintains and runs on TPU pods, which takes both
+scale masks and skips their empty tiles forward and backward; the other ops have no TPU kernel
+and run as XLA fuses their references.
 """
 
 from __future__ import annotations
@@ -48,9 +49,9 @@ PLATFORMS = ("cpu", "gpu", "tpu")
 KERNEL_CHOICES = ("auto", "xla", "pallas", "interpret")
 KERNEL_FIELDS = ("attention", "layer_norm", "gelu", "group_norm")
 # Kernels on Pallas's Mosaic GPU backend (Hopper), compiled or interpreted, and the fields
-# that have them (group_norm has none).
+# that have them.
 MOSAIC_CHOICES = ("mosaic_gpu", "mosaic_interpret")
-MOSAIC_FIELDS = ("attention", "layer_norm", "gelu")
+MOSAIC_FIELDS = ("attention", "layer_norm")
 DTYPES = ("float32", "bfloat16")
 TOKENIZER_PRECISIONS = ("highest", "default", "bfloat16")
 # What each rematerialisation policy keeps for the backward (``transformer.stack``):

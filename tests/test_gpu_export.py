@@ -1,8 +1,8 @@
 """The d16 training step and sampler lowered for CUDA, on CPU, with the Mosaic GPU kernels.
 
 ``jax.export(..., platforms=["cuda"])`` lowers a jitted program with the CUDA rules of every
-op, Pallas's included, without a GPU. With ``attention``, ``layer_norm`` and ``gelu`` on
-``"mosaic_gpu"`` and the tokenizer's GroupNorm on XLA (``hmar_jax.execution``), the programs
+op, Pallas's included, without a GPU. With ``attention`` and ``layer_norm`` on ``"mosaic_gpu"``
+and the GELU and the tokenizer's GroupNorm on XLA (``hmar_jax.execution``), the programs
 hold the Mosaic GPU kernels and no kernel on Pallas's deprecated Triton lowering: lowering
 them raises no Pallas deprecation warning (the Triton kernels' lowering, which needs a GPU
 to finish, raises it at once). The Mosaic GPU lowering runs in Python here, through its
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import pytest
 
 from hmar_jax.execution import ExecutionConfig
-from hmar_jax.pallas import adaln, bias_gelu
+from hmar_jax.pallas import adaln
 from hmar_jax.sampling import PRESETS
 from hmar_jax.tokenizer.model import VQVAEConfig
 from hmar_jax.training import trainer as trainer_lib
@@ -33,8 +33,7 @@ from hmar_jax.transformer import preset
 
 from export_helpers import d16_trainer, export_sampler, export_step
 
-NO_TRITON = dict(attention="mosaic_gpu", layer_norm="mosaic_gpu", gelu="mosaic_gpu",
-                 group_norm="xla")
+NO_TRITON = dict(attention="mosaic_gpu", layer_norm="mosaic_gpu", gelu="xla", group_norm="xla")
 MOSAIC_CALL, TRITON_CALL = "mosaic_gpu_v2", "__gpu$xla.gpu.triton"
 
 pytestmark = pytest.mark.slow
@@ -71,10 +70,9 @@ def test_d16_training_step_with_mosaic_kernels_lowers_without_triton(tmp_path, m
     calls, deprecations = _exported(lambda: _export_step(trainer))
     assert deprecations == []
     assert TRITON_CALL not in calls
-    # Per block: the attention's forward, dK/dV and dQ; the two norms' and the GELU's
-    # forwards twice (the step's, and the backward's rerun under dots_attention_saveable),
-    # their backwards once.
-    assert calls[MOSAIC_CALL] == (3 + 2 * 3 + 3) * trainer.cfg.depth
+    # Per block: the attention's forward, dK/dV and dQ; the two norms' forwards twice (the
+    # step's, and the backward's rerun under dots_attention_saveable), their backwards once.
+    assert calls[MOSAIC_CALL] == (3 + 2 * 3) * trainer.cfg.depth
 
 
 def test_the_triton_kernels_raise_the_deprecation(tmp_path, monkeypatch):
@@ -107,10 +105,9 @@ def _vjp_export(fn, *args):
     return lambda: jax.export.export(jax.jit(step), platforms=("cuda",))(*args)
 
 
-def test_d16_norm_and_gelu_kernels_lower_without_triton():
-    """Both AdaLN ops and the bias + GELU with ``"mosaic_gpu"``, forward and backward, at
-    d16's shapes (B = 2, L = 680, C = 1024; GELU M = 1360, F = 4096): float32 residual stream,
-    bfloat16 branch and outputs."""
+def test_d16_norm_kernels_lower_without_triton():
+    """Both AdaLN ops with ``"mosaic_gpu"``, forward and backward, at d16's shapes (B = 2,
+    L = 680, C = 1024): float32 residual stream, bfloat16 branch and outputs."""
     batch, length, width = 2, 680, 1024
     spec = lambda shape, dtype=jnp.float32: jax.ShapeDtypeStruct(shape, dtype)  # noqa: E731
     x, branch = spec((batch, length, width)), spec((batch, length, width), jnp.bfloat16)
@@ -121,13 +118,9 @@ def test_d16_norm_and_gelu_kernels_lower_without_triton():
             lambda *a: adaln.add_layer_norm_modulate(*a, **norm), x, branch, vec, vec, vec),
         "layer_norm_modulate": _vjp_export(
             lambda *a: adaln.layer_norm_modulate(*a, **norm), x, vec, vec),
-        "bias_gelu": _vjp_export(lambda h, b: bias_gelu.bias_gelu(h, b, "mosaic_gpu"),
-                                 spec((batch * length, 4 * width), jnp.bfloat16),
-                                 spec((4 * width,))),
     }
     for name, export in exports.items():
         calls, deprecations = _exported(export)
         assert deprecations == [] and TRITON_CALL not in calls, name
         assert calls[MOSAIC_CALL] == 2, (name, calls)  # the forward and the backward kernel
-        expected = "hmar_bias_gelu" if name == "bias_gelu" else "hmar_adaln"
-        assert _mosaic_kernels(export) == {f"{expected}_fwd": 1, f"{expected}_bwd": 1}, name
+        assert _mosaic_kernels(export) == {"hmar_adaln_fwd": 1, "hmar_adaln_bwd": 1}, name

@@ -9,7 +9,7 @@ each device's share of the batch):
 | op | module | public function |
 |---|---|---|
 | LayerNorm + AdaLN modulation (+ residual add) | ``adaln``, ``adaln_mosaic_gpu`` | ``layer_norm_modulate``, ``add_layer_norm_modulate`` |
-| FFN bias + GELU | ``bias_gelu``, ``bias_gelu_mosaic_gpu`` | ``bias_gelu`` |
+| FFN bias + GELU | ``bias_gelu`` | ``bias_gelu`` |
 | tokenizer GroupNorm (+ SiLU) | ``group_norm`` | ``group_norm`` |
 | attention q/k/v prologue backward | ``qkv_prologue`` | ``prologue_backward`` |
 | block-sparse attention | ``reference``, ``kernel_gpu``, ``splash``, ``ops`` | ``ops.attention``, ``ops.hmar_attention`` |
@@ -18,6 +18,5 @@ Attention's kernels are large, so its parts live in their own modules: ``referen
 oracle), ``kernel_gpu`` (the GPU kernels), ``splash`` (TPU: JAX's splash attention kernel,
 used as a library, with its own ``custom_vjp``) and ``ops`` (the GPU kernels' ``custom_vjp``
 and the public entry the model imports). The ``*_mosaic_gpu`` modules hold kernels for
-Pallas's Mosaic GPU backend (Hopper), which the ops route through their one ``custom_vjp``
-(``mosaic_util``: the TMA pipeline they share).
+Pallas's Mosaic GPU backend (Hopper), which the ops route through their one ``custom_vjp``.
 """

@@ -8,7 +8,7 @@ each sample's rows. Statistics and gradients are float32.
 
 Design. A program is one warpgroup that owns ``span`` consecutive rows of one sample
 (grid ``[programs per sample, B]``). It loads the sample's modulation vectors once, then
-runs a TMA pipeline (``mosaic_util.pipeline``) over steps of ``rows`` rows: the copies of
+runs a TMA pipeline (``pipeline``) over steps of ``rows`` rows: the copies of
 the next step are in flight while the current one computes, and each step's outputs leave
 by TMA from shared memory. Every input is read once and every output written once. A step
 holds whole rows (``[rows, C]`` is contiguous in the ``[B, L, C]`` arrays), so its copies
@@ -28,6 +28,10 @@ which do not fit shared memory at these widths.)
 Statistics. The forward gathers the span's mean and reciprocal std in shared memory and
 writes them with one copy per program; the backward reads them the same way. A span is a
 multiple of ``ROW_ALIGN`` (4) rows so that each of those copies is a multiple of 16 bytes.
+
+The pipeline is written out here rather than taken from ``plgpu.emit_pipeline`` because
+that one predicates its output stores, which Mosaic GPU's interpreter does not run, and the
+kernels are tested in that interpreter.
 
 Supported (``supports``): ``C`` a multiple of ``WIDTH_ALIGN`` (128: whole strided vectors
 for the 128 threads) and ``L`` a multiple of ``ROW_ALIGN``; other shapes take the reference
@@ -49,8 +53,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from hmar_jax.pallas.mosaic_util import load_in_bounds, pipeline
-
 FORWARD_KERNEL_NAME = "hmar_adaln_fwd"  # the Triton kernel's name: remat policies select it
 ROW_ALIGN = 4  # rows per program: a multiple of 4 float32 statistics = 16 bytes per copy
 WIDTH_ALIGN = 128  # columns: whole strided vectors for the warpgroup's 128 threads
@@ -58,6 +60,55 @@ MAX_ROWS = 4  # rows per pipeline step
 NUM_STAGES = 2  # pipeline steps in flight
 SMEM_BUDGET = 96 * 1024  # pipeline buffers per program: two programs fit a multiprocessor
 TARGET_PROGRAMS = 264  # two programs per multiprocessor of an H100 (132)
+
+
+def load_in_bounds(src, dst, barrier) -> None:
+    """TMA load of ``src`` (GMEM) into ``dst`` (SMEM), completing on ``barrier``.
+
+    Promising in-bounds lets a contiguous slice (whole rows of a row-major array) go as one
+    plain bulk copy, which has no tensor map and so no limit of 256 elements per box
+    dimension; other slices go through a tensor map as usual."""
+    plgpu.copy_gmem_to_smem(src, dst, barrier, oob_mode=plgpu.OOBFillMode.PROMISE_IN_BOUNDS)
+
+
+def pipeline(steps: int, sources, inputs, barriers, destinations, outputs, body, carry=None):
+    """Runs ``body(step, input_tiles, output_tiles, carry) -> carry`` for ``step`` in
+    ``[0, steps)`` and returns the last carry.
+
+    ``inputs[i]`` is a ``[S, *tile]`` shared-memory buffer that TMA fills with
+    ``sources(step)[i]`` (a GMEM ref) up to ``S`` steps ahead, ``barriers[i]`` its ``S``
+    barriers; ``outputs[i]`` is a ``[S, *tile]`` buffer whose slot the body writes and which
+    is stored to ``destinations(step)[i]`` after the step. A slot's inputs are refilled after
+    the step's ``commit_smem`` (a fence and a warpgroup barrier: every thread has read
+    them), and its outputs are rewritten only after the stores issued ``S`` steps earlier
+    have read them.
+    """
+    stages = inputs[0].shape[0]
+
+    def issue(step, slot):
+        for src, buf, bar in zip(sources(step), inputs, barriers):
+            load_in_bounds(src, buf.at[slot], bar.at[slot])
+
+    for step in range(min(stages, steps)):
+        issue(step, step)
+
+    def loop(step, carry):
+        slot = lax.rem(step, stages)
+        for bar in barriers:
+            plgpu.barrier_wait(bar.at[slot])
+        # the stores from this slot, issued S steps ago (one group per output), have read it
+        plgpu.wait_smem_to_gmem((stages - 1) * len(outputs), wait_read_only=True)
+        carry = body(step, [buf.at[slot] for buf in inputs], [buf.at[slot] for buf in outputs],
+                     carry)
+        plgpu.commit_smem()
+        for buf, dst in zip(outputs, destinations(step)):
+            plgpu.copy_smem_to_gmem(buf.at[slot], dst)
+        pl.when(step + stages < steps)(lambda: issue(step + stages, slot))
+        return carry
+
+    carry = lax.fori_loop(0, steps, loop, carry)
+    plgpu.wait_smem_to_gmem(0)
+    return carry
 
 
 def supports(length: int, width: int) -> bool:

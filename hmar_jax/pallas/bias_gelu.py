@@ -15,11 +15,6 @@ arithmetic for the bias broadcast, vector loads), in float32 with one rounding a
 kernel. Shapes the kernels do not tile (``F`` not a multiple of 128, ``M`` not a multiple
 of 8) take the reference.
 
-``bias_gelu_mosaic_gpu`` holds the same forward and backward for Pallas's Mosaic GPU
-backend (implementations ``"mosaic_gpu"`` and ``"mosaic_interpret"``), with the same math
-(``gate``, ``gelu_grad``) and the same rule for the shapes it takes; both kernel families go
-through the one ``custom_vjp`` here, the implementation a static argument.
-
 Dimension letters: M rows (batch x tokens), F hidden width.
 """
 
@@ -32,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from hmar_jax.pallas.dispatch import WITH_MOSAIC, Implementation, dispatch
+from hmar_jax.pallas.dispatch import Implementation, dispatch
 from hmar_jax.pallas.triton_util import compiler_params
 
 FORWARD_KERNEL_NAME = "hmar_bias_gelu_fwd"  # for remat policies that keep its output
@@ -46,27 +41,25 @@ def _pre_activation(h, bias):
     return h.astype(jnp.float32) + bias.astype(jnp.float32)[None, :]
 
 
-def gate(x):
-    """``sigmoid(2 u)`` of the tanh-GELU, from exp (no tanh in the kernel), float32; the
-    Triton and the Mosaic GPU kernels share it."""
+def _gate(x):
+    """``sigmoid(2 u)`` of the tanh-GELU, from exp (no tanh in the kernel), float32."""
     u = _SQRT_2_OVER_PI * (x + _CUBIC * x * x * x)
     return 1.0 / (1.0 + jnp.exp(-2.0 * u))
 
 
-def gelu_grad(x):
-    """The tanh-GELU's derivative at ``x``, float32 (both kernel families)."""
-    s = gate(x)
+def _gelu_grad(x):
+    s = _gate(x)
     du_dx = _SQRT_2_OVER_PI * (1.0 + 3.0 * _CUBIC * x * x)
     return s + 2.0 * x * s * (1.0 - s) * du_dx
 
 
 def _forward_kernel(h_ref, bias_ref, y_ref):
     x = _pre_activation(h_ref[...], bias_ref[...])
-    y_ref[...] = (x * gate(x)).astype(y_ref.dtype)
+    y_ref[...] = (x * _gate(x)).astype(y_ref.dtype)
 
 
 def _backward_kernel(h_ref, bias_ref, dy_ref, dh_ref, dbias_ref):
-    dh = dy_ref[...].astype(jnp.float32) * gelu_grad(_pre_activation(h_ref[...], bias_ref[...]))
+    dh = dy_ref[...].astype(jnp.float32) * _gelu_grad(_pre_activation(h_ref[...], bias_ref[...]))
     dh_ref[...] = dh.astype(dh_ref.dtype)
     dbias_ref[...] = jnp.sum(dh, axis=0)[None, :]
 
@@ -125,40 +118,18 @@ def backward(h: jax.Array, bias: jax.Array, dy: jax.Array, *, interpret: bool = 
     return dh, jnp.sum(dbias_parts, axis=0).astype(bias.dtype)
 
 
-def _mosaic():
-    """``bias_gelu_mosaic_gpu``, imported on use: it imports this module's GELU math."""
-    from hmar_jax.pallas import bias_gelu_mosaic_gpu
-
-    return bias_gelu_mosaic_gpu
-
-
-def _kernel_forward(h, bias, implementation: str):
-    """``forward`` of the implementation's kernels (``"gpu"``/``"interpret"``: Triton,
-    ``"mosaic_gpu"``/``"mosaic_interpret"``: Mosaic GPU)."""
-    if implementation.startswith("mosaic"):
-        return _mosaic().forward(h, bias, interpret=implementation == "mosaic_interpret")
-    return forward(h, bias, interpret=implementation == "interpret")
-
-
-def _kernel_backward(h, bias, dy, implementation: str):
-    """``backward`` of the implementation's kernels (as ``_kernel_forward``)."""
-    if implementation.startswith("mosaic"):
-        return _mosaic().backward(h, bias, dy, interpret=implementation == "mosaic_interpret")
-    return backward(h, bias, dy, interpret=implementation == "interpret")
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _pallas_bias_gelu(h, bias, implementation):
-    return _kernel_forward(h, bias, implementation)
+def _pallas_bias_gelu(h, bias, interpret):
+    return forward(h, bias, interpret=interpret)
 
 
-def _pallas_bias_gelu_fwd(h, bias, implementation):
-    return _kernel_forward(h, bias, implementation), (h, bias)
+def _pallas_bias_gelu_fwd(h, bias, interpret):
+    return forward(h, bias, interpret=interpret), (h, bias)
 
 
-def _pallas_bias_gelu_bwd(implementation, residuals, dy):
+def _pallas_bias_gelu_bwd(interpret, residuals, dy):
     h, bias = residuals
-    return _kernel_backward(h, bias, dy, implementation)
+    return backward(h, bias, dy, interpret=interpret)
 
 
 _pallas_bias_gelu.defvjp(_pallas_bias_gelu_fwd, _pallas_bias_gelu_bwd)
@@ -170,20 +141,18 @@ def reference_bias_gelu(h: jax.Array, bias: jax.Array) -> jax.Array:
 
 
 def _kernel_bias_gelu(h: jax.Array, bias: jax.Array, *, implementation: str) -> jax.Array:
-    """The kernels on one device's rows; shapes they do not tile take the reference (both
-    kernel families take the same shapes)."""
+    """The kernels on one device's rows; shapes they do not tile take the reference."""
     rows = math.prod(h.shape[:-1])
     if tiles(rows, h.shape[-1]) is None:
         return reference_bias_gelu(h, bias)
-    return _pallas_bias_gelu(h.reshape(rows, h.shape[-1]), bias,
-                             implementation).reshape(h.shape)
+    interpret = implementation == "interpret"
+    return _pallas_bias_gelu(h.reshape(rows, h.shape[-1]), bias, interpret).reshape(h.shape)
 
 
 def bias_gelu(h: jax.Array, bias: jax.Array, implementation: Implementation) -> jax.Array:
     """``gelu_tanh(h + bias)``: ``h [..., F]``, ``bias [F]`` -> ``[..., F]`` in ``h``'s dtype.
 
-    ``implementation``: ``"xla"``, ``"gpu"``, ``"interpret"``, ``"mosaic_gpu"`` or
-    ``"mosaic_interpret"`` (``hmar_jax.pallas.dispatch``).
+    ``implementation``: ``"xla"``, ``"gpu"`` or ``"interpret"`` (``hmar_jax.pallas.dispatch``).
     """
     return dispatch(implementation, "bias_gelu", reference_bias_gelu, _kernel_bias_gelu,
-                    (h,), (bias,), supported=WITH_MOSAIC)
+                    (h,), (bias,))

@@ -8,7 +8,7 @@ Each op takes an ``Implementation`` that the execution config resolved for the p
 * ``"tpu"``: the TPU kernel (attention only: JAX's splash attention, ``splash``);
 * ``"interpret"``: the GPU kernel in Pallas interpret mode, so the kernels' code runs on
   CPU (tests);
-* ``"mosaic_gpu"`` / ``"mosaic_interpret"`` (attention, AdaLN and bias + GELU): the kernels
+* ``"mosaic_gpu"`` / ``"mosaic_interpret"`` (attention and AdaLN): the kernels
   written for Pallas's Mosaic GPU backend (Hopper), compiled or in Mosaic GPU's interpreter
   (any platform: tests).
 
@@ -28,7 +28,7 @@ import jax
 Implementation = Literal["xla", "gpu", "tpu", "interpret", "mosaic_gpu", "mosaic_interpret"]
 IMPLEMENTATIONS: tuple[str, ...] = ("xla", "gpu", "tpu", "interpret", "mosaic_gpu",
                                     "mosaic_interpret")
-# The elementwise ops with kernels on both Pallas GPU lowerings (Triton and Mosaic GPU).
+# The elementwise ops with kernels on both Pallas GPU lowerings (Triton and Mosaic GPU): AdaLN.
 WITH_MOSAIC: tuple[str, ...] = ("xla", "gpu", "interpret", "mosaic_gpu", "mosaic_interpret")
 
 
