@@ -162,13 +162,17 @@ def test_nothing_below_the_boundary_asks_for_the_platform(monkeypatch):
     x = jax.random.normal(jax.random.key(1), (2, layout.seq_len - 1, cfg.latent_channels))
     labels = jnp.asarray([1, 10])
     masked = jnp.zeros((1, layout.seq_len - 1), bool).at[:, ::3].set(True)
-    logits = model(x, labels)
-    masked_logits = model.forward_masked(x, 0.5 * x, masked, labels)
     rows = layout.input_slice(1)
-    scale_logits = model.forward_scale(1, labels, x[:, rows])
     masked_k = jnp.zeros((2, layout.tokens_per_scale[1]), bool).at[:, ::2].set(True)
-    mask_step_logits = model.forward_scale(1, labels, x[:, rows], x_mask=0.5 * x[:, rows],
-                                           masked=masked_k)
+
+    @nnx.jit  # one program: the interpret-mode kernels compile once, not op by op
+    def forwards(model, x):
+        return (model(x, labels), model.forward_masked(x, 0.5 * x, masked, labels),
+                model.forward_scale(1, labels, x[:, rows]),
+                model.forward_scale(1, labels, x[:, rows], x_mask=0.5 * x[:, rows],
+                                    masked=masked_k))
+
+    logits, masked_logits, scale_logits, mask_step_logits = forwards(model, x)
     assert logits.shape == masked_logits.shape == (2, layout.seq_len, cfg.vocab_size)
     assert scale_logits.shape == mask_step_logits.shape == (2, 36, cfg.vocab_size)
     for out in (logits, masked_logits, scale_logits, mask_step_logits):
@@ -192,8 +196,9 @@ def test_nothing_below_the_boundary_asks_for_the_platform(monkeypatch):
                             norm_groups=8, patch_nums=(1, 2, 4)), tokenizer_run, rngs=nnx.Rngs(0))
     assert (vae.precision, vae.group_norm_implementation) == ("bfloat16", "interpret")
     images = jax.random.uniform(jax.random.key(2), (2, 8, 8, 3), minval=-1, maxval=1)
-    indices = vae.encode_to_indices(images)
-    decoded = vae.decode_from_indices(indices)
+    indices, decoded = nnx.jit(lambda vae, x: (vae.encode_to_indices(x),
+                                                vae.decode_from_indices(vae.encode_to_indices(x))))(
+        vae, images)
     assert [i.shape for i in indices] == [(2, 1, 1), (2, 2, 2), (2, 4, 4)]
     assert decoded.shape == images.shape and decoded.dtype == jnp.float32
     assert bool(jnp.all(jnp.isfinite(decoded)))
