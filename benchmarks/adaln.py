@@ -7,16 +7,20 @@ For each ``[B, L, C]`` shape the model runs, times (median of ``--iters``) the t
 * ``add_ln``: ``x' = x + branch gate``, ``h = LN(x') (1 + scale) + shift`` (the second norm,
   after the attention's residual add), ``branch`` and ``h`` bf16;
 
-as ``xla`` (the jnp reference, jitted alone) and ``pallas`` for each ``--num-warps``. Each
+as ``xla`` (the jnp reference, jitted alone), ``pallas`` (the Triton-lowered kernels) for each
+``--num-warps`` and, with ``--mosaic``, the Mosaic GPU kernels (``adaln_mosaic_gpu``). Each
 row prints its effective bandwidth (bytes the op must read and write / time) and each
 Pallas row its largest difference from the reference.
 
   python benchmarks/adaln.py --out adaln.json
+  python benchmarks/adaln.py --mosaic --out adaln_mosaic.json   # Hopper: both kernel families
   python benchmarks/adaln.py --quick          # CPU smoke run (interpret mode, tiny)
 """
 
 from __future__ import annotations
 
+import argparse
+import functools
 import pathlib
 import sys
 
@@ -53,7 +57,7 @@ def random_inputs(batch: int, length: int, width: int):
 
 
 def measure(name: str, batch: int, length: int, width: int, num_warps: list[int], iters: int,
-            bandwidth: float) -> list[dict]:
+            bandwidth: float, mosaic: bool = False) -> list[dict]:
     import jax
     import jax.numpy as jnp
 
@@ -76,7 +80,7 @@ def measure(name: str, batch: int, length: int, width: int, num_warps: list[int]
         if error is not None:
             row["max_abs_error_vs_reference"] = error
         rows_out.append(row)
-        print(f"  {name:<18} {op:<7} {direction:<9} {variant:<10} {stats['ms_median']:8.3f} ms"
+        print(f"  {name:<18} {op:<7} {direction:<9} {variant:<16} {stats['ms_median']:8.3f} ms"
               f"  {row['tb_per_s']:5.2f} TB/s of {bandwidth}"
               + (f"  err {error:.2e}" if error is not None else ""), flush=True)
 
@@ -91,33 +95,47 @@ def measure(name: str, batch: int, length: int, width: int, num_warps: list[int]
     h_ref = ln_ref(x, scale, shift).astype(jnp.float32)
     x_ref, h2_ref = add_ref(x, branch, gate, scale, shift)
     _, dbranch_ref, *_ = jax.vjp(add_ref, x, branch, gate, scale, shift)[1]((dx_out, dh))
-    for warps in num_warps:
-        def ln_fwd(x, s, b, warps=warps):
-            return adaln.forward(x, None, None, s, b, **norm, interpret=interpret,
-                                 num_warps=warps)
-        def add_fwd(x, r, g, s, b, warps=warps):
-            return adaln.forward(x, r, g, s, b, **norm, interpret=interpret, num_warps=warps)
+    variants = {f"pallas_w{warps}": (
+        functools.partial(adaln.forward, interpret=interpret, num_warps=warps),
+        functools.partial(adaln.backward, interpret=interpret, num_warps=warps))
+        for warps in num_warps}
+    if mosaic:
+        from hmar_jax.pallas import adaln_mosaic_gpu
+
+        on_gpu = jax.default_backend() == "gpu"
+        variants["mosaic_gpu" if on_gpu else "mosaic_interpret"] = (
+            functools.partial(adaln_mosaic_gpu.forward, interpret=not on_gpu),
+            functools.partial(adaln_mosaic_gpu.backward, interpret=not on_gpu))
+    for variant, (forward, backward) in variants.items():
+        def ln_fwd(x, s, b, forward=forward):
+            return forward(x, None, None, s, b, **norm)
+
+        def add_fwd(x, r, g, s, b, forward=forward):
+            return forward(x, r, g, s, b, **norm)
+
         _, h, mean, rstd = jax.jit(ln_fwd)(x, scale, shift)
         error = float(jnp.max(jnp.abs(h.astype(jnp.float32) - h_ref)))
-        record("ln", "forward", f"pallas_w{warps}", ln_fwd, x, scale, shift, error=error)
-        record("ln", "backward", f"pallas_w{warps}",
-               lambda *a, warps=warps: adaln.backward(*a, None, interpret=interpret,
-                                                      num_warps=warps),
+        record("ln", "forward", variant, ln_fwd, x, scale, shift, error=error)
+        record("ln", "backward", variant, lambda *a, backward=backward: backward(*a, None),
                x, None, None, scale, mean, rstd, dh)
         x2, h2, mean2, rstd2 = jax.jit(add_fwd)(x, branch, gate, scale, shift)
         error = float(max(jnp.max(jnp.abs(x2 - x_ref)),
                           jnp.max(jnp.abs(h2.astype(jnp.float32) - h2_ref.astype(jnp.float32)))))
-        record("add_ln", "forward", f"pallas_w{warps}", add_fwd, x, branch, gate, scale, shift,
+        record("add_ln", "forward", variant, add_fwd, x, branch, gate, scale, shift,
                error=error)
-        bwd = lambda *a, warps=warps: adaln.backward(*a, interpret=interpret,  # noqa: E731
-                                                     num_warps=warps)
-        dbranch = jax.jit(bwd)(x, branch, gate, scale, mean2, rstd2, dh, dx_out)[1]
+        dbranch = jax.jit(backward)(x, branch, gate, scale, mean2, rstd2, dh, dx_out)[1]
         error = float(jnp.max(jnp.abs(dbranch.astype(jnp.float32)
                                       - dbranch_ref.astype(jnp.float32))))
-        record("add_ln", "backward", f"pallas_w{warps}", bwd, x, branch, gate, scale, mean2,
+        record("add_ln", "backward", variant, backward, x, branch, gate, scale, mean2,
                rstd2, dh, dx_out, error=error)
     return rows_out
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> list[str]:
+    parser.add_argument("--mosaic", action="store_true",
+                        help="also the Mosaic GPU kernels (Hopper; its interpreter on CPU)")
+    return ["mosaic"]
+
+
 if __name__ == "__main__":
-    elementwise_benchmark_main("adaln", __doc__, SHAPES, QUICK_SHAPES, measure)
+    elementwise_benchmark_main("adaln", __doc__, SHAPES, QUICK_SHAPES, measure, add_arguments)
