@@ -36,7 +36,7 @@ from export_helpers import d16_trainer, export_sampler, export_step
 NO_TRITON = dict(attention="mosaic_gpu", layer_norm="mosaic_gpu", gelu="xla", group_norm="xla")
 MOSAIC_CALL, TRITON_CALL = "mosaic_gpu_v2", "__gpu$xla.gpu.triton"
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.compiled_structure, pytest.mark.slow]
 
 
 def _pallas_deprecations(caught) -> list[str]:
