@@ -43,10 +43,10 @@ def test_teacher_forced_generate_matches_upstream(upstream_pair, hmar_fixture, v
     layout = ScaleLayout.create(256)
     gt = [jnp.asarray(g.reshape(2, -1)) for g in layout.split_tokens(hmar_fixture["gt_idx_BL"])]
     labels = jnp.asarray(hmar_fixture["labels_B"])
-    with jax.default_matmul_precision("highest"):
-        images, trace = sampling.generate(model, vae, labels, jnp.arange(2), 0, config,
-                                          token_sampler=lambda k, filtered, keys: gt[k],
-                                          return_trace=True)
+    with jax.default_matmul_precision("highest"):  # one program, not op by op
+        images, trace = nnx.jit(lambda model, vae: sampling.generate(
+            model, vae, labels, jnp.arange(2), 0, config,
+            token_sampler=lambda k, filtered, keys: gt[k], return_trace=True))(model, vae)
     for k in range(6):
         np.testing.assert_allclose(np.asarray(trace[f"ns_logits_s{k}"]),
                                    hmar_fixture[f"gen_ns_logits_s{k}_2BlV"], atol=1e-4, rtol=1e-4)
@@ -141,9 +141,14 @@ def test_precomputed_modulations_change_no_pass(tiny_pair):
     assert modulations["mask_blocks"].shape[0] == model.config.num_mask_layers
     x_ns = jax.random.normal(jax.random.key(0), (4, 9, model.config.latent_channels))
     masked = jnp.arange(9)[None].repeat(4, 0) % 2 == 0
-    for kwargs in ({}, {"x_mask": x_ns[::-1], "masked": masked}):
-        own = model.forward_scale(2, labels, x_ns, **kwargs)
-        given = model.forward_scale(2, labels, x_ns, modulations=modulations, **kwargs)
+
+    @nnx.jit  # one program, not op by op
+    def passes(model, modulations):
+        return [(model.forward_scale(2, labels, x_ns, **kwargs),
+                 model.forward_scale(2, labels, x_ns, modulations=modulations, **kwargs))
+                for kwargs in ({}, {"x_mask": x_ns[::-1], "masked": masked})]
+
+    for own, given in passes(model, modulations):
         np.testing.assert_allclose(given, own, rtol=1e-6, atol=1e-6)
 
 
@@ -248,9 +253,10 @@ def test_sampler_matches_a_step_by_step_reference_with_fixed_draws(upstream_pair
         u = jnp.asarray(next(draws), jnp.float32)[..., None]
         return jnp.minimum((cumulative <= u).sum(-1), filtered.shape[-1] - 1).astype(jnp.int32)
 
-    with jax.default_matmul_precision("highest"):
-        _, trace = sampling.generate(model, vae, labels, jnp.arange(2), 0, config,
-                                     token_sampler=inverse_cdf, return_trace=True)
+    with jax.default_matmul_precision("highest"):  # one program, not op by op
+        _, trace = nnx.jit(lambda model, vae: sampling.generate(
+            model, vae, labels, jnp.arange(2), 0, config, token_sampler=inverse_cdf,
+            return_trace=True))(model, vae)
         expected = reference_generate(model, vae, labels, 1.7, 40, 0.9, schedules, uniforms)
         for k, tokens in enumerate(expected):
             np.testing.assert_array_equal(np.asarray(trace[f"tokens_s{k}"]), tokens, err_msg=f"scale {k}")
@@ -272,12 +278,16 @@ def test_var_mode_sampler_uses_the_block_causal_cache(tiny_pair):
                             rngs=nnx.Rngs(2))
     labels = jnp.asarray([1, 4])
     config = sampling.SamplingConfig(cfg=1.5, top_k=0, top_p=0.0, mask_schedule=None)
-    with jax.default_matmul_precision("highest"):
+    @nnx.jit  # one program, not op by op
+    def sample_and_forward(model, vae):
         _, trace = sampling.generate(model, vae, labels, jnp.arange(2), 3, config, return_trace=True)
         tokens = [trace[f"tokens_s{k}"].reshape(2, s, s) for k, s in enumerate(model.config.patch_nums)]
         x = vae.teacher_forcing_inputs(tokens)
         labels2 = jnp.concatenate([labels, jnp.full_like(labels, model.config.null_class)])
-        full = model(jnp.concatenate([x, x]), labels2)  # block-causal training forward
+        return trace, model(jnp.concatenate([x, x]), labels2)  # block-causal training forward
+
+    with jax.default_matmul_precision("highest"):
+        trace, full = sample_and_forward(model, vae)
     for k in range(model.config.layout.num_scales):
         token_slice = model.config.layout.token_slice(k)
         np.testing.assert_allclose(np.asarray(trace[f"ns_logits_s{k}"]), np.asarray(full[:, token_slice]),
