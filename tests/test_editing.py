@@ -1,6 +1,8 @@
 """Zero-shot editing: kept tokens at every scale, refinement inside the edited region only,
 the image outside it equal to the tokenizer's reconstruction, VAR's mask conventions."""
 
+import functools
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -26,17 +28,26 @@ def sources(batch=2):
     return jnp.asarray(np.random.default_rng(0).random((batch, 16, 16, 3)), jnp.float32)
 
 
+@functools.partial(nnx.jit, static_argnames="config")
+def _edit_and_reconstruct(model, vae, images, regenerate, config):
+    """One program (not op by op) for both parametrisations: the edit target, the edit with
+    its trace, and the tokenizer's reconstruction of the sources."""
+    target = sampling.edit_target(vae, images, regenerate)
+    edited = sampling.generate(model, vae, jnp.asarray([3, 10]), jnp.arange(2), 0, config,
+                               edit=target, return_trace=True)
+    return target, edited, vae.decode_from_indices(vae.encode_to_indices(images * 2 - 1))
+
+
 @pytest.mark.parametrize("inpaint", [True, False])
 @pytest.mark.slow
 def test_kept_tokens_and_pixels_match_the_source(pair, inpaint):
     model, vae = pair
     images = sources()
     regenerate = sampling.box_mask(16, (0.25, 0.25, 0.75, 0.75), inpaint=inpaint, batch=2)
-    target = sampling.edit_target(vae, images, regenerate)
     schedule = ((1,), (1, 3), (1, 1, 2, 5), (4, 6, 6), (36,), (64,))
     config = sampling.SamplingConfig(cfg=2.0, top_k=0, top_p=0.0, mask_schedule=schedule)
-    out, trace = sampling.generate(model, vae, jnp.asarray([3, 10]), jnp.arange(2), 0, config,
-                                   edit=target, return_trace=True)
+    target, (out, trace), reconstruction = _edit_and_reconstruct(model, vae, images, regenerate,
+                                                                 config)
     changed_somewhere = False
     for k in range(len(PATCH_NUMS)):
         keep, tokens = np.asarray(target.keep[k]), np.asarray(trace[f"tokens_s{k}"])
@@ -47,7 +58,7 @@ def test_kept_tokens_and_pixels_match_the_source(pair, inpaint):
             masked = np.asarray(trace[f"mask_s{k}_step{step}"])
             assert not (masked & keep).any(), (k, step)  # refinement never touches kept tokens
     assert changed_somewhere
-    reconstruction = (np.asarray(vae.decode_from_indices(vae.encode_to_indices(images * 2 - 1))) + 1) / 2
+    reconstruction = (np.asarray(reconstruction) + 1) / 2
     outside = ~np.asarray(regenerate)
     np.testing.assert_allclose(np.asarray(out)[outside], reconstruction[outside], atol=1e-6)
     assert np.abs(np.asarray(out)[~outside] - reconstruction[~outside]).mean() > 1e-3
