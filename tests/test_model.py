@@ -22,6 +22,12 @@ from structure_helpers import fsdp_gradient
 TOL = dict(atol=1e-4, rtol=1e-4)
 CFG_LABELS = jnp.asarray([7, 10, 10, 10])  # generate(): [cond labels; null class]
 
+# Each pass one program, not op by op (one compilation per model, shape and scale).
+forward = nnx.jit(lambda model, x, labels: model(x, labels))
+forward_masked = nnx.jit(lambda model, *args: model.forward_masked(*args))
+forward_scale = nnx.jit(lambda model, k, *args, **kwargs: model.forward_scale(k, *args, **kwargs),
+                        static_argnums=1)
+
 
 @pytest.fixture(scope="module")
 def hmar_sd(hmar_fixture):
@@ -66,7 +72,7 @@ def test_converted_config(upstream_hmar, upstream_var):
 
 def test_stage1_logits_match_upstream(upstream_hmar, hmar_fixture, inputs):
     with jax.default_matmul_precision("highest"):
-        logits = upstream_hmar(inputs["x"], inputs["labels"])
+        logits = forward(upstream_hmar, inputs["x"], inputs["labels"])
     assert logits.shape == (2, 680, 256) and logits.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(logits), hmar_fixture["ns_logits_BLV"], **TOL)
 
@@ -75,8 +81,8 @@ def test_masked_branch_logits_match_upstream(upstream_hmar, hmar_fixture, inputs
     masked = np.zeros((1, 679), bool)
     masked[0, hmar_fixture["mp_idx_to_mask"]] = True
     with jax.default_matmul_precision("highest"):
-        logits = upstream_hmar.forward_masked(inputs["x"], inputs["x_mask"], jnp.asarray(masked),
-                                              inputs["labels"])
+        logits = forward_masked(upstream_hmar, inputs["x"], inputs["x_mask"], jnp.asarray(masked),
+                                inputs["labels"])
     np.testing.assert_allclose(np.asarray(logits), hmar_fixture["mp_logits_BLV"], **TOL)
 
 
@@ -85,7 +91,7 @@ def test_per_scale_logits_match_upstream_generate(upstream_hmar, hmar_fixture, i
     with jax.default_matmul_precision("highest"):
         for k in range(6):
             x_k = None if k == 0 else inputs["x_cfg"][:, layout.input_slice(k)]
-            logits = upstream_hmar.forward_scale(k, CFG_LABELS, x_k)
+            logits = forward_scale(upstream_hmar, k, CFG_LABELS, x_k)
             np.testing.assert_allclose(np.asarray(logits), hmar_fixture[f"gen_ns_logits_s{k}_2BlV"],
                                        **TOL)
 
@@ -98,9 +104,9 @@ def test_mask_step_logits_match_upstream_generate(upstream_hmar, hmar_fixture, i
     np.put_along_axis(masked, positions, True, axis=1)
     rows = layout.input_slice(k)
     with jax.default_matmul_precision("highest"):
-        logits = upstream_hmar.forward_scale(k, CFG_LABELS, inputs["x_cfg"][:, rows],
-                                             x_mask=inputs["x_mask_cfg"][:, rows],
-                                             masked=jnp.asarray(np.concatenate([masked, masked])))
+        logits = forward_scale(upstream_hmar, k, CFG_LABELS, inputs["x_cfg"][:, rows],
+                               x_mask=inputs["x_mask_cfg"][:, rows],
+                               masked=jnp.asarray(np.concatenate([masked, masked])))
     np.testing.assert_allclose(np.asarray(logits),
                                hmar_fixture[f"gen_mask_logits_s{k}_step{step}_2BlV"], **TOL)
 
@@ -108,13 +114,13 @@ def test_mask_step_logits_match_upstream_generate(upstream_hmar, hmar_fixture, i
 def test_var_mode_matches_upstream_and_its_kv_cache(upstream_var, hmar_fixture, inputs):
     layout = upstream_var.config.layout
     with jax.default_matmul_precision("highest"):
-        full = upstream_var(inputs["x"], inputs["labels"])
+        full = forward(upstream_var, inputs["x"], inputs["labels"])
         np.testing.assert_allclose(np.asarray(full), hmar_fixture["var_logits_BLV"], **TOL)
         cache = upstream_var.init_kv_cache(4)
-        full_cfg = upstream_var(inputs["x_cfg"], CFG_LABELS)
+        full_cfg = forward(upstream_var, inputs["x_cfg"], CFG_LABELS)
         for k in range(layout.num_scales):
             x_k = None if k == 0 else inputs["x_cfg"][:, layout.input_slice(k)]
-            logits, cache = upstream_var.forward_scale(k, CFG_LABELS, x_k, kv_cache=cache)
+            logits, cache = forward_scale(upstream_var, k, CFG_LABELS, x_k, kv_cache=cache)
             np.testing.assert_allclose(np.asarray(logits), np.asarray(full_cfg[:, layout.token_slice(k)]),
                                        atol=2e-5)
             if k < 6:
@@ -201,7 +207,8 @@ def test_stage2_freeze_updates_only_the_mask_branch(tiny_model):
     grads = nnx.jit(nnx.grad(loss_fn, argnums=nnx.DiffState(0, STAGE2_TRAINABLE)))(model)
     grad_paths = [p for p, _ in nnx.to_flat_state(grads)]
     assert grad_paths and all(is_mask_branch(p) for p in grad_paths)
-    optimizer.update(model, grads)
+    nnx.jit(lambda optimizer, model, grads: optimizer.update(model, grads))(  # one program
+        optimizer, model, grads)
     changed = {path for (path, old), (_, new) in zip(before, nnx.to_flat_state(nnx.state(model, nnx.Param)))
                if not np.array_equal(np.asarray(old[...]), np.asarray(new[...]))}
     assert changed and all(is_mask_branch(p) for p in changed)
@@ -229,7 +236,7 @@ def _variant_with_relative_logit_error(tiny_model, **execution):
     nnx.update(variant, nnx.state(tiny_model))
     x = jax.random.normal(jax.random.key(1), (2, tiny_model.config.layout.seq_len - 1, 8))
     labels = jnp.asarray([1, 10])
-    reference, logits = tiny_model(x, labels), variant(x, labels)
+    reference, logits = forward(tiny_model, x, labels), forward(variant, x, labels)
     assert logits.dtype == jnp.float32
     return variant, float(jnp.linalg.norm(logits - reference) / jnp.linalg.norm(reference))
 
