@@ -13,21 +13,21 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from hmar_jax.sampling.sampler import SamplingConfig, check_labels, generate
+from hmar_jax.sampling.sampler import SamplingConfig, check_labels, generate, seed_array
 from hmar_jax.sampling.visualize import to_uint8
 from hmar_jax.tokenizer.model import VQVAE
 from hmar_jax.transformer import HMARTransformer
 
 
 @functools.lru_cache(maxsize=8)
-def _sharded_sampler(model_graph, vae_graph, seed: int, config: SamplingConfig, mesh: Mesh):
+def _sharded_sampler(model_graph, vae_graph, config: SamplingConfig, mesh: Mesh):
     replicated, batched = NamedSharding(mesh, P()), NamedSharding(mesh, P(mesh.axis_names))
 
-    def run(model_state, vae_state, labels, sample_index):
+    def run(model_state, vae_state, labels, sample_index, seed):
         model, vae = nnx.merge(model_graph, model_state), nnx.merge(vae_graph, vae_state)
         return generate(model, vae, labels, sample_index, seed, config)
 
-    return jax.jit(run, in_shardings=(replicated, replicated, batched, batched),
+    return jax.jit(run, in_shardings=(replicated, replicated, batched, batched, replicated),
                    out_shardings=batched)
 
 
@@ -62,7 +62,8 @@ def generate_batches(model: HMARTransformer, vae: VQVAE, labels, sample_index, *
     replicated = NamedSharding(mesh, P())
     model_state = jax.device_put(model_state, replicated)
     vae_state = jax.device_put(vae_state, replicated)
-    sampler = _sharded_sampler(model_graph, vae_graph, seed, config, mesh)
+    sampler = _sharded_sampler(model_graph, vae_graph, config, mesh)
+    seed = jax.device_put(seed_array(seed), replicated)
     # Placed explicitly: with several processes, jit refuses host arrays for a sharded
     # argument, even on a mesh of this process's own devices.
     batched = NamedSharding(mesh, P(mesh.axis_names))
@@ -73,7 +74,7 @@ def generate_batches(model: HMARTransformer, vae: VQVAE, labels, sample_index, *
             [a[begin:begin + count], np.repeat(a[begin + count - 1:begin + count],
                                                batch_size - count)]), batched)
         with jax.set_mesh(mesh):  # the attention kernel then runs per device (pallas.ops)
-            images = sampler(model_state, vae_state, pad(labels), pad(sample_index))
+            images = sampler(model_state, vae_state, pad(labels), pad(sample_index), seed)
         chunks.append(to_uint8(jax.device_get(images))[:count])
     return np.concatenate(chunks) if chunks else np.zeros((0,) + (vae.config.image_size,) * 2 + (3,),
                                                             np.uint8)

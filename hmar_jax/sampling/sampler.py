@@ -96,8 +96,21 @@ def filter_logits(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
     return jnp.where(logits < threshold, -jnp.inf, logits)
 
 
-def sample_keys(seed: int, labels: jax.Array, indices: jax.Array) -> jax.Array:
-    """One key per sample from (seed, class, index): ``[B]`` keys."""
+def seed_array(seed) -> jax.Array | np.int32:
+    """``seed`` as the int32 scalar the compiled samplers take as an argument, so that a
+    new seed reuses the compiled program. A key keeps the low 32 bits of a Python integer
+    seed, and so does this: every seed draws what ``jax.random.key(seed)`` draws. Raises
+    ValueError for a seed that is not an integer."""
+    if isinstance(seed, jax.Array):
+        return seed
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
+        raise ValueError(f"seed must be an integer, got {seed!r}.")
+    return np.uint32(int(seed) % 2**32).view(np.int32)
+
+
+def sample_keys(seed, labels: jax.Array, indices: jax.Array) -> jax.Array:
+    """One key per sample from (seed, class, index): ``[B]`` keys; ``seed`` an integer or
+    a uint32 scalar (``seed_array``)."""
     base = jax.random.key(seed)
     return jax.vmap(lambda c, i: jax.random.fold_in(jax.random.fold_in(base, c), i))(labels, indices)
 
@@ -245,16 +258,21 @@ def generate(model: HMARTransformer, vae: VQVAE, labels: jax.Array, sample_index
     return (images, trace) if return_trace else images
 
 
-@nnx.jit(static_argnames=("seed", "config"))
 def generate_compiled(model: HMARTransformer, vae: VQVAE, labels: jax.Array,
                       sample_index: jax.Array, seed: int, config: SamplingConfig,
                       edit: EditTarget | None = None) -> jax.Array:
-    """``generate`` compiled once per (model, scale list, config): no Python per token.
+    """``generate`` compiled once per (model, scale list, config, batch size): no Python
+    per token, and another ``seed`` runs the same program.
 
     Example:
       >>> images = generate_compiled(model, vae, jnp.array([207, 360]), jnp.array([0, 0]),
       ...                            seed=0, config=PRESETS["hmar-d16"])     # [2, 256, 256, 3]
     """
+    return _generate_jit(model, vae, labels, sample_index, seed_array(seed), config, edit)
+
+
+@nnx.jit(static_argnames="config")
+def _generate_jit(model, vae, labels, sample_index, seed, config, edit):
     return generate(model, vae, labels, sample_index, seed, config, edit=edit)
 
 
