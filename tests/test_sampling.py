@@ -13,6 +13,7 @@ from hmar_jax.convert import hmar as hmar_convert
 from hmar_jax.convert import vqvae as vqvae_convert
 from hmar_jax.pretrained import cast_matmul_weights
 from hmar_jax.transformer import HMARTransformer, preset
+from hmar_jax.sampling import batch as sampling_batch
 from hmar_jax.sampling import sampler
 from hmar_jax.scales import ScaleLayout
 from hmar_jax.tokenizer.model import VQVAE, VQVAEConfig
@@ -106,8 +107,11 @@ def test_samples_are_deterministic_per_class_and_index(tiny_pair):
                                                   config=config))
     np.testing.assert_allclose(again[::-1], images, atol=1e-6)  # order of the batch is irrelevant
     assert not np.allclose(images[0], images[2])  # another index of the same class differs
+    compiled = sampler._generate_jit.jitted_fn._cache_size()
     other_seed = np.asarray(sampling.generate_compiled(model, vae, labels, index, seed=8, config=config))
     assert not np.allclose(other_seed, images)
+    # the seed is an argument of the compiled sampler: another seed compiles nothing
+    assert sampler._generate_jit.jitted_fn._cache_size() == compiled
 
 
 def test_matmul_weights_cast_once_give_the_same_passes():
@@ -303,8 +307,15 @@ def test_generate_batches_is_identical_on_one_and_eight_devices(tiny_pair):
     config = sampling.SamplingConfig(cfg=2.0, top_k=20, top_p=0.95,
                                      mask_schedule=((1,), (1, 3), (1, 1, 2, 5), (8, 8)))
     labels, index = np.repeat(np.arange(5), 3), np.tile(np.arange(3), 5)
+    single = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
     one = sampling.generate_batches(model, vae, labels, index, seed=4, config=config, batch_size=4,
-                                    mesh=jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",)))
+                                    mesh=single)
+    built = sampling_batch._sharded_sampler.cache_info().misses
+    other = sampling.generate_batches(model, vae, labels, index, seed=5, config=config,
+                                      batch_size=4, mesh=single)
+    # another seed: the same compiled sampler, other samples
+    assert sampling_batch._sharded_sampler.cache_info().misses == built
+    assert not np.array_equal(other, one)
     eight = sampling.generate_batches(model, vae, labels, index, seed=4, config=config, batch_size=16,
                                       mesh=jax.sharding.Mesh(np.asarray(jax.devices()), ("data",)))
     assert one.shape == (15, 8, 8, 3) and one.dtype == np.uint8
