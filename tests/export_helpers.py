@@ -88,8 +88,9 @@ def export_sampler(cfg, vae_config: VQVAEConfig, sampling: SamplingConfig,
     model, vae = nnx.eval_shape(build)
     (model_graph, model_state), (vae_graph, vae_state) = nnx.split(model), nnx.split(vae)
     mesh = Mesh(np.asarray(jax.devices()), ("data",))
-    sampler = batch._sharded_sampler(model_graph, vae_graph, 0, sampling, mesh)
+    sampler = batch._sharded_sampler(model_graph, vae_graph, sampling, mesh)
     index = jax.ShapeDtypeStruct((2 * jax.device_count(),), jnp.int32)
+    seed = jax.ShapeDtypeStruct((), jnp.int32)
     with jax.set_mesh(mesh):
         return jax.export.export(sampler, platforms=[platform])(model_state, vae_state, index,
-                                                                index)
+                                                                index, seed)
