@@ -20,6 +20,14 @@ def nhwc(x):
     return jnp.asarray(np.asarray(x).transpose(0, 2, 3, 1))
 
 
+# Each call one program, not op by op.
+encode_latent = nnx.jit(lambda vae, images: vae.encode_latent(images))
+quantize_latent = nnx.jit(lambda vae, f: vae.quantize_latent(f))
+encode_to_indices = nnx.jit(lambda vae, images: vae.encode_to_indices(images))
+decode_latent = nnx.jit(lambda vae, f_hat: vae.decode_latent(f_hat))
+decode_from_indices = nnx.jit(lambda vae, indices: vae.decode_from_indices(indices))
+
+
 @pytest.fixture(scope="module")
 def vae_export(vqvae_state_dict, tmp_path_factory):
     """The fixture's state_dict saved as a .pth and converted by the CLI."""
@@ -47,7 +55,7 @@ def test_config_inferred_from_state_dict(upstream_vae):
 
 def test_encoder_latent(upstream_vae, vqvae_fixture):
     with jax.default_matmul_precision("highest"):
-        f = upstream_vae.encode_latent(nhwc(vqvae_fixture["img_B3HW"]))
+        f = encode_latent(upstream_vae, nhwc(vqvae_fixture["img_B3HW"]))
     np.testing.assert_allclose(np.asarray(f), nhwc(vqvae_fixture["f_BCvhw"]), atol=1e-4, rtol=1e-4)
 
 
@@ -60,7 +68,7 @@ def test_bfloat16_encode_stays_close_to_upstream(vae_export, upstream_vae, vqvae
     vae = checkpointing.restore_into(vae_export,
                                      lambda: VQVAE(upstream_vae.config, run, rngs=nnx.Rngs(0)))
     assert (vae.precision, vae.group_norm_implementation) == ("bfloat16", "xla")
-    latent = vae.encode_latent(nhwc(vqvae_fixture["img_B3HW"]))
+    latent = encode_latent(vae, nhwc(vqvae_fixture["img_B3HW"]))
     expected = nhwc(vqvae_fixture["f_BCvhw"])
     assert latent.dtype == jnp.float32
     rel = float(jnp.linalg.norm(latent - expected) / jnp.linalg.norm(expected))
@@ -70,7 +78,7 @@ def test_bfloat16_encode_stays_close_to_upstream(vae_export, upstream_vae, vqvae
 
 
 def test_indices_and_fhat_from_latent(upstream_vae, vqvae_fixture):
-    indices, f_hats = upstream_vae.quantize_latent(nhwc(vqvae_fixture["f_BCvhw"]))
+    indices, f_hats = quantize_latent(upstream_vae, nhwc(vqvae_fixture["f_BCvhw"]))
     flat = np.concatenate([np.asarray(i).reshape(2, -1) for i in indices], axis=1)
     np.testing.assert_array_equal(flat, vqvae_fixture["idx_BL"])
     for k, p in enumerate(ScaleLayout.create(256).patch_nums):
@@ -82,7 +90,7 @@ def test_indices_and_fhat_from_latent(upstream_vae, vqvae_fixture):
 
 def test_end_to_end_indices(upstream_vae, vqvae_fixture):
     with jax.default_matmul_precision("highest"):
-        indices = upstream_vae.encode_to_indices(nhwc(vqvae_fixture["img_B3HW"]))
+        indices = encode_to_indices(upstream_vae, nhwc(vqvae_fixture["img_B3HW"]))
     flat = np.concatenate([np.asarray(i).reshape(2, -1) for i in indices], axis=1)
     np.testing.assert_array_equal(flat, vqvae_fixture["idx_BL"])
 
@@ -103,8 +111,8 @@ def test_teacher_forcing_and_mask_inputs(upstream_vae, vqvae_fixture, hmar_fixtu
 
 def test_decode(upstream_vae, vqvae_fixture, gt_indices):
     with jax.default_matmul_precision("highest"):
-        image = upstream_vae.decode_latent(nhwc(vqvae_fixture["f_hat_SBCvhw"][-1]))
-        from_indices = upstream_vae.decode_from_indices(gt_indices)
+        image = decode_latent(upstream_vae, nhwc(vqvae_fixture["f_hat_SBCvhw"][-1]))
+        from_indices = decode_from_indices(upstream_vae, gt_indices)
     expected = nhwc(vqvae_fixture["rec_B3HW"])
     np.testing.assert_allclose(np.asarray(image), expected, atol=1e-4)
     np.testing.assert_allclose(np.asarray(from_indices), expected, atol=1e-4)
