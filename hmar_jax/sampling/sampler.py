@@ -110,7 +110,7 @@ def seed_array(seed) -> jax.Array | np.int32:
 
 def sample_keys(seed, labels: jax.Array, indices: jax.Array) -> jax.Array:
     """One key per sample from (seed, class, index): ``[B]`` keys; ``seed`` an integer or
-    a uint32 scalar (``seed_array``)."""
+    an int32 scalar (``seed_array``)."""
     base = jax.random.key(seed)
     return jax.vmap(lambda c, i: jax.random.fold_in(jax.random.fold_in(base, c), i))(labels, indices)
 
